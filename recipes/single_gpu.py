@@ -1,0 +1,17 @@
+"""single_gpu: Purified OPSD on one 24 GB card with 4-bit QLoRA, paper settings.
+
+Hardware: one 24 GB GPU (RTX 3090/4090, A5000, L4).   Command: python popsd.py --recipe single_gpu
+Expected time: not yet measured (no GPU in the sessions so far); generation dominates each step.
+Model: Qwen3-8B in nf4 (about 5.5 GB of weights). If it does not fit your card, use
+model=Qwen/Qwen3-4B. Data: the OPSD training set. Paper: LoRA r64/α128 on all linear layers,
+lr 5e-6, batch 32, 1 rollout per prompt, 1024 new tokens, ≤ 200 steps, checkpoints every 50.
+"""
+model = "Qwen/Qwen3-8B"
+data = "siyanzhao/Openthoughts_math_30k_opsd"
+load_in_4bit = True  # the one key that makes it fit 24 GB
+dtype = "bf16"
+gradient_checkpointing = True
+micro_batch_size = 1  # with accumulation: the loss is normalised over the whole step
+gen_batch_size = 16
+steps = 200
+save_every = 50

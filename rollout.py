@@ -1,0 +1,151 @@
+"""rollout.py: the four contexts, sampling from the student, and scoring positions.
+
+    student π_θ   (LoRA on)   chat(student_template(q))        + ŷ
+    clean base π_0 (LoRA off) the student's context, same ids   + ŷ
+    teacher π_T   (LoRA off)  chat(teacher_template(q, r))     + ŷ
+    ref-only π_ref (LoRA off) chat(refonly_template(r))        + ŷ
+
+The completion ŷ is sampled once, from the student context, and appended as token ids to every
+context: it is never decoded and re-tokenized, so all four score exactly the same tokens.
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+
+STUDENT_TEMPLATE = "Problem: {question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+REFERENCE_BLOCK = (
+    "Here is a reference solution to this problem:\n=== Reference Solution Begin ===\n{reference}\n"
+    "=== Reference Solution End ===\n\n"
+    "After understanding the reference solution, solve the problem with your own reasoning. Do not copy "
+    "the reference: derive the same final answer independently.\n"
+    "Please reason step by step, and put your final answer within \\boxed{}."
+)
+TEACHER_TEMPLATE = "Problem: {question}\n\n" + REFERENCE_BLOCK
+REFONLY_TEMPLATE = REFERENCE_BLOCK  # the teacher's prompt with the problem removed
+
+MARKERS = re.compile(r"\b(wait|maybe|perhaps|check)\b", re.IGNORECASE)
+
+
+@dataclass
+class Contexts:
+    """Prompt token ids of one example, chat template applied, generation prompt included."""
+    student: list[int]  # question; also the clean base's context
+    teacher: list[int]  # question + reference
+    refonly: list[int]  # reference, no question
+
+
+@dataclass
+class Rollout:
+    """One step's samples: B = prompts × n sequences, T = longest completion."""
+    contexts: list[Contexts]  # [B], repeated n times per prompt
+    completions: torch.Tensor  # [B, T] long, pad after EOS
+    mask: torch.Tensor  # [B, T] bool, True up to and including EOS
+    truncated: torch.Tensor  # [B] bool, no EOS within max_new_tokens
+    texts: list[str]  # [B] decoded completions (for logging only)
+
+    def __len__(self):
+        return len(self.contexts)
+
+    def select(self, rows: slice) -> "Rollout":
+        mask = self.mask[rows]
+        t = int(mask.sum(1).max().item()) if mask.numel() else 0  # trim padding columns
+        return Rollout(self.contexts[rows], self.completions[rows, :t], mask[:, :t],
+                       self.truncated[rows], self.texts[rows])
+
+
+def check_templates(student: str, teacher: str, refonly: str):
+    """Each template must carry exactly the fields its role sees."""
+    want = {"student_template": (student, True, False), "teacher_template": (teacher, True, True),
+            "refonly_template": (refonly, False, True)}
+    for key, (text, has_q, has_r) in want.items():
+        for field, needed in (("{question}", has_q), ("{reference}", has_r)):
+            if (field in text) != needed:
+                raise ValueError(f"config key {key!r} must {'' if needed else 'not '}contain {field}")
+
+
+def fill(template: str, question: str = "", reference: str = "") -> str:
+    # str.replace, not str.format: LaTeX braces in templates and data stay as they are.
+    return template.replace("{question}", question).replace("{reference}", reference)
+
+
+def chat_ids(tokenizer, user_text: str, thinking: bool) -> list[int]:
+    """Token ids of one user turn with the generation prompt, thinking mode as given."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template: use an instruct/chat model, or set one on the tokenizer")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=thinking)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_contexts(tokenizer, question, reference, *, templates, student_thinking, teacher_thinking) -> Contexts:
+    student_t, teacher_t, refonly_t = templates
+    return Contexts(
+        student=chat_ids(tokenizer, fill(student_t, question=question), student_thinking),
+        teacher=chat_ids(tokenizer, fill(teacher_t, question=question, reference=reference), teacher_thinking),
+        refonly=chat_ids(tokenizer, fill(refonly_t, reference=reference), teacher_thinking),
+    )
+
+
+def pad_left(seqs: list[list[int]], pad_id: int):
+    """Left-pad to [B, P] so every prompt ends at column P−1; returns (ids, attention mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, P]
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, P]
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[i, width - len(s):] = 1
+    return ids, attn
+
+
+def completion_mask(completions: torch.Tensor, eos_ids: list[int]):
+    """[B, T] → (mask up to and including the first EOS, truncated flags [B])."""
+    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))  # [B, T]
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # [B, T] strictly after the first EOS
+    return ~after, ~is_eos.any(1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, contexts: list[Contexts], *, n, max_new_tokens, temperature, top_p, top_k,
+           eos_ids, batch_size, device) -> Rollout:
+    """n completions per prompt from the student (adapters on), KV cache on, batched with left padding."""
+    pad_id = tokenizer.pad_token_id
+    rows = [c for c in contexts for _ in range(n)]  # [B]
+    chunks = []
+    model.eval()  # gradient checkpointing only acts in train mode, so the KV cache stays on
+    for i in range(0, len(rows), batch_size):
+        ids, attn = pad_left([c.student for c in rows[i:i + batch_size]], pad_id)  # [b, P]
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                             temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)  # [b, P + T_i]
+        chunks.append(out[:, ids.shape[1]:].cpu())  # [b, T_i]
+    width = max(c.shape[1] for c in chunks)
+    completions = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id)
+                             for c in chunks])  # [B, T]
+    mask, truncated = completion_mask(completions, eos_ids)  # [B, T], [B]
+    completions = completions.masked_fill(~mask, pad_id)
+    texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completions, mask)], skip_special_tokens=True)
+    return Rollout(rows, completions, mask, truncated, texts)
+
+
+def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id: int) -> torch.Tensor:
+    """Final hidden states [N, H] of one context at the positions that score the completion tokens.
+
+    Sequence = left-padded prompt [B, P] ++ completion [B, T]. The hidden state at position i gives
+    the logits of token i+1, so ŷ_t (at column P+t) is scored at column P−1+t: the slice
+    [P−1, P−1+T) lines up with ŷ in every context, whatever its prompt length.
+    """
+    device = next(body.parameters()).device
+    ids, attn = pad_left(prompts, pad_id)  # [B, P]
+    width = ids.shape[1]
+    x = torch.cat([ids, completions], 1).to(device)  # [B, P+T]
+    a = torch.cat([attn, mask.long()], 1).to(device)  # [B, P+T]
+    pos = (a.cumsum(1) - 1).clamp_min(0)  # [B, P+T] positions count real tokens only
+    h = body(input_ids=x, attention_mask=a, position_ids=pos, use_cache=False).last_hidden_state  # [B, P+T, H]
+    h = h[:, width - 1: width - 1 + completions.shape[1]]  # [B, T, H]
+    return h[mask.to(device)]  # [N, H], row-major over (b, t) like mask
+
+
+def marker_counts(texts: list[str]) -> int:
+    """Epistemic markers ("wait", "maybe", "perhaps", "check"; whole words, any case)."""
+    return sum(len(MARKERS.findall(t)) for t in texts)
