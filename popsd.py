@@ -37,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import loss as L
+from data import DataStream, PopsdError, build_tiny_model, read_rows
 from rollout import (REFONLY_TEMPLATE, STUDENT_TEMPLATE, TEACHER_TEMPLATE, Rollout, build_contexts,
                      check_templates, completion_hidden, marker_counts, sample)
 
@@ -113,20 +114,16 @@ CHOICES = {"dtype": ("bf16", "fp32"), "method": ("purified", "opsd"), "teacher":
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-class PopsdError(Exception):
-    """A user-facing error: printed without a traceback."""
-
-
 # ----------------------------------------------------------------------------- config
 
-def coerce(key: str, value, typ):
-    """Value (a CLI string or a recipe's Python value) → the field's type, or a PopsdError naming the key."""
+def coerce(key: str, value, typ, text: bool):
+    """A CLI string (text=True) or a recipe's Python value → the field's type, or a PopsdError naming the key."""
     if isinstance(typ, types.UnionType):  # X | None
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if value is None or (text and value.lower() in ("none", "null")):
             return None
         typ = next(t for t in typ.__args__ if t is not type(None))
     try:
-        if isinstance(value, str) and typ is not str:
+        if text and typ is not str:
             if typ is bool:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
@@ -141,11 +138,11 @@ def coerce(key: str, value, typ):
         raise PopsdError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
 
 
-def set_field(cfg: Config, key: str, value):
+def set_field(cfg: Config, key: str, value, text: bool = False):
     if key not in FIELDS:
         near = difflib.get_close_matches(key, FIELDS, n=1)
         raise PopsdError(f"unknown config key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    setattr(cfg, key, coerce(key, value, FIELDS[key].type))
+    setattr(cfg, key, coerce(key, value, FIELDS[key].type, text))
 
 
 def load_recipe(name: str) -> dict:
@@ -166,7 +163,7 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
         key, eq, value = item.partition("=")
         if not eq:
             raise PopsdError(f"expected key=value, got {item!r}")
-        set_field(cfg, key.strip(), value)
+        set_field(cfg, key.strip(), value, text=True)
     validate(cfg)
     return cfg
 
@@ -204,69 +201,6 @@ def print_config(cfg: Config, sizes: dict):
 
 # ----------------------------------------------------------------------------- data
 
-def resolve_local(path: str) -> Path | None:
-    for p in (Path(path), ROOT / path):
-        if p.exists():
-            return p
-    return None
-
-
-def read_records(source: str, split: str):
-    """Yields (row label, dict) from a local .jsonl/.json/.parquet file or a hub dataset id."""
-    local = resolve_local(source)
-    if local is None and Path(source).suffix in (".jsonl", ".json", ".parquet"):
-        raise PopsdError(f"data file {source!r} not found")
-    if local is not None and local.suffix == ".jsonl":
-        for i, line in enumerate(local.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    yield f"{local} line {i}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{local} line {i}", e
-        return
-    if local is not None and local.suffix == ".json":
-        rows = json.loads(local.read_text())
-        yield from ((f"{local} row {i}", r) for i, r in enumerate(rows if isinstance(rows, list) else [rows]))
-        return
-    import datasets
-    try:
-        if local is not None:
-            ds = datasets.load_dataset("parquet", data_files=str(local), split="train")
-        else:
-            ds = datasets.load_dataset(source, split=split)
-    except Exception as e:  # offline, not cached, no such split, ...
-        raise PopsdError(
-            f"could not load dataset {source!r} (split {split!r}): {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
-            "If this machine is offline or the dataset is not in the Hugging Face cache, download it where there is "
-            f"a network (huggingface-cli download --repo-type dataset {source}) or point data= at a local "
-            ".jsonl/.json/.parquet file with the question and reference fields.") from None
-    yield from ((f"{source} row {i}", r) for i, r in enumerate(ds))
-
-
-def read_rows(cfg: Config) -> tuple[list[tuple[str, str]], int]:
-    """(question, reference) pairs and the number of bad rows skipped; a bad row stops unless skip_bad_rows."""
-    rows, bad = [], 0
-    for label, rec in read_records(cfg.data, cfg.data_split):
-        if isinstance(rec, Exception):
-            problem = f"not valid JSON ({rec})"
-        elif not isinstance(rec, dict):
-            problem = "is not an object"
-        else:
-            missing = [f for f in (cfg.question_field, cfg.reference_field)
-                       if not isinstance(rec.get(f), str) or not rec.get(f).strip()]
-            problem = (f"field {missing[0]!r} is missing or empty (fields: {', '.join(rec)})") if missing else ""
-        if problem:
-            if not cfg.skip_bad_rows:
-                raise PopsdError(f"{label}: {problem}. Set question_field=/reference_field= to the right "
-                                 "fields, fix the row, or set skip_bad_rows=true to skip and count such rows.")
-            bad += 1
-            continue
-        rows.append((rec[cfg.question_field], rec[cfg.reference_field]))
-    if not rows:
-        raise PopsdError(f"no usable rows in {cfg.data!r}")
-    return rows, bad
-
-
 def prepare_contexts(rows, tokenizer, cfg: Config):
     """Tokenised contexts for every row; rows whose longest context exceeds max_prompt_len are skipped."""
     templates = (cfg.student_template, cfg.teacher_template, cfg.refonly_template)
@@ -286,61 +220,7 @@ def prepare_contexts(rows, tokenizer, cfg: Config):
     return kept, too_long
 
 
-class DataStream:
-    """Prompt indices in a fresh seeded permutation each epoch; (epoch, cursor) is the whole state."""
-
-    def __init__(self, size: int, seed: int, epoch: int = 0, cursor: int = 0):
-        self.size, self.seed, self.epoch, self.cursor = size, seed, epoch, cursor
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            part = perm[self.cursor:self.cursor + k - len(out)].tolist()
-            out += part
-            self.cursor += len(part)
-            if self.cursor >= self.size:
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return out
-
-
 # ----------------------------------------------------------------------------- model
-
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
-
-
-def build_tiny_model(path: Path, texts: list[str], seed: int = 0) -> Path:
-    """A random-init 2-layer Qwen3 and a byte-level BPE tokenizer trained on `texts`, saved to `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
-    if (path / "config.json").exists():
-        return path
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    vocab = math.ceil(len(tok) / 64) * 64 + 64  # padded beyond the tokenizer, as Qwen pads to 151,936
-    config = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                         tie_word_embeddings=False, initializer_range=0.4,  # wide init: peaked, context-dependent distributions
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, path)
-    return path
-
 
 def pick_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
@@ -367,6 +247,11 @@ def load_model(cfg: Config, device: torch.device, path: str):
             "and set model= to the local directory.") from None
     if not cfg.load_in_4bit:
         model.to(device)
+    elif device.type == "cpu":
+        import bitsandbytes as bnb
+        for m in model.modules():  # bnb repacks CPU weights at the first eval forward (sampling); training
+            if isinstance(m, bnb.nn.Linear4bit):  # forwards then go through gemv_4bit, which has no backward
+                m.support_avx512bf16_for_cpu = False
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if tokenizer.pad_token_id is None:
@@ -500,7 +385,7 @@ def train(cfg: Config) -> Path:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
 
-    rows, bad = read_rows(cfg)
+    rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
     texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
     path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed)
                if cfg.model == "tiny" else cfg.model)
@@ -610,7 +495,7 @@ def main(argv: list[str]):
     try:
         train(make_config(recipe, overrides))
     except PopsdError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -1,0 +1,139 @@
+"""data.py: datasets by hub id or local file, the training data order, and the tiny test model.
+
+Shared by popsd.py (training data) and eval.py (benchmarks). Rows with a missing or empty field
+are an error naming the file and row, or are skipped and counted when asked.
+The tiny model is a random-init 2-layer Qwen3 with a BPE tokenizer trained in milliseconds on the
+bundled toy math data (data/toy_math.jsonl): it lets every path run on a CPU with no download.
+"""
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+class PopsdError(Exception):
+    """A user-facing error: printed without a traceback."""
+
+
+def resolve_local(path: str) -> Path | None:
+    """A local file as given, or relative to the repo; None when neither exists."""
+    for p in (Path(path), ROOT / path):
+        if p.exists():
+            return p
+    return None
+
+
+def read_records(source: str, split: str):
+    """Yields (row label, dict or JSON error) from a local .jsonl/.json/.parquet file or a hub dataset id."""
+    local = resolve_local(source)
+    if local is None and Path(source).suffix in (".jsonl", ".json", ".parquet"):
+        raise PopsdError(f"data file {source!r} not found")
+    if local is not None and local.suffix == ".jsonl":
+        for i, line in enumerate(local.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    yield f"{local} line {i}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{local} line {i}", e
+        return
+    if local is not None and local.suffix == ".json":
+        rows = json.loads(local.read_text())
+        yield from ((f"{local} row {i}", r) for i, r in enumerate(rows if isinstance(rows, list) else [rows]))
+        return
+    import datasets
+    try:
+        if local is not None:
+            ds = datasets.load_dataset("parquet", data_files=str(local), split="train")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # offline, not cached, no such split, ...
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PopsdError(
+            f"could not load dataset {source!r} (split {split!r}): {first}. If this machine is offline or the "
+            "dataset is not in the Hugging Face cache, download it where there is a network (huggingface-cli "
+            f"download --repo-type dataset {source}) or point at a local .jsonl/.json/.parquet file with the "
+            "question and reference fields. Setting HF_HUB_OFFLINE=1 skips the network retries.") from None
+    yield from ((f"{source} row {i}", r) for i, r in enumerate(ds))
+
+
+def read_rows(source: str, split: str, fields: tuple[str, ...], skip_bad: bool = False):
+    """Tuples of the named string fields, and the number of bad rows skipped (a bad row stops unless skip_bad)."""
+    rows, bad = [], 0
+    for label, rec in read_records(source, split):
+        if isinstance(rec, Exception):
+            problem = f"not valid JSON ({rec})"
+        elif not isinstance(rec, dict):
+            problem = "is not an object"
+        else:
+            missing = [f for f in fields if not isinstance(rec.get(f), (str, int, float)) or not str(rec[f]).strip()]
+            problem = f"field {missing[0]!r} is missing or empty (fields: {', '.join(rec)})" if missing else ""
+        if problem:
+            if not skip_bad:
+                raise PopsdError(f"{label}: {problem}. Name the right fields in the config, fix the row, "
+                                 "or set skip_bad_rows=true to skip and count such rows.")
+            bad += 1
+            continue
+        rows.append(tuple(str(rec[f]) for f in fields))
+    if not rows:
+        raise PopsdError(f"no usable rows in {source!r}")
+    return rows, bad
+
+
+class DataStream:
+    """Prompt indices in a fresh seeded permutation each epoch; (epoch, cursor) is the whole state."""
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, cursor: int = 0):
+        self.size, self.seed, self.epoch, self.cursor = size, seed, epoch, cursor
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            part = perm[self.cursor:self.cursor + k - len(out)].tolist()
+            out += part
+            self.cursor += len(part)
+            if self.cursor >= self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+
+TINY_CHAT_TEMPLATE = (  # ChatML with Qwen3's enable_thinking switch
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def build_tiny_model(path: Path, texts: list[str], seed: int = 0) -> Path:
+    """A random-init 2-layer Qwen3 and a byte-level BPE tokenizer trained on `texts`, saved to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+    if (path / "config.json").exists():
+        return path
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    vocab = math.ceil(len(tok) / 64) * 64 + 64  # padded beyond the tokenizer, as Qwen pads to 151,936
+    config = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         tie_word_embeddings=False,
+                         initializer_range=0.4,  # wide init: peaked, context-dependent distributions
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path

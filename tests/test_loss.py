@@ -1,0 +1,189 @@
+"""loss.py against float64 brute force on random inputs: values, gradients, limits, normalisation."""
+import math
+
+import pytest
+import torch
+
+import loss as L
+
+N, V, H = 7, 50, 16
+
+
+def logits(seed, scale=3.0, n=N, v=V):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g) * scale
+
+
+# ---- brute force: float64, one token at a time, written from the equations
+
+def bf_logp(row, tau=1.0):
+    x = row.double() / tau
+    e = torch.exp(x - x.max())
+    return torch.log(e / e.sum())
+
+
+def bf_purified(t, r, b, beta, clip, tau):
+    out = []
+    for i in range(t.shape[0]):
+        d = bf_logp(t[i], tau) - bf_logp(r[i], tau)
+        d = d - d.sum() / d.numel()
+        if clip is not None:
+            d = clip * torch.tanh(d / clip)
+        out.append(bf_logp(bf_logp(b[i], tau) + d / beta))
+    return torch.stack(out)
+
+
+def bf_divergence(s, target_logp, kind, jsd_beta, tau, token_clip=None):
+    out = []
+    for i in range(s.shape[0]):
+        q = bf_logp(s[i], tau).exp()
+        p = target_logp[i].double().exp()
+        if kind == "forward_kl":
+            terms = p * torch.log(p / q)
+        elif kind == "reverse_kl":
+            terms = q * torch.log(q / p)
+        else:
+            m = jsd_beta * p + (1 - jsd_beta) * q
+            terms = jsd_beta * p * torch.log(p / m) + (1 - jsd_beta) * q * torch.log(q / m)
+        if token_clip is not None:
+            terms = torch.clamp(terms, max=token_clip)
+        out.append(terms.sum())
+    return torch.stack(out)
+
+
+def bf_cos(a, b):
+    return (a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum())
+
+
+# ---- targets
+
+@pytest.mark.parametrize("beta,clip,tau", [(1.0, 10.0, 1.0), (0.5, 5.0, 1.1), (2.0, None, 0.7), (1.0, 0.5, 1.0)])
+def test_purified_target_matches_brute_force(beta, clip, tau):
+    t, r, b = logits(1, 6.0), logits(2, 6.0), logits(3)
+    got = L.purified_target(t, r, b, beta=beta, clip=clip, temperature=tau)
+    assert got.dtype == torch.float32 and got.shape == (N, V)
+    torch.testing.assert_close(got.double(), bf_purified(t, r, b, beta, clip, tau), atol=2e-5, rtol=1e-5)
+
+
+def test_purified_limit_is_base_times_teacher_over_refonly():
+    # c → ∞, β = 1: P ∝ π_0 · π_T / π_ref (centring only shifts by a constant per token)
+    t, r, b = logits(4), logits(5), logits(6)
+    got = L.purified_target(t, r, b, beta=1.0, clip=1e6)
+    want = bf_logp_rows(b) + bf_logp_rows(t) - bf_logp_rows(r)
+    want = want - torch.logsumexp(want, dim=-1, keepdim=True)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def bf_logp_rows(x):
+    return torch.stack([bf_logp(row) for row in x])
+
+
+def test_purified_clip_bounds_the_shift_from_base():
+    # with clip c the log-ratio to the base is within 2c of a constant per token
+    t, r, b = logits(7, 40.0), logits(8, 40.0), logits(9)
+    diff = L.purified_target(t, r, b, clip=1.0) - L._logp(b, 1.0)
+    assert ((diff.max(-1).values - diff.min(-1).values) <= 2.0 + 1e-4).all()
+
+
+def test_opsd_target_and_dtype():
+    t = logits(10).to(torch.bfloat16)
+    got = L.opsd_target(t, temperature=1.1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.stack([bf_logp(row, 1.1) for row in t]), atol=1e-5, rtol=1e-5)
+
+
+# ---- divergences: values and gradients
+
+@pytest.mark.parametrize("kind", L.KINDS)
+@pytest.mark.parametrize("jsd_beta,tau,token_clip", [(0.5, 1.0, None), (0.2, 1.1, None), (0.9, 0.8, 0.02)])
+def test_divergence_value_and_grad_match_brute_force(kind, jsd_beta, tau, token_clip):
+    s = logits(11).requires_grad_()
+    target = L.opsd_target(logits(12), temperature=tau)
+    got = L.divergence(s, target, kind=kind, jsd_beta=jsd_beta, temperature=tau, token_clip=token_clip)
+    assert got.shape == (N,) and got.dtype == torch.float32
+    s64 = s.detach().double().requires_grad_()
+    want = bf_divergence(s64, target, kind, jsd_beta, tau, token_clip)
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    weights = torch.linspace(0.5, 2.0, N)
+    (g,) = torch.autograd.grad((got * weights).sum(), s)
+    (g64,) = torch.autograd.grad((want * weights.double()).sum(), s64)
+    torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", L.KINDS)
+def test_identical_inputs_give_zero(kind):
+    s = logits(13).requires_grad_()
+    d = L.divergence(s, L.opsd_target(s.detach()), kind=kind)
+    torch.testing.assert_close(d, torch.zeros(N), atol=1e-6, rtol=0)
+    (g,) = torch.autograd.grad(d.sum(), s)
+    torch.testing.assert_close(g, torch.zeros_like(g), atol=1e-6, rtol=0)
+
+
+def test_divergences_are_nonnegative_and_bf16_safe():
+    s, t = logits(14, 8.0).to(torch.bfloat16), L.opsd_target(logits(15, 8.0))
+    for kind in L.KINDS:
+        assert (L.divergence(s, t, kind=kind) >= -1e-6).all()
+
+
+def test_jsd_endpoints_are_zero_and_no_grad_flows_to_target():
+    s, t = logits(16).requires_grad_(), L.opsd_target(logits(17)).requires_grad_()
+    for b in (0.0, 1.0):
+        assert L.divergence(s, t, jsd_beta=b).abs().max() == 0
+    L.divergence(s, t).sum().backward()
+    assert t.grad is None and s.grad is not None
+
+
+# ---- diagnostics
+
+def test_signal_diagnostics_match_brute_force():
+    s, t, r = logits(18), logits(19), logits(20)
+    got = L.signal_diagnostics(s, t, r, temperature=1.1)
+    for i in range(N):
+        ls, lt, lr_ = bf_logp(s[i], 1.1), bf_logp(t[i], 1.1), bf_logp(r[i], 1.1)
+        total, ref, it = lt - ls, lr_ - ls, lt - lr_
+        assert got["cos_total_ref"][i].item() == pytest.approx(bf_cos(total, ref).item(), abs=1e-5)
+        assert got["cos_total_it"][i].item() == pytest.approx(bf_cos(total, it).item(), abs=1e-5)
+        assert got["norm_ratio"][i].item() == pytest.approx((ref.norm() / total.norm()).item(), rel=1e-5)
+
+
+def test_entropy_matches_brute_force():
+    x = logits(21)
+    want = [-(bf_logp(row).exp() * bf_logp(row)).sum().item() for row in x]
+    torch.testing.assert_close(L.entropy(x).double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+# ---- reference_loss: hidden states → loss, and its normalisation
+
+def hidden(seed, n=N, h=H):
+    return torch.randn(n, h, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["purified", "opsd"])
+def test_reference_loss_equals_composed_functions(method):
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    hs, ht, hr, hb = (hidden(i) for i in range(4))
+    loss_sum, stats = L.reference_loss(hs, ht, hr, hb, w, method=method, temperature=1.1)
+    target = (L.purified_target(ht @ w.T, hr @ w.T, hb @ w.T, temperature=1.1) if method == "purified"
+              else L.opsd_target(ht @ w.T, temperature=1.1))
+    want = bf_divergence((hs @ w.T).double(), target, "jsd", 0.5, 1.1).sum()
+    assert loss_sum.item() == pytest.approx(want.item(), rel=1e-5)
+    assert set(stats) == {"entropy", "cos_total_ref", "cos_total_it", "norm_ratio"}
+    assert all(v.shape == (N,) for v in stats.values())
+
+
+def test_normalised_loss_is_independent_of_micro_batching():
+    # sum over micro-batches of loss_sum / N_total equals the full batch loss_sum / N_total, gradients too
+    n = 12
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    hs, ht, hr, hb = (hidden(i, n) for i in range(4))
+    full = hs.clone().requires_grad_()
+    (L.reference_loss(full, ht, hr, hb, w)[0] / n).backward()
+    for micro in (1, 5, 12):
+        parts = hs.clone().requires_grad_()
+        total = 0.0
+        for i in range(0, n, micro):
+            part_loss = L.reference_loss(parts[i:i + micro], ht[i:i + micro], hr[i:i + micro], hb[i:i + micro], w)[0]
+            (part_loss / n).backward()
+            total += part_loss.item() / n
+        assert total == pytest.approx((L.reference_loss(hs, ht, hr, hb, w)[0] / n).item(), rel=1e-5)
+        torch.testing.assert_close(parts.grad, full.grad, atol=1e-7, rtol=1e-5)

@@ -1,0 +1,261 @@
+"""popsd.py: config, data errors, the loop, checkpoints and resume, signals, the CLI end to end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import popsd
+from conftest import ROOT
+
+
+def run_tiny(out, *overrides):
+    cfg = popsd.make_config("tiny", [f"out_dir={out}", *overrides])
+    return popsd.train(cfg)
+
+
+def adapter(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
+# ---- config
+
+def test_overrides_are_typed_and_unknown_keys_named():
+    cfg = popsd.make_config("tiny", ["steps=3", "lr=1e-4", "resume=true", "clip=none", "token_clip=0.05"])
+    assert (cfg.steps, cfg.lr, cfg.resume, cfg.clip, cfg.token_clip) == (3, 1e-4, True, None, 0.05)
+    assert cfg.out_dir == "runs/tiny" and cfg.model == "tiny"
+    with pytest.raises(popsd.PopsdError, match="unknown config key 'lrr' \\(did you mean 'lr'\\?\\)"):
+        popsd.make_config("tiny", ["lrr=1"])
+    with pytest.raises(popsd.PopsdError, match="config key 'steps' expects int, got 'three'"):
+        popsd.make_config("tiny", ["steps=three"])
+    with pytest.raises(popsd.PopsdError, match="config key 'resume' expects bool"):
+        popsd.make_config("", ["resume=maybe"])
+    with pytest.raises(popsd.PopsdError, match="'method' must be one of"):
+        popsd.make_config("", ["method=grpo"])
+    with pytest.raises(popsd.PopsdError, match="expected key=value"):
+        popsd.make_config("", ["steps"])
+    with pytest.raises(popsd.PopsdError, match="recipe 'nope' not found"):
+        popsd.make_config("nope")
+
+
+def test_recipe_values_are_checked(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("stepz = 3\n")
+    with pytest.raises(popsd.PopsdError, match="unknown config key 'stepz' \\(did you mean 'steps'\\?\\)"):
+        popsd.make_config(str(bad))
+    bad.write_text("steps = '3'\n")
+    with pytest.raises(popsd.PopsdError, match="'steps' expects int"):
+        popsd.make_config(str(bad))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "recipes").glob("*.py")))
+def test_every_recipe_loads_and_documents_itself(name):
+    cfg = popsd.make_config(name)
+    doc = (ROOT / "recipes" / f"{name}.py").read_text().split('"""')[1]
+    assert "Hardware:" in doc and "Command: python popsd.py --recipe " + name in doc and "Expected" in doc
+    if name == "single_gpu":
+        assert cfg.load_in_4bit and cfg.model == "Qwen/Qwen3-8B" and (cfg.lora_r, cfg.lora_alpha) == (64, 128)
+
+
+def test_derived_sizes():
+    cfg = popsd.make_config("", ["batch_size=32", "n_samples=2", "micro_batch_size=5", "steps=100"])
+    sizes = popsd.derived_sizes(cfg, 1600)
+    assert sizes["sequences per step"] == 64 and sizes["micro-batches per step"] == 13 and sizes["epochs"] == 2.0
+
+
+def test_lr_schedule():
+    cfg = popsd.make_config("", ["warmup_steps=4", "steps=14", "lr_schedule=cosine"])
+    f = [popsd.lr_factor(s, cfg) for s in range(14)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0 and f[9] == pytest.approx(0.5) and f[-1] > 0
+
+
+# ---- data
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "q1", "solution": "r1"}, {"problem": "q2", "solution": " "},
+                                              "{not json", {"question": "q4", "solution": "r4"}])
+    fields = ("problem", "solution")
+    with pytest.raises(data.PopsdError, match="d.jsonl line 2: field 'solution' is missing or empty"):
+        data.read_rows(path, "train", fields)
+    rows, bad = data.read_rows(path, "train", fields, skip_bad=True)
+    assert rows == [("q1", "r1")] and bad == 3
+    with pytest.raises(data.PopsdError, match="line 1: field 'question' is missing or empty \\(fields: problem, solution\\)"):
+        data.read_rows(path, "train", ("question", "solution"))
+
+
+def test_json_and_parquet_files_load(tmp_path):
+    import datasets
+    rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    for name in ("d.json", "d.parquet"):
+        assert data.read_rows(str(tmp_path / name), "train", ("q", "a")) == ([(r["q"], r["a"]) for r in rows], 0)
+
+
+def test_offline_hub_ids_give_a_clear_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}  # offline, empty cache
+    for args, want in ((["data=someone/not-cached-dataset"], "could not load dataset 'someone/not-cached-dataset'"),
+                       (["model=someone/not-cached-model"], "could not load model 'someone/not-cached-model'")):
+        proc = popsd_cli("--recipe", "tiny", f"out_dir={tmp_path}", *args, env=env)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and want in output and "Traceback" not in output, output
+        assert "offline" in output and ("local .jsonl" in output or "local directory" in output)
+    with pytest.raises(data.PopsdError, match="data file 'missing.jsonl' not found"):
+        data.read_rows("missing.jsonl", "train", ("problem", "solution"))
+
+
+def test_overlong_prompts_are_skipped_and_counted(tiny):
+    tok, _ = tiny
+    rows = [("What is 1 + 1?", "2"), ("What is 1 + 1? " * 80, "2")]
+    cfg = popsd.make_config("tiny", ["max_prompt_len=300"])
+    kept, too_long = popsd.prepare_contexts(rows, tok, cfg)
+    assert len(kept) == 1 and too_long == 1
+    assert max(len(kept[0].teacher), len(kept[0].student)) <= 300
+
+
+def test_data_stream_resumes_mid_epoch():
+    a = data.DataStream(10, seed=3)
+    first = a.take(4) + a.take(4) + a.take(4)
+    assert sorted(first[:10]) == list(range(10))  # one full permutation, then the next epoch
+    b = data.DataStream(10, seed=3)
+    b.take(4)
+    c = data.DataStream(10, seed=3, epoch=b.epoch, cursor=b.cursor)
+    assert c.take(8) == first[4:]
+
+
+# ---- the loop
+
+def test_run_folder_and_metrics(tmp_path):
+    out = run_tiny(tmp_path, "steps=3", "save_every=2")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "lr", "grad_norm", "completion_len", "truncated", "markers_per_1k", "entropy",
+                "cos_total_ref", "cos_total_it", "norm_ratio", "time_step"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[0]["loss"] > 0 and rows[0]["lr"] == pytest.approx(5e-4)  # warm-up: step 1 of 2
+    assert json.loads((out / "config.json").read_text())["steps"] == 3
+    assert "===== step 3 sample 1" in (out / "samples.txt").read_text()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    from peft import PeftConfig
+    assert PeftConfig.from_pretrained(str(out / "adapter")).r == 8  # PEFT format
+
+
+def test_adapter_changes_only_lora_and_base_stays_frozen(tmp_path, tiny_dir):
+    out = run_tiny(tmp_path, "steps=2")
+    weights = adapter(out / "adapter")
+    assert all("lora_" in k for k in weights) and any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    built = load_file(out / "tiny_model" / "model.safetensors")
+    again = load_file(tiny_dir / "model.safetensors")  # the same seed builds the same base
+    assert all(torch.equal(built[k], again[k]) for k in built)
+
+
+def test_resume_gives_the_same_adapter_as_a_straight_run(tmp_path):
+    straight = run_tiny(tmp_path / "a", "steps=4", "save_every=2")
+    run_tiny(tmp_path / "b", "steps=2", "save_every=2")
+    resumed = run_tiny(tmp_path / "b", "steps=4", "save_every=2", "resume=true")
+    assert_same_adapter(adapter(straight / "adapter"), adapter(resumed / "adapter"))
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_micro_batching_does_not_change_the_update(tmp_path):
+    one = run_tiny(tmp_path / "a", "steps=1", "micro_batch_size=8")
+    many = run_tiny(tmp_path / "b", "steps=1", "micro_batch_size=3")
+    # Adam's first step is lr·g/(|g|+ε): float32 rounding of a near-zero g moves a weight by a sliver of lr
+    assert_same_adapter(adapter(one / "adapter"), adapter(many / "adapter"), atol=0.02 * 5e-4)
+
+
+@pytest.mark.parametrize("overrides", [["method=opsd", "divergence=forward_kl", "token_clip=0.05"],
+                                       ["method=opsd", "diagnostics=false"],
+                                       ["teacher=live", "divergence=reverse_kl", "n_samples=2"]])
+def test_variants_run(tmp_path, overrides):
+    out = run_tiny(tmp_path, "steps=2", "batch_size=2", *overrides)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 2 and ("cos_total_ref" in row) == ("diagnostics=false" not in overrides)
+
+
+def test_qlora_4bit_gradients_survive_an_eval_forward(tiny_dir):
+    # sampling runs in eval mode first; the student's 4-bit backward must still reach the first layer
+    cfg = popsd.make_config("tiny", ["load_in_4bit=true", "dtype=bf16", "out_dir=unused"])
+    x = torch.tensor([[1, 20, 30, 40, 50, 60]])
+
+    def first_layer_grad(eval_first):
+        torch.manual_seed(0)
+        _, model = popsd.load_model(cfg, torch.device("cpu"), str(tiny_dir))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=x)
+        model.train()
+        model(input_ids=x).logits.float().pow(2).mean().backward()
+        return next(p.grad for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n)
+
+    plain = first_layer_grad(False)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(first_layer_grad(True), plain)
+
+
+def test_qlora_4bit_runs_on_cpu(tmp_path):
+    out = run_tiny(tmp_path, "steps=1", "batch_size=2", "load_in_4bit=true", "dtype=bf16", "gradient_checkpointing=true")
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["loss"] > 0 and row["grad_norm"] > 0
+
+
+# ---- the CLI, as a user runs it
+
+def popsd_cli(*args, cwd=ROOT, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / "popsd.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_cli_tiny_recipe_end_to_end(tmp_path):
+    proc = popsd_cli("--recipe", "tiny", f"out_dir={tmp_path}", cwd=tmp_path)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "sequences per step" in output and "step   20/20" in output and "done: adapter" in output
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 20
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    proc = popsd_cli("--recipe", "tiny", "stpes=3")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "unknown config key 'stpes' (did you mean 'steps'?)" in output
+    assert "Traceback" not in output
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+    proc = popsd_cli("--recipe", "tiny", "steps=500", "save_every=0", f"out_dir={tmp_path}")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    ckpt = popsd.latest_checkpoint(tmp_path)
+    step = torch.load(ckpt / "state.pt", weights_only=False)["step"]
+    assert step >= 2 and "checkpoint saved at step" in output
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    out = run_tiny(tmp_path, f"steps={step + 1}", "resume=true")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == step + 1
