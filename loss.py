@@ -111,3 +111,173 @@ def reference_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="p
     if refonly is not None:
         stats.update(signal_diagnostics(student, teacher, refonly, temperature=temperature))
     return per_token.sum(), stats
+
+
+# ----------------------------------------------------------------------------- fused, chunked path
+# Same math as reference_loss, never holding more than one chunk of [C, V] rows per distribution.
+# The student's gradient is computed during the forward, chunk by chunk, so the backward does no
+# projection: it only scales the stored [N, H] gradient. Buffers are allocated once per call.
+
+def _project(out, h, w, temperature):
+    """out [C, V] float32 ← (h @ wᵀ) / τ, fp32 accumulation and output whatever the input dtype."""
+    if w.dtype == torch.float32:
+        torch.mm(h.float(), w.T, out=out)  # [C, V]
+    else:  # bf16/fp16 weights: CUDA only (on CPU the caller passes an fp32 copy)
+        torch.mm(h.to(w.dtype), w.T, out_dtype=torch.float32, out=out)  # [C, V]
+    if temperature != 1.0:
+        out.mul_(1.0 / temperature)
+
+
+def _log_softmax_into(out, logits):
+    torch._log_softmax(logits, -1, False, out=out)  # [C, V], native fused kernel, no allocation
+
+
+def _row_sum_of_product(a, b, tmp):
+    return torch.mul(a, b, out=tmp).sum(-1)  # [C]
+
+
+def fused_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="purified", kind="jsd", jsd_beta=0.5,
+               beta=1.0, clip=10.0, temperature=1.0, token_clip=None, chunk_size=None, chunk_mb=512):
+    """reference_loss's (loss_sum, stats), computed in chunks of tokens.
+
+    h_*: [N, H] hidden states (any float dtype); weight: [V, H] frozen head. chunk_size: tokens per
+    chunk; None picks it from a memory budget: the chunk's [C, V] float32 buffers fit chunk_mb MiB.
+    loss_sum has a gradient to h_student only, computed in the forward (no projection is redone).
+    """
+    if method not in ("purified", "opsd"):
+        raise ValueError(f"method {method!r} is not 'purified' or 'opsd'")
+    if method == "purified" and (h_refonly is None or h_base is None):
+        raise ValueError("method='purified' needs h_refonly and h_base")
+    if kind not in KINDS:
+        raise ValueError(f"divergence kind {kind!r} is not one of {KINDS}")
+    opts = dict(method=method, kind=kind, b=jsd_beta, beta=beta, clip=clip, tau=temperature,
+                token_clip=token_clip, chunk_size=chunk_size, chunk_mb=chunk_mb,
+                need_grad=torch.is_grad_enabled() and h_student.requires_grad)
+    loss_sum, stats = _FusedLoss.apply(h_student, weight, h_teacher, h_refonly, h_base, opts)
+    names = ["entropy"] + (["cos_total_ref", "cos_total_it", "norm_ratio"] if h_refonly is not None else [])
+    return loss_sum, {k: stats[:, i] for i, k in enumerate(names)}
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_student, weight, h_teacher, h_refonly, h_base, opts):
+        loss_sum, stats, grad = _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, **opts)
+        ctx.save_for_backward(grad)
+        ctx.dtype = h_student.dtype
+        ctx.mark_non_differentiable(stats)
+        return loss_sum, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        (grad,) = ctx.saved_tensors  # [N, H] float32: d loss_sum / d h_student
+        return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None
+
+
+@torch.no_grad()
+def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, kind, b, beta, clip, tau,
+                   token_clip, chunk_size, chunk_mb, need_grad):
+    n, v = h_student.shape[0], weight.shape[0]
+    device = h_student.device
+    w = weight.detach()
+    if w.dtype != torch.float32 and device.type != "cuda":
+        w = w.float()  # [V, H]: CPU has no fp32-output bf16 matmul
+    diag = h_refonly is not None
+    n_buf = 5 + (1 if token_clip is not None else 0)
+    rows = min(n, chunk_size or max(1, (chunk_mb << 20) // (n_buf * v * 4)))
+    A, D, E, F, G = (torch.empty(rows, v, device=device) for _ in range(5))  # [C, V] each
+    Z = torch.empty(rows, v, device=device) if token_clip is not None else None  # [C, V]
+    grad = torch.zeros(n, h_student.shape[1], device=device) if need_grad else None  # [N, H]
+    per_token = torch.empty(n, device=device)  # [N]
+    stats = torch.empty(n, 4 if diag else 1, device=device)  # [N, k]
+    for i in range(0, n, rows):
+        c = min(rows, n - i)
+        a, d, e, f, g = A[:c], D[:c], E[:c], F[:c], G[:c]  # [c, V] views
+        sl = slice(i, i + c)
+        # student: a = log π_θ, d = π_θ
+        _project(e, h_student[sl], w, tau)
+        _log_softmax_into(a, e)
+        torch.exp(a, out=d)
+        stats[sl, 0] = -_row_sum_of_product(d, a, e)  # entropy
+        # teacher: f = log π_T
+        _project(e, h_teacher[sl], w, tau)
+        _log_softmax_into(f, e)
+        if diag:  # g = log π_ref; Δ_total = f − a, Δ_it = f − g, Δ_ref = g − a = Δ_total − Δ_it
+            _project(e, h_refonly[sl], w, tau)
+            _log_softmax_into(g, e)
+            n_total = torch.sub(f, a, out=e).norm(dim=-1)  # [c] ‖Δ_total‖
+            n_ref = torch.sub(g, a, out=e).norm(dim=-1)  # [c] ‖Δ_ref‖
+            n_it = torch.sub(f, g, out=e).norm(dim=-1)  # [c] ‖Δ_it‖; e now holds Δ_it
+            nt2, nr2, ni2 = n_total.square(), n_ref.square(), n_it.square()
+            denom = n_total.clamp_min(1e-12)
+            stats[sl, 1] = (nt2 + nr2 - ni2) / 2 / (denom * n_ref.clamp_min(1e-12))  # cos(Δ_total, Δ_ref)
+            stats[sl, 2] = (nt2 + ni2 - nr2) / 2 / (denom * n_it.clamp_min(1e-12))  # cos(Δ_total, Δ_it)
+            stats[sl, 3] = n_ref / denom  # ‖Δ_ref‖/‖Δ_total‖
+        if method == "purified":  # f ← log P = log_softmax(log π_0 + c·tanh(centre(Δ_it)/c)/β)
+            delta = e  # [c, V] Δ_it, left by the diagnostics
+            delta.sub_(delta.mean(-1, keepdim=True))  # centre over the vocabulary
+            if clip is not None:
+                delta.mul_(1.0 / clip).tanh_().mul_(clip / beta)
+            else:
+                delta.mul_(1.0 / beta)
+            _project(g, h_base[sl], w, tau)
+            _log_softmax_into(f, g)  # log π_0
+            f.add_(delta)
+            _log_softmax_into(e, f)
+            target, scratch = e, f  # [c, V] log P
+        else:
+            target, scratch = f, e  # [c, V] log π_T
+        torch.exp(target, out=g)  # [c, V] P
+        part, grad_logits = _divergence_chunk(a, d, target, g, scratch, Z[:c] if Z is not None else None,
+                                              kind=kind, b=b, token_clip=token_clip)
+        per_token[sl] = part
+        if need_grad:  # d loss_sum / d h = (d D / d logits) @ W / τ
+            if w.dtype == torch.float32:
+                torch.mm(grad_logits, w, out=grad[sl])
+            else:
+                torch.mm(grad_logits.to(w.dtype), w, out_dtype=torch.float32, out=grad[sl])
+            if tau != 1.0:
+                grad[sl].mul_(1.0 / tau)
+    return per_token.sum(), stats, grad
+
+
+def _divergence_chunk(s, q, t, p, tmp, z, *, kind, b, token_clip):
+    """Per-token divergence [c] and its gradient w.r.t. the student's logits/τ [c, V], in closed form.
+
+    s = log π_θ, q = π_θ, t = log P, p = P: [c, V]; tmp (and z with token_clip): scratch. Inputs are
+    overwritten. With a = ∂D/∂s (s taken as free log-probs), the logit gradient is a − q·Σ_v a.
+      forward_kl: a = −p            reverse_kl: a = q(s − t + 1)            jsd: a = (1−b)·q·(s − m)
+    """
+    if kind == "jsd":
+        if b <= 0.0 or b >= 1.0:  # the mixture equals one side: JSD is 0
+            return torch.zeros(s.shape[0], device=s.device), tmp.zero_()
+        t.add_(math.log(b))
+        s.add_(math.log1p(-b))
+        torch.logaddexp(t, s, out=tmp)  # [c, V] log M, M = b·P + (1−b)·π_θ
+        t.sub_(math.log(b)).sub_(tmp)  # [c, V] t − m
+        s.sub_(math.log1p(-b)).sub_(tmp)  # [c, V] s − m
+        if token_clip is None:
+            kl_p = _row_sum_of_product(p, t, tmp)  # [c] KL(P‖M)
+            a = torch.mul(q, s, out=t)  # [c, V] q(s − m), t no longer needed
+            kl_q = a.sum(-1)  # [c] KL(π_θ‖M)
+            a.addcmul_(q, kl_q.unsqueeze(-1), value=-1.0).mul_(1.0 - b)  # [c, V] a − q·Σa
+            return b * kl_p + (1.0 - b) * kl_q, a
+        torch.mul(p, t, out=z).mul_(b)  # [c, V] b·p(t − m)
+        a = torch.mul(q, s, out=t).mul_(1.0 - b)  # [c, V] (1−b)·q(s − m)
+        z.add_(a)  # [c, V] terms
+    elif kind == "forward_kl":
+        t.sub_(s)  # [c, V] t − s
+        if token_clip is None:
+            return _row_sum_of_product(p, t, tmp), q.sub_(p)  # Σ p(t − s); a − q·Σa = q − p
+        z = torch.mul(p, t, out=z)  # [c, V] terms
+        a = p.neg_()  # [c, V]
+    else:  # reverse_kl
+        s.sub_(t)  # [c, V] s − t
+        if token_clip is None:
+            kl = _row_sum_of_product(q, s, tmp)  # [c]
+            return kl, s.sub_(kl.unsqueeze(-1)).mul_(q)  # q(s − t + 1) − q·(KL + 1) = q(s − t − KL)
+        z = torch.mul(q, s, out=z)  # [c, V] terms
+        a = s.add_(1.0).mul_(q)  # [c, V]
+    clipped = z > token_clip  # [c, V] these terms are constant: no gradient
+    a.masked_fill_(clipped, 0.0)
+    a.addcmul_(q, a.sum(-1, keepdim=True), value=-1.0)  # [c, V] a − q·Σa
+    return z.clamp_(max=token_clip).sum(-1), a

@@ -90,6 +90,8 @@ class Config:
     loss_temperature: float | None = None  # τ dividing all logits in the loss (none: the sampling temperature)
     token_clip: float | None = None  # clamp each (token, vocab) term before the vocab sum (OPSD: 0.05)
     diagnostics: bool = True  # also run the reference-only pass under opsd, to log the signal cosines
+    loss_impl: str = "fused"  # fused (chunked, memory flat in N) | reference (materialised logits, readable)
+    loss_chunk_mb: int = 512  # fused: memory for one chunk's [tokens, V] float32 buffers
     # optimisation
     steps: int = 200  # optimizer steps
     batch_size: int = 32  # prompts per optimizer step
@@ -109,7 +111,7 @@ class Config:
     samples_per_step: int = 2  # completions written to samples.txt each step
 
 
-CHOICES = {"dtype": ("bf16", "fp32"), "method": ("purified", "opsd"), "teacher": ("frozen", "live"),
+CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"), "teacher": ("frozen", "live"),
            "divergence": L.KINDS, "lr_schedule": ("constant", "cosine")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -371,9 +373,11 @@ def score_and_loss(model, body, head, part: Rollout, cfg: Config, pad_id: int):
                 h_refonly = completion_hidden(body, [c.refonly for c in ctx], comp, mask, pad_id)
     model.train()
     h_student = completion_hidden(body, [c.student for c in ctx], comp, mask, pad_id)  # [N, H], with grad
-    return L.reference_loss(h_student, h_teacher, h_refonly, h_base, head, method=cfg.method, kind=cfg.divergence,
-                            jsd_beta=cfg.jsd_beta, beta=cfg.beta, clip=cfg.clip, token_clip=cfg.token_clip,
-                            temperature=cfg.loss_temperature or cfg.temperature)
+    kwargs = dict(method=cfg.method, kind=cfg.divergence, jsd_beta=cfg.jsd_beta, beta=cfg.beta, clip=cfg.clip,
+                  token_clip=cfg.token_clip, temperature=cfg.loss_temperature or cfg.temperature)
+    if cfg.loss_impl == "fused":
+        return L.fused_loss(h_student, h_teacher, h_refonly, h_base, head, chunk_mb=cfg.loss_chunk_mb, **kwargs)
+    return L.reference_loss(h_student, h_teacher, h_refonly, h_base, head, **kwargs)
 
 
 def train(cfg: Config) -> Path:

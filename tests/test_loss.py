@@ -187,3 +187,64 @@ def test_normalised_loss_is_independent_of_micro_batching():
             total += part_loss.item() / n
         assert total == pytest.approx((L.reference_loss(hs, ht, hr, hb, w)[0] / n).item(), rel=1e-5)
         torch.testing.assert_close(parts.grad, full.grad, atol=1e-7, rtol=1e-5)
+
+
+# ---- fused_loss: the chunked path equals the reference path
+
+def fused_inputs(n, seed=0, dtype=torch.float32, v=V, h=H):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(v, h, generator=g) / h ** 0.5 * 4).to(dtype)  # peaked distributions
+    hs = [torch.randn(n, h, generator=g).to(dtype) for _ in range(4)]
+    return w, hs
+
+
+@pytest.mark.parametrize("method", ["purified", "opsd"])
+@pytest.mark.parametrize("kind", L.KINDS)
+@pytest.mark.parametrize("n,chunk_size,token_clip", [(13, 5, None), (1, None, None), (16, 16, 0.01), (9, 4, 0.05)])
+def test_fused_matches_reference(method, kind, n, chunk_size, token_clip):
+    w, (hs, ht, hr, hb) = fused_inputs(n)
+    kw = dict(method=method, kind=kind, jsd_beta=0.3, beta=0.7, clip=2.0, temperature=1.1, token_clip=token_clip)
+    ref_h, fused_h = hs.clone().requires_grad_(), hs.clone().requires_grad_()
+    ref_loss, ref_stats = L.reference_loss(ref_h, ht, hr, hb, w, **kw)
+    loss, stats = L.fused_loss(fused_h, ht, hr, hb, w, chunk_size=chunk_size, **kw)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
+    (ref_loss * 0.7).backward()
+    (loss * 0.7).backward()
+    torch.testing.assert_close(fused_h.grad, ref_h.grad, atol=1e-5 * ref_h.grad.abs().max().item(), rtol=1e-4)
+    assert stats.keys() == ref_stats.keys()
+    for k in stats:
+        torch.testing.assert_close(stats[k], ref_stats[k], atol=1e-4, rtol=1e-4)
+
+
+def test_fused_opsd_without_refonly_and_bf16_inputs():
+    w, (hs, ht, _, _) = fused_inputs(11, dtype=torch.bfloat16)
+    ref_h, fused_h = hs.clone().requires_grad_(), hs.clone().requires_grad_()
+    ref_loss, _ = L.reference_loss(ref_h, ht, None, None, w, method="opsd")
+    loss, stats = L.fused_loss(fused_h, ht, None, None, w, method="opsd", chunk_size=4)
+    assert set(stats) == {"entropy"}
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    ref_loss.backward()
+    loss.backward()
+    assert fused_h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(fused_h.grad.float(), ref_h.grad.float(), atol=1e-3, rtol=1e-2)
+
+
+def test_fused_is_stable_where_probabilities_underflow():
+    # log-probs far below −103 underflow exp() in float32; the JSD mixture must stay finite
+    w, (hs, ht, hr, hb) = fused_inputs(6, v=V)
+    w = w * 60
+    h = hs.clone().requires_grad_()
+    loss, _ = L.fused_loss(h, ht, hr, hb, w, chunk_size=4)
+    ref, _ = L.reference_loss(hs, ht, hr, hb, w)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_fused_chunk_size_from_memory_budget():
+    w, (hs, ht, hr, hb) = fused_inputs(40)
+    full, _ = L.fused_loss(hs, ht, hr, hb, w, chunk_size=40)
+    tiny_budget, _ = L.fused_loss(hs, ht, hr, hb, w, chunk_mb=0)  # one token per chunk
+    assert tiny_budget.item() == pytest.approx(full.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="needs h_refonly and h_base"):
+        L.fused_loss(hs, ht, None, None, w)
