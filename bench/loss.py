@@ -12,7 +12,6 @@ Prints a table and one JSON line per row.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
