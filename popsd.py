@@ -111,8 +111,8 @@ class Config:
     samples_per_step: int = 2  # completions written to samples.txt each step
 
 
-CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"), "teacher": ("frozen", "live"),
-           "divergence": L.KINDS, "lr_schedule": ("constant", "cosine")}
+CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
+           "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -355,24 +355,21 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 def score_and_loss(model, body, head, part: Rollout, cfg: Config, pad_id: int):
     """Score one micro-batch in the four contexts, build the target, return (loss_sum, per-token stats)."""
-    comp, mask, ctx = part.completions, part.mask, part.contexts
+    def hidden(role):  # [N, H] final hidden states scoring ŷ in that role's context
+        return completion_hidden(body, [getattr(c, role) for c in part.contexts], part.completions, part.mask, pad_id)
+
     need_refonly = cfg.method == "purified" or cfg.diagnostics
     h_teacher = h_refonly = h_base = None
     model.eval()
-    with torch.no_grad():  # frozen passes: no graph, LoRA disabled
-        with model.disable_adapter():
-            if cfg.method == "purified":
-                h_base = completion_hidden(body, [c.student for c in ctx], comp, mask, pad_id)  # [N, H]
+    with torch.no_grad():  # frozen passes: no graph
+        with model.disable_adapter():  # LoRA off: the initial policy
+            h_base = hidden("student") if cfg.method == "purified" else None
             if cfg.teacher == "frozen":
-                h_teacher = completion_hidden(body, [c.teacher for c in ctx], comp, mask, pad_id)  # [N, H]
-                if need_refonly:
-                    h_refonly = completion_hidden(body, [c.refonly for c in ctx], comp, mask, pad_id)  # [N, H]
+                h_teacher, h_refonly = hidden("teacher"), hidden("refonly") if need_refonly else None
         if cfg.teacher == "live":  # current weights, detached
-            h_teacher = completion_hidden(body, [c.teacher for c in ctx], comp, mask, pad_id)
-            if need_refonly:
-                h_refonly = completion_hidden(body, [c.refonly for c in ctx], comp, mask, pad_id)
+            h_teacher, h_refonly = hidden("teacher"), hidden("refonly") if need_refonly else None
     model.train()
-    h_student = completion_hidden(body, [c.student for c in ctx], comp, mask, pad_id)  # [N, H], with grad
+    h_student = hidden("student")  # with grad
     kwargs = dict(method=cfg.method, kind=cfg.divergence, jsd_beta=cfg.jsd_beta, beta=cfg.beta, clip=cfg.clip,
                   token_clip=cfg.token_clip, temperature=cfg.loss_temperature or cfg.temperature)
     if cfg.loss_impl == "fused":
