@@ -20,6 +20,13 @@ class PopsdError(Exception):
     """A user-facing error: printed without a traceback."""
 
 
+def model_load_error(path: str, e: Exception) -> PopsdError:
+    return PopsdError(
+        f"could not load model {path!r}: {str(e).splitlines()[0]}. If this machine is offline or the model is "
+        f"not in the Hugging Face cache, download it where there is a network (huggingface-cli download {path}) "
+        "and pass the local directory.")
+
+
 def resolve_local(path: str) -> Path | None:
     """A local file as given, or relative to the repo; None when neither exists."""
     for p in (Path(path), ROOT / path):

@@ -106,26 +106,37 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, contexts: list[Contexts], *, n, max_new_tokens, temperature, top_p, top_k,
-           eos_ids, batch_size, device) -> Rollout:
-    """n completions per prompt from the student (adapters on), KV cache on, batched with left padding."""
+def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k, eos_ids,
+             batch_size, device, on_batch=None):
+    """n completions per prompt ([B = prompts × n]), KV cache on, batched with left padding.
+
+    Returns (completions [B, T] padded after EOS, mask [B, T], truncated [B], decoded texts [B]).
+    """
     pad_id = tokenizer.pad_token_id
-    rows = [c for c in contexts for _ in range(n)]  # [B]
+    rows = [p for p in prompts for _ in range(n)]  # [B]
     chunks = []
     model.eval()  # gradient checkpointing only acts in train mode, so the KV cache stays on
     for i in range(0, len(rows), batch_size):
-        ids, attn = pad_left([c.student for c in rows[i:i + batch_size]], pad_id)  # [b, P]
+        ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
                              temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                              eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)  # [b, P + T_i]
         chunks.append(out[:, ids.shape[1]:].cpu())  # [b, T_i]
+        if on_batch:
+            on_batch(len(ids))  # progress: sequences done
     width = max(c.shape[1] for c in chunks)
     completions = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id)
                              for c in chunks])  # [B, T]
     mask, truncated = completion_mask(completions, eos_ids)  # [B, T], [B]
     completions = completions.masked_fill(~mask, pad_id)
     texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completions, mask)], skip_special_tokens=True)
-    return Rollout(rows, completions, mask, truncated, texts)
+    return completions, mask, truncated, texts
+
+
+def sample(model, tokenizer, contexts: list[Contexts], *, n, **kwargs) -> Rollout:
+    """n completions per prompt from the student (adapters on), each from its student context."""
+    out = generate(model, tokenizer, [c.student for c in contexts], n=n, **kwargs)
+    return Rollout([c for c in contexts for _ in range(n)], *out)
 
 
 def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id: int) -> torch.Tensor:

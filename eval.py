@@ -1,0 +1,314 @@
+"""eval.py: math benchmarks: avg@k, pass@k, completion lengths, truncation and epistemic markers.
+
+    python eval.py --model Qwen/Qwen3-8B --adapter runs/single_gpu/adapter --bench aime24,aime25,hmmt25 --n 12
+    python eval.py --model runs/tiny/tiny_model --bench data/toy_math_test.jsonl --n 2 --max-new-tokens 32
+
+Prompts use the student's template and thinking mode (read from the run's config.json next to the
+adapter when there is one). Each completion is graded by `is_correct`: the last \\boxed{} against the
+gold answer with math-verify. Writes summary.json and samples.jsonl (every completion, the answer
+extracted from it and its verdict) to --out. popsd.py calls `evaluate` during training (eval_every).
+"""
+import argparse
+import atexit
+import concurrent.futures
+import contextlib
+import json
+import math
+import multiprocessing
+import re
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from data import PopsdError, model_load_error, read_rows, resolve_local
+from rollout import STUDENT_TEMPLATE, chat_ids, fill, generate, marker_counts
+
+console = Console()
+
+BENCHMARKS = {  # name: (hub id, split, question field, answer field)
+    "aime24": ("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
+    "aime25": ("MathArena/aime_2025", "train", "problem", "answer"),
+    "hmmt25": ("MathArena/hmmt_feb_2025", "train", "problem", "answer"),
+    "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
+    "amc23": ("math-ai/amc23", "test", "question", "answer"),
+}
+GRADE_TIMEOUT = 5  # seconds per math-verify parse / comparison
+FALLBACK_CHARS = 300  # no \boxed{}: the completion's tail, anchored answers only ("the answer is 42")
+
+
+# ----------------------------------------------------------------------------- grading
+
+DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,;:! ]|~|\s)+(?=\d{3}(?!\d))")  # 1\,000 and 1 000 → 1000
+BOX_START = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])(\s*)")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete \\boxed{...} or \\fbox{...} (nested braces, `\\boxed {x}`, `\\boxed 5`)."""
+    found = None
+    for m in BOX_START.finditer(text):
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth, j = 0, i
+            while j < len(text):
+                if text[j] == "\\":  # \{ and \} are characters, not braces
+                    j += 2
+                    continue
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    found = text[i + 1:j]
+                    break
+                j += 1
+        elif m.group(1) and (word := re.match(r"-?[\w.]*\w|\\[a-zA-Z]+", text[i:])):
+            found = word.group()  # "\boxed 5" (a space, then one number, word or command)
+    return None if found is None else found.strip()
+
+
+def _grade(completion: str, gold: str, timeout: int) -> bool:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    answer = extract_boxed(completion)
+    answer, gold = (DIGIT_GROUP_SPACE.sub("", x) if x else x for x in (answer, gold))
+    if answer == "":
+        return False
+    if answer is not None and " ".join(answer.split()) == " ".join(gold.split()):
+        return True
+    if answer is not None:
+        pred = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+    else:  # no box: only an answer the text announces counts, never a stray last number
+        anchored = [LatexExtractionConfig(try_extract_without_anchor=False),
+                    ExprExtractionConfig(try_extract_without_anchor=False)]
+        pred = parse(completion[-FALLBACK_CHARS:], anchored, fallback_mode="no_fallback", parsing_timeout=timeout)
+    gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
+    if not pred or not gold_parsed:
+        return False
+    return bool(verify(gold_parsed, pred, timeout_seconds=timeout, allow_set_relation_comp=True))
+
+
+_pool = None
+
+
+def _grade_off_main_thread(completion: str, gold: str, timeout: int) -> bool:
+    """math-verify's timeouts use SIGALRM, which only the main thread gets: grade in a helper process instead."""
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(_pool.shutdown)
+    try:
+        return _pool.submit(_grade, completion, gold, timeout).result(timeout=6 * timeout + 60)
+    except concurrent.futures.TimeoutError:
+        for p in list(_pool._processes.values()):  # stuck beyond math-verify's own timeouts
+            p.kill()
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+        return False
+
+
+def is_correct(completion: str, gold: str, timeout: int = GRADE_TIMEOUT) -> bool:
+    """The last \\boxed{} of `completion` (else its tail) matches `gold` under math-verify, gold first.
+
+    Never raises: malformed text, unparsable answers and timeouts (pathological expressions) are False.
+    """
+    try:
+        if threading.current_thread() is not threading.main_thread():
+            return _grade_off_main_thread(completion, gold, timeout)
+        return _grade(completion, gold, timeout)
+    except Exception:
+        return False
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k), as a stable product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+def load_bench(spec: str, question_field: str = "problem", answer_field: str = "answer", limit: int = 0):
+    """(name, [(question, gold)]) for a benchmark name or a local .jsonl/.json/.parquet file."""
+    if spec in BENCHMARKS:
+        source, split, q_field, a_field = BENCHMARKS[spec]
+        name = spec
+    elif resolve_local(spec) is not None or Path(spec).suffix in (".jsonl", ".json", ".parquet"):
+        source, split, q_field, a_field = spec, "train", question_field, answer_field
+        name = Path(spec).stem
+    else:
+        raise PopsdError(f"unknown benchmark {spec!r}: use one of {', '.join(BENCHMARKS)} or a local "
+                         ".jsonl/.json/.parquet file (with --question-field/--answer-field)")
+    rows, _ = read_rows(source, split, (q_field, a_field))
+    return name, rows[:limit] if limit else rows
+
+
+def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: list[bool], markers: int) -> dict:
+    """Per-benchmark numbers from Q questions × n samples (lengths/truncated flat over all samples)."""
+    n = len(verdicts[0])
+    flat = [v for row in verdicts for v in row]
+    out = {f"avg@{n}": sum(flat) / len(flat)}
+    for k in sorted({1, n}):
+        out[f"pass@{k}"] = statistics.fmean(pass_at_k(n, sum(row), k) for row in verdicts)
+    return out | {"len_mean": statistics.fmean(lengths), "len_median": statistics.median(lengths),
+                  "truncated": sum(truncated) / len(truncated), "markers_per_1k": 1000 * markers / max(sum(lengths), 1),
+                  "questions": len(verdicts), "samples": len(flat)}
+
+
+def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
+             top_k: int, eos_ids: list[int], batch_size: int, device, template: str = STUDENT_TEMPLATE,
+             thinking: bool = False, seed: int = 0, progress=None):
+    """Sample n completions per question of each benchmark, grade them; returns (metrics, records) per bench.
+
+    Seeded per benchmark, so a benchmark's results do not depend on which others run with it. The
+    caller's RNG state is left as it was.
+    """
+    from rich.progress import Progress
+    metrics, records = {}, {}
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        for name, rows in benches.items():
+            torch.manual_seed(seed)
+            prompts = [chat_ids(tokenizer, fill(template, question=q), thinking) for q, _ in rows]
+            with contextlib.nullcontext(progress) if progress else Progress(console=console, transient=True) as bar:
+                task = bar.add_task(f"eval {name}", total=len(prompts) * n)
+                _, mask, truncated, texts = generate(
+                    model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, top_k=top_k, eos_ids=eos_ids, batch_size=batch_size, device=device,
+                    on_batch=lambda k: bar.advance(task, k))
+                bar.remove_task(task)
+            lengths, truncated = mask.sum(1).tolist(), truncated.tolist()
+            recs, verdicts = [], []
+            for i, (q, gold) in enumerate(rows):
+                samples = [{"completion": texts[j], "extracted": extract_boxed(texts[j]),
+                            "correct": is_correct(texts[j], gold), "tokens": lengths[j], "truncated": truncated[j]}
+                           for j in range(i * n, (i + 1) * n)]
+                verdicts.append([s["correct"] for s in samples])
+                recs.append({"bench": name, "index": i, "question": q, "gold": gold, "samples": samples})
+            metrics[name] = bench_metrics(verdicts, lengths, truncated, marker_counts(texts))
+            records[name] = recs
+    return metrics, records
+
+
+def write_results(out: Path, metrics: dict, records: dict, settings: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps({"settings": settings, "results": metrics}, indent=2) + "\n")
+    with (out / "samples.jsonl").open("w") as f:
+        for recs in records.values():
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+
+
+def results_table(metrics: dict, title: str = "eval") -> Table:
+    table = Table(title=title)
+    cols = [k for k in next(iter(metrics.values())) if k not in ("questions", "samples")]
+    short = {"len_mean": "len", "len_median": "med len", "truncated": "trunc", "markers_per_1k": "markers/1k"}
+    for c in ["bench", "Q", *cols]:
+        table.add_column(short.get(c, c), justify="left" if c == "bench" else "right")
+    for name, m in metrics.items():
+        cells = [f"{100 * m[c]:.1f}%" if c.startswith(("avg@", "pass@")) or c == "truncated"
+                 else f"{m[c]:.1f}" for c in cols]
+        table.add_row(name, str(m["questions"]), *cells)
+    return table
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_settings(adapter: str | None) -> dict:
+    """The training run's config.json (student template, thinking) found above an adapter folder, if any."""
+    if adapter:
+        for d in [Path(adapter), *Path(adapter).resolve().parents][:4]:
+            if (d / "config.json").exists() and "student_template" in (cfg := json.loads((d / "config.json").read_text())):
+                return cfg
+    return {}
+
+
+def load_for_eval(model_path: str, adapter: str | None, dtype: str, load_in_4bit: bool, device, trust: bool):
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    transformers.utils.logging.disable_progress_bar()
+    kwargs = {"dtype": torch.bfloat16 if dtype == "bf16" else torch.float32, "trust_remote_code": trust}
+    if load_in_4bit:
+        kwargs |= {"device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)}
+    try:
+        has_tok = adapter and (Path(adapter) / "tokenizer_config.json").exists()  # adapter/ has one, checkpoints not
+        tokenizer = AutoTokenizer.from_pretrained(adapter if has_tok else model_path, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        if adapter:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, adapter)
+    except OSError as e:
+        raise model_load_error(adapter if adapter and not Path(adapter).exists() else model_path, e) from None
+    if not load_in_4bit:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", help="HF id or local dir (default: the adapter's base model)")
+    p.add_argument("--adapter", help="PEFT adapter folder (a popsd run's adapter/ or checkpoints/step_N/)")
+    p.add_argument("--bench", default="aime24,aime25,hmmt25",
+                   help=f"comma-separated: {', '.join(BENCHMARKS)} or local .jsonl/.json/.parquet files")
+    p.add_argument("--question-field", default="problem", help="question field of local benchmark files")
+    p.add_argument("--answer-field", default="answer", help="gold answer field of local benchmark files")
+    p.add_argument("--n", type=int, default=12, help="samples per question (avg@n, pass@1, pass@n)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--max-new-tokens", type=int, default=32768)
+    p.add_argument("--limit", type=int, default=0, help="first K questions per benchmark (0: all)")
+    p.add_argument("--thinking", choices=("on", "off"), help="chat-template thinking mode (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--load-in-4bit", action="store_true", help="nf4 weights (bitsandbytes)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--out", default="runs/eval", help="folder for summary.json and samples.jsonl")
+    args = p.parse_args(argv)
+    for key in ("n", "max_new_tokens", "batch_size"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str]):
+    args = parse_args(argv)
+    try:
+        run = run_settings(args.adapter)
+        model_path = args.model
+        if model_path is None and args.adapter and (Path(args.adapter) / "adapter_config.json").exists():
+            model_path = json.loads((Path(args.adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if model_path is None:
+            raise PopsdError("--model is required (or --adapter with an adapter_config.json naming its base model)")
+        benches = dict(load_bench(s.strip(), args.question_field, args.answer_field, args.limit)
+                       for s in args.bench.split(",") if s.strip())
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        tokenizer, model = load_for_eval(model_path, args.adapter, args.dtype, args.load_in_4bit, device,
+                                         args.trust_remote_code)
+        thinking = run.get("student_thinking", False) if args.thinking is None else args.thinking == "on"
+        eos = model.generation_config.eos_token_id
+        eos = sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])})
+        t0 = time.time()
+        metrics, records = evaluate(
+            model, tokenizer, benches, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, eos_ids=eos, batch_size=args.batch_size, device=device,
+            template=run.get("student_template", STUDENT_TEMPLATE), thinking=thinking, seed=args.seed)
+    except PopsdError as e:
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(2)
+    settings = vars(args) | {"model": model_path, "thinking": thinking, "seconds": round(time.time() - t0, 1)}
+    write_results(Path(args.out), metrics, records, settings)
+    console.print(results_table(metrics, f"{model_path}" + (f" + {args.adapter}" if args.adapter else "")))
+    console.print(f"summary.json and samples.jsonl in {args.out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,240 @@
+"""eval.py: the grader on real-world answer pairs, pass@k against brute force, metrics, the CLI end to end."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import eval as E
+from conftest import ROOT
+
+FIVE = ROOT / "tests/data/five_questions.jsonl"
+
+# (completion, gold, verdict): what a careful human grader says
+PAIRS = [
+    # fractions and decimals
+    ("So the probability is \\boxed{\\frac{1}{2}}.", "0.5", True),
+    ("The answer is $\\boxed{0.5}$", "\\frac{1}{2}", True),
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", True),
+    ("\\boxed{\\tfrac{3}{4}}", "3/4", True),
+    ("\\boxed{\\frac34}", "0.75", True),
+    ("\\boxed{0.33}", "\\frac{1}{3}", False),
+    ("\\boxed{\\frac{2}{3}}", "\\frac{1}{3}", False),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5", True),
+    ("\\boxed{2.0}", "2", True),
+    # integers: commas, leading zeros, signs
+    ("The total is \\boxed{1,000}.", "1000", True),
+    ("\\boxed{1000}", "1,000", True),
+    ("\\boxed{1{,}234{,}567}", "1234567", True),
+    ("\\boxed{033}", "33", True),
+    ("\\boxed{-3}", "-3", True),
+    ("\\boxed{3}", "-3", False),
+    ("\\boxed{-7}", "7", False),
+    ("\\boxed{204}", "204", True),
+    ("\\boxed{205}", "204", False),
+    # intervals and sets
+    ("\\boxed{[1, 2)}", "[1,2)", True),
+    ("\\boxed{(1,2]}", "[1,2]", False),
+    ("\\boxed{(-\\infty, 2]}", "(-\\infty,2]", True),
+    ("The solution set is \\boxed{x \\le 2}.", "(-\\infty, 2]", True),
+    ("\\boxed{\\{2, 1\\}}", "\\{1,2\\}", True),
+    ("\\boxed{3, 2}", "2, 3", True),
+    ("\\boxed{2, 4}", "2, 3", False),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})", True),
+    # degrees, units, percent, money
+    ("Each angle is \\boxed{120^\\circ}.", "120", True),
+    ("\\boxed{720}", "720^\\circ", True),
+    ("\\boxed{5\\text{ cm}}", "5", True),
+    ("\\boxed{9\\,\\text{m}^2}", "9", True),
+    ("\\boxed{\\$12}", "12", True),
+    ("\\boxed{18\\%}", "18\\%", True),
+    # radicals, pi, expressions
+    ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", True),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\sqrt2/2", True),
+    ("\\boxed{\\sqrt{3}}", "2\\sqrt{3}", False),
+    ("\\boxed{\\frac{\\pi}{2}}", "\\pi/2", True),
+    ("\\boxed{3.14}", "\\pi", False),
+    ("\\boxed{x = 5}", "5", True),
+    ("\\boxed{2x+1}", "1+2x", True),
+    # LaTeX spacing and \boxed forms
+    ("\\boxed{1\\,000}", "1000", True),
+    ("\\boxed{10\\ 000}", "10{,}000", True),
+    ("\\boxed{ 12 }", "12", True),
+    ("\\boxed {42}", "42", True),
+    ("\\fbox{42}", "42", True),
+    ("Thus the answer is \\boxed 7.", "7", True),
+    ("\\boxed{\\frac{\\sqrt{\\frac{1}{4}}}{1}}", "\\frac{1}{2}", True),
+    ("\\boxed{\\text{(C)}}", "C", True),
+    # several boxes: the last one counts
+    ("First \\boxed{3}, but I made an error. The answer is \\boxed{5}.", "5", True),
+    ("First \\boxed{5}, but I made an error. The answer is \\boxed{3}.", "5", False),
+    ("\\boxed{7} ... final: \\boxed{7", "7", True),  # truncated last box: the last complete one
+    # no box
+    ("So the answer is 42.", "42", True),
+    ("Therefore, the final answer is $\\frac{3}{4}$.", "0.75", True),
+    ("we get 186 186 and then 69", "69", False),  # a stray last number is not an answer
+    ("I could not solve it.", "3", False),
+    ("\\boxed{}", "0", False),
+]
+
+
+@pytest.mark.parametrize("completion,gold,verdict", PAIRS)
+def test_grader_real_world_pairs(completion, gold, verdict):
+    assert E.is_correct(completion, gold) is verdict
+
+
+def test_grader_has_forty_pairs():
+    assert len(PAIRS) >= 40 and sum(v for *_, v in PAIRS) >= 20 and sum(not v for *_, v in PAIRS) >= 10
+
+
+@pytest.mark.parametrize("text,boxed", [
+    ("\\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),
+    ("x \\boxed{1} y \\boxed{\\{1, 2\\}} z", "\\{1, 2\\}"),
+    ("\\boxed {  3 }", "3"),
+    ("\\fbox{\\sqrt{2}}", "\\sqrt{2}"),
+    ("\\boxed 5$", "5"),
+    ("so \\boxed -3.5.", "-3.5"),
+    ("\\boxed \\pi", "\\pi"),
+    ("\\boxed{a} and \\boxed{b", "a"),
+    ("\\boxed{{{}}}", "{{}}"),
+    ("\\boxedx{3}", None),
+    ("no box here", None),
+    ("", None),
+    ("\\boxed{", None),
+])
+def test_extract_boxed(text, boxed):
+    assert E.extract_boxed(text) == boxed
+
+
+@pytest.mark.parametrize("completion", ["\\boxed{\\frac{", "}}}{{{\\boxed{)(]", "\\boxed{\\sqrt[}", "$$$$",
+                                        "\\boxed{" * 500, "\x00\ufffd\\boxed{\x01}", "1/0 = \\boxed{1/0}"])
+def test_grader_never_raises_on_malformed_text(completion):
+    assert E.is_correct(completion, "3") is False
+    assert E.is_correct(None, "3") is False  # not even on a wrong type
+
+
+def test_grader_bounds_time_on_pathological_expressions():
+    t0 = time.time()
+    assert E.is_correct("\\boxed{9^{9^{9^{9}}}!}", "5", timeout=1) is False  # sympy would run for ever
+    assert time.time() - t0 < 20
+
+
+def test_grader_off_the_main_thread_uses_a_helper_process():
+    results = {}
+
+    def work():
+        results["right"] = E.is_correct("\\boxed{\\frac12}", "0.5")
+        results["wrong"] = E.is_correct("\\boxed{3}", "0.5")
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert results == {"right": True, "wrong": False}
+
+
+def brute_pass_at_k(n, c, k):
+    """Fraction of all k-subsets of n samples (c correct) with at least one correct."""
+    subsets = list(itertools.combinations([True] * c + [False] * (n - c), k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_brute_force_over_all_subsets():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert E.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+    assert E.pass_at_k(100, 3, 1) == pytest.approx(0.03)
+    for bad in [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)]:
+        with pytest.raises(ValueError):
+            E.pass_at_k(*bad)
+
+
+def test_bench_metrics():
+    m = E.bench_metrics([[True, False, False, True], [False] * 4], lengths=[10, 20, 30, 40, 50, 60, 70, 80],
+                        truncated=[False] * 7 + [True], markers=9)
+    assert m["avg@4"] == 0.25 and m["pass@1"] == 0.25 and m["pass@4"] == 0.5
+    assert (m["len_mean"], m["len_median"], m["truncated"]) == (45, 45, 0.125)
+    assert m["markers_per_1k"] == pytest.approx(1000 * 9 / 360)
+    assert set(E.bench_metrics([[True]], [5], [False], 0)) >= {"avg@1", "pass@1"}
+
+
+def test_evaluate_grades_what_was_generated(tiny, monkeypatch):
+    """Generation rigged to return known texts: verdicts, extracted answers and metrics follow them."""
+    tok, model = tiny
+    texts = {0: ["\\boxed{720}", "\\boxed{360}"], 1: ["\\boxed{0.75}", "no answer"], 2: ["\\boxed{3, 2}", "\\boxed{2}"],
+             3: ["\\boxed{x \\le 2}", "\\boxed{x<2}"], 4: ["\\boxed{\\sqrt{12}}", "\\boxed{2\\sqrt3}"]}
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, *, n, on_batch, **kw):
+        seen["prompts"] = prompts
+        flat = [t for i in range(len(prompts)) for t in texts[i]]
+        on_batch(len(flat))
+        return None, torch.ones(len(flat), 3, dtype=torch.bool), torch.zeros(len(flat), dtype=torch.bool), flat
+    monkeypatch.setattr(E, "generate", fake_generate)
+    name, rows = E.load_bench(str(FIVE))
+    metrics, records = E.evaluate(model, tok, {name: rows}, n=2, max_new_tokens=3, temperature=1.0, top_p=1.0,
+                                  top_k=0, eos_ids=[tok.eos_token_id], batch_size=4, device="cpu", thinking=False)
+    verdicts = [[s["correct"] for s in r["samples"]] for r in records[name]]
+    assert verdicts == [[True, False], [True, False], [True, False], [True, False], [True, True]]
+    assert records[name][2]["samples"][0]["extracted"] == "3, 2" and records[name][1]["samples"][1]["extracted"] is None
+    assert metrics[name]["avg@2"] == 0.6 and metrics[name]["pass@2"] == 1.0 and metrics[name]["questions"] == 5
+    prompt = tok.decode(seen["prompts"][1])  # student template, chat template, thinking off
+    assert "Simplify $\\frac{6}{8}$." in prompt and "\\boxed{}" in prompt and "<think>\n\n</think>" in prompt
+
+
+def test_load_bench_errors(tmp_path):
+    with pytest.raises(E.PopsdError, match="unknown benchmark 'aime2024'.*aime24"):
+        E.load_bench("aime2024")
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n')
+    with pytest.raises(E.PopsdError, match="line 2: field 'answer' is missing"):
+        E.load_bench(str(bad))
+    with pytest.raises(E.PopsdError, match="field 'question'"):
+        E.load_bench(str(FIVE), question_field="question")
+    assert len(E.load_bench(str(FIVE), limit=2)[1]) == 2
+
+
+def eval_cli(*args, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--bench", str(FIVE), "--n", "3", "--max-new-tokens", "12",
+              "--dtype", "fp32", "--device", "cpu", "--temperature", "1.0"]
+    out = eval_cli(*common, "--out", str(tmp_path / "a"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "avg@3" in out.stdout and "five_questions" in out.stdout
+    summary = json.loads((tmp_path / "a/summary.json").read_text())
+    m = summary["results"]["five_questions"]
+    assert summary["settings"]["n"] == 3 and m["questions"] == 5 and m["samples"] == 15
+    recs = [json.loads(line) for line in (tmp_path / "a/samples.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in recs] == ["720", "\\frac{3}{4}", "2, 3", "(-\\infty, 2]", "2\\sqrt{3}"]
+    flat = [s for r in recs for s in r["samples"]]
+    assert len(flat) == 15 and all(1 <= s["tokens"] <= 12 for s in flat)
+    for r in recs:  # every stored verdict is the grader's verdict on the stored completion
+        for s in r["samples"]:
+            assert s["correct"] == E.is_correct(s["completion"], r["gold"])
+            assert s["extracted"] == E.extract_boxed(s["completion"])
+    assert m["avg@3"] == sum(s["correct"] for s in flat) / 15
+    assert m["truncated"] == sum(s["truncated"] for s in flat) / 15
+    assert m["len_mean"] == pytest.approx(sum(s["tokens"] for s in flat) / 15)
+    again = eval_cli(*common, "--out", str(tmp_path / "b"))  # same seed: same completions
+    assert again.returncode == 0
+    assert (tmp_path / "b/samples.jsonl").read_text() == (tmp_path / "a/samples.jsonl").read_text()
+
+
+def test_cli_errors_are_clear(tiny_dir, tmp_path):
+    out = eval_cli("--model", str(tiny_dir), "--bench", "aime24", "--out", str(tmp_path))
+    assert out.returncode == 2 and "could not load dataset 'HuggingFaceH4/aime_2024'" in out.stdout
+    out = eval_cli("--model", str(tiny_dir), "--bench", str(FIVE), "--answer-field", "solution")
+    assert out.returncode == 2 and "field 'solution' is missing" in out.stdout
+    out = eval_cli("--model", "no-such-org/no-such-model", "--bench", str(FIVE))
+    assert out.returncode == 2 and "could not load model 'no-such-org/no-such-model'" in out.stdout
+    out = eval_cli("--bench", str(FIVE))
+    assert out.returncode == 2 and "--model is required" in out.stdout
