@@ -36,8 +36,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+import eval as E
 import loss as L
-from data import DataStream, PopsdError, build_tiny_model, read_rows
+from data import DataStream, PopsdError, build_tiny_model, model_load_error, read_rows
 from rollout import (REFONLY_TEMPLATE, STUDENT_TEMPLATE, TEACHER_TEMPLATE, Rollout, build_contexts,
                      check_templates, completion_hidden, marker_counts, sample)
 
@@ -102,6 +103,15 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 0.1  # gradient-norm clip (OPSD: 0.1)
     seed: int = 0  # seeds data order, LoRA init and sampling
+    # evaluation (eval.py) on held-out benchmarks: before step 1, every eval_every steps and at the end
+    eval_every: int = 0  # steps between evaluations (0: off); logged as eval/<bench>/avg@<n> etc.
+    eval_bench: str = "aime24,aime25,hmmt25"  # benchmark names (eval.BENCHMARKS) or local files, comma-separated
+    eval_fields: str = "problem,answer"  # question and gold-answer fields of local benchmark files
+    eval_n: int = 12  # samples per question (paper: avg@12)
+    eval_limit: int = 0  # first K questions per benchmark (0: all)
+    eval_max_new_tokens: int = 32768  # completion budget at evaluation
+    eval_temperature: float = 0.6  # sampling temperature at evaluation
+    eval_top_p: float = 0.95  # nucleus sampling at evaluation
     # run
     recipe: str = ""  # set by --recipe
     out_dir: str = ""  # run folder (default runs/<recipe>)
@@ -175,10 +185,12 @@ def validate(cfg: Config):
         if getattr(cfg, key) not in allowed:
             raise PopsdError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
     for key in ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "gen_batch_size",
-                "max_prompt_len", "lora_r"):
+                "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens"):
         if getattr(cfg, key) < 1:
             raise PopsdError(f"config key {key!r} must be at least 1, got {getattr(cfg, key)}")
     check_templates(cfg.student_template, cfg.teacher_template, cfg.refonly_template)
+    if len(cfg.eval_fields.split(",")) != 2:
+        raise PopsdError(f"config key 'eval_fields' must be 'question_field,answer_field', got {cfg.eval_fields!r}")
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.recipe or 'default'}"
 
 
@@ -243,10 +255,7 @@ def load_model(cfg: Config, device: torch.device, path: str):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise PopsdError(
-            f"could not load model {path!r}: {str(e).splitlines()[0]}. If this machine is offline or the model is "
-            f"not in the Hugging Face cache, download it where there is a network (huggingface-cli download {path}) "
-            "and set model= to the local directory.") from None
+        raise model_load_error(path, e) from None
     if not cfg.load_in_4bit:
         model.to(device)
     elif device.type == "cpu":
@@ -278,6 +287,35 @@ def eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def load_eval_benches(cfg: Config, train_rows) -> dict:
+    """Held-out benchmarks for eval_every; questions also in the training data are dropped and counted."""
+    seen, benches = {q.strip() for q, _ in train_rows}, {}
+    q_field, a_field = (f.strip() for f in cfg.eval_fields.split(","))
+    for spec in filter(None, (s.strip() for s in cfg.eval_bench.split(","))):
+        name, rows = E.load_bench(spec, q_field, a_field)
+        held_out = [r for r in rows if r[0].strip() not in seen]
+        if len(held_out) < len(rows):
+            console.print(f"[yellow]eval {name}: {len(rows) - len(held_out)} questions are in the training data "
+                          "and are left out[/]")
+        if not held_out:
+            raise PopsdError(f"eval benchmark {spec!r}: every question is in the training data")
+        benches[name] = held_out[:cfg.eval_limit] if cfg.eval_limit else held_out
+    return benches
+
+
+def run_eval(step: int, model, tokenizer, benches: dict, cfg: Config, eos: list[int], device, out: Path, bar):
+    """Evaluate the student (adapters on); results in out/eval/step_N/, metrics as eval/<bench>/<name>."""
+    metrics, records = E.evaluate(
+        model, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
+        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=eos, batch_size=cfg.gen_batch_size,
+        device=device, template=cfg.student_template, thinking=cfg.student_thinking, seed=cfg.seed, progress=bar)
+    E.write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step})
+    console.print(E.results_table(metrics, f"eval at step {step}"))
+    return {f"eval/{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -393,6 +431,7 @@ def train(cfg: Config) -> Path:
     tokenizer, model = load_model(cfg, device, path)
     body, head = model_parts(model)
     examples, too_long = prepare_contexts(rows, tokenizer, cfg)
+    benches = load_eval_benches(cfg, rows) if cfg.eval_every else {}
     sizes = derived_sizes(cfg, len(examples)) | {"bad rows skipped": bad, "over-long prompts skipped": too_long}
     print_config(cfg, sizes)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -414,6 +453,9 @@ def train(cfg: Config) -> Path:
     try:
         with progress() as bar, metrics_path.open("a") as metrics_file:
             task = bar.add_task("training", total=cfg.steps, completed=start)
+            if benches and start == 0:  # the baseline: the initial policy before any update
+                row = {"step": 0, **run_eval(0, model, tokenizer, benches, cfg, eos, device, out, bar)}
+                metrics_file.write(json.dumps(row) + "\n")
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.time()
                 batch = [examples[i] for i in stream.take(cfg.batch_size)]
@@ -444,6 +486,8 @@ def train(cfg: Config) -> Path:
                        "tokens": n_tokens, "markers_per_1k": 1000 * marker_counts(rollout.texts) / n_tokens,
                        **{k: v / n_tokens for k, v in sums.items()},
                        "time_sample": t_sample, "time_step": time.time() - t0}
+                if benches and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    row |= run_eval(step, model, tokenizer, benches, cfg, eos, device, out, bar)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 console.print(step_line(row, cfg.steps), soft_wrap=True)

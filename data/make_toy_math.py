@@ -1,4 +1,5 @@
-"""Writes data/toy_math.jsonl: small arithmetic problems with worked solutions (problem, solution).
+"""Writes data/toy_math.jsonl: small arithmetic problems with worked solutions (problem, solution), and
+data/toy_math_test.jsonl: 32 held-out problems (none in the training file) with gold answers (problem, answer).
 
 The tiny recipe trains its tokenizer and model on these; the numbers they produce mean nothing,
 they only show that the pipeline runs. Rerun: python data/make_toy_math.py
@@ -34,3 +35,12 @@ if __name__ == "__main__":
     path = Path(__file__).with_name("toy_math.jsonl")
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} rows to {path}")
+    seen, test = {r["problem"] for r in rows}, []
+    while len(test) < 32:
+        r = example(rng)
+        if r["problem"] not in seen:
+            seen.add(r["problem"])
+            test.append({"problem": r["problem"], "answer": r["solution"].rsplit("\\boxed{", 1)[1].rstrip("}.")})
+    path = Path(__file__).with_name("toy_math_test.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in test))
+    print(f"wrote {len(test)} rows to {path}")

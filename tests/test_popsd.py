@@ -16,7 +16,7 @@ from conftest import ROOT
 
 
 def run_tiny(out, *overrides):
-    cfg = popsd.make_config("tiny", [f"out_dir={out}", *overrides])
+    cfg = popsd.make_config("tiny", [f"out_dir={out}", "eval_every=0", *overrides])
     return popsd.train(cfg)
 
 
@@ -230,6 +230,34 @@ def test_qlora_4bit_runs_on_cpu(tmp_path):
     assert row["loss"] > 0 and row["grad_norm"] > 0
 
 
+def test_eval_during_training_is_what_eval_py_gives_and_leaves_training_alone(tmp_path):
+    out = run_tiny(tmp_path / "a", "steps=2", "eval_every=2", "eval_limit=4")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "loss" not in rows[0]
+    assert [("eval/toy_math_test/avg@2" in r, "eval/toy_math_test/pass@2" in r) for r in rows] == [
+        (True, True), (False, False), (True, True)]
+    assert rows[2]["eval/toy_math_test/questions"] == 4
+    plain = run_tiny(tmp_path / "b", "steps=2")  # evaluation consumes no training randomness
+    assert_same_adapter(adapter(out / "adapter"), adapter(plain / "adapter"))
+    # eval.py on the step-2 checkpoint: the run's template and thinking mode, the same completions
+    ckpt = out / "checkpoints/step_000002"
+    cli = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--adapter", str(ckpt), "--bench",
+                          "data/toy_math_test.jsonl", "--n", "2", "--limit", "4", "--max-new-tokens", "32",
+                          "--batch-size", "8", "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / "cli")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert (tmp_path / "cli/samples.jsonl").read_text() == (out / "eval/step_000002/samples.jsonl").read_text()
+
+
+def test_eval_questions_seen_in_training_are_left_out(tmp_path):
+    cfg = popsd.make_config("tiny", [f"out_dir={tmp_path}", "eval_bench=data/toy_math.jsonl",
+                                     "eval_fields=problem,solution"])
+    with pytest.raises(popsd.PopsdError, match="every question is in the training data"):
+        popsd.train(cfg)
+    with pytest.raises(popsd.PopsdError, match="eval_fields"):
+        popsd.make_config("tiny", ["eval_fields=problem"])
+
+
 # ---- the CLI, as a user runs it
 
 def popsd_cli(*args, cwd=ROOT, env=None):
@@ -242,7 +270,9 @@ def test_cli_tiny_recipe_end_to_end(tmp_path):
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     assert "sequences per step" in output and "step   20/20" in output and "done: adapter" in output
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 20
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(21))  # step 0: the evaluation before training
+    assert [r["step"] for r in rows if "eval/toy_math_test/avg@2" in r] == [0, 10, 20] and "eval at step 20" in output
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -254,7 +284,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
-    proc = popsd_cli("--recipe", "tiny", "steps=500", "save_every=0", f"out_dir={tmp_path}")
+    proc = popsd_cli("--recipe", "tiny", "steps=500", "save_every=0", "eval_every=0", f"out_dir={tmp_path}")
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
