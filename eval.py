@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 from rich.console import Console
 from rich.table import Table
 
@@ -161,18 +162,21 @@ def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: lis
 
 def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
              top_k: int, eos_ids: list[int], batch_size: int, device, template: str = STUDENT_TEMPLATE,
-             thinking: bool = False, seed: int = 0, progress=None):
+             thinking: bool = False, seed: int = 0, progress=None, rank: int = 0, world: int = 1):
     """Sample n completions per question of each benchmark, grade them; returns (metrics, records) per bench.
 
-    Seeded per benchmark, so a benchmark's results do not depend on which others run with it. The
-    caller's RNG state is left as it was.
+    Seeded per benchmark, so a benchmark's results do not depend on which others run with it; the caller's
+    RNG state is left as it was. Under torchrun each rank takes every world-th question and rank 0's
+    results hold them all.
     """
     from rich.progress import Progress
     metrics, records = {}, {}
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         for name, rows in benches.items():
-            torch.manual_seed(seed)
-            prompts = [chat_ids(tokenizer, fill(template, question=q), thinking) for q, _ in rows]
+            torch.manual_seed(seed + rank)
+            mine = list(range(rank, len(rows), world))
+            padded = mine + [0] * (math.ceil(len(rows) / world) - len(mine))  # as many generate calls on every rank
+            prompts = [chat_ids(tokenizer, fill(template, question=rows[i][0]), thinking) for i in padded]
             with contextlib.nullcontext(progress) if progress else Progress(console=console, transient=True) as bar:
                 task = bar.add_task(f"eval {name}", total=len(prompts) * n)
                 _, mask, truncated, texts = generate(
@@ -181,16 +185,26 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
                     on_batch=lambda k: bar.advance(task, k))
                 bar.remove_task(task)
             lengths, truncated = mask.sum(1).tolist(), truncated.tolist()
-            recs, verdicts = [], []
-            for i, (q, gold) in enumerate(rows):
+            recs = []
+            for k, i in enumerate(mine):
+                q, gold = rows[i]
                 samples = [{"completion": texts[j], "extracted": extract_boxed(texts[j]),
                             "correct": is_correct(texts[j], gold), "tokens": lengths[j], "truncated": truncated[j]}
-                           for j in range(i * n, (i + 1) * n)]
-                verdicts.append([s["correct"] for s in samples])
+                           for j in range(k * n, (k + 1) * n)]
                 recs.append({"bench": name, "index": i, "question": q, "gold": gold, "samples": samples})
-            metrics[name] = bench_metrics(verdicts, lengths, truncated, marker_counts(texts))
-            records[name] = recs
+            if world > 1:
+                everyone = [None] * world
+                torch.distributed.all_gather_object(everyone, recs)
+                recs = sorted((r for part in everyone for r in part), key=lambda r: r["index"])
+            metrics[name], records[name] = records_metrics(recs), recs
     return metrics, records
+
+
+def records_metrics(recs: list[dict]) -> dict:
+    """bench_metrics from the records written to samples.jsonl: what is reported is what can be audited."""
+    flat = [s for r in recs for s in r["samples"]]
+    return bench_metrics([[s["correct"] for s in r["samples"]] for r in recs], [s["tokens"] for s in flat],
+                         [s["truncated"] for s in flat], marker_counts([s["completion"] for s in flat]))
 
 
 def write_results(out: Path, metrics: dict, records: dict, settings: dict):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -101,6 +102,7 @@ class Config:
     lr_schedule: str = "constant"  # constant | cosine (to 0), after linear warm-up
     warmup_steps: int = 0  # linear warm-up steps
     weight_decay: float = 0.0  # AdamW weight decay
+    optim: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes: 8-bit states, paged out under memory pressure)
     max_grad_norm: float = 0.1  # gradient-norm clip (OPSD: 0.1)
     seed: int = 0  # seeds data order, LoRA init and sampling
     # evaluation (eval.py) on held-out benchmarks: before step 1, every eval_every steps and at the end
@@ -122,7 +124,8 @@ class Config:
 
 
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
-           "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine")}
+           "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine"),
+           "optim": ("adamw", "paged_adamw_8bit")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -289,6 +292,64 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids) | {tokenizer.eos_token_id})
 
 
+# ----------------------------------------------------------------------------- several GPUs (torchrun, FSDP2)
+
+def setup_distributed(cfg: Config):
+    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (nccl),
+    or per CPU slot (gloo). Without torchrun: rank 0 of 1, nothing initialised."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(cfg.device)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def shard_model(model, cfg: Config, device):
+    """FSDP2: fully_shard every decoder layer, then the transformer body, the root of what the scoring passes
+    call. The frozen output head stays whole on every rank: the loss reads its weight as a [V, H] tensor.
+    Gradients are summed over ranks (not averaged): each rank's loss is already divided by the global count."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    causal = model.get_base_model()
+    body, head = getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
+    if head.weight is body.get_input_embeddings().weight:  # tied embeddings: the head keeps its own copy
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    bf16 = device.type == "cuda" and cfg.dtype == "bf16"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    layers = [m for m in body.modules() if type(m).__name__ in causal._no_split_modules]
+    for m in [*layers, body]:
+        fully_shard(m, mp_policy=mp)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    head.to(device)
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sums over ranks (as given on one process)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather(obj) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def load_eval_benches(cfg: Config, train_rows) -> dict:
@@ -307,33 +368,51 @@ def load_eval_benches(cfg: Config, train_rows) -> dict:
     return benches
 
 
-def run_eval(step: int, model, tokenizer, benches: dict, cfg: Config, eos: list[int], device, out: Path, bar):
+def run_eval(step: int, model, tokenizer, benches: dict, cfg: Config, eos: list[int], device, out: Path, bar,
+             rank: int = 0, world: int = 1):
     """Evaluate the student (adapters on); results in out/eval/step_N/, metrics as eval/<bench>/<name>."""
     metrics, records = E.evaluate(
         model, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
         temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=eos, batch_size=cfg.gen_batch_size,
-        device=device, template=cfg.student_template, thinking=cfg.student_thinking, seed=cfg.seed, progress=bar)
-    E.write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step})
+        device=device, template=cfg.student_template, thinking=cfg.student_thinking, seed=cfg.seed, progress=bar,
+        rank=rank, world=world)
+    if rank == 0:
+        E.write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step})
     console.print(E.results_table(metrics, f"eval at step {step}"))
     return {f"eval/{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int):
-    """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then renamed."""
+def trainable_state(model) -> dict:
+    """The trainable (LoRA) weights by parameter name, whole, on the CPU. Under FSDP every rank must call it."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0):
+    """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then renamed.
+
+    Weights and optimizer state are saved whole (gathered from the FSDP shards, keyed by parameter name),
+    so a checkpoint resumes under any number of ranks.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    weights = trainable_state(model)
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = gather({"python": random.getstate(), "torch": torch.get_rng_state(),
+                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
     final = out / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:
-        shutil.rmtree(old)
+    if rank == 0:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=weights)
+        torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                    "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng}, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:
+            shutil.rmtree(old)
+    barrier()
     return final
 
 
@@ -342,18 +421,30 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream) -> int:
-    from peft import set_peft_model_state_dict
+def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream, seed: int = 0, rank: int = 0,
+                    world: int = 1) -> int:
+    """Restores a checkpoint written under any number of ranks. Each rank's RNG state comes back when the
+    world size is the same; under another world size each rank's sampling RNG is reseeded from (seed, step, rank)."""
     from safetensors.torch import load_file
-    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    saved = load_file(path / "adapter_model.safetensors")  # PEFT leaves the adapter name out of the keys
+    name = model.active_adapter
+    weights = {n: saved[n.replace(f".{name}.", ".")] for n, p in model.named_parameters() if p.requires_grad}
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     stream.epoch, stream.cursor = state["data"]["epoch"], state["data"]["cursor"]
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if len(state["rng"]) == world:
+        rng = state["rng"][rank]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    else:
+        random.seed(seed + state["step"])
+        torch.manual_seed(seed + 1000 * state["step"] + rank)
     return state["step"]
 
 
@@ -391,119 +482,159 @@ def lr_factor(step: int, cfg: Config) -> float:
     return 1.0
 
 
-def score_and_loss(model, body, head, part: Rollout, cfg: Config, pad_id: int):
-    """Score one micro-batch in the four contexts, build the target, return (loss_sum, per-token stats)."""
-    def hidden(role):  # [N, H] final hidden states scoring ŷ in that role's context
+def frozen_hidden(model, body, part: Rollout, cfg: Config, pad_id: int):
+    """The frozen passes of one micro-batch, no graph: (teacher, reference-only, clean base) hidden states [N, H]."""
+    def hidden(role):
         return completion_hidden(body, [getattr(c, role) for c in part.contexts], part.completions, part.mask, pad_id)
 
     need_refonly = cfg.method == "purified" or cfg.diagnostics
     h_teacher = h_refonly = h_base = None
     model.eval()
-    with torch.no_grad():  # frozen passes: no graph
+    with torch.no_grad():
         with model.disable_adapter():  # LoRA off: the initial policy
             h_base = hidden("student") if cfg.method == "purified" else None
             if cfg.teacher == "frozen":
                 h_teacher, h_refonly = hidden("teacher"), hidden("refonly") if need_refonly else None
         if cfg.teacher == "live":  # current weights, detached
             h_teacher, h_refonly = hidden("teacher"), hidden("refonly") if need_refonly else None
+    return h_teacher, h_refonly, h_base
+
+
+def student_loss(model, body, head, part: Rollout, frozen, cfg: Config, pad_id: int):
+    """The student pass (LoRA on, with grad) and the loss against the target: (loss_sum, per-token stats)."""
     model.train()
-    h_student = hidden("student")  # with grad
+    h_student = completion_hidden(body, [c.student for c in part.contexts], part.completions, part.mask, pad_id)
     kwargs = dict(method=cfg.method, kind=cfg.divergence, jsd_beta=cfg.jsd_beta, beta=cfg.beta, clip=cfg.clip,
                   token_clip=cfg.token_clip, temperature=cfg.loss_temperature or cfg.temperature)
     if cfg.loss_impl == "fused":
-        return L.fused_loss(h_student, h_teacher, h_refonly, h_base, head, chunk_mb=cfg.loss_chunk_mb, **kwargs)
-    return L.reference_loss(h_student, h_teacher, h_refonly, h_base, head, **kwargs)
+        return L.fused_loss(h_student, *frozen, head, chunk_mb=cfg.loss_chunk_mb, **kwargs)
+    return L.reference_loss(h_student, *frozen, head, **kwargs)
+
+
+def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params, optimizer, scheduler) -> dict:
+    """Score, loss and backward per micro-batch, clip, step. The loss is normalised by the valid tokens of the
+    whole step on all ranks, and FSDP sums gradients over ranks: the update does not depend on the world size."""
+    n_tokens = int(all_sum([rollout.mask.sum().item()])[0])
+    loss_sum, sums = 0.0, {}
+    for i in range(0, len(rollout), cfg.micro_batch_size):
+        part = rollout.select(slice(i, i + cfg.micro_batch_size))
+        part_loss, stats = student_loss(model, body, head, part, frozen_hidden(model, body, part, cfg, pad_id),
+                                        cfg, pad_id)
+        (part_loss / n_tokens).backward()
+        loss_sum += part_loss.item()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v.sum().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    keys = sorted(sums)
+    totals = all_sum([loss_sum, len(rollout), rollout.truncated.sum().item(), marker_counts(rollout.texts),
+                      *(sums[k] for k in keys)])
+    loss_sum, seqs, truncated, markers, *stat_sums = totals
+    return {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "completion_len": n_tokens / seqs,
+            "truncated": truncated / seqs, "tokens": n_tokens, "markers_per_1k": 1000 * markers / n_tokens,
+            **{k: v / n_tokens for k, v in zip(keys, stat_sums)}}
 
 
 def train(cfg: Config) -> Path:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # rich bars are ours
     out = Path(cfg.out_dir)
+    rank, world, device = setup_distributed(cfg)
+    console.quiet = rank != 0  # rank 0 prints, logs and saves; every rank samples and scores its share
+    if cfg.batch_size % world:
+        raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({world})")
+    if world > 1 and cfg.load_in_4bit:
+        raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights (load_in_4bit=false)")
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
 
     rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
-    texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
-    path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed)
-               if cfg.model == "tiny" else cfg.model)
+    path = cfg.model
+    if cfg.model == "tiny":
+        texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
+        path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
+        barrier()  # rank 0 builds it, the others load it
     tokenizer, model = load_model(cfg, device, path)
+    if world > 1:
+        shard_model(model, cfg, device)
+        torch.manual_seed(cfg.seed + rank)  # each rank samples its own completions
     body, head = model_parts(model)
     examples, too_long = prepare_contexts(rows, tokenizer, cfg)
     benches = load_eval_benches(cfg, rows) if cfg.eval_every else {}
-    sizes = derived_sizes(cfg, len(examples)) | {"bad rows skipped": bad, "over-long prompts skipped": too_long}
+    sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,
+                                                  "over-long prompts skipped": too_long}
     print_config(cfg, sizes)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optim == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     stream = DataStream(len(examples), cfg.seed)
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler, stream)
+        start = load_checkpoint(ckpt, model, optimizer, scheduler, stream, cfg.seed, rank, world)
         console.print(f"resumed from {ckpt} at step {start}")
     metrics_path = out / "metrics.jsonl"
-    kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and start else [])
-            if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
-    metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    if rank == 0:
+        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and start else [])
+                if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
     eos, pad_id = eos_ids(model, tokenizer), tokenizer.pad_token_id
     stop = StopRequest()
     try:
-        with progress() as bar, metrics_path.open("a") as metrics_file:
+        with progress() as bar, open(metrics_path if rank == 0 else os.devnull, "a") as metrics_file:
             task = bar.add_task("training", total=cfg.steps, completed=start)
             if benches and start == 0:  # the baseline: the initial policy before any update
-                row = {"step": 0, **run_eval(0, model, tokenizer, benches, cfg, eos, device, out, bar)}
+                row = {"step": 0, **run_eval(0, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)}
                 metrics_file.write(json.dumps(row) + "\n")
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.time()
-                batch = [examples[i] for i in stream.take(cfg.batch_size)]
+                batch = [examples[i] for i in stream.take(cfg.batch_size)][rank::world]  # this rank's share
                 # 1. sample: the student completes each question from its own context
                 rollout = sample(model, tokenizer, batch, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
                                  batch_size=cfg.gen_batch_size, device=device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
                 t_sample = time.time() - t0
-                n_tokens = int(rollout.mask.sum())  # normaliser: valid completion tokens of the whole step
-                # 2-4. score in all contexts → target → loss, backward per micro-batch
-                loss_sum, sums = 0.0, {}
-                for i in range(0, len(rollout), cfg.micro_batch_size):
-                    part = rollout.select(slice(i, i + cfg.micro_batch_size))
-                    part_loss, stats = score_and_loss(model, body, head, part, cfg, pad_id)
-                    (part_loss / n_tokens).backward()
-                    loss_sum += part_loss.item()
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v.sum().item()
-                # 5. step
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                # 6. log
-                row = {"step": step, "loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm,
-                       "completion_len": n_tokens / len(rollout), "truncated": rollout.truncated.float().mean().item(),
-                       "tokens": n_tokens, "markers_per_1k": 1000 * marker_counts(rollout.texts) / n_tokens,
-                       **{k: v / n_tokens for k, v in sums.items()},
+                # 2-5. score in all contexts → target → loss, backward per micro-batch → clip → step
+                row = {"step": step, **update(model, body, head, rollout, cfg, pad_id, params, optimizer, scheduler),
                        "time_sample": t_sample, "time_step": time.time() - t0}
                 if benches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    row |= run_eval(step, model, tokenizer, benches, cfg, eos, device, out, bar)
+                    row |= run_eval(step, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)
+                # 6. log (rank 0)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 console.print(step_line(row, cfg.steps), soft_wrap=True)
-                write_samples(out / "samples.txt", step, rollout, tokenizer, cfg.samples_per_step)
+                if rank == 0:
+                    write_samples(out / "samples.txt", step, rollout, tokenizer, cfg.samples_per_step)
                 bar.advance(task)
-                # 7. save
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop.signum:
-                    save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg.keep_checkpoints)
-                if stop.signum:
+                # 7. save (every rank takes part: the adapter and optimizer are gathered from the shards)
+                stopping = all_sum([stop.signum or 0])[0] > 0  # ranks stop together
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
+                    save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg.keep_checkpoints, rank)
+                if stopping:
                     console.print(f"[yellow]checkpoint saved at step {step} in {out}; resume with resume=true[/]")
-                    sys.exit(128 + stop.signum)
+                    sys.exit(128 + (stop.signum or signal.SIGTERM))
     finally:
         stop.restore()
-    model.save_pretrained(out / "adapter")
-    tokenizer.save_pretrained(out / "adapter")
+    weights = trainable_state(model)
+    if rank == 0:
+        model.save_pretrained(out / "adapter", state_dict=weights)
+        tokenizer.save_pretrained(out / "adapter")
     console.print(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
+    if world > 1:
+        dist.destroy_process_group()
     return out
 
 

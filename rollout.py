@@ -107,8 +107,11 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k, eos_ids,
-             batch_size, device, on_batch=None):
+             batch_size, device, on_batch=None, min_new_tokens=0):
     """n completions per prompt ([B = prompts × n]), KV cache on, batched with left padding.
+
+    Under torchrun (FSDP) every rank runs the same number of decoding steps (synced_gpus): a sharded
+    forward is a collective, so a rank that is done keeps stepping until all are.
 
     Returns (completions [B, T] padded after EOS, mask [B, T], truncated [B], decoded texts [B]).
     """
@@ -120,7 +123,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
         ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
                              temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)  # [b, P + T_i]
+                             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, min_new_tokens=min_new_tokens,
+                             synced_gpus=torch.distributed.is_initialized())  # [b, P + T_i]
         chunks.append(out[:, ids.shape[1]:].cpu())  # [b, T_i]
         if on_batch:
             on_batch(len(ids))  # progress: sequences done
