@@ -228,6 +228,38 @@ def results_table(metrics: dict, title: str = "eval") -> Table:
     return table
 
 
+# ----------------------------------------------------------------------------- during training (popsd.py, eval_every)
+
+def held_out_benches(cfg, train_rows) -> dict:
+    """Held-out benchmarks for eval_every; questions also in the training data are dropped and counted."""
+    seen, benches = {q.strip() for q, _ in train_rows}, {}
+    q_field, a_field = (f.strip() for f in cfg.eval_fields.split(","))
+    for spec in filter(None, (s.strip() for s in cfg.eval_bench.split(","))):
+        name, rows = load_bench(spec, q_field, a_field)
+        held_out = [r for r in rows if r[0].strip() not in seen]
+        if len(held_out) < len(rows):
+            console.print(f"[yellow]eval {name}: {len(rows) - len(held_out)} questions are in the training data "
+                          "and are left out[/]")
+        if not held_out:
+            raise PopsdError(f"eval benchmark {spec!r}: every question is in the training data")
+        benches[name] = held_out[:cfg.eval_limit] if cfg.eval_limit else held_out
+    return benches
+
+
+def in_training(step: int, model, tokenizer, benches: dict, cfg, eos: list[int], device, out: Path, bar,
+                rank: int = 0, world: int = 1):
+    """Evaluate the student (adapters on); results in out/eval/step_N/, metrics as eval/<bench>/<name>."""
+    metrics, records = evaluate(
+        model, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
+        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=eos, batch_size=cfg.gen_batch_size,
+        device=device, template=cfg.student_template, thinking=cfg.student_thinking, seed=cfg.seed, progress=bar,
+        rank=rank, world=world)
+    if rank == 0:
+        write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step})
+    console.print(results_table(metrics, f"eval at step {step}"))
+    return {f"eval/{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def run_settings(adapter: str | None) -> dict:

@@ -350,38 +350,6 @@ def barrier():
         dist.barrier()
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-def load_eval_benches(cfg: Config, train_rows) -> dict:
-    """Held-out benchmarks for eval_every; questions also in the training data are dropped and counted."""
-    seen, benches = {q.strip() for q, _ in train_rows}, {}
-    q_field, a_field = (f.strip() for f in cfg.eval_fields.split(","))
-    for spec in filter(None, (s.strip() for s in cfg.eval_bench.split(","))):
-        name, rows = E.load_bench(spec, q_field, a_field)
-        held_out = [r for r in rows if r[0].strip() not in seen]
-        if len(held_out) < len(rows):
-            console.print(f"[yellow]eval {name}: {len(rows) - len(held_out)} questions are in the training data "
-                          "and are left out[/]")
-        if not held_out:
-            raise PopsdError(f"eval benchmark {spec!r}: every question is in the training data")
-        benches[name] = held_out[:cfg.eval_limit] if cfg.eval_limit else held_out
-    return benches
-
-
-def run_eval(step: int, model, tokenizer, benches: dict, cfg: Config, eos: list[int], device, out: Path, bar,
-             rank: int = 0, world: int = 1):
-    """Evaluate the student (adapters on); results in out/eval/step_N/, metrics as eval/<bench>/<name>."""
-    metrics, records = E.evaluate(
-        model, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
-        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=eos, batch_size=cfg.gen_batch_size,
-        device=device, template=cfg.student_template, thinking=cfg.student_thinking, seed=cfg.seed, progress=bar,
-        rank=rank, world=world)
-    if rank == 0:
-        E.write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step})
-    console.print(E.results_table(metrics, f"eval at step {step}"))
-    return {f"eval/{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def trainable_state(model) -> dict:
@@ -544,7 +512,7 @@ def train(cfg: Config) -> Path:
     transformers.utils.logging.disable_progress_bar()  # rich bars are ours
     out = Path(cfg.out_dir)
     rank, world, device = setup_distributed(cfg)
-    console.quiet = rank != 0  # rank 0 prints, logs and saves; every rank samples and scores its share
+    console.quiet = E.console.quiet = rank != 0  # rank 0 prints, logs and saves; every rank samples and scores its share
     if cfg.batch_size % world:
         raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({world})")
     if world > 1 and cfg.load_in_4bit:
@@ -565,7 +533,7 @@ def train(cfg: Config) -> Path:
         torch.manual_seed(cfg.seed + rank)  # each rank samples its own completions
     body, head = model_parts(model)
     examples, too_long = prepare_contexts(rows, tokenizer, cfg)
-    benches = load_eval_benches(cfg, rows) if cfg.eval_every else {}
+    benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
     sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,
                                                   "over-long prompts skipped": too_long}
     print_config(cfg, sizes)
@@ -595,7 +563,7 @@ def train(cfg: Config) -> Path:
         with progress() as bar, open(metrics_path if rank == 0 else os.devnull, "a") as metrics_file:
             task = bar.add_task("training", total=cfg.steps, completed=start)
             if benches and start == 0:  # the baseline: the initial policy before any update
-                row = {"step": 0, **run_eval(0, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)}
+                row = {"step": 0, **E.in_training(0, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)}
                 metrics_file.write(json.dumps(row) + "\n")
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.time()
@@ -611,7 +579,7 @@ def train(cfg: Config) -> Path:
                 row = {"step": step, **update(model, body, head, rollout, cfg, pad_id, params, optimizer, scheduler),
                        "time_sample": t_sample, "time_step": time.time() - t0}
                 if benches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    row |= run_eval(step, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)
+                    row |= E.in_training(step, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)
                 # 6. log (rank 0)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()

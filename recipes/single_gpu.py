@@ -11,6 +11,7 @@ data = "siyanzhao/Openthoughts_math_30k_opsd"
 load_in_4bit = True  # the one key that makes it fit 24 GB
 dtype = "bf16"
 gradient_checkpointing = True
+optim = "paged_adamw_8bit"  # 8-bit Adam states (bitsandbytes), paged out under memory pressure
 micro_batch_size = 1  # with accumulation: the loss is normalised over the whole step
 gen_batch_size = 16
 steps = 200

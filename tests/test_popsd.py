@@ -64,9 +64,13 @@ def test_recipe_values_are_checked(tmp_path):
 def test_every_recipe_loads_and_documents_itself(name):
     cfg = popsd.make_config(name)
     doc = (ROOT / "recipes" / f"{name}.py").read_text().split('"""')[1]
-    assert "Hardware:" in doc and "Command: python popsd.py --recipe " + name in doc and "Expected" in doc
+    command = "torchrun --nproc_per_node 8 popsd.py --recipe " if name == "fsdp_8gpu" else "python popsd.py --recipe "
+    assert "Hardware:" in doc and command + name in doc and "Expected" in doc
     if name == "single_gpu":
         assert cfg.load_in_4bit and cfg.model == "Qwen/Qwen3-8B" and (cfg.lora_r, cfg.lora_alpha) == (64, 128)
+    if name == "fsdp_8gpu":  # the paper's hyper-parameters, 32 prompts split over 8 ranks
+        assert (cfg.batch_size, cfg.n_samples, cfg.lr, cfg.max_new_tokens, cfg.lora_r) == (32, 1, 5e-6, 1024, 64)
+        assert cfg.batch_size % 8 == 0 and not cfg.load_in_4bit
 
 
 def test_derived_sizes():
@@ -166,10 +170,11 @@ def test_adapter_changes_only_lora_and_base_stays_frozen(tmp_path, tiny_dir):
     assert all(torch.equal(built[k], again[k]) for k in built)
 
 
-def test_resume_gives_the_same_adapter_as_a_straight_run(tmp_path):
-    straight = run_tiny(tmp_path / "a", "steps=4", "save_every=2")
-    run_tiny(tmp_path / "b", "steps=2", "save_every=2")
-    resumed = run_tiny(tmp_path / "b", "steps=4", "save_every=2", "resume=true")
+@pytest.mark.parametrize("optim", ["adamw", "paged_adamw_8bit"])
+def test_resume_gives_the_same_adapter_as_a_straight_run(tmp_path, optim):
+    straight = run_tiny(tmp_path / "a", "steps=4", "save_every=2", f"optim={optim}")
+    run_tiny(tmp_path / "b", "steps=2", "save_every=2", f"optim={optim}")
+    resumed = run_tiny(tmp_path / "b", "steps=4", "save_every=2", "resume=true", f"optim={optim}")
     assert_same_adapter(adapter(straight / "adapter"), adapter(resumed / "adapter"))
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]

@@ -30,7 +30,7 @@ def rows(path):
 def test_torchrun_tiny_recipe_end_to_end_then_resume_on_one_rank(tmp_path, tiny):
     stdout = launch([ROOT / "popsd.py", "--recipe", "tiny", "steps=4", "save_every=2", "eval_every=2", "eval_limit=4",
                      f"out_dir={tmp_path}"], ranks=2)
-    assert stdout.count("step    4/4") == 1 and "ranks" in stdout  # rank 0 alone prints
+    assert stdout.count("step    4/4") == 1 and stdout.count("eval at step 4") == 1  # rank 0 alone prints
     metrics = rows(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]  # rank 0 alone writes
     assert all(r["tokens"] <= 8 * 32 and r["completion_len"] * 8 == pytest.approx(r["tokens"]) for r in metrics[1:])
@@ -90,3 +90,21 @@ def test_tiny_recipe_on_cuda(tmp_path, overrides):
     assert [r["step"] for r in metrics] == [0, 1, 2, 3]
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in metrics[1:])
     assert (tmp_path / "adapter/adapter_model.safetensors").exists()
+
+
+def test_gpu_memory_bench_runs_scaled_down_on_cpu():
+    stdout = launch([ROOT / "bench/gpu_memory.py", "--cpu-test", "--models", "qwen3_1_7b,r1_distill_qwen_7b",
+                     "--lengths", "8,12", "--batch", "2", "--prompt-len", "8", "--reference-len", "16",
+                     "loss_impl=reference"], ranks=1)
+    got = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert [(r["model"], r["length"]) for r in got] == [("qwen3_1_7b", 8), ("qwen3_1_7b", 12),
+                                                        ("r1_distill_qwen_7b", 8), ("r1_distill_qwen_7b", 12)]
+    for r in got:
+        assert r["completion_tokens"] == 2 * r["length"] and r["sequences"] == 2  # sampling forced to the length
+        assert r["settings"] | {"loss_impl": "fused"} == {  # the single_gpu recipe, with the override applied
+            "load_in_4bit": True, "gradient_checkpointing": True, "loss_impl": "fused", "optim": "paged_adamw_8bit",
+            "micro_batch_size": 1, "gen_batch_size": 16, "lora_r": 64, "keep_cache": False, "prompt_len": 8,
+            "reference_len": 16} and r["settings"]["loss_impl"] == "reference"
+        assert list(r["phases"]) == ["sample", "score", "loss+backward", "step"]
+        assert all(p["s"] > 0 and p["alloc_gib"] is None for p in r["phases"].values())
+    assert "peak reserved GiB" in stdout

@@ -1,0 +1,183 @@
+"""bench/gpu_memory.py: time and peak GPU memory of complete popsd training steps on real-size architectures.
+
+    python bench/gpu_memory.py                                        # CUDA: 4 models × {1024, 4096, 8192}
+    python bench/gpu_memory.py --models qwen3_8b --lengths 1024 gradient_checkpointing=false
+    python bench/gpu_memory.py --cpu-test                             # scaled-down architectures on the CPU
+
+Each architecture is built from its published config values (bench/configs/*.json) with random
+weights, saved, and loaded by popsd's own `load_model` under the single_gpu recipe (nf4 4-bit,
+LoRA r64, gradient checkpointing, fused loss, paged 8-bit AdamW, micro-batch 1); trailing
+key=value arguments override recipe fields, to measure what each choice buys. A step is the
+loop's: sample (forced to the full length), the three frozen passes (score), the student forward
+and backward through the loss (loss+backward), clip and optimizer step (step). The second of two
+steps is reported (the first warms up): seconds and peak GPU memory, allocated and reserved, per phase.
+Prints a table and one JSON line per row.
+"""
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import popsd  # noqa: E402
+from data import build_tiny_model  # noqa: E402
+from rollout import Contexts, sample  # noqa: E402
+
+MODELS = ("qwen3_8b", "qwen3_4b", "r1_distill_qwen_7b", "qwen3_1_7b")
+SCALED_DOWN = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16}  # --cpu-test: same code paths, tiny sizes
+PHASES = ("sample", "score", "loss+backward", "step")
+GiB = 2 ** 30
+
+
+def build(name: str, where: Path, scaled_down: bool, device: torch.device) -> Path:
+    """Random weights in the published architecture, saved with a small BPE tokenizer (ids < 512)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    values = {k: v for k, v in json.loads((ROOT / "bench/configs" / f"{name}.json").read_text()).items()
+              if not k.startswith("_")}
+    config = AutoConfig.for_model(**(values | (SCALED_DOWN if scaled_down else {})))
+    tok_dir = build_tiny_model(where / "tokenizer", [popsd.STUDENT_TEMPLATE, popsd.TEACHER_TEMPLATE] * 8)
+    path = where / name
+    with torch.device(device):  # initialise on the GPU: seconds instead of minutes for 8B
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    for f in tok_dir.iterdir():
+        if "token" in f.name or f.name == "chat_template.jinja":
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def synthetic_contexts(n: int, prompt_len: int, reference_len: int, vocab: int) -> list[Contexts]:
+    g = torch.Generator().manual_seed(0)
+    ids = lambda k: torch.randint(10, vocab, (k,), generator=g).tolist()  # noqa: E731
+    return [Contexts(student=ids(prompt_len), teacher=ids(prompt_len + reference_len), refonly=ids(reference_len))
+            for _ in range(n)]
+
+
+class Phases:
+    """Seconds and peak memory per phase; a phase entered many times (micro-batches) keeps its max peak."""
+
+    def __init__(self, device):
+        self.cuda, self.device = device.type == "cuda", device
+        zero = 0.0 if self.cuda else None  # no GPU memory to report on the CPU
+        self.rows = {p: {"s": 0.0, "alloc_gib": zero, "reserved_gib": zero} for p in PHASES}
+
+    def __call__(self, phase):
+        return _Phase(self, phase)
+
+
+class _Phase:
+    def __init__(self, owner, phase):
+        self.owner, self.phase = owner, phase
+
+    def __enter__(self):
+        if self.owner.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.time()
+
+    def __exit__(self, *exc):
+        row = self.owner.rows[self.phase]
+        if self.owner.cuda:
+            torch.cuda.synchronize()
+            row["alloc_gib"] = max(row["alloc_gib"], torch.cuda.max_memory_allocated() / GiB)
+            row["reserved_gib"] = max(row["reserved_gib"], torch.cuda.max_memory_reserved() / GiB)
+        row["s"] += time.time() - self.t0
+
+
+def measure(path: Path, length: int, args, overrides: list[str]) -> dict:
+    cfg = popsd.make_config("single_gpu", [f"max_new_tokens={length}", f"out_dir={path}_run",
+                                           *(["device=cpu"] if args.cpu_test else []), *overrides])
+    device = popsd.pick_device(cfg.device)
+    torch.manual_seed(0)
+    tokenizer, model = popsd.load_model(cfg, device, str(path))
+    body, head = popsd.model_parts(model)
+    contexts = synthetic_contexts(args.batch, args.prompt_len, args.reference_len, len(tokenizer))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    pad_id = tokenizer.pad_token_id
+    for _ in range(2):  # warm-up, then the measured step
+        ph = Phases(device)
+        with ph("sample"):
+            rollout = sample(model, tokenizer, contexts, n=1, max_new_tokens=length, min_new_tokens=length,
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=[pad_id],
+                             batch_size=cfg.gen_batch_size, device=device)
+            if device.type == "cuda" and not args.keep_cache:
+                torch.cuda.empty_cache()
+        n_tokens = int(rollout.mask.sum())
+        for i in range(0, len(rollout), cfg.micro_batch_size):
+            part = rollout.select(slice(i, i + cfg.micro_batch_size))
+            with ph("score"):
+                frozen = popsd.frozen_hidden(model, body, part, cfg, pad_id)
+            with ph("loss+backward"):
+                loss, _ = popsd.student_loss(model, body, head, part, frozen, cfg, pad_id)
+                (loss / n_tokens).backward()
+            del frozen, loss
+        with ph("step"):
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    peak = max(r["reserved_gib"] for r in ph.rows.values()) if device.type == "cuda" else None
+    return {"model": path.name, "length": length, "completion_tokens": n_tokens, "sequences": len(rollout),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "settings": {k: getattr(cfg, k) for k in ("load_in_4bit", "gradient_checkpointing", "loss_impl", "optim",
+                                                      "micro_batch_size", "gen_batch_size", "lora_r")}
+            | {"keep_cache": args.keep_cache, "prompt_len": args.prompt_len, "reference_len": args.reference_len},
+            "phases": ph.rows, "peak_reserved_gib": peak, "step_s": sum(r["s"] for r in ph.rows.values())}
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--lengths", default="1024,4096,8192", help="completion lengths (sampling is forced to them)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per measured step (one generate call)")
+    p.add_argument("--prompt-len", type=int, default=256, help="student prompt tokens")
+    p.add_argument("--reference-len", type=int, default=1024, help="reference solution tokens (teacher, ref-only)")
+    p.add_argument("--keep-cache", action="store_true", help="skip torch.cuda.empty_cache() after sampling")
+    p.add_argument("--cpu-test", action="store_true", help="scaled-down architectures on the CPU")
+    args, overrides = p.parse_known_args(argv)
+    device = torch.device("cpu" if args.cpu_test else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on a GPU, or use --cpu-test")
+    import transformers
+    from rich.console import Console
+    from rich.table import Table
+    transformers.utils.logging.disable_progress_bar()
+    table = Table(title=f"popsd training step, single_gpu recipe {' '.join(overrides)}")
+    for c in ["model", "length", *(f"{ph} s / GiB" for ph in PHASES), "step s", "peak reserved GiB"]:
+        table.add_column(c, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            path = build(name, Path(tmp), args.cpu_test, device)
+            for length in map(int, args.lengths.split(",")):
+                try:
+                    row = measure(path, length, args, overrides)
+                except torch.OutOfMemoryError:
+                    row = {"model": name, "length": length, "oom": True}
+                    torch.cuda.empty_cache()
+                print(json.dumps(row), flush=True)
+                if row.get("oom"):
+                    table.add_row(name, str(length), *["OOM"] * (len(PHASES) + 2))
+                    continue
+                cells = [f"{r['s']:.1f}" + (f" / {r['alloc_gib']:.1f} ({r['reserved_gib']:.1f})" if device.type == "cuda"
+                                           else "") for r in row["phases"].values()]
+                peak = row["peak_reserved_gib"]
+                table.add_row(name, str(length), *cells, f"{row['step_s']:.1f}", "n/a" if peak is None else f"{peak:.1f}")
+            shutil.rmtree(path)
+    Console().print(table)
+    print("phase cells: seconds / peak allocated GiB (peak reserved GiB), over the measured step")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
