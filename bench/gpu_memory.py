@@ -14,6 +14,7 @@ steps is reported (the first warms up): seconds and peak GPU memory, allocated a
 Prints a table and one JSON line per row.
 """
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -165,6 +166,9 @@ def main(argv):
                     row = measure(path, length, args, overrides)
                 except torch.OutOfMemoryError:
                     row = {"model": name, "length": length, "oom": True}
+                    torch.cuda.empty_cache()
+                gc.collect()  # the row's model and optimizer go before the next one loads
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
                 print(json.dumps(row), flush=True)
                 if row.get("oom"):
