@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed
 from rich.console import Console
 from rich.table import Table
 
 from data import PopsdError, model_load_error, read_rows, resolve_local
+from distributed import gather
 from rollout import STUDENT_TEMPLATE, chat_ids, fill, generate, marker_counts
 
 console = Console()
@@ -193,9 +193,7 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
                            for j in range(k * n, (k + 1) * n)]
                 recs.append({"bench": name, "index": i, "question": q, "gold": gold, "samples": samples})
             if world > 1:
-                everyone = [None] * world
-                torch.distributed.all_gather_object(everyone, recs)
-                recs = sorted((r for part in everyone for r in part), key=lambda r: r["index"])
+                recs = sorted((r for part in gather(recs) for r in part), key=lambda r: r["index"])
             metrics[name], records[name] = records_metrics(recs), recs
     return metrics, records
 
@@ -272,14 +270,14 @@ def run_settings(adapter: str | None) -> dict:
 
 
 def load_for_eval(model_path: str, adapter: str | None, dtype: str, load_in_4bit: bool, device, trust: bool):
+    """Tokenizer and base model, with the adapter on top when one is given."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from popsd import quantization_config  # here, not at the top: popsd imports eval
     transformers.utils.logging.disable_progress_bar()
     kwargs = {"dtype": torch.bfloat16 if dtype == "bf16" else torch.float32, "trust_remote_code": trust}
     if load_in_4bit:
-        kwargs |= {"device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)}
+        kwargs |= {"device_map": {"": device}, "quantization_config": quantization_config()}
     try:
         has_tok = adapter and (Path(adapter) / "tokenizer_config.json").exists()  # adapter/ has one, checkpoints not
         tokenizer = AutoTokenizer.from_pretrained(adapter if has_tok else model_path, trust_remote_code=trust)
@@ -336,12 +334,12 @@ def main(argv: list[str]):
             raise PopsdError("--model is required (or --adapter with an adapter_config.json naming its base model)")
         benches = dict(load_bench(s.strip(), args.question_field, args.answer_field, args.limit)
                        for s in args.bench.split(",") if s.strip())
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        from popsd import eos_ids, pick_device  # here, not at the top: popsd imports eval
+        device = pick_device(args.device)
         tokenizer, model = load_for_eval(model_path, args.adapter, args.dtype, args.load_in_4bit, device,
                                          args.trust_remote_code)
         thinking = run.get("student_thinking", False) if args.thinking is None else args.thinking == "on"
-        eos = model.generation_config.eos_token_id
-        eos = sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])})
+        eos = eos_ids(model, tokenizer)
         t0 = time.time()
         metrics, records = evaluate(
             model, tokenizer, benches, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

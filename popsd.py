@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+import distributed as D
 import eval as E
 import loss as L
 from data import DataStream, PopsdError, build_tiny_model, model_load_error, read_rows
@@ -246,13 +246,11 @@ def pick_device(name: str) -> torch.device:
 def load_model(cfg: Config, device: torch.device, path: str):
     """Tokenizer and base + LoRA (peft) model; teacher, ref-only and base are this model with LoRA disabled."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"dtype": torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
               "trust_remote_code": cfg.trust_remote_code}
     if cfg.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["quantization_config"] = quantization_config()
         kwargs["device_map"] = {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -276,6 +274,20 @@ def load_model(cfg: Config, device: torch.device, path: str):
     return tokenizer, model
 
 
+def quantization_config():
+    """QLoRA's 4-bit weights: nf4, double quantisation, bf16 compute (bitsandbytes)."""
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def make_optimizer(cfg: Config, params):
+    if cfg.optim == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def model_parts(model):
     """(body, head weight [V, H]) of a peft causal LM: the loss works from hidden states and the frozen head."""
     causal = model.get_base_model()
@@ -290,64 +302,6 @@ def eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     return sorted(set(ids) | {tokenizer.eos_token_id})
-
-
-# ----------------------------------------------------------------------------- several GPUs (torchrun, FSDP2)
-
-def setup_distributed(cfg: Config):
-    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (nccl),
-    or per CPU slot (gloo). Without torchrun: rank 0 of 1, nothing initialised."""
-    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(cfg.device)
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def shard_model(model, cfg: Config, device):
-    """FSDP2: fully_shard every decoder layer, then the transformer body, the root of what the scoring passes
-    call. The frozen output head stays whole on every rank: the loss reads its weight as a [V, H] tensor.
-    Gradients are summed over ranks (not averaged): each rank's loss is already divided by the global count."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    causal = model.get_base_model()
-    body, head = getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
-    if head.weight is body.get_input_embeddings().weight:  # tied embeddings: the head keeps its own copy
-        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    bf16 = device.type == "cuda" and cfg.dtype == "bf16"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    layers = [m for m in body.modules() if type(m).__name__ in causal._no_split_modules]
-    for m in [*layers, body]:
-        fully_shard(m, mp_policy=mp)
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
-    head.to(device)
-
-
-def all_sum(values: list[float]) -> list[float]:
-    """Sums over ranks (as given on one process)."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather(obj) -> list:
-    """Every rank's object, in rank order, on every rank."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -367,7 +321,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     weights = trainable_state(model)
     optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rng = gather({"python": random.getstate(), "torch": torch.get_rng_state(),
+    rng = D.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
     final = out / "checkpoints" / f"step_{step:06d}"
     if rank == 0:
@@ -380,7 +334,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
         os.replace(tmp, final)
         for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:
             shutil.rmtree(old)
-    barrier()
+    D.barrier()
     return final
 
 
@@ -482,7 +436,7 @@ def student_loss(model, body, head, part: Rollout, frozen, cfg: Config, pad_id: 
 def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params, optimizer, scheduler) -> dict:
     """Score, loss and backward per micro-batch, clip, step. The loss is normalised by the valid tokens of the
     whole step on all ranks, and FSDP sums gradients over ranks: the update does not depend on the world size."""
-    n_tokens = int(all_sum([rollout.mask.sum().item()])[0])
+    n_tokens = int(D.all_sum([rollout.mask.sum().item()])[0])
     loss_sum, sums = 0.0, {}
     for i in range(0, len(rollout), cfg.micro_batch_size):
         part = rollout.select(slice(i, i + cfg.micro_batch_size))
@@ -499,7 +453,7 @@ def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     keys = sorted(sums)
-    totals = all_sum([loss_sum, len(rollout), rollout.truncated.sum().item(), marker_counts(rollout.texts),
+    totals = D.all_sum([loss_sum, len(rollout), rollout.truncated.sum().item(), marker_counts(rollout.texts),
                       *(sums[k] for k in keys)])
     loss_sum, seqs, truncated, markers, *stat_sums = totals
     return {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "completion_len": n_tokens / seqs,
@@ -511,7 +465,7 @@ def train(cfg: Config) -> Path:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # rich bars are ours
     out = Path(cfg.out_dir)
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = D.setup(pick_device(cfg.device))
     console.quiet = E.console.quiet = rank != 0  # rank 0 prints, logs and saves; every rank samples and scores its share
     if cfg.batch_size % world:
         raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({world})")
@@ -526,10 +480,10 @@ def train(cfg: Config) -> Path:
     if cfg.model == "tiny":
         texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
         path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
-        barrier()  # rank 0 builds it, the others load it
+        D.barrier()  # rank 0 builds it, the others load it
     tokenizer, model = load_model(cfg, device, path)
     if world > 1:
-        shard_model(model, cfg, device)
+        D.shard_model(model, device, bf16=cfg.dtype == "bf16")
         torch.manual_seed(cfg.seed + rank)  # each rank samples its own completions
     body, head = model_parts(model)
     examples, too_long = prepare_contexts(rows, tokenizer, cfg)
@@ -541,11 +495,7 @@ def train(cfg: Config) -> Path:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optim == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     stream = DataStream(len(examples), cfg.seed)
     start = 0
@@ -588,7 +538,7 @@ def train(cfg: Config) -> Path:
                     write_samples(out / "samples.txt", step, rollout, tokenizer, cfg.samples_per_step)
                 bar.advance(task)
                 # 7. save (every rank takes part: the adapter and optimizer are gathered from the shards)
-                stopping = all_sum([stop.signum or 0])[0] > 0  # ranks stop together
+                stopping = D.all_sum([stop.signum or 0])[0] > 0  # ranks stop together
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
                     save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg.keep_checkpoints, rank)
                 if stopping:
@@ -601,8 +551,7 @@ def train(cfg: Config) -> Path:
         model.save_pretrained(out / "adapter", state_dict=weights)
         tokenizer.save_pretrained(out / "adapter")
     console.print(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
-    if world > 1:
-        dist.destroy_process_group()
+    D.finish()
     return out
 
 

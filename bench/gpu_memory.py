@@ -14,6 +14,7 @@ steps is reported (the first warms up): seconds and peak GPU memory, allocated a
 Prints a table and one JSON line per row.
 """
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -66,31 +67,23 @@ class Phases:
     """Seconds and peak memory per phase; a phase entered many times (micro-batches) keeps its max peak."""
 
     def __init__(self, device):
-        self.cuda, self.device = device.type == "cuda", device
+        self.cuda = device.type == "cuda"
         zero = 0.0 if self.cuda else None  # no GPU memory to report on the CPU
         self.rows = {p: {"s": 0.0, "alloc_gib": zero, "reserved_gib": zero} for p in PHASES}
 
+    @contextlib.contextmanager
     def __call__(self, phase):
-        return _Phase(self, phase)
-
-
-class _Phase:
-    def __init__(self, owner, phase):
-        self.owner, self.phase = owner, phase
-
-    def __enter__(self):
-        if self.owner.cuda:
+        if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        self.t0 = time.time()
-
-    def __exit__(self, *exc):
-        row = self.owner.rows[self.phase]
-        if self.owner.cuda:
+        t0 = time.time()
+        yield
+        row = self.rows[phase]
+        if self.cuda:
             torch.cuda.synchronize()
             row["alloc_gib"] = max(row["alloc_gib"], torch.cuda.max_memory_allocated() / GiB)
             row["reserved_gib"] = max(row["reserved_gib"], torch.cuda.max_memory_reserved() / GiB)
-        row["s"] += time.time() - self.t0
+        row["s"] += time.time() - t0
 
 
 def measure(path: Path, length: int, args, overrides: list[str]) -> dict:
@@ -102,11 +95,7 @@ def measure(path: Path, length: int, args, overrides: list[str]) -> dict:
     body, head = popsd.model_parts(model)
     contexts = synthetic_contexts(args.batch, args.prompt_len, args.reference_len, len(tokenizer))
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optim == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = popsd.make_optimizer(cfg, params)
     pad_id = tokenizer.pad_token_id
     for _ in range(2):  # warm-up, then the measured step
         ph = Phases(device)

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import distributed as D  # noqa: E402
 import popsd  # noqa: E402
-from data import DataStream  # noqa: E402
+from data import DataStream, read_rows  # noqa: E402
 from rollout import Rollout, completion_mask  # noqa: E402
 
 
@@ -32,16 +33,16 @@ def fixed_rollout(contexts, vocab: int, eos: int, pad: int, step: int) -> Rollou
 
 def main(model_dir: str, out_dir: str, steps: int, *overrides):
     cfg = popsd.make_config("tiny", [f"out_dir={out_dir}", f"steps={steps}", "eval_every=0", *overrides])
-    rank, world, device = popsd.setup_distributed(cfg)
+    rank, world, device = D.setup(popsd.pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
     tokenizer, model = popsd.load_model(cfg, device, model_dir)
     if world > 1:
-        popsd.shard_model(model, cfg, device)
+        D.shard_model(model, device, bf16=cfg.dtype == "bf16")
     body, head = popsd.model_parts(model)
-    rows = [(r["problem"], r["solution"]) for r in map(json.loads, (popsd.ROOT / cfg.data).read_text().splitlines())]
+    rows, _ = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field))
     contexts, _ = popsd.prepare_contexts(rows[:cfg.batch_size], tokenizer, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = popsd.make_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: popsd.lr_factor(s, cfg))
     stream, start, out = DataStream(len(contexts), cfg.seed), 0, Path(out_dir)
     if cfg.resume:
