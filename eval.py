@@ -162,8 +162,11 @@ def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: lis
 
 def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
              top_k: int, eos_ids: list[int], batch_size: int, device, template: str = STUDENT_TEMPLATE,
-             thinking: bool = False, seed: int = 0, progress=None, rank: int = 0, world: int = 1):
+             thinking: bool = False, seed: int = 0, progress=None, rank: int = 0, world: int = 1, grader: str = "math"):
     """Sample n completions per question of each benchmark, grade them; returns (metrics, records) per bench.
+
+    grader: "math" (is_correct: the last \\boxed{} against the gold answer) or "toyworld" (toyworld.check:
+    the toy world's exact checker, which also counts step errors, caught errors and false reflections).
 
     Seeded per benchmark, so a benchmark's results do not depend on which others run with it; the caller's
     RNG state is left as it was. Under torchrun each rank takes every world-th question and rank 0's
@@ -188,9 +191,9 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
             recs = []
             for k, i in enumerate(mine):
                 q, gold = rows[i]
-                samples = [{"completion": texts[j], "extracted": extract_boxed(texts[j]),
-                            "correct": is_correct(texts[j], gold), "tokens": lengths[j], "truncated": truncated[j]}
-                           for j in range(k * n, (k + 1) * n)]
+                samples = [{"completion": texts[j], "extracted": extract_boxed(texts[j]), "tokens": lengths[j],
+                            "truncated": truncated[j]} for j in range(k * n, (k + 1) * n)]
+                grade(samples, q, gold, grader)
                 recs.append({"bench": name, "index": i, "question": q, "gold": gold, "samples": samples})
             if world > 1:
                 recs = sorted((r for part in gather(recs) for r in part), key=lambda r: r["index"])
@@ -198,11 +201,28 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
     return metrics, records
 
 
+def grade(samples: list[dict], question: str, gold: str, grader: str):
+    """Sets each sample's "correct" (and, for the toy world, its parsed "check")."""
+    import dataclasses
+    for s in samples:
+        if grader == "toyworld":
+            import toyworld
+            s["check"] = dataclasses.asdict(toyworld.check(question, s["completion"]))
+            s["correct"] = s["check"]["correct"]
+        else:
+            s["correct"] = is_correct(s["completion"], gold)
+
+
 def records_metrics(recs: list[dict]) -> dict:
     """bench_metrics from the records written to samples.jsonl: what is reported is what can be audited."""
     flat = [s for r in recs for s in r["samples"]]
-    return bench_metrics([[s["correct"] for s in r["samples"]] for r in recs], [s["tokens"] for s in flat],
-                         [s["truncated"] for s in flat], marker_counts([s["completion"] for s in flat]))
+    out = bench_metrics([[s["correct"] for s in r["samples"]] for r in recs], [s["tokens"] for s in flat],
+                        [s["truncated"] for s in flat], marker_counts([s["completion"] for s in flat]))
+    if flat and "check" in flat[0]:  # toy world: caught errors, false reflections, ...
+        import toyworld
+        world = toyworld.summarize([toyworld.Check(**s["check"]) for s in flat], sum(s["tokens"] for s in flat))
+        out |= {k: v for k, v in world.items() if k not in ("accuracy", "samples", "markers_per_1k", "completion_len")}
+    return out
 
 
 def write_results(out: Path, metrics: dict, records: dict, settings: dict):
@@ -215,12 +235,15 @@ def write_results(out: Path, metrics: dict, records: dict, settings: dict):
 
 def results_table(metrics: dict, title: str = "eval") -> Table:
     table = Table(title=title)
-    cols = [k for k in next(iter(metrics.values())) if k not in ("questions", "samples")]
-    short = {"len_mean": "len", "len_median": "med len", "truncated": "trunc", "markers_per_1k": "markers/1k"}
+    first = next(iter(metrics.values()))
+    hidden = {"questions", "samples", "p_wait_wrong", "p_wait_right"} | ({"pass@1"} if "avg@1" in first else set())
+    cols = [k for k in first if k not in hidden]
+    short = {"len_mean": "len", "len_median": "med len", "truncated": "trunc", "markers_per_1k": "markers/1k",
+             "first_try_errors": "errors/sample", "caught_frac": "caught", "false_reflections": "false refl/sample"}
     for c in ["bench", "Q", *cols]:
         table.add_column(short.get(c, c), justify="left" if c == "bench" else "right")
     for name, m in metrics.items():
-        cells = [f"{100 * m[c]:.1f}%" if c.startswith(("avg@", "pass@")) or c == "truncated"
+        cells = [f"{100 * m[c]:.1f}%" if c.startswith(("avg@", "pass@")) or c in ("truncated", "caught_frac")
                  else f"{m[c]:.1f}" for c in cols]
         table.add_row(name, str(m["questions"]), *cells)
     return table
@@ -251,7 +274,7 @@ def in_training(step: int, model, tokenizer, benches: dict, cfg, eos: list[int],
         model, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
         temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=eos, batch_size=cfg.gen_batch_size,
         device=device, template=cfg.student_template, thinking=cfg.student_thinking, seed=cfg.seed, progress=bar,
-        rank=rank, world=world)
+        rank=rank, world=world, grader=cfg.eval_grader)
     if rank == 0:
         write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step})
     console.print(results_table(metrics, f"eval at step {step}"))
@@ -315,6 +338,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--grader", choices=("math", "toyworld"), default="math",
+                   help="math: math-verify on the last \\boxed{}; toyworld: the toy world's exact checker")
     p.add_argument("--out", default="runs/eval", help="folder for summary.json and samples.jsonl")
     args = p.parse_args(argv)
     for key in ("n", "max_new_tokens", "batch_size"):
@@ -344,7 +369,8 @@ def main(argv: list[str]):
         metrics, records = evaluate(
             model, tokenizer, benches, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, eos_ids=eos, batch_size=args.batch_size, device=device,
-            template=run.get("student_template", STUDENT_TEMPLATE), thinking=thinking, seed=args.seed)
+            template=run.get("student_template", STUDENT_TEMPLATE), thinking=thinking, seed=args.seed,
+            grader=args.grader)
     except PopsdError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

@@ -39,6 +39,7 @@ from rich.table import Table
 import distributed as D
 import eval as E
 import loss as L
+import plots
 from data import DataStream, PopsdError, build_tiny_model, model_load_error, read_rows
 from rollout import (REFONLY_TEMPLATE, STUDENT_TEMPLATE, TEACHER_TEMPLATE, Rollout, build_contexts,
                      check_templates, completion_hidden, marker_counts, sample)
@@ -114,6 +115,7 @@ class Config:
     eval_max_new_tokens: int = 32768  # completion budget at evaluation
     eval_temperature: float = 0.6  # sampling temperature at evaluation
     eval_top_p: float = 0.95  # nucleus sampling at evaluation
+    eval_grader: str = "math"  # math (math-verify on the last \boxed{}) | toyworld (the toy world's exact checker)
     # run
     recipe: str = ""  # set by --recipe
     out_dir: str = ""  # run folder (default runs/<recipe>)
@@ -121,11 +123,12 @@ class Config:
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from the newest checkpoint in out_dir
     samples_per_step: int = 2  # completions written to samples.txt each step
+    threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models
 
 
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
            "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine"),
-           "optim": ("adamw", "paged_adamw_8bit")}
+           "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", "toyworld")}
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -472,6 +475,8 @@ def train(cfg: Config) -> Path:
     if world > 1 and cfg.load_in_4bit:
         raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights (load_in_4bit=false)")
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
 
@@ -550,7 +555,8 @@ def train(cfg: Config) -> Path:
     if rank == 0:
         model.save_pretrained(out / "adapter", state_dict=weights)
         tokenizer.save_pretrained(out / "adapter")
-    console.print(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
+        plots.plot_runs([out], out / "plots.png")
+    console.print(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}, curves in {out / 'plots.png'}")
     D.finish()
     return out
 

@@ -279,6 +279,22 @@ def test_cli_tiny_recipe_end_to_end(tmp_path):
     assert [r["step"] for r in rows] == list(range(21))  # step 0: the evaluation before training
     assert [r["step"] for r in rows if "eval/toy_math_test/avg@2" in r] == [0, 10, 20] and "eval at step 20" in output
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    png = tmp_path / "plots.png"  # the curves of the run, written at the end
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000
+    both = subprocess.run([sys.executable, str(ROOT / "plots.py"), str(tmp_path), str(tmp_path), "--out",
+                           str(tmp_path / "two.png")], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 0 and (tmp_path / "two.png").stat().st_size > 30_000
+
+
+def test_plots_panels_cover_training_and_eval_metrics(tmp_path):
+    import plots
+    rows = [{"step": 0, "eval/b/avg@1": 0.1, "eval/b/pass@1": 0.1, "eval/b/caught_frac": 0.2, "eval/b/samples": 8}]
+    rows += [{"step": s, "loss": 1.0 / s, "norm_ratio": 1.2, "markers_per_1k": 20.0} for s in (1, 2)]
+    assert plots.panel_keys([rows]) == ["loss", "norm_ratio", "markers_per_1k", "eval/b/avg@1", "eval/b/caught_frac"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plots.plot_runs([tmp_path], tmp_path / "p.png").stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
+        plots.plot_runs([tmp_path / "nope"], tmp_path / "q.png")
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):

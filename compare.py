@@ -1,0 +1,218 @@
+"""compare.py: base vs OPSD vs Purified on the toy world, both reference formats, several seeds.
+
+    python toyworld.py compare                          # the README's table and figure (≤ 15 min on 2 cores)
+    python toyworld.py compare --clip 5,10,20 --beta 1  # the paper's clip ablation, as extra Purified runs
+
+Each run is `python popsd.py --recipe toy` with only the method, the reference format and the seed set
+(and the same overrides for all), `--workers` side by side with one torch thread each. The base row is
+each seed's step-0 evaluation (the same in every run of that seed: checked). Per evaluated step the
+world metrics come from the held-out evaluation, the Δ diagnostics from the training steps since the
+previous evaluation. Writes summary.json, summary.md (the table) and summary.png, and prints the table.
+"""
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import toyworld
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Job:
+    fmt: str  # reference format
+    method: str  # opsd | purified | purified_c<c>_b<β>
+    seed: int
+    out: Path
+    command: list[str] = field(default_factory=list)
+
+
+def compare_jobs(out: Path, formats, seeds, clips, betas, overrides) -> list[Job]:
+    """Every (format, method, seed) run of recipes/toy.py: identical settings except the method."""
+    variants = [("opsd", ["method=opsd"])]
+    for c in clips:
+        for b in betas:
+            name = "purified" if (c, b) == (10.0, 1.0) else f"purified_c{c:g}_b{b:g}"
+            variants.append((name, ["method=purified", f"clip={c:g}", f"beta={b:g}"]))
+    jobs = []
+    for fmt in formats:
+        for name, extra in variants:
+            for seed in range(seeds):
+                run = out / fmt / name / f"seed_{seed}"
+                cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", "toy", f"out_dir={run}",
+                       f"reference_field={fmt}", f"seed={seed}", "threads=1", *extra, *overrides]
+                jobs.append(Job(fmt, name, seed, run, cmd))
+    return jobs
+
+
+def run_jobs(jobs: list[Job], workers: int, total_steps: int, console):
+    """Runs the jobs `workers` at a time, one torch thread each; a rich bar counts logged steps."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    waiting, running, done = list(jobs), [], 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task(f"{len(jobs)} runs, {workers} at a time (steps)", total=len(jobs) * total_steps)
+        while waiting or running:
+            while waiting and len(running) < workers:
+                job = waiting.pop(0)
+                job.out.mkdir(parents=True, exist_ok=True)
+                log = open(job.out / "log.txt", "w")
+                running.append((job, subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                      cwd=ROOT), log))
+            time.sleep(0.5)
+            for item in list(running):
+                job, proc, log = item
+                if proc.poll() is None:
+                    continue
+                log.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    for _, other, _ in running:
+                        other.kill()
+                    tail = (job.out / "log.txt").read_text()[-3000:]
+                    raise RuntimeError(f"run {job.out} failed (rc {proc.returncode}); its log ends:\n{tail}")
+                done += 1
+            logged = sum(len(_lines(job.out / "metrics.jsonl")) for job, _, _ in running)
+            bar.update(task, completed=done * total_steps + logged)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def run_points(run: Path) -> list[dict]:
+    """Per evaluated step of one run: the held-out world metrics, and the Δ diagnostics averaged over the
+    training steps since the previous evaluation (step 0: step 1's, computed on the initial policy)."""
+    rows = [json.loads(x) for x in _lines(run / "metrics.jsonl")]
+    train = [r for r in rows if "loss" in r]
+    points, previous = [], -1
+    for r in rows:
+        acc = [k for k in r if k.startswith("eval/") and k.split("/")[-1].startswith("avg@")]
+        if not acc:
+            continue
+        prefix = acc[0].rsplit("/", 1)[0]
+        window = [t for t in train if previous < t["step"] <= r["step"]] or train[:1]
+        point = {"step": r["step"], "accuracy": r[acc[0]], "markers_per_1k": r[f"{prefix}/markers_per_1k"],
+                 "caught_frac": r[f"{prefix}/caught_frac"], "false_reflections": r[f"{prefix}/false_reflections"],
+                 "first_try_errors": r[f"{prefix}/first_try_errors"], "completion_len": r[f"{prefix}/len_mean"]}
+        for k in ("cos_total_ref", "cos_total_it", "norm_ratio"):
+            vals = [t[k] for t in window if k in t]
+            point[k] = sum(vals) / len(vals) if vals else None
+        points.append(point)
+        previous = r["step"]
+    return points
+
+
+def collect(jobs: list[Job]) -> dict:
+    """results[format][method][seed] = per-step points; "base" is each seed's step-0 evaluation."""
+    results = {}
+    for job in jobs:
+        points = run_points(job.out)
+        per_fmt = results.setdefault(job.fmt, {"base": {}})
+        per_fmt.setdefault(job.method, {})[str(job.seed)] = points
+        if str(job.seed) not in per_fmt["base"] and points and points[0]["step"] == 0:
+            per_fmt["base"][str(job.seed)] = points[:1]
+    return results
+
+
+def base_mismatches(results: dict) -> list[str]:
+    """The step-0 evaluation of one seed must be the same in every method's run (same base, same seed)."""
+    bad = []
+    for fmt, methods in results.items():
+        for seed, base in methods["base"].items():
+            for method, seeds in methods.items():
+                got = seeds.get(seed, [{}])[0]
+                if method != "base" and {k: got.get(k) for k in ("accuracy", "markers_per_1k")} != \
+                        {k: base[0][k] for k in ("accuracy", "markers_per_1k")}:
+                    bad.append(f"{fmt}/{method}/seed {seed}")
+    return bad
+
+
+TABLE = {"accuracy": "accuracy", "markers_per_1k": "markers/1k", "caught_frac": "caught", "false_reflections":
+         "false refl", "completion_len": "length", "cos_total_ref": "cos(Δ,Δref)", "norm_ratio": "|Δref|/|Δ|"}
+
+
+def compare_table(results: dict):
+    """Mean ± sd over seeds at the last evaluated step (every number, per seed, is in summary.json)."""
+    from rich.table import Table
+    table = Table(title="toy world: base vs OPSD vs Purified, last evaluated step, mean ± sd over seeds")
+    for c in ["reference", "method", "step", *TABLE.values()]:
+        table.add_column(c, justify="left" if c in ("reference", "method") else "right")
+    for fmt, methods in results.items():
+        for method, seeds in methods.items():
+            last = [pts[-1] for pts in seeds.values() if pts]
+            cells = []
+            for c in TABLE:
+                vals = [p[c] for p in last if p.get(c) is not None]
+                mean = sum(vals) / max(len(vals), 1)
+                sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+                cells.append("" if not vals else f"{mean:.1f}±{sd:.1f}" if abs(mean) >= 10 else f"{mean:.2f}±{sd:.2f}")
+            if last:
+                table.add_row(fmt, f"{method} ({len(last)})", str(last[0]["step"]), *cells)
+    return table
+
+
+def markdown_table(results: dict) -> str:
+    """The comparison at the last evaluated step as Markdown: mean ± sd over seeds, and each seed's accuracy."""
+    cols = {**{k: v.replace("|", "‖") for k, v in TABLE.items()}, "cos_total_it": "cos(Δ,Δit)"}  # | ends a cell
+    lines = ["| reference | method | step | " + " | ".join(cols.values()) + " | accuracy per seed |",
+             "|---|---|---:|" + "---:|" * len(cols) + "---|"]
+    for fmt, methods in results.items():
+        for method, seeds in methods.items():
+            last = [pts[-1] for pts in seeds.values() if pts]
+            cells = []
+            for c in cols:
+                vals = [p[c] for p in last if p.get(c) is not None]
+                mean = sum(vals) / max(len(vals), 1)
+                sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+                cells.append("" if not vals else f"{mean:.1f} ± {sd:.1f}" if abs(mean) >= 10 else f"{mean:.3f} ± {sd:.3f}")
+            per_seed = " / ".join(f"{p['accuracy']:.3f}" for p in last)
+            lines.append(f"| {fmt} | {method} | {last[0]['step'] if last else ''} | " + " | ".join(cells) +
+                         f" | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console):
+    import plots
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a comparison: pass --overwrite to replace it, or --out DIR")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t0 = time.time()
+    tok, model = toyworld.load_base()
+    measured = toyworld.measure_base(model, tok, gate_samples)
+    gate_rows = toyworld.print_gates(measured, console)
+    del model
+    jobs = compare_jobs(out, formats, seeds, clips, betas, overrides)
+    import popsd
+    cfg = popsd.make_config("toy", [o for o in overrides])
+    console.print(f"{len(jobs)} runs of recipes/toy.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
+                  f"{cfg.eval_limit} held-out questions), logs in {out}/<reference>/<method>/seed_<n>/")
+    run_jobs(jobs, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)  # training rows + step-0 row
+    results = collect(jobs)
+    summary = {"settings": {"command": " ".join(sys.argv), "recipe": "toy", "overrides": list(overrides),
+                            "formats": list(formats), "seeds": seeds, "clips": list(clips), "betas": list(betas),
+                            "steps": cfg.steps, "eval_every": cfg.eval_every, "eval_samples": cfg.eval_limit,
+                            "workers": workers, "machine": f"{platform.processor() or platform.machine()}, "
+                            f"{os.cpu_count()} cores", "minutes": round((time.time() - t0) / 60, 2)},
+               "gates": gate_rows, "base_measured": measured, "results": results}
+    mismatches = base_mismatches(results)
+    if mismatches:
+        console.print(f"[bold red]step-0 evaluations differ between methods of one seed: {mismatches}[/]")
+    summary["base_mismatches"] = mismatches
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text(markdown_table(results))
+    plots.plot_compare(summary, out / "summary.png")
+    console.print(compare_table(results))
+    if not all(g["passed"] for g in gate_rows):
+        console.print("[bold white on red] reminder: the toy base failed a gate (table above) [/]")
+    console.print(f"{summary['settings']['minutes']:.1f} min; {out / 'summary.json'} and {out / 'summary.png'}")
+    return summary

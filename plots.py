@@ -1,0 +1,184 @@
+"""plots.py: curves of popsd runs against the step, read from their metrics.jsonl; the toy comparison figure.
+
+    python plots.py runs/toy                          # → runs/toy/plots.png
+    python plots.py runs/a runs/b --out ab.png        # several runs overlaid, one colour each
+
+Panels: loss, the three Δ diagnostics, markers per 1k, completion length, entropy, then every evaluation
+metric (eval/<bench>/<name>). popsd.py writes plots.png into each run folder at the end of training.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+TRAIN_KEYS = ["loss", "cos_total_ref", "cos_total_it", "norm_ratio", "markers_per_1k", "completion_len", "entropy",
+              "grad_norm"]
+TITLES = {"accuracy": "accuracy (held-out)", "cos_total_ref": "cos(Δ_total, Δ_ref)", "cos_total_it": "cos(Δ_total, Δ_it)",
+          "norm_ratio": "‖Δ_ref‖ / ‖Δ_total‖", "markers_per_1k": "markers per 1k tokens",
+          "completion_len": "completion tokens", "grad_norm": "gradient norm (before clip)",
+          "caught_frac": "first-try errors caught", "false_reflections": "false reflections / sample",
+          "first_try_errors": "first-try errors / sample", "p_wait_wrong": "P(wait | wrong step)",
+          "p_wait_right": "P(wait | right step)", "len_mean": "mean completion tokens",
+          "len_median": "median completion tokens", "truncated": "fraction truncated"}
+SKIP = ("questions", "samples")  # counts, not curves
+EVAL_ORDER = ["avg@", "pass@", "markers_per_1k", "first_try_errors", "caught_frac", "false_reflections", "p_wait_wrong",
+              "p_wait_right", "len_mean", "len_median", "truncated"]
+
+
+def _eval_order(name: str) -> tuple:
+    return next((i for i, p in enumerate(EVAL_ORDER) if name.startswith(p)), len(EVAL_ORDER)), name
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run} a popsd run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def labels_of(runs: list[Path]) -> list[str]:
+    """Each run's path relative to what all runs share (the folder name when alone)."""
+    if len(runs) == 1:
+        return [runs[0].resolve().name]
+    common = os.path.commonpath([str(r.resolve()) for r in runs])
+    return [os.path.relpath(r.resolve(), common) for r in runs]
+
+
+def panel_keys(rows: list[list[dict]]) -> list[str]:
+    """The metrics to draw, in order: training metrics, then each benchmark's evaluation metrics."""
+    present = {k for rs in rows for row in rs for k, v in row.items() if isinstance(v, (int, float))}
+    evals = sorted((k for k in present if k.startswith("eval/") and k.rsplit("/", 1)[-1] not in SKIP
+                    and not (k.endswith("/pass@1") and k.replace("pass@1", "avg@1") in present)),  # the same number
+                   key=lambda k: (k.split("/")[1], _eval_order(k.rsplit("/", 1)[-1])))
+    return [k for k in TRAIN_KEYS if k in present] + evals
+
+
+def plot_runs(runs: list[Path], out: Path) -> Path:
+    """One panel per metric, every run overlaid; written to `out` (PNG)."""
+    plt = _pyplot()
+    rows = [read_metrics(Path(r)) for r in runs]
+    keys = panel_keys(rows)
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4.2 * cols, 2.9 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for label, rs in zip(labels_of([Path(r) for r in runs]), rows):
+            pts = [(r["step"], r[key]) for r in rs if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=3, lw=1.2, label=label)
+        name = key.rsplit("/", 1)[-1]
+        ax.set_title(("eval " + key.split("/")[1] + ": " if key.startswith("eval/") else "") + TITLES.get(name, name),
+                     fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+COMPARE_KEYS = ["accuracy", "markers_per_1k", "caught_frac", "false_reflections", "completion_len", "cos_total_ref",
+                "cos_total_it", "norm_ratio"]
+
+
+def plot_compare(summary: dict, out: Path) -> Path:
+    """The toy comparison: two rows of panels per reference format; per method the mean over seeds (line) and
+    the min-max over seeds (band); the untrained base (step 0) as a dotted line."""
+    plt = _pyplot()
+    results, cols = summary["results"], len(COMPARE_KEYS) // 2
+    fig, axes = plt.subplots(2 * len(results), cols, figsize=(3.6 * cols, 2.7 * 2 * len(results)), squeeze=False)
+    colours = {"base": "grey"}
+    for i, (fmt, methods) in enumerate(results.items()):
+        for ax, key in zip(axes[2 * i:2 * i + 2].flat, COMPARE_KEYS):
+            for method, seeds in methods.items():
+                points = [p for pts in seeds.values() for p in pts if p.get(key) is not None]
+                if method == "base":
+                    if points:
+                        ax.axhline(statistics.fmean(p[key] for p in points), color="grey", ls=":", lw=1.3,
+                                   label="base")
+                    continue
+                steps = sorted({p["step"] for p in points})
+                by_step = [[p[key] for p in points if p["step"] == s] for s in steps]
+                if not steps:
+                    continue
+                line, = ax.plot(steps, [statistics.fmean(v) for v in by_step], marker="o", ms=3, lw=1.5,
+                                label=method, color=colours.get(method))
+                colours[method] = line.get_color()
+                ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=line.get_color(),
+                                alpha=0.18, lw=0)
+            ax.set_title(f"{fmt} reference: {TITLES.get(key, key)}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) -> Path:
+    """The toy base's pre-training: loss, and the gate quantities on held-out questions, against the step."""
+    plt = _pyplot()
+    steps = [r["step"] for r in log]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    axes[0].plot(steps, [r["loss"] for r in log], marker="o", ms=3)
+    axes[0].set_yscale("log")
+    axes[0].set_title("training loss (completion tokens)", fontsize=9)
+    for key, label in (("accuracy", "student accuracy"), ("caught_frac", "first-try errors caught")):
+        axes[1].plot(steps, [r["student"][key] for r in log], marker="o", ms=3, label=label)
+    axes[1].plot(steps, [r["teacher_full"]["accuracy"] for r in log], marker="o", ms=3,
+                 label="teacher accuracy (full reference)")
+    axes[2].plot(steps, [r["student"]["p_wait_wrong"] for r in log], marker="o", ms=3, label="P(wait | wrong step)")
+    axes[2].plot(steps, [r["student"]["p_wait_right"] for r in log], marker="o", ms=3, label="P(wait | right step)")
+    for name, threshold in gates:
+        axes[1].axhline(threshold, color="grey", ls=":", lw=1)
+    axes[1].set_title("held-out questions (dotted: the gates)", fontsize=9)
+    axes[2].set_title("reflection after a wrong vs a right step", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("pre-training step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[1:]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str]):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="popsd run folders (each with a metrics.jsonl)")
+    p.add_argument("--out", help="PNG to write (default: plots.png in the run folder, or plots.png here for several)")
+    args = p.parse_args(argv)
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else (runs[0] / "plots.png" if len(runs) == 1 else Path("plots.png"))
+    try:
+        print(plot_runs(runs, out))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

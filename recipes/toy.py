@@ -1,0 +1,50 @@
+"""toy: Purified OPSD on the shipped toy base (toyworld.py): watch it work on a laptop CPU.
+
+Hardware: any CPU (2 cores).   Command: python popsd.py --recipe toy   Expected time: ~70 s.
+The base (data/toyworld/base, 0.9M parameters, pre-trained from scratch by `python toyworld.py pretrain`)
+solves last-digit arithmetic with a reflective chain of thought: `3+4=7 7*2=5 wait 7*2=4 ... \\boxed{6}`.
+The teachers see the full worked reference (the paper's format); `reference_field=sketch` gives them only
+the start and the answer; `method=opsd` runs the baseline. At steps 0, 20, 40 and 60 the student is
+evaluated on 400 held-out questions by the world's exact checker.
+Expected result (measured, README): with the full reference Purified has almost nothing to learn (both
+teacher contexts copy the same trace, so Δ_it ≈ 0): the loss stays near 1e-4 and held-out accuracy near
+the base's 0.91, with ~18 markers per 1,000 tokens and ~82% of first-try errors caught. reference_field=sketch:
+accuracy ~0.93, markers ~13. method=opsd: accuracy ~0.96, markers ~4 (the markers collapse).
+Each step prints the loss and the Δ diagnostics; runs/toy/plots.png holds the curves.
+These settings were fixed before any OPSD-vs-Purified comparison was run; compare changes only the method.
+"""
+model = "data/toyworld/base"
+data = "data/toyworld/train.jsonl"
+question_field = "question"
+reference_field = "full"  # full | sketch
+student_template = "Q:{question}"
+teacher_template = "Q:{question}\nR:{reference}"
+refonly_template = "R:{reference}"
+dtype = "fp32"
+device = "cpu"
+gradient_checkpointing = False
+lora_r = 16
+lora_alpha = 32
+max_prompt_len = 256
+max_new_tokens = 128  # the longest reflective traces are ~110 characters
+temperature = 1.0
+top_p = 1.0
+top_k = 0
+gen_batch_size = 400  # one generate call per evaluation
+steps = 60
+batch_size = 16
+micro_batch_size = 16
+lr = 1e-3
+max_grad_norm = 1.0
+save_every = 0  # one checkpoint, at the end
+keep_checkpoints = 1
+samples_per_step = 1
+eval_every = 20
+eval_bench = "data/toyworld/test.jsonl"
+eval_fields = "question,answer"
+eval_grader = "toyworld"
+eval_n = 1
+eval_limit = 400
+eval_max_new_tokens = 128
+eval_temperature = 1.0
+eval_top_p = 1.0

@@ -1,0 +1,216 @@
+"""toyworld.py: the world and its checker on hand-made traces, the gates, pre-training, the shipped base, compare."""
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import toyworld as T
+from conftest import ROOT
+
+Q = "3+4*2-5+7"  # 3+4=7, 7*2=4, 4-5=9, 9+7=6
+
+
+# ---- the world
+
+def test_world_arithmetic_and_references():
+    assert T.steps_of(Q) == [(3, "+", 4, 7), (7, "*", 2, 4), (4, "-", 5, 9), (9, "+", 7, 6)]
+    assert T.answer_of(Q) == "6"
+    assert T.references(Q) == {"full": "3+4=7 7*2=4 4-5=9 9+7=6 \\boxed{6}", "sketch": "3..6"}
+    rng = random.Random(0)
+    for split in ("train", "test"):
+        for _ in range(200):
+            q = T.sample_question(rng, split)
+            ops = list(zip(q[1::2], q[2::2]))
+            assert T.is_test(q) == (split == "test") and T.MIN_OPS <= len(ops) <= T.MAX_OPS
+            assert len(set(ops)) == len(ops)  # each operation at most once
+    rows = [json.loads(x) for x in (ROOT / "data/toyworld/test.jsonl").read_text().splitlines()]
+    assert len(rows) >= 400 and all(T.is_test(r["question"]) for r in rows)
+    assert all(not T.is_test(json.loads(x)["question"]) for x in (ROOT / "data/toyworld/train.jsonl").open())
+
+
+def test_reflective_traces_fix_every_error_and_check_clean():
+    rng = random.Random(1)
+    waits = errors = 0
+    for _ in range(300):
+        q = T.sample_question(rng)
+        text = T.trace(q, rng)
+        c = T.check(q, text)
+        assert c.correct and c.steps == len(T.steps_of(q))
+        assert c.caught == c.errors  # every injected error is followed by "wait" and the right step
+        waits, errors = waits + c.waits, errors + c.errors
+        clean = T.check(q, T.trace(q))
+        assert clean.correct and clean.errors == clean.waits == clean.false_reflections == 0
+    assert 0.1 < errors / (300 * 5) < 0.2 and waits > errors  # ~15% of steps wrong; re-checks add waits
+
+
+def test_documents_keep_the_style_control():
+    rng = random.Random(2)
+    docs = [T.document(rng) for _ in range(4000)]
+    kinds = {"Q": [], "QR": [], "R": [], "V": []}
+    for prompt, completion in docs:
+        kind = "QR" if "\nR:" in prompt else prompt[0]
+        kinds[kind].append("wait" in completion)
+    rate = {k: sum(v) / len(v) for k, v in kinds.items()}
+    assert abs(len(kinds["V"]) / len(docs) - T.P_VERIFY) < 0.02 and abs(rate["V"] - 0.5) < 0.1
+    assert rate["Q"] > 0.4  # the student's documents are reflective
+    assert abs(rate["QR"] - rate["R"]) < 0.05  # both teacher contexts reflect at the same rate
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("3+4=7 7*2=4 4-5=9 9+7=6 \\boxed{6}", dict(correct=True, steps=4, errors=0, caught=0, false_reflections=0)),
+    # a wrong digit caught and fixed
+    ("3+4=7 7*2=5 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}", dict(correct=True, steps=4, errors=1, caught=1,
+                                                           false_reflections=0, wrong_reflected=1)),
+    # the wrong operand, caught
+    ("3+4=7 7*3=1 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}", dict(correct=True, errors=1, caught=1)),
+    # an uncaught error: the next steps continue from it (locally right), the answer is wrong
+    ("3+4=7 7*2=5 5-5=0 0+7=7 \\boxed{7}", dict(correct=False, steps=4, errors=1, caught=0, false_reflections=0)),
+    # a false reflection (re-check of a right step) and a caught error
+    ("3+4=7 wait 3+4=7 7*2=1 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}",
+     dict(correct=True, steps=4, errors=1, caught=1, false_reflections=1, waits=2, right_reflected=1)),
+    # a retry that is wrong again, then caught again: one first-try error, caught once
+    ("3+4=7 7*2=5 wait 7*2=3 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}",
+     dict(correct=True, steps=4, errors=1, caught=1, waits=2, wrong_attempts=2, wrong_reflected=2)),
+    # a skipped operation: steps 2 and 3 use the question's 3rd and 4th operations at the 2nd and 3rd places
+    ("3+4=7 7-5=2 2+7=9 \\boxed{9}", dict(correct=False, steps=3, errors=2)),
+    # a wait with nothing before it is a false reflection; extra steps are errors
+    ("wait 3+4=7 7*2=4 4-5=9 9+7=6 6+1=7 \\boxed{6}", dict(correct=True, steps=5, errors=1, false_reflections=1)),
+    ("", dict(correct=False, steps=0, errors=0)),
+    ("3+4=7 7*2=4 garbage \\boxed{6} \\boxed{5}", dict(correct=False, steps=2)),  # the last box counts
+])
+def test_checker_on_hand_made_traces(completion, expected):
+    got = T.check(Q, completion)
+    for k, v in expected.items():
+        assert getattr(got, k) == v, (k, got)
+
+
+def test_summarize_counts():
+    checks = [T.check(Q, "3+4=7 7*2=5 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}"),  # caught
+              T.check(Q, "3+4=7 7*2=5 5-5=0 0+7=7 \\boxed{7}"),  # missed
+              T.check(Q, "3+4=7 wait 3+4=7 7*2=4 4-5=9 9+7=6 \\boxed{6}")]  # false reflection
+    s = T.summarize(checks, tokens=100)
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["caught_frac"] == 0.5
+    assert s["first_try_errors"] == pytest.approx(2 / 3) and s["false_reflections"] == pytest.approx(1 / 3)
+    assert s["p_wait_wrong"] == 0.5 and s["markers_per_1k"] == 20.0
+    assert s["p_wait_right"] == pytest.approx(1 / 12)  # 12 right attempts, one followed by "wait"
+
+
+# ---- the gates
+
+def _measured(acc=0.8, caught=0.9, wrong=0.9, right=0.05, teacher=0.99):
+    student = {"accuracy": acc, "caught_frac": caught, "p_wait_wrong": wrong, "p_wait_right": right}
+    return {"student": student, "teacher_full": {"accuracy": teacher}}
+
+
+@pytest.mark.parametrize("change, failed", [
+    ({}, []),
+    ({"acc": 0.3}, [0]), ({"caught": 0.4}, [1]), ({"right": 0.5}, [2]), ({"teacher": 0.9}, [3]),
+    ({"acc": 0.1, "teacher": 0.5}, [0, 3]),
+])
+def test_gates_pass_and_fail_on_their_numbers(change, failed):
+    rows = T.gates(_measured(**change))
+    assert [i for i, g in enumerate(rows) if not g["passed"]] == failed
+
+
+def test_failed_gates_are_printed_loudly():
+    from rich.console import Console
+    console = Console(record=True, width=200)
+    full = {"accuracy": 0.99, "first_try_errors": 0, "caught_frac": 0, "p_wait_wrong": 0, "p_wait_right": 0,
+            "markers_per_1k": 0, "completion_len": 30}
+    measured = {"student": dict(full, accuracy=0.2, caught_frac=0.9, p_wait_wrong=0.9, p_wait_right=0.1),
+                "teacher_full": full}
+    T.print_gates(measured, console)
+    text = console.export_text()
+    assert "THE TOY BASE FAILS 1 GATE(S)" in text and "student accuracy far above chance" in text
+
+
+# ---- tokenizer, pre-training, the shipped base
+
+def test_tokenizer_is_character_level_with_a_chat_template():
+    from rollout import chat_ids
+    tok = T.build_tokenizer()
+    text = "3+4=7 wait 3+4=7 \\boxed{7}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    prompt = chat_ids(tok, "Q:" + Q, False)
+    assert tok.decode(prompt) == f"<|im_start|>Q:{Q}<|im_end|><|im_start|>"
+
+
+def test_pretraining_is_deterministic_and_lowers_the_loss(tmp_path):
+    torch.set_num_threads(1)
+    kw = dict(steps=30, batch_size=16, hidden=32, layers=1, eval_every=10, eval_samples=8, quiet=True, warmup=5)
+    m1, _, log1 = T.pretrain(tmp_path / "a", **kw)
+    m2, _, log2 = T.pretrain(tmp_path / "b", **kw)
+    for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p, q), n
+    assert [dict(r, minutes=0) for r in log1] == [dict(r, minutes=0) for r in log2]  # curves too
+    losses = [r["loss"] for r in log1]  # mean loss of steps 1-10, 11-20, 21-30
+    assert losses[0] > losses[1] > losses[2] and losses[2] < losses[0] - 0.5, losses
+    assert (tmp_path / "a" / "model.safetensors").exists() and (tmp_path / "a" / "tokenizer.json").exists()
+
+
+def test_shipped_base_loads_and_solves_the_world():
+    tok, model = T.load_base()
+    assert type(model).__name__ == "Qwen3ForCausalLM" and tok.chat_template
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert sum(f.stat().st_size for f in T.BASE.iterdir()) < 8_000_000  # a few MB
+    m = T.measure(model, tok, T.held_out(64), "teacher", "full")
+    assert m["accuracy"] > 0.8  # copying the full reference: a coarse check; the gates are measured in the README
+
+
+# ---- compare and plots, on a tiny budget
+
+def test_compare_writes_summary_and_figure(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, str(ROOT / "toyworld.py"), "compare", "--out", str(out), "--seeds", "1",
+           "--gate-samples", "16", "steps=2", "eval_every=1", "eval_limit=8", "batch_size=4", "micro_batch_size=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {"full", "sketch"}
+    for fmt in ("full", "sketch"):
+        assert set(summary["results"][fmt]) == {"base", "opsd", "purified"}
+        for method in ("opsd", "purified"):
+            points = summary["results"][fmt][method]["0"]
+            assert [p["step"] for p in points] == [0, 1, 2]
+            for p in points:
+                assert set(p) >= {"accuracy", "markers_per_1k", "caught_frac", "false_reflections", "completion_len",
+                                  "cos_total_ref", "cos_total_it", "norm_ratio"}
+                assert 0 <= p["accuracy"] <= 1 and p["norm_ratio"] > 0
+    assert summary["base_mismatches"] == []  # same base, same seed: the same step-0 evaluation in every run
+    assert len(summary["gates"]) == len(T.GATES)
+    assert (out / "summary.png").stat().st_size > 10_000
+    table = (out / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + 2 * 3 and table[2].startswith("| full | base | 0 |")
+    assert "base vs OPSD vs Purified" in proc.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--overwrite" in again.stdout  # an earlier comparison is never replaced silently
+
+
+def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
+    import popsd
+    cfg = popsd.make_config("toy")
+    assert {k: getattr(cfg, k) for k in T.TEMPLATES} == T.TEMPLATES  # the prompts the base was pre-trained on
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", "toy", f"out_dir={out}", "steps=2", "eval_every=2",
+           "eval_limit=16", "batch_size=4", "micro_batch_size=4", "reference_field=sketch"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/test/caught_frac" in r] == [0, 2]
+    recs = [json.loads(x) for x in (out / "eval/step_000002/samples.jsonl").read_text().splitlines()]
+    for r in recs:  # every stored verdict is the checker's verdict on the stored completion
+        s = r["samples"][0]
+        assert s["check"] == T.check(r["question"], s["completion"]).__dict__ and s["correct"] == s["check"]["correct"]
+    assert (out / "plots.png").stat().st_size > 30_000
+    cli = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--adapter", str(out / "adapter"), "--bench",
+                          "data/toyworld/test.jsonl", "--question-field", "question", "--grader", "toyworld", "--n", "1",
+                          "--limit", "16", "--temperature", "1", "--top-p", "1", "--max-new-tokens", "128",
+                          "--dtype", "fp32", "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["results"]["test"]
+    assert {"avg@1", "caught_frac", "false_reflections", "first_try_errors"} <= set(summary)
