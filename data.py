@@ -124,9 +124,10 @@ def build_tiny_model(path: Path, texts: list[str], seed: int = 0) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_tokens(["<think>", "</think>"])  # as in Qwen3: single tokens, not special (decoded text keeps them)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = TINY_CHAT_TEMPLATE
     vocab = math.ceil(len(tok) / 64) * 64 + 64  # padded beyond the tokenizer, as Qwen pads to 151,936

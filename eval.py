@@ -9,16 +9,11 @@ gold answer with math-verify. Writes summary.json and samples.jsonl (every compl
 extracted from it and its verdict) to --out. popsd.py calls `evaluate` during training (eval_every).
 """
 import argparse
-import atexit
-import concurrent.futures
 import contextlib
 import json
 import math
-import multiprocessing
-import re
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +21,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from grading import grade, pass_at_k
 from data import PopsdError, model_load_error, read_rows, resolve_local
+from models import eos_ids, pick_device, quantization_config
 from distributed import gather
 from rollout import STUDENT_TEMPLATE, chat_ids, fill, generate, marker_counts
 
@@ -39,98 +36,6 @@ BENCHMARKS = {  # name: (hub id, split, question field, answer field)
     "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
     "amc23": ("math-ai/amc23", "test", "question", "answer"),
 }
-GRADE_TIMEOUT = 5  # seconds per math-verify parse / comparison
-FALLBACK_CHARS = 300  # no \boxed{}: the completion's tail, anchored answers only ("the answer is 42")
-
-
-# ----------------------------------------------------------------------------- grading
-
-DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,;:! ]|~|\s)+(?=\d{3}(?!\d))")  # 1\,000 and 1 000 → 1000
-BOX_START = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])(\s*)")
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} or \\fbox{...} (nested braces, `\\boxed {x}`, `\\boxed 5`)."""
-    found = None
-    for m in BOX_START.finditer(text):
-        i = m.end()
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "\\":  # \{ and \} are characters, not braces
-                    j += 2
-                    continue
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    found = text[i + 1:j]
-                    break
-                j += 1
-        elif m.group(1) and (word := re.match(r"-?[\w.]*\w|\\[a-zA-Z]+", text[i:])):
-            found = word.group()  # "\boxed 5" (a space, then one number, word or command)
-    return None if found is None else found.strip()
-
-
-def _grade(completion: str, gold: str, timeout: int) -> bool:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-    answer = extract_boxed(completion)
-    answer, gold = (DIGIT_GROUP_SPACE.sub("", x) if x else x for x in (answer, gold))
-    if answer == "":
-        return False
-    if answer is not None and " ".join(answer.split()) == " ".join(gold.split()):
-        return True
-    if answer is not None:
-        pred = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
-    else:  # no box: only an answer the text announces counts, never a stray last number
-        anchored = [LatexExtractionConfig(try_extract_without_anchor=False),
-                    ExprExtractionConfig(try_extract_without_anchor=False)]
-        pred = parse(completion[-FALLBACK_CHARS:], anchored, fallback_mode="no_fallback", parsing_timeout=timeout)
-    gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
-    if not pred or not gold_parsed:
-        return False
-    return bool(verify(gold_parsed, pred, timeout_seconds=timeout, allow_set_relation_comp=True))
-
-
-_pool = None
-
-
-def _grade_off_main_thread(completion: str, gold: str, timeout: int) -> bool:
-    """math-verify's timeouts use SIGALRM, which only the main thread gets: grade in a helper process instead."""
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        atexit.register(_pool.shutdown)
-    try:
-        return _pool.submit(_grade, completion, gold, timeout).result(timeout=6 * timeout + 60)
-    except concurrent.futures.TimeoutError:
-        for p in list(_pool._processes.values()):  # stuck beyond math-verify's own timeouts
-            p.kill()
-        _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = None
-        return False
-
-
-def is_correct(completion: str, gold: str, timeout: int = GRADE_TIMEOUT) -> bool:
-    """The last \\boxed{} of `completion` (else its tail) matches `gold` under math-verify, gold first.
-
-    Never raises: malformed text, unparsable answers and timeouts (pathological expressions) are False.
-    """
-    try:
-        if threading.current_thread() is not threading.main_thread():
-            return _grade_off_main_thread(completion, gold, timeout)
-        return _grade(completion, gold, timeout)
-    except Exception:
-        return False
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k), as a stable product."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
 # ----------------------------------------------------------------------------- benchmarks
 
 def load_bench(spec: str, question_field: str = "problem", answer_field: str = "answer", limit: int = 0):
@@ -167,6 +72,8 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
 
     grader: "math" (is_correct: the last \\boxed{} against the gold answer) or "toyworld" (toyworld.check:
     the toy world's exact checker, which also counts step errors, caught errors and false reflections).
+    thinking: the chat template's thinking mode; then only the text after the reasoning block is graded, and
+    a completion that never closes the block is wrong (grading.grade).
 
     Seeded per benchmark, so a benchmark's results do not depend on which others run with it; the caller's
     RNG state is left as it was. Under torchrun each rank takes every world-th question and rank 0's
@@ -191,9 +98,9 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
             recs = []
             for k, i in enumerate(mine):
                 q, gold = rows[i]
-                samples = [{"completion": texts[j], "extracted": extract_boxed(texts[j]), "tokens": lengths[j],
-                            "truncated": truncated[j]} for j in range(k * n, (k + 1) * n)]
-                grade(samples, q, gold, grader)
+                samples = [{"completion": texts[j], "tokens": lengths[j], "truncated": truncated[j]}
+                           for j in range(k * n, (k + 1) * n)]
+                grade(samples, q, gold, grader, thinking)
                 recs.append({"bench": name, "index": i, "question": q, "gold": gold, "samples": samples})
             if world > 1:
                 recs = sorted((r for part in gather(recs) for r in part), key=lambda r: r["index"])
@@ -201,23 +108,13 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
     return metrics, records
 
 
-def grade(samples: list[dict], question: str, gold: str, grader: str):
-    """Sets each sample's "correct" (and, for the toy world, its parsed "check")."""
-    import dataclasses
-    for s in samples:
-        if grader == "toyworld":
-            import toyworld
-            s["check"] = dataclasses.asdict(toyworld.check(question, s["completion"]))
-            s["correct"] = s["check"]["correct"]
-        else:
-            s["correct"] = is_correct(s["completion"], gold)
-
-
 def records_metrics(recs: list[dict]) -> dict:
     """bench_metrics from the records written to samples.jsonl: what is reported is what can be audited."""
     flat = [s for r in recs for s in r["samples"]]
     out = bench_metrics([[s["correct"] for s in r["samples"]] for r in recs], [s["tokens"] for s in flat],
                         [s["truncated"] for s in flat], marker_counts([s["completion"] for s in flat]))
+    if flat and "reasoning_closed" in flat[0]:  # thinking on: cut inside the reasoning block (counted wrong)
+        out["unclosed_reasoning"] = sum(not s["reasoning_closed"] for s in flat) / len(flat)
     if flat and "check" in flat[0]:  # toy world: caught errors, false reflections, ...
         import toyworld
         world = toyworld.summarize([toyworld.Check(**s["check"]) for s in flat], sum(s["tokens"] for s in flat))
@@ -292,11 +189,21 @@ def run_settings(adapter: str | None) -> dict:
     return {}
 
 
+def thinking_mode(flag: str | None, run: dict) -> bool:
+    """--thinking on|off, else the training run's student_thinking, else on (the paper's models think), said aloud."""
+    if flag is not None:
+        return flag == "on"
+    if "student_thinking" in run:
+        return run["student_thinking"]
+    console.print("[yellow]thinking mode: on (no --thinking and no training run's config.json to read it from; "
+                  "pass --thinking off for a model that does not think)[/]")
+    return True
+
+
 def load_for_eval(model_path: str, adapter: str | None, dtype: str, load_in_4bit: bool, device, trust: bool):
     """Tokenizer and base model, with the adapter on top when one is given."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from popsd import quantization_config  # here, not at the top: popsd imports eval
     transformers.utils.logging.disable_progress_bar()
     kwargs = {"dtype": torch.bfloat16 if dtype == "bf16" else torch.float32, "trust_remote_code": trust}
     if load_in_4bit:
@@ -331,7 +238,8 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--max-new-tokens", type=int, default=32768)
     p.add_argument("--limit", type=int, default=0, help="first K questions per benchmark (0: all)")
-    p.add_argument("--thinking", choices=("on", "off"), help="chat-template thinking mode (default: the run's)")
+    p.add_argument("--thinking", choices=("on", "off"),
+                   help="chat-template thinking mode (default: the training run's; with no run: on, said aloud)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--load-in-4bit", action="store_true", help="nf4 weights (bitsandbytes)")
@@ -359,11 +267,10 @@ def main(argv: list[str]):
             raise PopsdError("--model is required (or --adapter with an adapter_config.json naming its base model)")
         benches = dict(load_bench(s.strip(), args.question_field, args.answer_field, args.limit)
                        for s in args.bench.split(",") if s.strip())
-        from popsd import eos_ids, pick_device  # here, not at the top: popsd imports eval
         device = pick_device(args.device)
         tokenizer, model = load_for_eval(model_path, args.adapter, args.dtype, args.load_in_4bit, device,
                                          args.trust_remote_code)
-        thinking = run.get("student_thinking", False) if args.thinking is None else args.thinking == "on"
+        thinking = thinking_mode(args.thinking, run)
         eos = eos_ids(model, tokenizer)
         t0 = time.time()
         metrics, records = evaluate(

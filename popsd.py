@@ -15,208 +15,32 @@ Departures from the paper: HF generate instead of vLLM; teacher=live applies to 
 reference-only passes, the clean base stays the frozen initial policy.
 """
 import dataclasses
-import difflib
 import json
-import logging
 import math
 import os
 import random
-import runpy
-import shutil
 import signal
 import sys
 import time
-import types
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 import distributed as D
 import eval as E
 import loss as L
 import plots
-from data import DataStream, PopsdError, build_tiny_model, model_load_error, read_rows
-from rollout import (REFONLY_TEMPLATE, STUDENT_TEMPLATE, TEACHER_TEMPLATE, Rollout, build_contexts,
-                     check_templates, completion_hidden, marker_counts, sample)
+from checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from config import FIELDS, Config, derived_sizes, make_config, print_config
+from data import DataStream, PopsdError, build_tiny_model, read_rows
+from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
+from rollout import Rollout, build_contexts, completion_hidden, marker_counts, sample
 
-ROOT = Path(__file__).resolve().parent
 console = Console()
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional hub kernel, not needed
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*")
-
-
-@dataclass
-class Config:
-    # model
-    model: str = "Qwen/Qwen3-8B"  # HF id or local dir; "tiny" builds a random-init tiny Qwen3 from the data
-    trust_remote_code: bool = False  # run code shipped with hub models (off: safer)
-    dtype: str = "bf16"  # bf16 | fp32: weights and activations
-    load_in_4bit: bool = False  # QLoRA: nf4 weights, double quantisation, bf16 compute (bitsandbytes)
-    gradient_checkpointing: bool = True  # recompute activations in the student backward (off while sampling)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    lora_r: int = 64  # LoRA rank (paper: 64)
-    lora_alpha: int = 128  # LoRA alpha (paper: 128)
-    lora_dropout: float = 0.0  # LoRA dropout
-    lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
-    # data
-    data: str = "siyanzhao/Openthoughts_math_30k_opsd"  # hub dataset id, or a local .jsonl/.json/.parquet
-    data_split: str = "train"  # split of a hub dataset
-    question_field: str = "problem"  # field holding the question q
-    reference_field: str = "solution"  # field holding the reference solution r
-    skip_bad_rows: bool = False  # skip (and count) rows with a missing/empty field instead of stopping
-    max_prompt_len: int = 4096  # rows whose longest context is longer (tokens) are skipped and counted
-    # prompts: {question} and {reference} are replaced; thinking mode is passed to the chat template
-    student_template: str = STUDENT_TEMPLATE  # student and clean base
-    teacher_template: str = TEACHER_TEMPLATE  # teacher: question + reference
-    refonly_template: str = REFONLY_TEMPLATE  # reference-only teacher: no question
-    student_thinking: bool = False  # enable_thinking for the student and clean base contexts
-    teacher_thinking: bool = False  # enable_thinking for the teacher and reference-only contexts
-    # sampling
-    n_samples: int = 1  # rollouts per prompt (paper: 1)
-    max_new_tokens: int = 1024  # completion budget (paper: 1024)
-    temperature: float = 1.1  # sampling temperature
-    top_p: float = 0.95  # nucleus sampling
-    top_k: int = 20  # top-k sampling (0: off)
-    gen_batch_size: int = 32  # sequences per generate call
-    # algorithm
-    method: str = "purified"  # purified (PMI target) | opsd (target = teacher)
-    teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached)
-    divergence: str = "jsd"  # jsd | forward_kl | reverse_kl
-    jsd_beta: float = 0.5  # JSD mixture weight of the target
-    beta: float = 1.0  # β: KL strength of the PMI target
-    clip: float | None = 10.0  # c: soft clip of the centred PMI (none: no clip)
-    loss_temperature: float | None = None  # τ dividing all logits in the loss (none: the sampling temperature)
-    token_clip: float | None = None  # clamp each (token, vocab) term before the vocab sum (OPSD: 0.05)
-    diagnostics: bool = True  # also run the reference-only pass under opsd, to log the signal cosines
-    loss_impl: str = "fused"  # fused (chunked, memory flat in N) | reference (materialised logits, readable)
-    loss_chunk_mb: int = 512  # fused: memory for one chunk's [tokens, V] float32 buffers
-    # optimisation
-    steps: int = 200  # optimizer steps
-    batch_size: int = 32  # prompts per optimizer step
-    micro_batch_size: int = 4  # sequences per forward/backward
-    lr: float = 5e-6  # AdamW learning rate
-    lr_schedule: str = "constant"  # constant | cosine (to 0), after linear warm-up
-    warmup_steps: int = 0  # linear warm-up steps
-    weight_decay: float = 0.0  # AdamW weight decay
-    optim: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes: 8-bit states, paged out under memory pressure)
-    max_grad_norm: float = 0.1  # gradient-norm clip (OPSD: 0.1)
-    seed: int = 0  # seeds data order, LoRA init and sampling
-    # evaluation (eval.py) on held-out benchmarks: before step 1, every eval_every steps and at the end
-    eval_every: int = 0  # steps between evaluations (0: off); logged as eval/<bench>/avg@<n> etc.
-    eval_bench: str = "aime24,aime25,hmmt25"  # benchmark names (eval.BENCHMARKS) or local files, comma-separated
-    eval_fields: str = "problem,answer"  # question and gold-answer fields of local benchmark files
-    eval_n: int = 12  # samples per question (paper: avg@12)
-    eval_limit: int = 0  # first K questions per benchmark (0: all)
-    eval_max_new_tokens: int = 32768  # completion budget at evaluation
-    eval_temperature: float = 0.6  # sampling temperature at evaluation
-    eval_top_p: float = 0.95  # nucleus sampling at evaluation
-    eval_grader: str = "math"  # math (math-verify on the last \boxed{}) | toyworld (the toy world's exact checker)
-    # run
-    recipe: str = ""  # set by --recipe
-    out_dir: str = ""  # run folder (default runs/<recipe>)
-    save_every: int = 50  # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept
-    resume: bool = False  # continue from the newest checkpoint in out_dir
-    samples_per_step: int = 2  # completions written to samples.txt each step
-    threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models
-
-
-CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
-           "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine"),
-           "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", "toyworld")}
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-
-
-# ----------------------------------------------------------------------------- config
-
-def coerce(key: str, value, typ, text: bool):
-    """A CLI string (text=True) or a recipe's Python value → the field's type, or a PopsdError naming the key."""
-    if isinstance(typ, types.UnionType):  # X | None
-        if value is None or (text and value.lower() in ("none", "null")):
-            return None
-        typ = next(t for t in typ.__args__ if t is not type(None))
-    try:
-        if text and typ is not str:
-            if typ is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return value.lower() in ("true", "1", "yes")
-            return typ(value)
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if type(value) is not typ:
-            raise ValueError
-        return value
-    except ValueError:
-        raise PopsdError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
-
-
-def set_field(cfg: Config, key: str, value, text: bool = False):
-    if key not in FIELDS:
-        near = difflib.get_close_matches(key, FIELDS, n=1)
-        raise PopsdError(f"unknown config key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    setattr(cfg, key, coerce(key, value, FIELDS[key].type, text))
-
-
-def load_recipe(name: str) -> dict:
-    path = Path(name) if name.endswith(".py") else ROOT / "recipes" / f"{name}.py"
-    if not path.exists():
-        known = sorted(p.stem for p in (ROOT / "recipes").glob("*.py"))
-        raise PopsdError(f"recipe {name!r} not found at {path} (recipes: {', '.join(known)})")
-    values = runpy.run_path(str(path))
-    return {k: v for k, v in values.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
-
-
-def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
-    """Defaults ← recipes/<recipe>.py ← key=value overrides, each checked against the Config fields."""
-    cfg = Config(recipe=recipe)
-    for key, value in (load_recipe(recipe) if recipe else {}).items():
-        set_field(cfg, key, value)
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise PopsdError(f"expected key=value, got {item!r}")
-        set_field(cfg, key.strip(), value, text=True)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config):
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise PopsdError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
-    for key in ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "gen_batch_size",
-                "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens"):
-        if getattr(cfg, key) < 1:
-            raise PopsdError(f"config key {key!r} must be at least 1, got {getattr(cfg, key)}")
-    check_templates(cfg.student_template, cfg.teacher_template, cfg.refonly_template)
-    if len(cfg.eval_fields.split(",")) != 2:
-        raise PopsdError(f"config key 'eval_fields' must be 'question_field,answer_field', got {cfg.eval_fields!r}")
-    cfg.out_dir = cfg.out_dir or f"runs/{cfg.recipe or 'default'}"
-
-
-def derived_sizes(cfg: Config, n_examples: int) -> dict:
-    seqs = cfg.batch_size * cfg.n_samples
-    return {"prompts per step": cfg.batch_size, "sequences per step": seqs,
-            "micro-batches per step": math.ceil(seqs / cfg.micro_batch_size), "total steps": cfg.steps,
-            "usable prompts": n_examples, "epochs": round(cfg.steps * cfg.batch_size / max(n_examples, 1), 2)}
-
-
-def print_config(cfg: Config, sizes: dict):
-    table = Table(title=f"popsd config (recipe: {cfg.recipe or 'none'})", show_header=False, box=None)
-    defaults = Config()
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        text = repr(value) if len(repr(value)) < 70 else repr(value)[:67] + "..."
-        table.add_row(f.name, f"[bold]{text}[/]" if value != getattr(defaults, f.name) else text)
-    for k, v in sizes.items():
-        table.add_row(f"[cyan]{k}[/]", f"[cyan]{v}[/]")
-    console.print(table)
 
 
 # ----------------------------------------------------------------------------- data
@@ -240,138 +64,7 @@ def prepare_contexts(rows, tokenizer, cfg: Config):
     return kept, too_long
 
 
-# ----------------------------------------------------------------------------- model
-
-def pick_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def load_model(cfg: Config, device: torch.device, path: str):
-    """Tokenizer and base + LoRA (peft) model; teacher, ref-only and base are this model with LoRA disabled."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    kwargs = {"dtype": torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
-              "trust_remote_code": cfg.trust_remote_code}
-    if cfg.load_in_4bit:
-        kwargs["quantization_config"] = quantization_config()
-        kwargs["device_map"] = {"": device}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise model_load_error(path, e) from None
-    if not cfg.load_in_4bit:
-        model.to(device)
-    elif device.type == "cpu":
-        import bitsandbytes as bnb
-        for m in model.modules():  # bnb repacks CPU weights at the first eval forward (sampling); training
-            if isinstance(m, bnb.nn.Linear4bit):  # forwards then go through gemv_4bit, which has no backward
-                m.support_avx512bf16_for_cpu = False
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
-    return tokenizer, model
-
-
-def quantization_config():
-    """QLoRA's 4-bit weights: nf4, double quantisation, bf16 compute (bitsandbytes)."""
-    from transformers import BitsAndBytesConfig
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-def make_optimizer(cfg: Config, params):
-    if cfg.optim == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def model_parts(model):
-    """(body, head weight [V, H]) of a peft causal LM: the loss works from hidden states and the frozen head."""
-    causal = model.get_base_model()
-    body = getattr(causal, causal.base_model_prefix)
-    head = causal.get_output_embeddings()
-    if getattr(head, "bias", None) is not None or getattr(causal.config, "final_logit_softcapping", None):
-        raise PopsdError(f"{type(causal).__name__}: popsd needs logits = hidden @ head.weight.T (no bias, no softcap)")
-    return body, head.weight
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(ids) | {tokenizer.eos_token_id})
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def trainable_state(model) -> dict:
-    """The trainable (LoRA) weights by parameter name, whole, on the CPU. Under FSDP every rank must call it."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0):
-    """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then renamed.
-
-    Weights and optimizer state are saved whole (gathered from the FSDP shards, keyed by parameter name),
-    so a checkpoint resumes under any number of ranks.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    weights = trainable_state(model)
-    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rng = D.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
-                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
-    final = out / "checkpoints" / f"step_{step:06d}"
-    if rank == 0:
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=weights)
-        torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                    "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng}, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:
-            shutil.rmtree(old)
-    D.barrier()
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step_??????"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream, seed: int = 0, rank: int = 0,
-                    world: int = 1) -> int:
-    """Restores a checkpoint written under any number of ranks. Each rank's RNG state comes back when the
-    world size is the same; under another world size each rank's sampling RNG is reseeded from (seed, step, rank)."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    saved = load_file(path / "adapter_model.safetensors")  # PEFT leaves the adapter name out of the keys
-    name = model.active_adapter
-    weights = {n: saved[n.replace(f".{name}.", ".")] for n, p in model.named_parameters() if p.requires_grad}
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-    state = torch.load(path / "state.pt", weights_only=False)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(state["scheduler"])
-    stream.epoch, stream.cursor = state["data"]["epoch"], state["data"]["cursor"]
-    if len(state["rng"]) == world:
-        rng = state["rng"][rank]
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    else:
-        random.seed(seed + state["step"])
-        torch.manual_seed(seed + 1000 * state["step"] + rank)
-    return state["step"]
-
+# ----------------------------------------------------------------------------- the loop
 
 class StopRequest:
     """First Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit. A second one stops at once."""
@@ -390,8 +83,6 @@ class StopRequest:
         for s, h in self.previous.items():
             signal.signal(s, h)
 
-
-# ----------------------------------------------------------------------------- the loop
 
 def progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -495,7 +186,7 @@ def train(cfg: Config) -> Path:
     benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
     sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,
                                                   "over-long prompts skipped": too_long}
-    print_config(cfg, sizes)
+    print_config(cfg, sizes, console)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 

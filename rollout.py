@@ -24,6 +24,22 @@ REFERENCE_BLOCK = (
 TEACHER_TEMPLATE = "Problem: {question}\n\n" + REFERENCE_BLOCK
 REFONLY_TEMPLATE = REFERENCE_BLOCK  # the teacher's prompt with the problem removed
 
+# The OPSD paper's wording, verbatim: siyan-zhao/OPSD, data_collator.py (_build_prompts, math branch), commit
+# c181e5bff7b94edef58cc64b4c0ba3a4d9e0d0dd. Its teacher is asked to "explore different approaches" and to
+# "backtrack or reconsider": wording that may itself move the epistemic markers the paper measures.
+OPSD_STUDENT = "Problem: {question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+OPSD_REFERENCE_BLOCK = (
+    "Here is a reference solution to this problem:\n=== Reference Solution Begin ===\n{reference}\n"
+    "=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you truly "
+    "understand the reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your own words and "
+    "independent reasoning, derive the same final answer to the problem above. Think step by step, explore "
+    "different approaches, and don't be afraid to backtrack or reconsider if something doesn't work out:\n\n"
+    "Please reason step by step, and put your final answer within \\boxed{}.")
+PROMPTS = {  # preset: (student and clean base, teacher, reference-only = the teacher without the problem)
+    "popsd": (STUDENT_TEMPLATE, TEACHER_TEMPLATE, REFONLY_TEMPLATE),
+    "opsd": (OPSD_STUDENT, "Problem: {question}\n\n" + OPSD_REFERENCE_BLOCK, OPSD_REFERENCE_BLOCK),
+}
+
 MARKERS = re.compile(r"\b(wait|maybe|perhaps|check)\b", re.IGNORECASE)
 
 

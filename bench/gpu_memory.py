@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import popsd  # noqa: E402
+import rollout  # noqa: E402
 from data import build_tiny_model  # noqa: E402
 from rollout import Contexts, sample  # noqa: E402
 
@@ -44,7 +45,7 @@ def build(name: str, where: Path, scaled_down: bool, device: torch.device) -> Pa
     values = {k: v for k, v in json.loads((ROOT / "bench/configs" / f"{name}.json").read_text()).items()
               if not k.startswith("_")}
     config = AutoConfig.for_model(**(values | (SCALED_DOWN if scaled_down else {})))
-    tok_dir = build_tiny_model(where / "tokenizer", [popsd.STUDENT_TEMPLATE, popsd.TEACHER_TEMPLATE] * 8)
+    tok_dir = build_tiny_model(where / "tokenizer", [rollout.STUDENT_TEMPLATE, rollout.TEACHER_TEMPLATE] * 8)
     path = where / name
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes for 8B
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

@@ -8,9 +8,15 @@ Each rank loads the bf16 model (about 16 GB of host memory per rank), shards it 
 decoder layer and on the body, bf16 compute, fp32 gradient reduction), samples and scores 4 of the 32
 prompts of a step; the loss is divided by the step's token count over all ranks. Paper settings:
 LoRA r64/α128 on all linear layers, lr 5e-6, batch 32, 1 rollout per prompt, 1024 new tokens,
-200 steps, checkpoints every 50 (whole adapters: they resume under any number of ranks).
+200 steps, checkpoints every 50 (whole adapters: they resume under any number of ranks; every adapter
+is kept).
+Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
+long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
 """
 model = "Qwen/Qwen3-8B"
+prompts = "opsd"
+student_thinking = True
+teacher_thinking = True
 dtype = "bf16"
 load_in_4bit = False  # FSDP shards the bf16 weights instead
 gradient_checkpointing = True

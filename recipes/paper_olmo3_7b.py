@@ -3,8 +3,10 @@
 Hardware: one 80 GB GPU.   Command: python popsd.py --recipe paper_olmo3_7b
 Expected time: not yet measured. Expected result (paper): base 61.3 → Purified 63.2 / 63.3.
 Differs from Qwen3: a thinking model whose template starts the reasoning itself, so every role thinks.
+Prompts: the OPSD paper's wording (prompts=opsd).
 """
 model = "allenai/Olmo-3-7B-Think"
+prompts = "opsd"
 student_thinking = True
 teacher_thinking = True
 micro_batch_size = 2

@@ -3,6 +3,11 @@
 Hardware: one 40-80 GB GPU.   Command: python popsd.py --recipe paper_qwen3_4b
 Expected time: not yet measured. Expected result (paper): base 61.2 → Purified 63.7 / 62.7.
 Qwen3-4B ties its input and output embeddings; the output head stays frozen either way.
+Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
+long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
 """
 model = "Qwen/Qwen3-4B"
+prompts = "opsd"
+student_thinking = True
+teacher_thinking = True
 micro_batch_size = 4

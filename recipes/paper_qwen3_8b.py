@@ -4,6 +4,12 @@ Hardware: one 80 GB GPU (H100/A100).   Command: python popsd.py --recipe paper_q
 Expected time: not yet measured. Expected result (paper, avg of AIME24/25 and HMMT25, avg@12):
 base 61.8 → Purified 66.0 (DASD-10K) / 65.1 (Math-CoT-20K); those datasets are not on the hub,
 so this recipe uses the OPSD set. Paper settings are the Config defaults; this file names the model.
+Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
+long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
+Checkpoints every 50 steps, every adapter kept: the paper reports the best of steps 50-200.
 """
 model = "Qwen/Qwen3-8B"
+prompts = "opsd"
+student_thinking = True
+teacher_thinking = True
 micro_batch_size = 2

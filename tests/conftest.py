@@ -12,10 +12,10 @@ sys.path.insert(0, str(ROOT))
 def tiny_dir(tmp_path_factory):
     """The tiny recipe's random-init Qwen3 and tokenizer, built once for the session."""
     import data
-    import popsd
+    import rollout
     rows = [json.loads(line) for line in (ROOT / "data/toy_math.jsonl").read_text().splitlines()]
     texts = [t for r in rows for t in (r["problem"], r["solution"])] + [
-        popsd.STUDENT_TEMPLATE, popsd.TEACHER_TEMPLATE, popsd.REFONLY_TEMPLATE]
+        rollout.STUDENT_TEMPLATE, rollout.TEACHER_TEMPLATE, rollout.REFONLY_TEMPLATE]
     return data.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts, seed=0)
 
 

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distributed as D  # noqa: E402
+import checkpoints  # noqa: E402
 import popsd  # noqa: E402
 from data import DataStream, read_rows  # noqa: E402
 from rollout import Rollout, completion_mask  # noqa: E402
@@ -46,13 +47,13 @@ def main(model_dir: str, out_dir: str, steps: int, *overrides):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: popsd.lr_factor(s, cfg))
     stream, start, out = DataStream(len(contexts), cfg.seed), 0, Path(out_dir)
     if cfg.resume:
-        start = popsd.load_checkpoint(popsd.latest_checkpoint(out), model, optimizer, scheduler, stream, cfg.seed,
+        start = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out), model, optimizer, scheduler, stream, cfg.seed,
                                       rank, world)
     for step in range(start + 1, steps + 1):
         full = fixed_rollout(contexts, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, step)
         row = popsd.update(model, body, head, full.select(slice(rank, None, world)), cfg, tokenizer.pad_token_id,
                            params, optimizer, scheduler)
-        popsd.save_checkpoint(out, step, model, optimizer, scheduler, stream, keep=10, rank=rank)
+        checkpoints.save_checkpoint(out, step, model, optimizer, scheduler, stream, keep=10, rank=rank)
         if rank == 0:
             with (out / "rows.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "world": world, **row}) + "\n")

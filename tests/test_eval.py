@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval as E
+import grading as G
 from conftest import ROOT
 
 FIVE = ROOT / "tests/data/five_questions.jsonl"
@@ -85,7 +86,7 @@ PAIRS = [
 
 @pytest.mark.parametrize("completion,gold,verdict", PAIRS)
 def test_grader_real_world_pairs(completion, gold, verdict):
-    assert E.is_correct(completion, gold) is verdict
+    assert G.is_correct(completion, gold) is verdict
 
 
 def test_grader_has_forty_pairs():
@@ -108,19 +109,19 @@ def test_grader_has_forty_pairs():
     ("\\boxed{", None),
 ])
 def test_extract_boxed(text, boxed):
-    assert E.extract_boxed(text) == boxed
+    assert G.extract_boxed(text) == boxed
 
 
 @pytest.mark.parametrize("completion", ["\\boxed{\\frac{", "}}}{{{\\boxed{)(]", "\\boxed{\\sqrt[}", "$$$$",
                                         "\\boxed{" * 500, "\x00\ufffd\\boxed{\x01}", "1/0 = \\boxed{1/0}"])
 def test_grader_never_raises_on_malformed_text(completion):
-    assert E.is_correct(completion, "3") is False
-    assert E.is_correct(None, "3") is False  # not even on a wrong type
+    assert G.is_correct(completion, "3") is False
+    assert G.is_correct(None, "3") is False  # not even on a wrong type
 
 
 def test_grader_bounds_time_on_pathological_expressions():
     t0 = time.time()
-    assert E.is_correct("\\boxed{9^{9^{9^{9}}}!}", "5", timeout=1) is False  # sympy would run for ever
+    assert G.is_correct("\\boxed{9^{9^{9^{9}}}!}", "5", timeout=1) is False  # sympy would run for ever
     assert time.time() - t0 < 20
 
 
@@ -128,8 +129,8 @@ def test_grader_off_the_main_thread_uses_a_helper_process():
     results = {}
 
     def work():
-        results["right"] = E.is_correct("\\boxed{\\frac12}", "0.5")
-        results["wrong"] = E.is_correct("\\boxed{3}", "0.5")
+        results["right"] = G.is_correct("\\boxed{\\frac12}", "0.5")
+        results["wrong"] = G.is_correct("\\boxed{3}", "0.5")
     t = threading.Thread(target=work)
     t.start()
     t.join(120)
@@ -146,11 +147,11 @@ def test_pass_at_k_matches_brute_force_over_all_subsets():
     for n in range(1, 9):
         for c in range(n + 1):
             for k in range(1, n + 1):
-                assert E.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
-    assert E.pass_at_k(100, 3, 1) == pytest.approx(0.03)
+                assert G.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+    assert G.pass_at_k(100, 3, 1) == pytest.approx(0.03)
     for bad in [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)]:
         with pytest.raises(ValueError):
-            E.pass_at_k(*bad)
+            G.pass_at_k(*bad)
 
 
 def test_bench_metrics():
@@ -186,6 +187,37 @@ def test_evaluate_grades_what_was_generated(tiny, monkeypatch):
     assert "Simplify $\\frac{6}{8}$." in prompt and "\\boxed{}" in prompt and "<think>\n\n</think>" in prompt
 
 
+@pytest.mark.parametrize("completion, gold, thinking, correct, closed", [
+    ("<think>so maybe \\boxed{3}</think>\n\nThe answer is \\boxed{4}.", "4", True, True, True),
+    ("<think>so maybe \\boxed{3}</think>\n\nThe answer is \\boxed{4}.", "3", True, False, True),  # mid-thought box
+    ("<think>first \\boxed{3}, then wait", "3", True, False, False),  # cut inside the reasoning: wrong
+    ("reasoning without an opening tag (R1 style) \\boxed{2}</think> \\boxed{5}", "5", True, True, True),
+    ("\\boxed{3}", "3", False, True, None),  # thinking off: the whole completion
+    ("a</think> \\boxed{7}", "7", False, True, None),
+])
+def test_thinking_completions_are_graded_after_the_reasoning_block(completion, gold, thinking, correct, closed):
+    samples = [{"completion": completion}]
+    G.grade(samples, "q", gold, thinking=thinking)
+    assert samples[0]["correct"] is correct and samples[0].get("reasoning_closed") is closed
+    recs = [{"samples": [dict(samples[0], tokens=10, truncated=not closed)]}]
+    m = E.records_metrics(recs)
+    assert ("unclosed_reasoning" in m) is thinking and m.get("unclosed_reasoning", 0) == (thinking and not closed)
+
+
+def test_cli_thinking_defaults_on_and_says_so(tiny_dir, tmp_path):
+    out = eval_cli("--model", str(tiny_dir), "--bench", str(FIVE), "--n", "2", "--max-new-tokens", "8", "--dtype",
+                   "fp32", "--limit", "2", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "thinking mode: on" in out.stdout and "--thinking off" in out.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["settings"]["thinking"] is True
+    flat = [s for line in (tmp_path / "samples.jsonl").read_text().splitlines() for s in json.loads(line)["samples"]]
+    for s in flat:
+        assert s["reasoning_closed"] == ("</think>" in s["completion"])
+        assert s["correct"] is False or s["reasoning_closed"]
+    assert summary["results"]["five_questions"]["unclosed_reasoning"] == sum(not s["reasoning_closed"] for s in flat) / 4
+
+
 def test_load_bench_errors(tmp_path):
     with pytest.raises(E.PopsdError, match="unknown benchmark 'aime2024'.*aime24"):
         E.load_bench("aime2024")
@@ -206,7 +238,7 @@ def eval_cli(*args, env=None):
 
 def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--bench", str(FIVE), "--n", "3", "--max-new-tokens", "12",
-              "--dtype", "fp32", "--device", "cpu", "--temperature", "1.0"]
+              "--dtype", "fp32", "--device", "cpu", "--temperature", "1.0", "--thinking", "off"]
     out = eval_cli(*common, "--out", str(tmp_path / "a"))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "avg@3" in out.stdout and "five_questions" in out.stdout
@@ -219,8 +251,8 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):
     assert len(flat) == 15 and all(1 <= s["tokens"] <= 12 for s in flat)
     for r in recs:  # every stored verdict is the grader's verdict on the stored completion
         for s in r["samples"]:
-            assert s["correct"] == E.is_correct(s["completion"], r["gold"])
-            assert s["extracted"] == E.extract_boxed(s["completion"])
+            assert s["correct"] == G.is_correct(s["completion"], r["gold"])
+            assert s["extracted"] == G.extract_boxed(s["completion"])
     assert m["avg@3"] == sum(s["correct"] for s in flat) / 15
     assert m["truncated"] == sum(s["truncated"] for s in flat) / 15
     assert m["len_mean"] == pytest.approx(sum(s["tokens"] for s in flat) / 15)

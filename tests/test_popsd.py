@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 import data
 import popsd
+from checkpoints import latest_checkpoint
+from data import PopsdError
 from conftest import ROOT
 
 
@@ -36,27 +38,61 @@ def test_overrides_are_typed_and_unknown_keys_named():
     cfg = popsd.make_config("tiny", ["steps=3", "lr=1e-4", "resume=true", "clip=none", "token_clip=0.05"])
     assert (cfg.steps, cfg.lr, cfg.resume, cfg.clip, cfg.token_clip) == (3, 1e-4, True, None, 0.05)
     assert cfg.out_dir == "runs/tiny" and cfg.model == "tiny"
-    with pytest.raises(popsd.PopsdError, match="unknown config key 'lrr' \\(did you mean 'lr'\\?\\)"):
+    with pytest.raises(PopsdError, match="unknown config key 'lrr' \\(did you mean 'lr'\\?\\)"):
         popsd.make_config("tiny", ["lrr=1"])
-    with pytest.raises(popsd.PopsdError, match="config key 'steps' expects int, got 'three'"):
+    with pytest.raises(PopsdError, match="config key 'steps' expects int, got 'three'"):
         popsd.make_config("tiny", ["steps=three"])
-    with pytest.raises(popsd.PopsdError, match="config key 'resume' expects bool"):
+    with pytest.raises(PopsdError, match="config key 'resume' expects bool"):
         popsd.make_config("", ["resume=maybe"])
-    with pytest.raises(popsd.PopsdError, match="'method' must be one of"):
+    with pytest.raises(PopsdError, match="'method' must be one of"):
         popsd.make_config("", ["method=grpo"])
-    with pytest.raises(popsd.PopsdError, match="expected key=value"):
+    with pytest.raises(PopsdError, match="expected key=value"):
         popsd.make_config("", ["steps"])
-    with pytest.raises(popsd.PopsdError, match="recipe 'nope' not found"):
+    with pytest.raises(PopsdError, match="recipe 'nope' not found"):
         popsd.make_config("nope")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("jsd_beta=1.0", "'jsd_beta' must be in \\(0, 1\\) for divergence=jsd.*forward_kl.*reverse_kl"),
+    ("jsd_beta=0", "'jsd_beta' must be in \\(0, 1\\)"),
+    ("lr=0", "'lr' must be > 0"), ("lr=nan", "'lr' must be > 0"), ("lr=inf", "'lr' must be > 0"),
+    ("temperature=0", "'temperature' must be > 0"), ("beta=0", "'beta' must be > 0"),
+    ("max_grad_norm=0", "'max_grad_norm' must be > 0"), ("top_p=0", "'top_p' must be in \\(0, 1\\]"),
+    ("eval_top_p=1.5", "'eval_top_p' must be in"), ("top_k=-1", "'top_k' must be >= 0"),
+    ("clip=0", "'clip' must be > 0 \\(or none: off\\)"), ("token_clip=-0.1", "'token_clip' must be > 0"),
+    ("loss_temperature=0", "'loss_temperature' must be > 0"), ("lora_dropout=1", "'lora_dropout' must be in"),
+    ("lora_alpha=0", "'lora_alpha' must be > 0"), ("keep_checkpoints=0", "'keep_checkpoints' must be at least 1"),
+    ("warmup_steps=-1", "'warmup_steps' must be >= 0"), ("data= ", "'data' must not be empty"),
+    ("prompts=trl", "'prompts' must be one of"), ("student_template=Solve it", "must contain {question}"),
+])
+def test_values_that_would_waste_a_run_are_errors(override, message):
+    with pytest.raises(PopsdError, match=message):
+        popsd.make_config("tiny", [override])
+
+
+def test_prompt_presets_fill_the_templates():
+    from rollout import PROMPTS
+    cfg = popsd.make_config("", ["prompts=opsd"])
+    assert (cfg.student_template, cfg.teacher_template, cfg.refonly_template) == PROMPTS["opsd"]
+    assert "explore different approaches" in cfg.teacher_template and "{question}" not in cfg.refonly_template
+    assert cfg.refonly_template in cfg.teacher_template  # the teacher's prompt with the problem removed
+    mine = popsd.make_config("", ["prompts=opsd", "student_template=Q: {question}"])
+    assert mine.student_template == "Q: {question}" and mine.teacher_template == PROMPTS["opsd"][1]
+    assert popsd.make_config("").teacher_template == PROMPTS["popsd"][1]
+    for name in ("single_gpu", "fsdp_8gpu", "paper_qwen3_8b", "paper_qwen3_4b"):  # the paper's models think
+        cfg = popsd.make_config(name)
+        assert cfg.student_thinking and cfg.teacher_thinking and cfg.prompts == "opsd", name
+        doc = (ROOT / "recipes" / f"{name}.py").read_text().split('"""')[1]
+        assert "Thinking: on" in doc and "prompts=opsd" in doc
 
 
 def test_recipe_values_are_checked(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("stepz = 3\n")
-    with pytest.raises(popsd.PopsdError, match="unknown config key 'stepz' \\(did you mean 'steps'\\?\\)"):
+    with pytest.raises(PopsdError, match="unknown config key 'stepz' \\(did you mean 'steps'\\?\\)"):
         popsd.make_config(str(bad))
     bad.write_text("steps = '3'\n")
-    with pytest.raises(popsd.PopsdError, match="'steps' expects int"):
+    with pytest.raises(PopsdError, match="'steps' expects int"):
         popsd.make_config(str(bad))
 
 
@@ -257,9 +293,9 @@ def test_eval_during_training_is_what_eval_py_gives_and_leaves_training_alone(tm
 def test_eval_questions_seen_in_training_are_left_out(tmp_path):
     cfg = popsd.make_config("tiny", [f"out_dir={tmp_path}", "eval_bench=data/toy_math.jsonl",
                                      "eval_fields=problem,solution"])
-    with pytest.raises(popsd.PopsdError, match="every question is in the training data"):
+    with pytest.raises(PopsdError, match="every question is in the training data"):
         popsd.train(cfg)
-    with pytest.raises(popsd.PopsdError, match="eval_fields"):
+    with pytest.raises(PopsdError, match="eval_fields"):
         popsd.make_config("tiny", ["eval_fields=problem"])
 
 
@@ -313,7 +349,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output
-    ckpt = popsd.latest_checkpoint(tmp_path)
+    ckpt = latest_checkpoint(tmp_path)
     step = torch.load(ckpt / "state.pt", weights_only=False)["step"]
     assert step >= 2 and "checkpoint saved at step" in output
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))

@@ -3,6 +3,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import popsd
+import rollout
 from rollout import (STUDENT_TEMPLATE, Contexts, build_contexts, check_templates, completion_hidden, completion_mask,
                      fill, marker_counts, sample)
 
@@ -65,7 +66,7 @@ def test_completion_mask_includes_first_eos_only():
 
 def test_contexts_carry_the_right_fields(tiny):
     tok, _ = tiny
-    templates = (popsd.STUDENT_TEMPLATE, popsd.TEACHER_TEMPLATE, popsd.REFONLY_TEMPLATE)
+    templates = (rollout.STUDENT_TEMPLATE, rollout.TEACHER_TEMPLATE, rollout.REFONLY_TEMPLATE)
     c = build_contexts(tok, "What is 12 + 30?", "Add: 12 + 30 = 42. \\boxed{42}", templates=templates,
                        student_thinking=False, teacher_thinking=True)
     student, teacher, refonly = (tok.decode(ids) for ids in (c.student, c.teacher, c.refonly))

@@ -1,0 +1,227 @@
+"""config.py: popsd's one Config, recipes that override it, and the checks that stop a run that would be wasted.
+
+    cfg = make_config("tiny", ["steps=3", "lr=1e-4"])   # defaults ← recipes/tiny.py ← key=value overrides
+
+A recipe (recipes/<name>.py) is Python: `key = value` lines, executed with runpy. It is code, like any
+script you download: read it before you run it. Unknown keys and wrong types are errors that name the
+key and the nearest valid one; `validate` rejects values that would make a run silently useless.
+"""
+import dataclasses
+import difflib
+import math
+import runpy
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+import loss as L
+from data import PopsdError
+from rollout import PROMPTS, check_templates
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Config:
+    # model
+    model: str = "Qwen/Qwen3-8B"  # HF id or local dir; "tiny" builds a random-init tiny Qwen3 from the data
+    trust_remote_code: bool = False  # run code shipped with hub models (off: safer)
+    dtype: str = "bf16"  # bf16 | fp32: weights and activations
+    load_in_4bit: bool = False  # QLoRA: nf4 weights, double quantisation, bf16 compute (bitsandbytes)
+    gradient_checkpointing: bool = True  # recompute activations in the student backward (off while sampling)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    lora_r: int = 64  # LoRA rank (paper: 64)
+    lora_alpha: int = 128  # LoRA alpha (paper: 128)
+    lora_dropout: float = 0.0  # LoRA dropout
+    lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
+    # data
+    data: str = "siyanzhao/Openthoughts_math_30k_opsd"  # hub dataset id, or a local .jsonl/.json/.parquet
+    data_split: str = "train"  # split of a hub dataset
+    question_field: str = "problem"  # field holding the question q
+    reference_field: str = "solution"  # field holding the reference solution r
+    skip_bad_rows: bool = False  # skip (and count) rows with a missing/empty field instead of stopping
+    max_prompt_len: int = 4096  # rows whose longest context is longer (tokens) are skipped and counted
+    # prompts: {question} and {reference} are replaced; thinking mode is passed to the chat template
+    prompts: str = "popsd"  # template preset (rollout.PROMPTS): popsd (ours) | opsd (the OPSD paper's wording)
+    student_template: str = ""  # student and clean base ("": the preset's)
+    teacher_template: str = ""  # teacher: question + reference ("": the preset's)
+    refonly_template: str = ""  # reference-only teacher: no question ("": the preset's)
+    student_thinking: bool = True  # enable_thinking for the student and clean base (the paper's models think)
+    teacher_thinking: bool = True  # enable_thinking for the teacher and reference-only contexts
+    # sampling
+    n_samples: int = 1  # rollouts per prompt (paper: 1)
+    max_new_tokens: int = 1024  # completion budget (paper: 1024)
+    temperature: float = 1.1  # sampling temperature
+    top_p: float = 0.95  # nucleus sampling
+    top_k: int = 20  # top-k sampling (0: off)
+    gen_batch_size: int = 32  # sequences per generate call
+    # algorithm
+    method: str = "purified"  # purified (PMI target) | opsd (target = teacher)
+    teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached)
+    divergence: str = "jsd"  # jsd | forward_kl | reverse_kl
+    jsd_beta: float = 0.5  # JSD mixture weight of the target
+    beta: float = 1.0  # β: KL strength of the PMI target
+    clip: float | None = 10.0  # c: soft clip of the centred PMI (none: no clip)
+    loss_temperature: float | None = None  # τ dividing all logits in the loss (none: the sampling temperature)
+    token_clip: float | None = None  # clamp each (token, vocab) term before the vocab sum (OPSD: 0.05)
+    diagnostics: bool = True  # also run the reference-only pass under opsd, to log the signal cosines
+    loss_impl: str = "fused"  # fused (chunked, memory flat in N) | reference (materialised logits, readable)
+    loss_chunk_mb: int = 512  # fused: memory for one chunk's [tokens, V] float32 buffers
+    # optimisation
+    steps: int = 200  # optimizer steps
+    batch_size: int = 32  # prompts per optimizer step
+    micro_batch_size: int = 4  # sequences per forward/backward
+    lr: float = 5e-6  # AdamW learning rate
+    lr_schedule: str = "constant"  # constant | cosine (to 0), after linear warm-up
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    optim: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes: 8-bit states, paged out under memory pressure)
+    max_grad_norm: float = 0.1  # gradient-norm clip (OPSD: 0.1)
+    seed: int = 0  # seeds data order, LoRA init and sampling
+    # evaluation (eval.py) on held-out benchmarks: before step 1, every eval_every steps and at the end
+    eval_every: int = 0  # steps between evaluations (0: off); logged as eval/<bench>/avg@<n> etc.
+    eval_bench: str = "aime24,aime25,hmmt25"  # benchmark names (eval.BENCHMARKS) or local files, comma-separated
+    eval_fields: str = "problem,answer"  # question and gold-answer fields of local benchmark files
+    eval_n: int = 12  # samples per question (paper: avg@12)
+    eval_limit: int = 0  # first K questions per benchmark (0: all)
+    eval_max_new_tokens: int = 32768  # completion budget at evaluation
+    eval_temperature: float = 0.6  # sampling temperature at evaluation
+    eval_top_p: float = 0.95  # nucleus sampling at evaluation
+    eval_grader: str = "math"  # math (math-verify on the last \boxed{}) | toyworld (the toy world's exact checker)
+    # run
+    recipe: str = ""  # set by --recipe
+    out_dir: str = ""  # run folder (default runs/<recipe>)
+    save_every: int = 50  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    samples_per_step: int = 2  # completions written to samples.txt each step
+    threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models
+
+
+CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
+           "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine"),
+           "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", "toyworld"), "prompts": tuple(PROMPTS)}
+TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+# ----------------------------------------------------------------------------- config
+
+def coerce(key: str, value, typ, text: bool):
+    """A CLI string (text=True) or a recipe's Python value → the field's type, or a PopsdError naming the key."""
+    if isinstance(typ, types.UnionType):  # X | None
+        if value is None or (text and value.lower() in ("none", "null")):
+            return None
+        typ = next(t for t in typ.__args__ if t is not type(None))
+    try:
+        if text and typ is not str:
+            if typ is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return typ(value)
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not typ:
+            raise ValueError
+        return value
+    except ValueError:
+        raise PopsdError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
+
+
+def set_field(cfg: Config, key: str, value, text: bool = False):
+    if key not in FIELDS:
+        near = difflib.get_close_matches(key, FIELDS, n=1)
+        raise PopsdError(f"unknown config key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    setattr(cfg, key, coerce(key, value, FIELDS[key].type, text))
+
+
+def load_recipe(name: str) -> dict:
+    path = Path(name) if name.endswith(".py") else ROOT / "recipes" / f"{name}.py"
+    if not path.exists():
+        known = sorted(p.stem for p in (ROOT / "recipes").glob("*.py"))
+        raise PopsdError(f"recipe {name!r} not found at {path} (recipes: {', '.join(known)})")
+    values = runpy.run_path(str(path))
+    return {k: v for k, v in values.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
+def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
+    """Defaults ← recipes/<recipe>.py ← key=value overrides, each checked against the Config fields."""
+    cfg = Config(recipe=recipe)
+    for key, value in (load_recipe(recipe) if recipe else {}).items():
+        set_field(cfg, key, value)
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise PopsdError(f"expected key=value, got {item!r}")
+        set_field(cfg, key.strip(), value, text=True)
+    validate(cfg)
+    return cfg
+
+
+POSITIVE = ("lr", "temperature", "beta", "max_grad_norm", "lora_alpha", "eval_temperature")  # > 0, or nothing trains
+AT_LEAST_1 = ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "gen_batch_size",
+              "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints")
+NOT_NEGATIVE = ("top_k", "warmup_steps", "weight_decay", "save_every", "eval_every", "eval_limit",
+                "samples_per_step", "threads", "loss_chunk_mb")  # loss_chunk_mb=0: one token per chunk
+POSITIVE_OR_NONE = ("clip", "loss_temperature", "token_clip")
+
+
+def validate(cfg: Config):
+    """Rejects values that would crash a run late or make it silently useless, naming the key; fills in the
+    prompt templates from the preset and the run folder."""
+    def fail(key, why):
+        raise PopsdError(f"config key {key!r} {why}, got {getattr(cfg, key)!r}")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            fail(key, f"must be one of {allowed}")
+    for keys, ok, why in ((AT_LEAST_1, lambda v: v >= 1, "must be at least 1"),
+                          (POSITIVE, lambda v: v > 0, "must be > 0"),
+                          (NOT_NEGATIVE, lambda v: v >= 0, "must be >= 0"),
+                          (POSITIVE_OR_NONE, lambda v: v is None or v > 0, "must be > 0 (or none: off)")):
+        for key in keys:
+            value = getattr(cfg, key)
+            if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
+                fail(key, why)
+    for key in ("top_p", "eval_top_p"):
+        if not 0 < getattr(cfg, key) <= 1:
+            fail(key, "must be in (0, 1]")
+    if not 0 <= cfg.lora_dropout < 1:
+        fail("lora_dropout", "must be in [0, 1)")
+    if cfg.divergence == "jsd" and not 0 < cfg.jsd_beta < 1:
+        fail("jsd_beta", "must be in (0, 1) for divergence=jsd: at 0 or 1 the JSD is 0 and nothing trains "
+             "(use divergence=forward_kl for KL(target||student) or divergence=reverse_kl for KL(student||target))")
+    for key in ("model", "data", "question_field", "reference_field", "lora_targets"):
+        if not getattr(cfg, key).strip():
+            fail(key, "must not be empty")
+    preset = PROMPTS[cfg.prompts]
+    for key, text in zip(TEMPLATE_KEYS, preset):
+        setattr(cfg, key, getattr(cfg, key) or text)
+    try:
+        check_templates(cfg.student_template, cfg.teacher_template, cfg.refonly_template)
+    except ValueError as e:
+        raise PopsdError(str(e)) from None
+    if len(cfg.eval_fields.split(",")) != 2:
+        fail("eval_fields", "must be 'question_field,answer_field'")
+    cfg.out_dir = cfg.out_dir or f"runs/{cfg.recipe or 'default'}"
+
+
+def derived_sizes(cfg: Config, n_examples: int) -> dict:
+    seqs = cfg.batch_size * cfg.n_samples
+    return {"prompts per step": cfg.batch_size, "sequences per step": seqs,
+            "micro-batches per step": math.ceil(seqs / cfg.micro_batch_size), "total steps": cfg.steps,
+            "usable prompts": n_examples, "epochs": round(cfg.steps * cfg.batch_size / max(n_examples, 1), 2)}
+
+
+def print_config(cfg: Config, sizes: dict, console):
+    table = Table(title=f"popsd config (recipe: {cfg.recipe or 'none'})", show_header=False, box=None)
+    defaults = Config()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        text = repr(value) if len(repr(value)) < 70 else repr(value)[:67] + "..."
+        table.add_row(f.name, f"[bold]{text}[/]" if value != getattr(defaults, f.name) else text)
+    for k, v in sizes.items():
+        table.add_row(f"[cyan]{k}[/]", f"[cyan]{v}[/]")
+    console.print(table)
