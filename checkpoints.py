@@ -23,6 +23,8 @@ def trainable_state(model) -> dict:
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0):
     """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then renamed.
 
+    Every checkpoint keeps its adapter (the paper reports the best of several steps); the resume state
+    (state.pt: optimizer and RNG, the bulk for a large adapter) is kept for the newest `keep` only.
     Weights and optimizer state are saved whole (gathered from the FSDP shards, keyed by parameter name),
     so a checkpoint resumes under any number of ranks.
     """
@@ -40,14 +42,15 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
                     "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng}, tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:
-            shutil.rmtree(old)
+        for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:  # every adapter stays: the best
+            (old / "state.pt").unlink(missing_ok=True)  # step is chosen later; only resume state is pruned
     D.barrier()
     return final
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step_??????"))
+    """The newest checkpoint that can be resumed (adapter and state)."""
+    found = sorted(p for p in (out / "checkpoints").glob("step_??????") if (p / "state.pt").exists())
     return found[-1] if found else None
 
 

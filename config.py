@@ -94,7 +94,7 @@ class Config:
     recipe: str = ""  # set by --recipe
     out_dir: str = ""  # run folder (default runs/<recipe>)
     save_every: int = 50  # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept
+    keep_checkpoints: int = 2  # newest checkpoints that keep their resume state (every adapter is kept)
     resume: bool = False  # continue from the newest checkpoint in out_dir
     samples_per_step: int = 2  # completions written to samples.txt each step
     threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models

@@ -139,6 +139,7 @@ def build_tiny_model(path: Path, texts: list[str], seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.do_sample = True  # as chat models ship it: servers then sample at temperature > 0
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

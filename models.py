@@ -74,3 +74,54 @@ def eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """Bytes of KV cache one token costs: keys and values, every layer, every KV head."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * dtype_bytes
+
+
+def generation_batch(model, seq_len: int, budget_bytes: float, cap: int = 256) -> tuple[int, str]:
+    """Sequences per generate call that fit `budget_bytes` at `seq_len` tokens each (prompt + new tokens):
+    the KV cache and the per-step fp32 logits of each sequence. Returns (batch, the reasoning, for the log)."""
+    dtype_bytes = 2 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) else 4
+    per_seq = kv_bytes_per_token(model.config, dtype_bytes) * seq_len + 8 * model.config.get_text_config().vocab_size
+    batch = max(1, min(cap, int(budget_bytes // per_seq)))
+    gib = 2 ** 30
+    return batch, (f"generation batch {batch}: {seq_len:,} tokens × {kv_bytes_per_token(model.config, dtype_bytes)/1024:.0f}"
+                   f" KiB of KV cache = {per_seq / gib:.2f} GiB per sequence, {budget_bytes / gib:.1f} GiB budget")
+
+
+def memory_budget(device, memory_gb: float) -> float:
+    """Bytes generation may use: --memory-gb, else 90% of what is free on the GPU now, else 8 GiB on a CPU."""
+    if memory_gb:
+        return memory_gb * 2 ** 30
+    if device.type == "cuda":
+        return 0.9 * torch.cuda.mem_get_info(device)[0]
+    return 8 * 2 ** 30
+
+
+def merge_adapter(adapter: str, out: str, dtype: str = "bf16", trust: bool = False) -> str:
+    """Base + LoRA adapter written as one model folder (peft merge_and_unload), with the tokenizer: for serving
+    engines without LoRA support. The base is the one named in the adapter's adapter_config.json."""
+    import json
+    from pathlib import Path
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    config = Path(adapter) / "adapter_config.json"
+    if not config.exists():
+        raise PopsdError(f"{adapter}: no adapter_config.json (a run's adapter/ or checkpoints/step_N/ folder)")
+    base = json.loads(config.read_text())["base_model_name_or_path"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                                     trust_remote_code=trust)
+        tok_dir = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
+    except OSError as e:
+        raise model_load_error(base, e) from None
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

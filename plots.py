@@ -166,6 +166,28 @@ def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) ->
     return out
 
 
+def plot_sweep(summary: dict, out: Path) -> Path:
+    """Accuracy against the training step, one line per benchmark and their mean; the best step marked."""
+    plt = _pyplot()
+    key, steps = summary["metric"], sorted(summary["steps"], key=int)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for bench in summary["steps"][steps[0]]:
+        ax.plot([int(s) for s in steps], [100 * summary["steps"][s][bench][key] for s in steps], marker="o",
+                label=bench)
+    ax.plot([int(s) for s in steps], [100 * summary["mean"][s] for s in steps], color="black", lw=2, marker="s",
+            label="mean")
+    ax.axvline(summary["best_step"], color="grey", ls="--", lw=1, label=f"best: step {summary['best_step']}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{key} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="popsd run folders (each with a metrics.jsonl)")

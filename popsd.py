@@ -1,8 +1,10 @@
-"""popsd.py: Purified OPSD (arXiv 2607.02234) in one training loop. Config, recipes, models, data, loop.
+"""popsd.py: Purified OPSD (arXiv 2607.02234) in one training loop.
 
-    python popsd.py --recipe tiny                     # CPU, under a minute, numbers mean nothing
+    python popsd.py --recipe toy                      # CPU, ~2 min: the toy world's pre-trained reasoner
     python popsd.py --recipe single_gpu               # one 24 GB card, 4-bit QLoRA
-    python popsd.py --recipe tiny steps=3 lr=1e-4     # key=value overrides any Config field
+    python popsd.py --recipe toy steps=30 method=opsd # key=value overrides any Config field (config.py)
+
+A recipe (recipes/*.py) is Python that popsd executes: read one you downloaded before running it.
 
 Each step: sample → score → target → loss → step → log → save.
   1. the student (base + LoRA) samples ŷ from the question alone;

@@ -270,3 +270,66 @@ def test_cli_errors_are_clear(tiny_dir, tmp_path):
     assert out.returncode == 2 and "could not load model 'no-such-org/no-such-model'" in out.stdout
     out = eval_cli("--bench", str(FIVE))
     assert out.returncode == 2 and "--model is required" in out.stdout
+
+
+def test_generation_batch_fits_the_kv_cache_in_the_budget():
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    from models import generation_batch, kv_bytes_per_token
+    fields = json.loads((ROOT / "bench/configs/qwen3_8b.json").read_text())
+    config = Qwen3Config(**{k: v for k, v in fields.items() if not k.startswith("_")})
+    assert kv_bytes_per_token(config, 2) == 2 * 36 * 8 * 128 * 2  # 144 KiB per token in bf16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    batch, why = generation_batch(model, 300 + 32768, budget_bytes=(22 - 5.5) * 0.9 * 2 ** 30)  # nf4 on 24 GB
+    assert batch == 3 and "4.5" in why  # 4.5 GiB per 33k-token sequence: 64 would need ~290 GB
+    assert generation_batch(model, 1024, budget_bytes=2 ** 40)[0] == 256  # capped
+    assert generation_batch(model, 10 ** 7, budget_bytes=2 ** 30)[0] == 1  # never 0
+
+
+def test_cli_evaluates_every_checkpoint_resumes_and_names_the_best(tmp_path):
+    import popsd
+    run = tmp_path / "run"
+    popsd.train(popsd.make_config("tiny", [f"out_dir={run}", "steps=3", "save_every=1", "eval_every=0"]))
+    common = ["--bench", str(FIVE), "--n", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--limit", "3",
+              "--temperature", "1.0", "--out", str(tmp_path / "sweep")]
+    out = eval_cli("--adapter", str(run / "checkpoints"), *common)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "generation batch" in out.stdout  # chosen from the memory budget
+    sweep = json.loads((tmp_path / "sweep/sweep.json").read_text())
+    assert sorted(sweep["steps"], key=int) == ["1", "2", "3"] and sweep["metric"] == "avg@2"
+    assert sweep["best_mean"] == max(sweep["mean"].values()) and f"best step {sweep['best_step']}" in out.stdout
+    assert (tmp_path / "sweep/sweep.png").stat().st_size > 10_000
+    one = eval_cli("--adapter", str(run / "checkpoints/step_000002"), *common[:-1], str(tmp_path / "one"))
+    assert one.returncode == 0  # a checkpoint in the sweep gives what eval.py gives for it alone
+    assert (tmp_path / "one/samples.jsonl").read_text() == (tmp_path / "sweep/step_000002/samples.jsonl").read_text()
+    before = (tmp_path / "sweep/step_000003/samples.jsonl").read_text()
+    for f in (tmp_path / "sweep/step_000003").iterdir():  # as if interrupted during the last checkpoint
+        f.unlink()
+    again = eval_cli("--adapter", str(run / "checkpoints"), *common)
+    assert again.returncode == 0 and again.stdout.count("already evaluated") == 2
+    assert (tmp_path / "sweep/step_000003/samples.jsonl").read_text() == before
+    assert json.loads((tmp_path / "sweep/sweep.json").read_text()) == sweep
+    other = eval_cli("--adapter", str(run / "checkpoints"), *common, "--n", "3")  # other settings, same --out
+    assert other.returncode == 2 and "written with other settings" in other.stdout
+
+
+def test_merge_writes_one_model_that_computes_what_base_plus_adapter_does(tmp_path):
+    import popsd
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    run = popsd.train(popsd.make_config("tiny", [f"out_dir={tmp_path / 'run'}", "steps=2", "eval_every=0",
+                                                 "lr=0.05"]))  # a large step: the adapter is far from zero
+    out = eval_cli("merge", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged"), "--dtype", "fp32")
+    assert out.returncode == 0, out.stdout + out.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(run / "tiny_model")
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        with_lora = PeftModel.from_pretrained(base, run / "adapter")(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert (with_lora - plain).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got, with_lora, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "merged/tokenizer_config.json").exists()
+    bad = eval_cli("merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "no adapter_config.json" in bad.stdout

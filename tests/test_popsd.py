@@ -193,6 +193,17 @@ def test_run_folder_and_metrics(tmp_path):
     assert json.loads((out / "config.json").read_text())["steps"] == 3
     assert "===== step 3 sample 1" in (out / "samples.txt").read_text()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+
+
+def test_every_adapter_is_kept_and_only_old_resume_state_pruned(tmp_path):
+    out = run_tiny(tmp_path, "steps=4", "save_every=1", "keep_checkpoints=2")
+    steps = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in steps] == [f"step_00000{i}" for i in (1, 2, 3, 4)]
+    assert all((p / "adapter_model.safetensors").exists() for p in steps)
+    assert [(p / "state.pt").exists() for p in steps] == [False, False, True, True]
+    assert latest_checkpoint(out).name == "step_000004"
+    (steps[3] / "state.pt").unlink()  # a newest checkpoint without resume state is skipped by resume
+    assert latest_checkpoint(out).name == "step_000003"
     from peft import PeftConfig
     assert PeftConfig.from_pretrained(str(out / "adapter")).r == 8  # PEFT format
 

@@ -1,0 +1,118 @@
+"""eval.py --server: a real `transformers serve` process on loopback serving the tiny model, never a mock."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import grading as G
+from conftest import ROOT
+
+FIVE = ROOT / "tests/data/five_questions.jsonl"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    """(url, served model name) of `transformers serve` pinned to the tiny model; always stopped."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_dir), "--host",
+                             "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if json.loads(r.read()).get("status") == "ok":
+                        break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail("transformers serve exited:\n" + proc.stdout.read()[-3000:])
+                time.sleep(0.5)
+        else:
+            pytest.fail("transformers serve did not come up in 120 s")
+        yield url, str(tiny_dir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def eval_cli(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_server_route_grades_what_the_server_generated(server, tiny_dir, tmp_path):
+    url, name = server
+    proc = eval_cli("--server", url, "--served-model", name, "--model", str(tiny_dir), "--bench", str(FIVE), "--n", "3",
+                    "--max-new-tokens", "8", "--temperature", "1.0", "--thinking", "off", "--concurrency", "4",
+                    "--out", str(tmp_path))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "warning" not in output  # the server's count of prompt tokens is popsd's: the same prompt
+    recs = records(tmp_path / "samples.jsonl")
+    assert [r["index"] for r in recs] == [0, 1, 2, 3, 4] and all(len(r["samples"]) == 3 for r in recs)
+    flat = [s for r in recs for s in r["samples"]]
+    for r in recs:  # every verdict is the grader's on the stored completion
+        for s in r["samples"]:
+            assert s["correct"] == G.is_correct(s["completion"], r["gold"]) and 1 <= s["tokens"] <= 8
+            assert s["truncated"] == (s["tokens"] == 8)
+    assert len({s["completion"] for s in flat}) > 3  # sampled, one seed per sample
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["results"]["five_questions"]["samples"] == 15 and summary["settings"]["server"] == url
+    assert not (tmp_path / "partial.jsonl").exists()  # complete: the progress file is gone
+
+
+def test_server_route_resumes_after_an_interruption(server, tiny_dir, tmp_path):
+    url, name = server
+    args = ["--server", url, "--served-model", name, "--model", str(tiny_dir), "--bench", str(FIVE), "--n", "8",
+            "--max-new-tokens", "96", "--temperature", "1.0", "--thinking", "off", "--concurrency", "1",
+            "--out", str(tmp_path)]
+    proc = eval_cli(*args)
+    partial = tmp_path / "partial.jsonl"
+    deadline = time.time() + 120
+    while not (partial.exists() and partial.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C after the first question
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "the same command resumes" in output, output
+    kept = records(partial)
+    assert 1 <= len(kept) < 5
+    again = eval_cli(*args)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and f"resuming: {len(kept)} questions already done" in output, output
+    final = records(tmp_path / "samples.jsonl")
+    assert [r["index"] for r in final] == [0, 1, 2, 3, 4]
+    for r in kept:  # nothing done before the interruption was redone or lost
+        assert final[r["index"]] == r
+
+
+def test_server_errors_are_clear(server, tiny_dir, tmp_path):
+    url, name = server
+    common = ["--model", str(tiny_dir), "--bench", str(FIVE), "--thinking", "off", "--out", str(tmp_path)]
+    proc = eval_cli("--server", url, "--served-model", "no-such-model", *common)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "does not serve 'no-such-model'" in output and name in output
+    proc = eval_cli("--server", f"http://127.0.0.1:{free_port()}", "--served-model", name, *common)  # nothing there
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "could not reach the server" in output and "Traceback" not in output
