@@ -5,6 +5,8 @@ Expected time: not yet measured. Expected result (paper): base 61.2 → Purified
 Qwen3-4B ties its input and output embeddings; the output head stays frozen either way.
 Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
 long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
+Checkpoints every 50 steps, every adapter kept: evaluate them all (best step) with
+python eval.py --adapter runs/paper_qwen3_4b/checkpoints, or through vLLM with --server (README).
 """
 model = "Qwen/Qwen3-4B"
 prompts = "opsd"

@@ -6,7 +6,8 @@ base 61.8 → Purified 66.0 (DASD-10K) / 65.1 (Math-CoT-20K); those datasets are
 so this recipe uses the OPSD set. Paper settings are the Config defaults; this file names the model.
 Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
 long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
-Checkpoints every 50 steps, every adapter kept: the paper reports the best of steps 50-200.
+Checkpoints every 50 steps, every adapter kept: the paper reports the best of steps 50-200
+(python eval.py --adapter runs/paper_qwen3_8b/checkpoints, or through vLLM with --server: README).
 """
 model = "Qwen/Qwen3-8B"
 prompts = "opsd"

@@ -5,6 +5,8 @@ Expected time: not yet measured. Expected result (paper): base 38.7 → Purified
 Differs from Qwen3: its chat template always opens a <think> block (no enable_thinking switch),
 so every role thinks; sampling at the DeepSeek-R1 temperature 0.6 is NOT used for training.
 Prompts: the OPSD paper's wording (prompts=opsd).
+Checkpoints every 50 steps, every adapter kept: evaluate them all (best step) with
+python eval.py --adapter runs/paper_r1_distill_7b/checkpoints, or through vLLM with --server (README).
 """
 model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
 prompts = "opsd"
