@@ -1,8 +1,13 @@
-"""checkpoints.py: saving and restoring a run's state: LoRA adapter (PEFT format), optimizer, scheduler, RNG, data.
+"""checkpoints.py: a run's state on disk: its folder, its checkpoints, and resuming it safely.
 
-Weights and optimizer state are gathered whole from FSDP shards and keyed by parameter name, so a
-checkpoint resumes under any number of ranks.
+A run folder belongs to one run: a second run into it is refused (resume=true continues it,
+overwrite=true replaces it). Resuming checks the new config against the run's saved one before
+anything on disk changes. Checkpoints are verified before use: a damaged one is skipped with a warning
+(and kept for inspection). Everything is read as data only (safetensors, JSON, torch weights_only):
+a checkpoint from someone else cannot run code. Weights and optimizer state are gathered whole from
+FSDP shards and keyed by parameter name, so a checkpoint resumes under any number of ranks.
 """
+import json
 import os
 import random
 import shutil
@@ -11,13 +16,28 @@ from pathlib import Path
 import torch
 
 import distributed as D
-from data import DataStream
+from data import DataStream, PopsdError
+
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapter", "checkpoints", "eval",
+             "tiny_model")  # what a run writes into its folder: all overwrite=true removes
+MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
+    "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
+    "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "recipe", "out_dir", "eval_every", "eval_bench",
+    "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature", "eval_top_p", "eval_grader"}
 
 
 def trainable_state(model) -> dict:
     """The trainable (LoRA) weights by parameter name, whole, on the CPU. Under FSDP every rank must call it."""
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
             for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_finite(weights: dict):
+    """A non-finite adapter is never saved."""
+    bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
+    if bad:
+        raise PopsdError(f"the adapter holds non-finite values ({bad[0]}{' and more' if len(bad) > 1 else ''}): "
+                         "not saved; the run diverged (lower lr or max_grad_norm)")
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0):
@@ -30,6 +50,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     weights = trainable_state(model)
+    check_finite(weights)
     optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = D.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
@@ -48,10 +69,71 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint that can be resumed (adapter and state)."""
+def latest_checkpoint(out: Path, warn=print) -> Path | None:
+    """The newest checkpoint that can be resumed (adapter and state, both readable); damaged ones are skipped
+    with a warning and left in place. None when there is none; an error when every one is damaged."""
     found = sorted(p for p in (out / "checkpoints").glob("step_??????") if (p / "state.pt").exists())
-    return found[-1] if found else None
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warn(f"warning: skipping the damaged checkpoint {path} ({problem}); it is left there for inspection")
+    if found:
+        raise PopsdError(f"every checkpoint in {out / 'checkpoints'} is damaged (see the warnings above): start "
+                         "afresh with overwrite=true, or another out_dir")
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed (unreadable adapter or state), or None."""
+    from safetensors.torch import load_file
+    try:
+        load_file(path / "adapter_model.safetensors")
+    except Exception as e:
+        return f"adapter_model.safetensors: {str(e).splitlines()[0][:200]}"
+    try:
+        state = torch.load(path / "state.pt", weights_only=True)
+        assert {"step", "optimizer", "scheduler", "data", "rng"} <= set(state), "fields missing"
+    except Exception as e:
+        return f"state.pt: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, warn=print) -> Path | None:
+    """Checks the run folder before anything in it changes; returns the checkpoint to resume, or None.
+
+    A folder holding another run is refused unless resume=true (then the new config must agree with the
+    saved one on every field outside MAY_CHANGE) or overwrite=true (the run's files are removed)."""
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if not held:
+        if resume:
+            warn(f"resume=true: {out} holds no run, starting afresh")
+        return None
+    if overwrite and not resume:
+        for f in held:
+            shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink()
+        warn(f"overwrite=true: removed the previous run's {', '.join(held)} from {out}")
+        return None
+    if not resume:
+        raise PopsdError(f"{out} already holds a run ({', '.join(held)}): continue it with resume=true, write this "
+                         "one elsewhere with out_dir=..., or replace it with overwrite=true")
+    saved_path = out / "config.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+    changed = {k: (saved[k], v) for k, v in config.items() if k in saved and saved[k] != v}
+    fixed = {k: ov for k, ov in changed.items() if k not in MAY_CHANGE}
+    if fixed:
+        raise PopsdError(f"resume=true: this config differs from the run's ({saved_path}) in fields that change the "
+                         "model, the data order or the algorithm: " +
+                         "; ".join(f"{k}: {o!r} → {n!r}" for k, (o, n) in fixed.items()) +
+                         ". Use the run's values, or start a new run in another out_dir")
+    for k, (o, n) in changed.items():
+        if k not in ("resume", "overwrite"):
+            warn(f"resume: {k} changes {o!r} → {n!r}")
+    ckpt = latest_checkpoint(out, warn)
+    if ckpt is None:
+        raise PopsdError(f"resume=true: {out} holds a run ({', '.join(held)}) but no checkpoint to resume from: "
+                         "replace it with overwrite=true, or use another out_dir")
+    return ckpt
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream, seed: int = 0, rank: int = 0,
@@ -65,7 +147,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream,
     name = model.active_adapter
     weights = {n: saved[n.replace(f".{name}.", ".")] for n, p in model.named_parameters() if p.requires_grad}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-    state = torch.load(path / "state.pt", weights_only=False)
+    state = torch.load(path / "state.pt", weights_only=True)  # data only: a checkpoint cannot run code
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     stream.epoch, stream.cursor = state["data"]["epoch"], state["data"]["cursor"]

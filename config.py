@@ -95,7 +95,8 @@ class Config:
     out_dir: str = ""  # run folder (default runs/<recipe>)
     save_every: int = 50  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints that keep their resume state (every adapter is kept)
-    resume: bool = False  # continue from the newest checkpoint in out_dir
+    resume: bool = False  # continue the run in out_dir from its newest good checkpoint (config checked first)
+    overwrite: bool = False  # replace the run in out_dir (without it, a folder holding a run is refused)
     samples_per_step: int = 2  # completions written to samples.txt each step
     threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models
 

@@ -41,6 +41,7 @@ def load_model(cfg, device: torch.device, path: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    torch.manual_seed(cfg.seed)  # LoRA init: from the config alone, whatever consumed the RNG before
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
     return tokenizer, model

@@ -35,7 +35,8 @@ import distributed as D
 import eval as E
 import loss as L
 import plots
-from checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from checkpoints import (check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder, save_checkpoint,
+                         trainable_state)
 from config import FIELDS, Config, derived_sizes, make_config, print_config
 from data import DataStream, PopsdError, build_tiny_model, read_rows
 from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
@@ -144,17 +145,52 @@ def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params
             sums[k] = sums.get(k, 0.0) + v.sum().item()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     keys = sorted(sums)
     totals = D.all_sum([loss_sum, len(rollout), rollout.truncated.sum().item(), marker_counts(rollout.texts),
-                      *(sums[k] for k in keys)])
+                        *(sums[k] for k in keys)])
     loss_sum, seqs, truncated, markers, *stat_sums = totals
+    lr = scheduler.get_last_lr()[0]
+    skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))  # the same verdict on every rank
+    if not skipped:  # a non-finite loss or gradient never reaches the weights
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "completion_len": n_tokens / seqs,
             "truncated": truncated / seqs, "tokens": n_tokens, "markers_per_1k": 1000 * markers / n_tokens,
-            **{k: v / n_tokens for k, v in zip(keys, stat_sums)}}
+            "skipped": skipped, **{k: v / n_tokens for k, v in zip(keys, stat_sums)}}
+
+
+MAX_SKIPS = 3  # non-finite steps in a row before the run stops
+
+
+@torch.no_grad()
+def check_outputs(model, body, head, rollout: Rollout, pad_id: int, step: int):
+    """Before a checkpoint is saved: the updated student's logits on one of the step's sequences are finite
+    (finite weights can still overflow: lr=1e30 gives weights of 1e30 and infinite logits)."""
+    model.eval()
+    h = completion_hidden(body, [rollout.contexts[0].student], rollout.completions[:1], rollout.mask[:1], pad_id)
+    if not torch.isfinite(h.float() @ head.float().T).all():
+        raise PopsdError(f"after step {step} the student's logits are not finite: the run diverged and this state "
+                         "is not saved; lower lr or max_grad_norm and resume from the last checkpoint")
+
+
+def health(row: dict, skips: int, vocab: int, cfg: Config) -> tuple[int, str | None]:
+    """(consecutive skipped steps, a warning): a skipped step is counted (MAX_SKIPS in a row stop the run).
+    A collapsed student is a warning on screen and `collapse` in metrics: entropy near ln V (uniform), no
+    gradient at all, or a JSD near its ceiling H(b) (student and target almost disjoint: no gradient left)."""
+    skips = skips + 1 if row["skipped"] else 0
+    if row["skipped"]:
+        return skips, f"step {row['step']}: non-finite loss or gradient, update skipped ({skips} in a row)"
+    b = cfg.jsd_beta
+    ceiling = -b * math.log(b) - (1 - b) * math.log(1 - b) if cfg.divergence == "jsd" else math.inf
+    why = [w for w, bad in ((f"entropy {row.get('entropy', 0):.2f} of at most {math.log(vocab):.2f}",
+                             row.get("entropy", 0) > 0.95 * math.log(vocab)),
+                            ("a zero gradient", row["grad_norm"] == 0 and row["loss"] > 0),
+                            (f"JSD {row['loss']:.3f} near its ceiling {ceiling:.3f}", row["loss"] > 0.9 * ceiling)) if bad]
+    if why:
+        row["collapse"] = True
+        return skips, f"step {row['step']}: the student looks collapsed ({', '.join(why)}): lower lr?"
+    return skips, None
 
 
 def train(cfg: Config) -> Path:
@@ -167,11 +203,19 @@ def train(cfg: Config) -> Path:
         raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({world})")
     if world > 1 and cfg.load_in_4bit:
         raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights (load_in_4bit=false)")
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.trust_remote_code:
+        console.print("[bold yellow]trust_remote_code=true: code shipped with the model will run on this machine[/]")
+    warn = lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True)  # noqa: E731
+    ckpt = None
+    if rank == 0:  # before anything in the run folder changes: is it ours to write, and may this run resume it?
+        ckpt = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, warn)
+    D.barrier()
+    if rank != 0 and cfg.resume:
+        ckpt = latest_checkpoint(out, lambda m: None)
+    out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
 
     rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
     path = cfg.model
@@ -179,10 +223,10 @@ def train(cfg: Config) -> Path:
         texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
         path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
         D.barrier()  # rank 0 builds it, the others load it
-    tokenizer, model = load_model(cfg, device, path)
+    tokenizer, model = load_model(cfg, device, path)  # LoRA initialised from cfg.seed, the same on every rank
     if world > 1:
         D.shard_model(model, device, bf16=cfg.dtype == "bf16")
-        torch.manual_seed(cfg.seed + rank)  # each rank samples its own completions
+    torch.manual_seed(cfg.seed + rank)  # sampling: each rank its own completions, whatever ran before
     body, head = model_parts(model)
     examples, too_long = prepare_contexts(rows, tokenizer, cfg)
     benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
@@ -197,7 +241,7 @@ def train(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     stream = DataStream(len(examples), cfg.seed)
     start = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+    if ckpt is not None:
         start = load_checkpoint(ckpt, model, optimizer, scheduler, stream, cfg.seed, rank, world)
         console.print(f"resumed from {ckpt} at step {start}")
     metrics_path = out / "metrics.jsonl"
@@ -206,7 +250,7 @@ def train(cfg: Config) -> Path:
                 if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
     eos, pad_id = eos_ids(model, tokenizer), tokenizer.pad_token_id
-    stop = StopRequest()
+    stop, skips = StopRequest(), 0
     try:
         with progress() as bar, open(metrics_path if rank == 0 else os.devnull, "a") as metrics_file:
             task = bar.add_task("training", total=cfg.steps, completed=start)
@@ -217,27 +261,41 @@ def train(cfg: Config) -> Path:
                 t0 = time.time()
                 batch = [examples[i] for i in stream.take(cfg.batch_size)][rank::world]  # this rank's share
                 # 1. sample: the student completes each question from its own context
-                rollout = sample(model, tokenizer, batch, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
-                                 batch_size=cfg.gen_batch_size, device=device)
+                try:
+                    rollout = sample(model, tokenizer, batch, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+                                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
+                                     batch_size=cfg.gen_batch_size, device=device)
+                except RuntimeError as e:
+                    if "probability tensor contains" not in str(e):
+                        raise
+                    raise PopsdError(f"step {step}: the student's next-token probabilities are not finite: the run "
+                                     "diverged; lower lr or max_grad_norm and resume from the last checkpoint") from None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
                 t_sample = time.time() - t0
                 # 2-5. score in all contexts → target → loss, backward per micro-batch → clip → step
                 row = {"step": step, **update(model, body, head, rollout, cfg, pad_id, params, optimizer, scheduler),
                        "time_sample": t_sample, "time_step": time.time() - t0}
+                skips, warning = health(row, skips, head.shape[0], cfg)
                 if benches and (step % cfg.eval_every == 0 or step == cfg.steps):
                     row |= E.in_training(step, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)
                 # 6. log (rank 0)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 console.print(step_line(row, cfg.steps), soft_wrap=True)
+                if warning:
+                    console.print(f"[bold yellow]{warning}[/]", soft_wrap=True)
+                if skips >= MAX_SKIPS:
+                    raise PopsdError(f"{skips} steps in a row had a non-finite loss or gradient (step {step}, lr "
+                                     f"{row['lr']:.2g}): the run is diverging; lower lr or max_grad_norm and resume "
+                                     "from the last checkpoint, which holds finite weights")
                 if rank == 0:
                     write_samples(out / "samples.txt", step, rollout, tokenizer, cfg.samples_per_step)
                 bar.advance(task)
                 # 7. save (every rank takes part: the adapter and optimizer are gathered from the shards)
                 stopping = D.all_sum([stop.signum or 0])[0] > 0  # ranks stop together
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
+                    check_outputs(model, body, head, rollout, pad_id, step)
                     save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg.keep_checkpoints, rank)
                 if stopping:
                     console.print(f"[yellow]checkpoint saved at step {step} in {out}; resume with resume=true[/]")
@@ -245,6 +303,7 @@ def train(cfg: Config) -> Path:
     finally:
         stop.restore()
     weights = trainable_state(model)
+    check_finite(weights)
     if rank == 0:
         model.save_pretrained(out / "adapter", state_dict=weights)
         tokenizer.save_pretrained(out / "adapter")
