@@ -9,6 +9,7 @@ key and the nearest valid one; `validate` rejects values that would make a run s
 import dataclasses
 import difflib
 import math
+import re
 import runpy
 import types
 from dataclasses import dataclass
@@ -217,12 +218,42 @@ def derived_sizes(cfg: Config, n_examples: int) -> dict:
 
 
 def print_config(cfg: Config, sizes: dict, console):
-    table = Table(title=f"popsd config (recipe: {cfg.recipe or 'none'})", show_header=False, box=None)
-    defaults = Config()
+    """The fields this run sets away from the defaults, and the derived sizes (all of it is in config.json)."""
+    table = Table(title=f"popsd config (recipe: {cfg.recipe or 'none'}); every field in config.json",
+                  show_header=False, box=None)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # long paths wrap, never truncate
+    defaults = validated(Config())
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        text = repr(value) if len(repr(value)) < 70 else repr(value)[:67] + "..."
-        table.add_row(f.name, f"[bold]{text}[/]" if value != getattr(defaults, f.name) else text)
+        if value != getattr(defaults, f.name) and f.name not in ("recipe", "out_dir") + TEMPLATE_KEYS:
+            table.add_row(f.name, repr(value))
+    for key in TEMPLATE_KEYS:  # long: shown only when not the preset's
+        if getattr(cfg, key) != PROMPTS[cfg.prompts][TEMPLATE_KEYS.index(key)]:
+            table.add_row(key, repr(getattr(cfg, key))[:60] + "...")
+    table.add_row("out_dir", cfg.out_dir)
     for k, v in sizes.items():
         table.add_row(f"[cyan]{k}[/]", f"[cyan]{v}[/]")
     console.print(table)
+
+
+def validated(cfg: Config) -> Config:
+    validate(cfg)
+    return cfg
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, comment) of every Config field, the comment read from this file's source."""
+    import inspect
+    comments = dict(re.findall(r"^    (\w+): [^=]+=.*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    return [(f.name, getattr(f.type, "__name__", str(f.type)), repr(f.default), comments.get(f.name, ""))
+            for f in dataclasses.fields(Config)]
+
+
+def recipe_list() -> list[tuple[str, str]]:
+    """(name, first docstring line after the name) of every recipe in recipes/."""
+    out = []
+    for path in sorted((ROOT / "recipes").glob("*.py")):
+        doc = (path.read_text().split('"""') + ["", ""])[1].strip().splitlines()
+        out.append((path.stem, doc[0].split(":", 1)[-1].strip() if doc else ""))
+    return out

@@ -21,9 +21,15 @@ class PopsdError(Exception):
 
 
 def model_load_error(path: str, e: Exception) -> PopsdError:
+    """One clear line: a local folder that is missing or unreadable, or a hub id that could not be fetched."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if Path(path).expanduser().is_dir():
+        return PopsdError(f"could not load the model in folder {path!r}: {first}")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a hub id is "name" or "org/name"
+        return PopsdError(f"model folder {path!r} does not exist")
     return PopsdError(
-        f"could not load model {path!r}: {str(e).splitlines()[0]}. If this machine is offline or the model is "
-        f"not in the Hugging Face cache, download it where there is a network (huggingface-cli download {path}) "
+        f"could not load model {path!r} (no such local folder; as a hub id: {first}). If this machine is offline "
+        f"or the model is not in the Hugging Face cache, download it where there is a network (hf download {path}) "
         "and pass the local directory.")
 
 
@@ -62,13 +68,15 @@ def read_records(source: str, split: str):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PopsdError(
             f"could not load dataset {source!r} (split {split!r}): {first}. If this machine is offline or the "
-            "dataset is not in the Hugging Face cache, download it where there is a network (huggingface-cli "
+            "dataset is not in the Hugging Face cache, download it where there is a network (hf "
             f"download --repo-type dataset {source}) or point at a local .jsonl/.json/.parquet file with the "
             "question and reference fields. Setting HF_HUB_OFFLINE=1 skips the network retries.") from None
     yield from ((f"{source} row {i}", r) for i, r in enumerate(ds))
 
 
-def read_rows(source: str, split: str, fields: tuple[str, ...], skip_bad: bool = False):
+def read_rows(source: str, split: str, fields: tuple[str, ...], skip_bad: bool = False,
+              advice: str = "Name the right fields in the config (question_field, reference_field), fix the row, "
+                            "or set skip_bad_rows=true to skip and count such rows."):
     """Tuples of the named string fields, and the number of bad rows skipped (a bad row stops unless skip_bad)."""
     rows, bad = [], 0
     for label, rec in read_records(source, split):
@@ -81,8 +89,7 @@ def read_rows(source: str, split: str, fields: tuple[str, ...], skip_bad: bool =
             problem = f"field {missing[0]!r} is missing or empty (fields: {', '.join(rec)})" if missing else ""
         if problem:
             if not skip_bad:
-                raise PopsdError(f"{label}: {problem}. Name the right fields in the config, fix the row, "
-                                 "or set skip_bad_rows=true to skip and count such rows.")
+                raise PopsdError(f"{label}: {problem}. {advice}")
             bad += 1
             continue
         rows.append(tuple(str(rec[f]) for f in fields))

@@ -41,7 +41,11 @@ BENCHMARKS = {  # name: (hub id, split, question field, answer field)
 }
 # ----------------------------------------------------------------------------- benchmarks
 
-def load_bench(spec: str, question_field: str = "problem", answer_field: str = "answer", limit: int = 0):
+CLI_FIELDS = "Name the fields with --question-field and --answer-field (defaults: problem, answer), or fix the row."
+
+
+def load_bench(spec: str, question_field: str = "problem", answer_field: str = "answer", limit: int = 0,
+               advice: str = CLI_FIELDS):
     """(name, [(question, gold)]) for a benchmark name or a local .jsonl/.json/.parquet file."""
     if spec in BENCHMARKS:
         source, split, q_field, a_field = BENCHMARKS[spec]
@@ -52,7 +56,7 @@ def load_bench(spec: str, question_field: str = "problem", answer_field: str = "
     else:
         raise PopsdError(f"unknown benchmark {spec!r}: use one of {', '.join(BENCHMARKS)} or a local "
                          ".jsonl/.json/.parquet file (with --question-field/--answer-field)")
-    rows, _ = read_rows(source, split, (q_field, a_field))
+    rows, _ = read_rows(source, split, (q_field, a_field), advice=advice)
     return name, rows[:limit] if limit else rows
 
 
@@ -156,7 +160,8 @@ def held_out_benches(cfg, train_rows) -> dict:
     seen, benches = {q.strip() for q, _ in train_rows}, {}
     q_field, a_field = (f.strip() for f in cfg.eval_fields.split(","))
     for spec in filter(None, (s.strip() for s in cfg.eval_bench.split(","))):
-        name, rows = load_bench(spec, q_field, a_field)
+        name, rows = load_bench(spec, q_field, a_field, advice="Name the fields with eval_fields=question,answer "
+                                                              "in the config, or fix the row.")
         held_out = [r for r in rows if r[0].strip() not in seen]
         if len(held_out) < len(rows):
             console.print(f"[yellow]eval {name}: {len(rows) - len(held_out)} questions are in the training data "
@@ -262,8 +267,13 @@ def checkpoint_folders(adapter: str | None) -> list[Path]:
 
 
 def base_model_of(adapter: str | Path | None) -> str | None:
+    """The base model an adapter names; a relative local path is found from here or from the repo."""
     config = Path(adapter or "") / "adapter_config.json"
-    return json.loads(config.read_text())["base_model_name_or_path"] if adapter and config.exists() else None
+    if not (adapter and config.exists()):
+        return None
+    base = json.loads(config.read_text())["base_model_name_or_path"]
+    local = resolve_local(base) if not Path(base).is_absolute() else None
+    return str(local.resolve()) if local is not None else base
 
 
 def swap_adapter(model, path: Path):

@@ -37,8 +37,8 @@ import loss as L
 import plots
 from checkpoints import (check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder, save_checkpoint,
                          trainable_state)
-from config import FIELDS, Config, derived_sizes, make_config, print_config
-from data import DataStream, PopsdError, build_tiny_model, read_rows
+from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
+from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
 from rollout import Rollout, build_contexts, completion_hidden, marker_counts, sample
 
@@ -218,7 +218,8 @@ def train(cfg: Config) -> Path:
     random.seed(cfg.seed)
 
     rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
-    path = cfg.model
+    local = resolve_local(cfg.model)
+    path = str(local.resolve()) if local is not None else cfg.model  # absolute: adapters name their base wherever
     if cfg.model == "tiny":
         texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
         path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
@@ -322,18 +323,34 @@ def step_line(row: dict, steps: int) -> str:
     return line + f"  markers {row['markers_per_1k']:.1f}/1k  {row['time_step']:.1f}s"
 
 
+def printable(text: str) -> str:
+    """Control characters escaped (\\x07, \\x1b, ...), newlines and tabs kept: samples.txt stays text."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
+
+
 def write_samples(path: Path, step: int, rollout: Rollout, tokenizer, k: int):
     with path.open("a") as f:
         for i in range(min(k, len(rollout))):
             prompt = tokenizer.decode(rollout.contexts[i].student)
-            f.write(f"===== step {step} sample {i}\n{prompt}{rollout.texts[i]}\n\n")
+            f.write(printable(f"===== step {step} sample {i}\n{prompt}{rollout.texts[i]}") + "\n\n")
+
+
+def usage() -> str:
+    """What --help prints: the commands, every recipe with its first line, every field with type, default, comment."""
+    recipes = "\n".join(f"  {name:<22}{line}" for name, line in recipe_list())
+    fields = "\n".join(f"  {name}: {kind} = {default}{f'  # {comment}' if comment else ''}"
+                       for name, kind, default, comment in field_docs())
+    return f"{__doc__}\nRecipes (recipes/*.py):\n{recipes}\n\nConfig fields (key=value):\n{fields}\n"
 
 
 def main(argv: list[str]):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage() if argv else usage().split("\nConfig fields")[0] + "\nAll fields: python popsd.py --help")
+        sys.exit(0 if argv else 2)
     recipe, overrides, i = "", [], 0
     while i < len(argv):
         if argv[i] in ("-h", "--help"):
-            print(__doc__ + "\nConfig fields:\n" + "\n".join(f"  {k}" for k in FIELDS))
+            print(usage())
             return
         if argv[i] == "--recipe":
             recipe, i = argv[i + 1] if i + 1 < len(argv) else "", i + 2

@@ -179,3 +179,140 @@ def test_non_finite_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkey
     a4, a5 = (load_file(tmp_path / f"checkpoints/step_00000{i}/adapter_model.safetensors") for i in (2, 4))
     assert all(torch.equal(a4[k], a5[k]) for k in a4)  # step 2 → 4: two skipped updates, no change
     assert latest_checkpoint(tmp_path).name == "step_000004"
+
+
+# ---- 8. bad values and rows: a PopsdError naming them, never a traceback (fuzzed)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import config  # noqa: E402
+import data  # noqa: E402
+
+TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["0", "-1", "1e30", "nan", "inf", "-inf", "none", "true", "",
+                                                        "1.5", "0.0", "jsd", "opsd", "x=y", "{question}"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.one_of(st.sampled_from(sorted(config.FIELDS)), st.text(max_size=8)), value=TEXT)
+def test_fuzzed_overrides_give_a_config_or_a_popsd_error(key, value):
+    try:
+        cfg = config.make_config("", [f"{key}={value}"])
+    except PopsdError:
+        return
+    exercise(cfg)  # whatever is accepted works where it is used
+
+
+def exercise(cfg):
+    """The consumers of the config's numbers, on tiny inputs: no exception and finite numbers out."""
+    import math
+
+    import loss as L
+    from models import make_optimizer
+    from peft import LoraConfig
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = make_optimizer(dataclasses_replace(cfg, optim="adamw"), [param])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: popsd.lr_factor(s, cfg))
+    (param.sum() * 0 + 1).backward()
+    torch.nn.utils.clip_grad_norm_([param], cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    assert torch.isfinite(param).all() and math.isfinite(scheduler.get_last_lr()[0])
+    LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear")
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randn(3, 4, generator=g) for _ in range(4)]
+    loss, stats = L.reference_loss(*h, torch.randn(5, 4, generator=g), method=cfg.method, kind=cfg.divergence,
+                                   jsd_beta=cfg.jsd_beta, beta=cfg.beta, clip=cfg.clip, token_clip=cfg.token_clip,
+                                   temperature=cfg.loss_temperature or cfg.temperature)
+    assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in stats.values())
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+    return dataclasses.replace(cfg, **changes)
+
+
+JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=6)),
+                       lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                               st.dictionaries(st.sampled_from(["problem", "solution", "x"]), inner,
+                                                               max_size=3)), max_leaves=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.one_of(JSONISH.map(lambda v: __import__("json").dumps(v)), st.text(max_size=20)),
+                      min_size=1, max_size=5))
+def test_fuzzed_data_files_give_rows_or_a_popsd_error_naming_the_line(lines, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        rows, bad = data.read_rows(str(path), "train", ("problem", "solution"))
+    except PopsdError as e:
+        assert "line" in str(e) or "no usable rows" in str(e), e
+        return
+    assert rows and all(isinstance(q, str) and isinstance(r, str) and q.strip() and r.strip() for q, r in rows)
+
+
+# ---- 9-14. the first hour
+
+def test_no_arguments_print_usage_with_the_recipes_not_a_run(tmp_path):
+    out = cli(cwd=tmp_path)
+    assert out.returncode == 2 and "Recipes (recipes/*.py):" in out.stdout and "toy " in out.stdout
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_help_lists_fields_with_type_default_and_comment_and_says_recipes_are_code():
+    out = cli("--help")
+    assert out.returncode == 0
+    assert "  lr: float = 5e-06  # AdamW learning rate" in out.stdout
+    assert "  clip: float | None = 10.0  # c: soft clip" in out.stdout
+    assert "tiny                  the whole pipeline on a laptop CPU" in out.stdout
+    assert "Python that popsd executes" in out.stdout
+    assert len(config.field_docs()) == len(config.FIELDS) and all(c for *_, c in config.field_docs())
+
+
+def test_missing_model_folder_and_trust_remote_code_are_said_plainly(tmp_path):
+    out = cli("--recipe", "tiny", "model=./no-such-model-dir", f"out_dir={tmp_path}")
+    assert out.returncode == 2 and "model folder './no-such-model-dir' does not exist" in out.stdout
+    assert "huggingface-cli" not in out.stdout and "Repo id" not in out.stdout
+    out = cli("--recipe", "tiny", "trust_remote_code=true", "steps=1", "eval_every=0", f"out_dir={tmp_path / 'r'}")
+    assert out.returncode == 0 and "trust_remote_code=true: code shipped with the model will run" in out.stdout
+
+
+def test_startup_table_shows_what_differs_and_fits_80_columns(tmp_path):
+    out = cli("--recipe", "tiny", "steps=1", "eval_every=0", "lr=2e-3", f"out_dir={tmp_path}")
+    assert out.returncode == 0
+    table = out.stdout.split("popsd config")[1].split("step    1/1")[0]
+    assert "lr" in table and "0.002" in table and "micro-batches per step" in table
+    assert "divergence" not in table and "jsd_beta" not in table  # defaults are in config.json, not on screen
+    assert max(len(line) for line in table.splitlines()) <= 80 and "…" not in table
+
+
+def test_samples_txt_is_text_even_when_completions_hold_control_bytes():
+    assert popsd.printable("ok\x07\x1b[31m\ttab\nline") == "ok\\x07\\x1b[31m\ttab\nline"
+
+
+def test_eval_errors_name_the_right_thing(tiny_dir, tmp_path):
+    def ev(*args):
+        return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"})
+    five = str(ROOT / "tests/data/five_questions.jsonl")
+    for extra in ([], ["--model", str(tiny_dir)]):
+        out = ev("--adapter", "runs/nope/adapter", "--bench", five, *extra)
+        assert out.returncode == 2 and "--adapter runs/nope/adapter: no adapter_config.json" in out.stdout
+        assert "Traceback" not in out.stdout + out.stderr
+    out = ev("--model", str(tiny_dir), "--bench", five, "--answer-field", "solution")
+    assert out.returncode == 2 and "--answer-field" in out.stdout and "config" not in out.stdout.split("field")[-1]
+
+
+def test_an_adapter_trained_from_a_relative_model_path_evaluates_from_anywhere(tmp_path):
+    import shutil
+    shutil.copytree(ROOT / "data/toyworld/base", tmp_path / "base")
+    (tmp_path / "elsewhere").mkdir()
+    out = cli("--recipe", "toy", "model=base", "steps=1", "eval_every=0", "batch_size=2", "micro_batch_size=2",
+              f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:]
+    ev = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--adapter", str(tmp_path / "run/adapter"), "--bench",
+                         str(ROOT / "data/toyworld/test.jsonl"), "--question-field", "question", "--grader", "toyworld",
+                         "--n", "1", "--limit", "2", "--max-new-tokens", "16", "--dtype", "fp32"],
+                        cwd=tmp_path / "elsewhere", capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
