@@ -193,6 +193,38 @@ def health(row: dict, skips: int, vocab: int, cfg: Config) -> tuple[int, str | N
     return skips, None
 
 
+def open_run_folder(cfg: Config, out: Path, rank: int) -> Path | None:
+    """Threads, warnings and the run folder, checked before anything in it changes (checkpoints.py): returns
+    the checkpoint to resume from, or None."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.trust_remote_code:
+        console.print("[bold yellow]trust_remote_code=true: code shipped with the model will run on this machine[/]")
+    ckpt = None
+    if rank == 0:
+        warn = lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True)  # noqa: E731
+        ckpt = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, warn)
+    D.barrier()
+    if rank != 0 and cfg.resume:
+        ckpt = latest_checkpoint(out, lambda m: None)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    return ckpt
+
+
+def sample_student(model, tokenizer, batch, cfg: Config, eos, device, step: int) -> Rollout:
+    """rollout.sample with the step's settings; a student whose probabilities overflowed is a clear error."""
+    try:
+        return sample(model, tokenizer, batch, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
+                      batch_size=cfg.gen_batch_size, device=device)
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        raise PopsdError(f"step {step}: the student's next-token probabilities are not finite: the run diverged; "
+                         "lower lr or max_grad_norm and resume from the last checkpoint") from None
+
+
 def train(cfg: Config) -> Path:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # rich bars are ours
@@ -203,20 +235,7 @@ def train(cfg: Config) -> Path:
         raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({world})")
     if world > 1 and cfg.load_in_4bit:
         raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights (load_in_4bit=false)")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.trust_remote_code:
-        console.print("[bold yellow]trust_remote_code=true: code shipped with the model will run on this machine[/]")
-    warn = lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True)  # noqa: E731
-    ckpt = None
-    if rank == 0:  # before anything in the run folder changes: is it ours to write, and may this run resume it?
-        ckpt = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, warn)
-    D.barrier()
-    if rank != 0 and cfg.resume:
-        ckpt = latest_checkpoint(out, lambda m: None)
-    out.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-
+    ckpt = open_run_folder(cfg, out, rank)
     rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
     local = resolve_local(cfg.model)
     path = str(local.resolve()) if local is not None else cfg.model  # absolute: adapters name their base wherever
@@ -262,15 +281,7 @@ def train(cfg: Config) -> Path:
                 t0 = time.time()
                 batch = [examples[i] for i in stream.take(cfg.batch_size)][rank::world]  # this rank's share
                 # 1. sample: the student completes each question from its own context
-                try:
-                    rollout = sample(model, tokenizer, batch, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
-                                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
-                                     batch_size=cfg.gen_batch_size, device=device)
-                except RuntimeError as e:
-                    if "probability tensor contains" not in str(e):
-                        raise
-                    raise PopsdError(f"step {step}: the student's next-token probabilities are not finite: the run "
-                                     "diverged; lower lr or max_grad_norm and resume from the last checkpoint") from None
+                rollout = sample_student(model, tokenizer, batch, cfg, eos, device, step)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
                 t_sample = time.time() - t0
