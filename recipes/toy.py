@@ -9,7 +9,7 @@ evaluated on 400 held-out questions by the world's exact checker.
 Expected result (measured, README): with the full reference Purified has almost nothing to learn (both
 teacher contexts copy the same trace, so Δ_it ≈ 0): the loss stays near 1e-4 and held-out accuracy near
 the base's 0.91, with ~18 markers per 1,000 tokens and ~82% of first-try errors caught. reference_field=sketch:
-accuracy ~0.93, markers ~13. method=opsd: accuracy ~0.96, markers ~4 (the markers collapse).
+accuracy ~0.93, markers ~13. method=opsd: accuracy ~0.97, markers ~4 (the markers collapse).
 Each step prints the loss and the Δ diagnostics; runs/toy/plots.png holds the curves.
 These settings were fixed before any OPSD-vs-Purified comparison was run; compare changes only the method.
 """
