@@ -139,23 +139,34 @@ TABLE = {"accuracy": "accuracy", "markers_per_1k": "markers/1k", "caught_frac": 
          "false refl", "completion_len": "length", "cos_total_ref": "cos(Δ,Δref)", "norm_ratio": "|Δref|/|Δ|"}
 
 
+def last_step_rows(results: dict, cols) -> list[tuple]:
+    """Per (reference, method): the last evaluated step, {column: (mean, sd) over seeds}, each seed's point."""
+    rows = []
+    for fmt, methods in results.items():
+        for method, seeds in methods.items():
+            last = [pts[-1] for pts in seeds.values() if pts]
+            if not last:
+                continue
+            stats = {}
+            for c in cols:
+                vals = [p[c] for p in last if p.get(c) is not None]
+                if vals:
+                    mean = sum(vals) / len(vals)
+                    stats[c] = mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+            rows.append((fmt, method, last[0]["step"], stats, last))
+    return rows
+
+
 def compare_table(results: dict):
     """Mean ± sd over seeds at the last evaluated step (every number, per seed, is in summary.json)."""
     from rich.table import Table
     table = Table(title="toy world: base vs OPSD vs Purified, last evaluated step, mean ± sd over seeds")
     for c in ["reference", "method", "step", *TABLE.values()]:
         table.add_column(c, justify="left" if c in ("reference", "method") else "right")
-    for fmt, methods in results.items():
-        for method, seeds in methods.items():
-            last = [pts[-1] for pts in seeds.values() if pts]
-            cells = []
-            for c in TABLE:
-                vals = [p[c] for p in last if p.get(c) is not None]
-                mean = sum(vals) / max(len(vals), 1)
-                sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-                cells.append("" if not vals else f"{mean:.1f}±{sd:.1f}" if abs(mean) >= 10 else f"{mean:.2f}±{sd:.2f}")
-            if last:
-                table.add_row(fmt, f"{method} ({len(last)})", str(last[0]["step"]), *cells)
+    for fmt, method, step, stats, last in last_step_rows(results, TABLE):
+        cells = ["" if c not in stats else f"{stats[c][0]:.1f}±{stats[c][1]:.1f}" if abs(stats[c][0]) >= 10
+                 else f"{stats[c][0]:.2f}±{stats[c][1]:.2f}" for c in TABLE]
+        table.add_row(fmt, f"{method} ({len(last)})", str(step), *cells)
     return table
 
 
@@ -164,18 +175,11 @@ def markdown_table(results: dict) -> str:
     cols = {**{k: v.replace("|", "‖") for k, v in TABLE.items()}, "cos_total_it": "cos(Δ,Δit)"}  # | ends a cell
     lines = ["| reference | method | step | " + " | ".join(cols.values()) + " | accuracy per seed |",
              "|---|---|---:|" + "---:|" * len(cols) + "---|"]
-    for fmt, methods in results.items():
-        for method, seeds in methods.items():
-            last = [pts[-1] for pts in seeds.values() if pts]
-            cells = []
-            for c in cols:
-                vals = [p[c] for p in last if p.get(c) is not None]
-                mean = sum(vals) / max(len(vals), 1)
-                sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-                cells.append("" if not vals else f"{mean:.1f} ± {sd:.1f}" if abs(mean) >= 10 else f"{mean:.3f} ± {sd:.3f}")
-            per_seed = " / ".join(f"{p['accuracy']:.3f}" for p in last)
-            lines.append(f"| {fmt} | {method} | {last[0]['step'] if last else ''} | " + " | ".join(cells) +
-                         f" | {per_seed} |")
+    for fmt, method, step, stats, last in last_step_rows(results, cols):
+        cells = ["" if c not in stats else f"{stats[c][0]:.1f} ± {stats[c][1]:.1f}" if abs(stats[c][0]) >= 10
+                 else f"{stats[c][0]:.3f} ± {stats[c][1]:.3f}" for c in cols]
+        per_seed = " / ".join(f"{p['accuracy']:.3f}" for p in last)
+        lines.append(f"| {fmt} | {method} | {step} | " + " | ".join(cells) + f" | {per_seed} |")
     return "\n".join(lines) + "\n"
 
 

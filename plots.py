@@ -39,6 +39,14 @@ def _pyplot():
     return plt
 
 
+def save(plt, fig, out: Path, rect=(0, 0, 1, 1)) -> Path:
+    fig.tight_layout(rect=rect)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def read_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.exists():
@@ -86,11 +94,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(plt, fig, out, rect=(0, 0, 1, 0.95))
 
 
 COMPARE_KEYS = ["accuracy", "markers_per_1k", "caught_frac", "false_reflections", "completion_len", "cos_total_ref",
@@ -128,11 +132,7 @@ def plot_compare(summary: dict, out: Path) -> Path:
             ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(plt, fig, out, rect=(0, 0, 1, 0.96))
 
 
 def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) -> Path:
@@ -159,11 +159,7 @@ def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) ->
         ax.tick_params(labelsize=7)
     for ax in axes[1:]:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(plt, fig, out)
 
 
 def plot_sweep(summary: dict, out: Path) -> Path:
@@ -181,11 +177,7 @@ def plot_sweep(summary: dict, out: Path) -> Path:
     ax.set_ylabel(f"{key} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(plt, fig, out)
 
 
 def main(argv: list[str]):
