@@ -22,8 +22,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapte
              "tiny_model")  # what a run writes into its folder: all overwrite=true removes
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
-    "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "recipe", "out_dir", "eval_every", "eval_bench",
-    "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature", "eval_top_p", "eval_grader"}
+    "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
+    "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature",
+    "eval_top_p", "eval_grader"}
 
 
 def trainable_state(model) -> dict:

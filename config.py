@@ -19,7 +19,7 @@ from rich.table import Table
 
 import loss as L
 from data import PopsdError
-from rollout import PROMPTS, check_templates
+from rollout import ENGINES, PROMPTS, check_templates
 
 ROOT = Path(__file__).resolve().parent
 
@@ -58,6 +58,8 @@ class Config:
     top_p: float = 0.95  # nucleus sampling
     top_k: int = 20  # top-k sampling (0: off)
     gen_batch_size: int = 32  # sequences per generate call
+    rollout_engine: str = "dynamic"  # dynamic | static: HF generate's KV cache grown or preallocated (+ compiled: bf16, CUDA)
+    sample_gathered: bool = True  # FSDP: gather the weights once per generate call (each GPU holds the whole model)
     # algorithm
     method: str = "purified"  # purified (PMI target) | opsd (target = teacher)
     teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached)
@@ -104,7 +106,8 @@ class Config:
 
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
            "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine"),
-           "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", "toyworld"), "prompts": tuple(PROMPTS)}
+           "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", "toyworld"), "prompts": tuple(PROMPTS),
+           "rollout_engine": ENGINES}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 

@@ -4,6 +4,7 @@ torchrun starts one process per GPU (nccl) or per CPU slot (gloo) and sets WORLD
 LOCAL_RANK. popsd.py shards the model once, sums its per-step counts over ranks, and gathers RNG
 states and evaluation records; rank 0 alone writes (that gating stays visible in popsd's loop).
 """
+import contextlib
 import os
 
 import torch
@@ -40,6 +41,24 @@ def shard_model(model, device: torch.device, bf16: bool):
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     head.to(device)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, all-gather every sharded module's weights once for the block (generation) instead of at every
+    forward: a decoding step is one forward, so sampling T tokens would otherwise gather every layer T times.
+    Each rank then holds the whole model until the block ends. No-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)  # as shard_model left it (fully_shard's default)
 
 
 def all_sum(values: list[float]) -> list[float]:

@@ -217,7 +217,8 @@ def sample_student(model, tokenizer, batch, cfg: Config, eos, device, step: int)
     try:
         return sample(model, tokenizer, batch, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
-                      batch_size=cfg.gen_batch_size, device=device)
+                      batch_size=cfg.gen_batch_size, device=device, engine=cfg.rollout_engine,
+                      gather=cfg.sample_gathered)
     except RuntimeError as e:
         if "probability tensor contains" not in str(e):
             raise

@@ -8,10 +8,13 @@
 The completion ŷ is sampled once, from the student context, and appended as token ids to every
 context: it is never decoded and re-tokenized, so all four score exactly the same tokens.
 """
+import contextlib
 import re
 from dataclasses import dataclass
 
 import torch
+
+import distributed as D
 
 STUDENT_TEMPLATE = "Problem: {question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 REFERENCE_BLOCK = (
@@ -121,29 +124,37 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]):
     return ~after, ~is_eos.any(1)
 
 
+ENGINES = ("dynamic", "static")  # HF generate's KV cache: grown step by step | preallocated (bench/rollout.py)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k, eos_ids,
-             batch_size, device, on_batch=None, min_new_tokens=0):
+             batch_size, device, on_batch=None, min_new_tokens=0, engine="dynamic", do_sample=True,
+             logits_processor=None, gather=True):
     """n completions per prompt ([B = prompts × n]), KV cache on, batched with left padding.
 
     Under torchrun (FSDP) every rank runs the same number of decoding steps (synced_gpus): a sharded
-    forward is a collective, so a rank that is done keeps stepping until all are.
+    forward is a collective, so a rank that is done keeps stepping until all are. With gather (the
+    default) the sharded weights are all-gathered once per call, not at every step (distributed.gathered).
 
     Returns (completions [B, T] padded after EOS, mask [B, T], truncated [B], decoded texts [B]).
     """
     pad_id = tokenizer.pad_token_id
     rows = [p for p in prompts for _ in range(n)]  # [B]
-    chunks = []
     model.eval()  # gradient checkpointing only acts in train mode, so the KV cache stays on
-    for i in range(0, len(rows), batch_size):
-        ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                             temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, min_new_tokens=min_new_tokens,
-                             synced_gpus=torch.distributed.is_initialized())  # [b, P + T_i]
-        chunks.append(out[:, ids.shape[1]:].cpu())  # [b, T_i]
-        if on_batch:
-            on_batch(len(ids))  # progress: sequences done
+    extra = {"cache_implementation": "static"} if engine == "static" else {}
+    chunks = []
+    with D.gathered(model) if gather else contextlib.nullcontext():  # FSDP: all-gather once, not every step
+        for i in range(0, len(rows), batch_size):
+            ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=do_sample,
+                                 temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
+                                 min_new_tokens=min_new_tokens, synced_gpus=torch.distributed.is_initialized(),
+                                 logits_processor=logits_processor, **extra)  # [b, P + T_i]
+            chunks.append(out[:, ids.shape[1]:].cpu())  # [b, T_i]
+            if on_batch:
+                on_batch(len(ids))  # progress: sequences done
     width = max(c.shape[1] for c in chunks)
     completions = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id)
                              for c in chunks])  # [B, T]

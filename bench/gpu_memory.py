@@ -40,13 +40,16 @@ GiB = 2 ** 30
 
 
 def build(name: str, where: Path, scaled_down: bool, device: torch.device) -> Path:
-    """Random weights in the published architecture, saved with a small BPE tokenizer (ids < 512)."""
+    """Random weights in the published architecture, saved with a small BPE tokenizer (ids < 512); a folder
+    already built there is reused."""
     from transformers import AutoConfig, AutoModelForCausalLM
     values = {k: v for k, v in json.loads((ROOT / "bench/configs" / f"{name}.json").read_text()).items()
               if not k.startswith("_")}
     config = AutoConfig.for_model(**(values | (SCALED_DOWN if scaled_down else {})))
-    tok_dir = build_tiny_model(where / "tokenizer", [rollout.STUDENT_TEMPLATE, rollout.TEACHER_TEMPLATE] * 8)
     path = where / name
+    if (path / "tokenizer_config.json").exists():  # written last: the build finished
+        return path
+    tok_dir = build_tiny_model(where / "tokenizer", [rollout.STUDENT_TEMPLATE, rollout.TEACHER_TEMPLATE] * 8)
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes for 8B
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path)
@@ -98,7 +101,7 @@ def measure(path: Path, length: int, args, overrides: list[str]) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = popsd.make_optimizer(cfg, params)
     pad_id = tokenizer.pad_token_id
-    for _ in range(2):  # warm-up, then the measured step
+    for _ in range(args.steps):  # warm-up step(s), then the measured one
         ph = Phases(device)
         with ph("sample"):
             rollout = sample(model, tokenizer, contexts, n=1, max_new_tokens=length, min_new_tokens=length,
@@ -137,10 +140,25 @@ def main(argv):
     p.add_argument("--reference-len", type=int, default=1024, help="reference solution tokens (teacher, ref-only)")
     p.add_argument("--keep-cache", action="store_true", help="skip torch.cuda.empty_cache() after sampling")
     p.add_argument("--cpu-test", action="store_true", help="scaled-down architectures on the CPU")
+    p.add_argument("--steps", type=int, default=2, help="steps per row, the last measured (1: no warm-up, faster)")
+    p.add_argument("--build-dir", help="keep the built architectures here and reuse them (default: a temporary folder)")
+    p.add_argument("--build-only", action="store_true", help="build the architectures into --build-dir, then stop")
+    p.add_argument("--check-args", action="store_true", help="parse the arguments, print them, stop (gpu_check.sh --dry-run)")
     args, overrides = p.parse_known_args(argv)
+    if args.check_args:  # the overrides are recipe fields: checked by popsd's own config
+        popsd.make_config("single_gpu", [*overrides, "out_dir=unused"])
+        print(f"arguments ok: {vars(args)} {overrides}")
+        return
     device = torch.device("cpu" if args.cpu_test else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU, or use --cpu-test")
+    if args.build_only:
+        if not args.build_dir:
+            p.error("--build-only needs --build-dir")
+        for name in args.models.split(","):
+            t0 = time.perf_counter()
+            print(f"built {build(name, Path(args.build_dir), args.cpu_test, device)} in {time.perf_counter() - t0:.0f} s")
+        return
     import transformers
     from rich.console import Console
     from rich.table import Table
@@ -150,7 +168,7 @@ def main(argv):
         table.add_column(c, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            path = build(name, Path(tmp), args.cpu_test, device)
+            path = build(name, Path(args.build_dir or tmp), args.cpu_test, device)
             for length in map(int, args.lengths.split(",")):
                 try:
                     row = measure(path, length, args, overrides)
@@ -168,7 +186,8 @@ def main(argv):
                                            else "") for r in row["phases"].values()]
                 peak = row["peak_reserved_gib"]
                 table.add_row(name, str(length), *cells, f"{row['step_s']:.1f}", "n/a" if peak is None else f"{peak:.1f}")
-            shutil.rmtree(path)
+            if not args.build_dir:
+                shutil.rmtree(path)
     Console().print(table)
     print("phase cells: seconds / peak allocated GiB (peak reserved GiB), over the measured step")
 

@@ -107,7 +107,13 @@ def main():
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--reference-limit-gb", type=float, default=16.0, help="skip the reference path above this")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    p.add_argument("--check-args", action="store_true", help="parse the arguments, print them, stop (gpu_check.sh --dry-run)")
     a = p.parse_args()
+    if a.check_args:
+        if set(a.cases.split(",")) - set(CASES):
+            p.error(f"unknown cases {sorted(set(a.cases.split(',')) - set(CASES))}; known: {CASES}")
+        print(f"arguments ok: {vars(a)}")
+        return
     if a.child:
         case, n = a.child.split(":")
         print(json.dumps(run_case(case, int(n), a.h, a.v, a.dtype, a.device, a.chunk_mb)))

@@ -248,3 +248,22 @@ def test_fused_chunk_size_from_memory_budget():
     assert tiny_budget.item() == pytest.approx(full.item(), rel=1e-6)
     with pytest.raises(ValueError, match="needs h_refonly and h_base"):
         L.fused_loss(hs, ht, None, None, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it)")
+@pytest.mark.parametrize("method", ["purified", "opsd"])
+def test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size(method):
+    """The CUDA path (bf16 weights and hidden states, torch.mm with fp32 output) against the fp32 reference on
+    the same bf16 values, at Qwen3-8B's V = 151,936 and H = 4096: value and gradient."""
+    w, hs = fused_inputs(256, v=151936, h=4096, dtype=torch.bfloat16)
+    w, hs = w.cuda(), [h.cuda() for h in hs]
+    kw = dict(method=method, kind="jsd", clip=10.0, temperature=1.1)
+    ref_h = hs[0].float().clone().requires_grad_()
+    ref_loss, _ = L.reference_loss(ref_h, *(h.float() for h in hs[1:]), w.float(), **kw)
+    fused_h = hs[0].clone().requires_grad_()
+    loss, _ = L.fused_loss(fused_h, *hs[1:], w, **kw)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3)
+    ref_loss.backward()
+    loss.backward()
+    assert fused_h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(fused_h.grad.float(), ref_h.grad, atol=2e-2 * ref_h.grad.abs().max().item(), rtol=2e-2)

@@ -5,7 +5,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import popsd
 import rollout
 from rollout import (STUDENT_TEMPLATE, Contexts, build_contexts, check_templates, completion_hidden, completion_mask,
-                     fill, marker_counts, sample)
+                     fill, generate, marker_counts, sample)
 
 
 def successor_model(vocab=64):
@@ -113,3 +113,19 @@ def test_sampling_uses_the_kv_cache_and_masks_after_eos(tiny):
 
 def test_marker_counts_whole_words_any_case():
     assert marker_counts(["Wait, maybe we CHECK it.", "waiting checked perhaps", "Perhaps... wait"]) == 6
+
+
+def test_every_rollout_engine_samples_what_the_dynamic_cache_samples(tiny):
+    """engine=static (preallocated KV cache) gives dynamic's greedy completions and, with the same seed, the same
+    samples: the same distribution, not only the same argmax."""
+    tok, model = tiny
+    prompts = [build_contexts(tok, q, "r", templates=(STUDENT_TEMPLATE, "{question}{reference}", "{reference}"),
+                              student_thinking=False, teacher_thinking=False).student for q in ("1+1", "2*3=?", "x")]
+    kw = dict(n=2, max_new_tokens=10, temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id], batch_size=6,
+              device="cpu")
+    for do_sample in (False, True):
+        got = {}
+        for engine in ("dynamic", "static"):
+            torch.manual_seed(0)
+            got[engine] = generate(model, tok, prompts, engine=engine, do_sample=do_sample, **kw)[0]
+        assert torch.equal(got["dynamic"], got["static"]), do_sample

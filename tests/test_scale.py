@@ -108,3 +108,67 @@ def test_gpu_memory_bench_runs_scaled_down_on_cpu():
         assert list(r["phases"]) == ["sample", "score", "loss+backward", "step"]
         assert all(p["s"] > 0 and p["alloc_gib"] is None for p in r["phases"].values())
     assert "peak reserved GiB" in stdout
+
+
+def test_rollout_bench_checks_every_engine_then_times_it_on_cpu(tmp_path):
+    out = tmp_path / "rollout.jsonl"
+    stdout = launch([ROOT / "bench/rollout.py", "--cpu-test", "--out", out], ranks=1)
+    got = rows(out)
+    assert [(r["engine"], r["workload"]) for r in got] == [(e, w) for e in ("dynamic", "static", "compile", "continuous")
+                                                           for w in ("fixed", "longtail")]
+    for r in got:
+        if r["engine"] == "compile":
+            assert r["skipped"] == "compile is measured on CUDA only"
+            continue
+        assert "skipped" not in r, r  # exact (greedy tokens and log-probs) and timed
+        assert r["seconds"] > 0 and 0 < r["floor_fraction"] < 1 and r["bandwidth_gbs"] > 0
+    fixed, longtail = got[0], got[1]
+    assert fixed["tokens"] == 8 * 48 and longtail["tokens"] < fixed["tokens"] / 2  # most sequences stop early
+    assert "% of floor" in stdout
+
+
+def test_engine_check_lets_greedy_tokens_part_only_at_a_near_tie():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_rollout", ROOT / "bench/rollout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)  # [B, T, V]; EOS = 10
+    logits[..., 10] = 30.0  # EOS would win, but it is banned: the near-tie test must ignore it
+    ref = logits[..., :10].argmax(-1).tolist()
+    check = lambda tokens, got_logits, tol=0.1: bench.compare_greedy(tokens, got_logits, ref, logits, 10, tol)  # noqa: E731
+    assert check(ref, logits) == "" and check(ref, None) == ""
+    second = logits[0, 2, :10].topk(2).indices[1].item()
+    parted = [ref[0][:2] + [second] + ref[0][3:], ref[1]]
+    assert "row 0, step 2: no near-tie" in check(parted, None)  # a clear margin: a real difference
+    tied = logits.clone()
+    tied[0, 2, second] = tied[0, 2, ref[0][2]] - 0.05  # now within rounding of the top
+    assert bench.compare_greedy(parted, None, ref, tied, 10, 0.1) == ""
+    assert bench.compare_greedy(parted, tied + 0.01 * torch.randn(tied.shape, generator=g), ref, tied, 10, 0.1) == ""
+    off = tied.clone()
+    off[1, 1] += torch.linspace(0, 1, 11)  # log-probs 0.5 apart before any parting: not the same distribution
+    assert "log-probs differ" in bench.compare_greedy(parted, off, ref, tied, 10, 0.1)
+
+
+def test_sampling_gathers_sharded_weights_once_with_the_same_tokens(tmp_path):
+    out = tmp_path / "fsdp.jsonl"
+    stdout = launch([ROOT / "bench/fsdp_generate.py", "--tokens", "16", "--repeats", "1", "--out", out], ranks=2)
+    got = rows(out)
+    assert [r["gather_once"] for r in got] == [False, True] and all(r["same_tokens"] for r in got)
+    assert all(r["ranks"] == 2 and r["seconds"] > 0 for r in got) and "speed-up" in stdout
+
+
+def test_gpu_check_dry_run_finds_every_command_and_its_arguments(tmp_path):
+    out = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--dry-run"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [line.split()[1] for line in out.stdout.splitlines()] == ["cuda-tests:", "loss-bf16:", "build:",
+                                                                     "rollout-nf4:", "gpu-memory:"]
+    assert all(line.startswith("ok") for line in out.stdout.splitlines())
+    bad = subprocess.run([sys.executable, str(ROOT / "bench/rollout.py"), "--engines", "warp", "--check-args"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown engine" in bad.stderr  # what --dry-run would report as FAILED
+    no_gpu = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    if not torch.cuda.is_available():
+        assert no_gpu.returncode == 2 and "no CUDA device" in no_gpu.stderr
