@@ -43,10 +43,7 @@ def main(argv):
         if args.model == "toy":
             path = ROOT / "data/toyworld/base"
         else:
-            import importlib.util
-            spec = importlib.util.spec_from_file_location("gpu_memory", ROOT / "bench/gpu_memory.py")
-            gpu_memory = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(gpu_memory)
+            import gpu_memory  # bench/, this script's folder, is on sys.path behind ROOT
             path = where / args.model
             if rank == 0:
                 gpu_memory.build(args.model, where, device.type == "cpu", device)
