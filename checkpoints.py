@@ -23,6 +23,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapte
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
     "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
+    "rollout_server", "rollout_adapter_dir", "rollout_concurrency", "vllm_gpu_memory", "vllm_kv_cache_gb",
+    "vllm_enforce_eager",
     "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature",
     "eval_top_p", "eval_grader"}
 
@@ -31,6 +33,12 @@ def trainable_state(model) -> dict:
     """The trainable (LoRA) weights by parameter name, whole, on the CPU. Under FSDP every rank must call it."""
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
             for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model, weights: dict, folder: Path):
+    """An adapter in PEFT format (adapter_config.json + adapter_model.safetensors) for a sampling engine."""
+    model.save_pretrained(folder, state_dict=weights)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not needed by an engine
 
 
 def check_finite(weights: dict):

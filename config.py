@@ -58,7 +58,13 @@ class Config:
     top_p: float = 0.95  # nucleus sampling
     top_k: int = 20  # top-k sampling (0: off)
     gen_batch_size: int = 32  # sequences per generate call
-    rollout_engine: str = "dynamic"  # dynamic | static: HF generate's KV cache grown or preallocated (+ compiled: bf16, CUDA)
+    rollout_engine: str = "dynamic"  # dynamic | static: HF generate, KV cache grown | preallocated; vllm: vLLM in this process
+    rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (server_pool.py; README has the command)
+    rollout_adapter_dir: str = ""  # folder the servers read each step's adapter from ("": <out_dir>/rollout_adapters)
+    rollout_concurrency: int = 16  # requests in flight per rollout server
+    vllm_gpu_memory: float = 0.3  # rollout_engine=vllm on a GPU: fraction of the card vLLM may take while it samples
+    vllm_kv_cache_gb: float = 0.0  # vLLM's KV cache in GiB (0: from vllm_gpu_memory on a GPU, 1 GiB on a CPU)
+    vllm_enforce_eager: bool = False  # vLLM on a GPU without CUDA graphs (starts faster; a CPU is always eager)
     sample_gathered: bool = True  # FSDP: gather the weights once per generate call (each GPU holds the whole model)
     # algorithm
     method: str = "purified"  # purified (PMI target) | opsd (target = teacher)
@@ -107,7 +113,7 @@ class Config:
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
            "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine"),
            "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", "toyworld"), "prompts": tuple(PROMPTS),
-           "rollout_engine": ENGINES}
+           "rollout_engine": ENGINES + ("vllm",)}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -168,9 +174,9 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
 
 POSITIVE = ("lr", "temperature", "beta", "max_grad_norm", "lora_alpha", "eval_temperature")  # > 0, or nothing trains
 AT_LEAST_1 = ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "gen_batch_size",
-              "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints")
+              "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints", "rollout_concurrency")
 NOT_NEGATIVE = ("top_k", "warmup_steps", "weight_decay", "save_every", "eval_every", "eval_limit",
-                "samples_per_step", "threads", "loss_chunk_mb")  # loss_chunk_mb=0: one token per chunk
+                "samples_per_step", "threads", "loss_chunk_mb", "vllm_kv_cache_gb")  # loss_chunk_mb=0: one token per chunk
 POSITIVE_OR_NONE = ("clip", "loss_temperature", "token_clip")
 
 
@@ -193,6 +199,13 @@ def validate(cfg: Config):
     for key in ("top_p", "eval_top_p"):
         if not 0 < getattr(cfg, key) <= 1:
             fail(key, "must be in (0, 1]")
+    if not 0 < cfg.vllm_gpu_memory <= 1:
+        fail("vllm_gpu_memory", "must be in (0, 1]")
+    if cfg.rollout_server and cfg.rollout_engine == "vllm":
+        fail("rollout_server", "and rollout_engine=vllm both name the sampler: keep one")
+    for url in filter(None, (u.strip() for u in cfg.rollout_server.split(","))):
+        if not re.match(r"^https?://[^/\s]+", url):
+            fail("rollout_server", f"holds {url!r}, not an http(s)://host:port address")
     if not 0 <= cfg.lora_dropout < 1:
         fail("lora_dropout", "must be in [0, 1)")
     if cfg.divergence == "jsd" and not 0 < cfg.jsd_beta < 1:

@@ -28,7 +28,7 @@ from grading import grade, pass_at_k
 from data import PopsdError, model_load_error, read_rows, resolve_local
 from models import eos_ids, generation_batch, memory_budget, merge_adapter, pick_device, quantization_config
 from distributed import gather
-from rollout import STUDENT_TEMPLATE, chat_ids, fill, generate, marker_counts
+from rollout import STUDENT_TEMPLATE, HFSampler, chat_ids, fill, marker_counts, request_seed
 
 console = Console()
 
@@ -74,9 +74,12 @@ def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: lis
 
 def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
              top_k: int, eos_ids: list[int], batch_size: int, device, template: str = STUDENT_TEMPLATE,
-             thinking: bool = False, seed: int = 0, progress=None, rank: int = 0, world: int = 1, grader: str = "math"):
+             thinking: bool = False, seed: int = 0, progress=None, rank: int = 0, world: int = 1, grader: str = "math",
+             sampler=None):
     """Sample n completions per question of each benchmark, grade them; returns (metrics, records) per bench.
 
+    sampler: who generates (rollout.py's samplers; during training, the run's own, so an engine evaluates
+    too); None: HF generate on `model`. Engines take a seed per question, HF generate torch's generator.
     grader: "math" (is_correct: the last \\boxed{} against the gold answer) or "toyworld" (toyworld.check:
     the toy world's exact checker, which also counts step errors, caught errors and false reflections).
     thinking: the chat template's thinking mode; then only the text after the reasoning block is graded, and
@@ -87,6 +90,8 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
     results hold them all.
     """
     from rich.progress import Progress
+    sampler = sampler or HFSampler(model, tokenizer, engine="dynamic", batch_size=batch_size, device=device,
+                                   eos_ids=eos_ids)
     metrics, records = {}, {}
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         for name, rows in benches.items():
@@ -96,9 +101,9 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
             prompts = [chat_ids(tokenizer, fill(template, question=rows[i][0]), thinking) for i in padded]
             with contextlib.nullcontext(progress) if progress else Progress(console=console, transient=True) as bar:
                 task = bar.add_task(f"eval {name}", total=len(prompts) * n)
-                _, mask, truncated, texts = generate(
-                    model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, top_k=top_k, eos_ids=eos_ids, batch_size=batch_size, device=device,
+                _, mask, truncated, texts, _ = sampler.generate(
+                    prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    seeds=[request_seed(seed, f"eval:{name}", i) for i in padded],
                     on_batch=lambda k: bar.advance(task, k))
                 bar.remove_task(task)
             lengths, truncated = mask.sum(1).tolist(), truncated.tolist()
@@ -172,14 +177,14 @@ def held_out_benches(cfg, train_rows) -> dict:
     return benches
 
 
-def in_training(step: int, model, tokenizer, benches: dict, cfg, eos: list[int], device, out: Path, bar,
-                rank: int = 0, world: int = 1):
-    """Evaluate the student (adapters on); results in out/eval/step_N/, metrics as eval/<bench>/<name>."""
+def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, bar, rank: int = 0, world: int = 1):
+    """Evaluate the student (adapters on) with the run's sampler (HF generate or its engine); results in
+    out/eval/step_N/, metrics as eval/<bench>/<name>."""
     metrics, records = evaluate(
-        model, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
-        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=eos, batch_size=cfg.gen_batch_size,
-        device=device, template=cfg.student_template, thinking=cfg.student_thinking, seed=cfg.seed, progress=bar,
-        rank=rank, world=world, grader=cfg.eval_grader)
+        None, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
+        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=sampler.eos_ids, batch_size=0,
+        device=getattr(sampler, "device", "cpu"), template=cfg.student_template, thinking=cfg.student_thinking,
+        seed=cfg.seed, progress=bar, rank=rank, world=world, grader=cfg.eval_grader, sampler=sampler)
     if rank == 0:
         write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step})
     console.print(results_table(metrics, f"eval at step {step}"))

@@ -79,6 +79,12 @@ def signal_diagnostics(student_logits, teacher_logits, refonly_logits, *, temper
 
 
 @torch.no_grad()
+def token_logprob(logits, tokens):
+    """[N] log softmax(logits)[tokens] at τ = 1: the log-prob a sampler reports for the token it sampled."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None].long())[:, 0]  # [N]
+
+
+@torch.no_grad()
 def entropy(logits, *, temperature=1.0):
     """Per-token entropy [N] of softmax(logits/τ)."""
     logp = _logp(logits, temperature)  # [N, V]
@@ -86,11 +92,13 @@ def entropy(logits, *, temperature=1.0):
 
 
 def reference_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="purified", kind="jsd",
-                   jsd_beta=0.5, beta=1.0, clip=10.0, temperature=1.0, token_clip=None):
+                   jsd_beta=0.5, beta=1.0, clip=10.0, temperature=1.0, token_clip=None, tokens=None):
     """The readable path: materialise all logits, then target → divergence.
 
     h_*: [N, H] final hidden states at the positions that score ŷ (see rollout.completion_hidden);
     weight: [V, H] frozen output head. h_refonly may be None for method="opsd" (then no diagnostics).
+    tokens: [N] the sampled ids ŷ_t, optional: then stats["logprob"] is the student's log π_θ(ŷ_t) at τ = 1
+    (raw logits, as a sampler reports it).
     Returns (loss_sum: scalar, sum over N of the per-token divergence; stats: per-token [N] tensors).
     """
     w = weight.detach().float()  # [V, H]
@@ -108,6 +116,8 @@ def reference_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="p
     per_token = divergence(student, target, kind=kind, jsd_beta=jsd_beta,
                            temperature=temperature, token_clip=token_clip)  # [N]
     stats = {"entropy": entropy(student, temperature=temperature)}  # [N]
+    if tokens is not None:
+        stats["logprob"] = token_logprob(student.detach(), tokens)  # [N]
     if refonly is not None:
         stats.update(signal_diagnostics(student, teacher, refonly, temperature=temperature))
     return per_token.sum(), stats
@@ -137,7 +147,7 @@ def _row_sum_of_product(a, b, tmp):
 
 
 def fused_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="purified", kind="jsd", jsd_beta=0.5,
-               beta=1.0, clip=10.0, temperature=1.0, token_clip=None, chunk_size=None, chunk_mb=512):
+               beta=1.0, clip=10.0, temperature=1.0, token_clip=None, chunk_size=None, chunk_mb=512, tokens=None):
     """reference_loss's (loss_sum, stats), computed in chunks of tokens.
 
     h_*: [N, H] hidden states (any float dtype); weight: [V, H] frozen head. chunk_size: tokens per
@@ -151,10 +161,11 @@ def fused_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="purif
     if kind not in KINDS:
         raise ValueError(f"divergence kind {kind!r} is not one of {KINDS}")
     opts = dict(method=method, kind=kind, b=jsd_beta, beta=beta, clip=clip, tau=temperature,
-                token_clip=token_clip, chunk_size=chunk_size, chunk_mb=chunk_mb,
+                token_clip=token_clip, chunk_size=chunk_size, chunk_mb=chunk_mb, tokens=tokens,
                 need_grad=torch.is_grad_enabled() and h_student.requires_grad)
     loss_sum, stats = _FusedLoss.apply(h_student, weight, h_teacher, h_refonly, h_base, opts)
-    names = ["entropy"] + (["cos_total_ref", "cos_total_it", "norm_ratio"] if h_refonly is not None else [])
+    names = ["entropy"] + (["cos_total_ref", "cos_total_it", "norm_ratio"] if h_refonly is not None else []) + \
+        (["logprob"] if tokens is not None else [])
     return loss_sum, {k: stats[:, i] for i, k in enumerate(names)}
 
 
@@ -175,7 +186,7 @@ class _FusedLoss(torch.autograd.Function):
 
 @torch.no_grad()
 def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, kind, b, beta, clip, tau,
-                   token_clip, chunk_size, chunk_mb, need_grad):
+                   token_clip, chunk_size, chunk_mb, tokens, need_grad):
     n, v = h_student.shape[0], weight.shape[0]
     device = h_student.device
     w = weight.detach()
@@ -188,13 +199,17 @@ def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, k
     Z = torch.empty(rows, v, device=device) if token_clip is not None else None  # [C, V]
     grad = torch.zeros(n, h_student.shape[1], device=device) if need_grad else None  # [N, H]
     per_token = torch.empty(n, device=device)  # [N]
-    stats = torch.empty(n, 4 if diag else 1, device=device)  # [N, k]
+    k_lp = 4 if diag else 1  # column of the token log-prob, when tokens are given
+    stats = torch.empty(n, k_lp + (tokens is not None), device=device)  # [N, k]
     for i in range(0, n, rows):
         c = min(rows, n - i)
         a, d, e, f, g = A[:c], D[:c], E[:c], F[:c], G[:c]  # [c, V] views
         sl = slice(i, i + c)
         # student: a = log π_θ, d = π_θ
         _project(e, h_student[sl], w, tau)
+        if tokens is not None:  # log π_θ(ŷ_t) at τ = 1 (raw logits): d is scratch until it holds π_θ
+            raw = torch.mul(e, tau, out=d) if tau != 1.0 else e  # [c, V]
+            stats[sl, k_lp] = raw.gather(-1, tokens[sl, None].long().to(device))[:, 0] - torch.logsumexp(raw, -1)
         _log_softmax_into(a, e)
         torch.exp(a, out=d)
         stats[sl, 0] = -_row_sum_of_product(d, a, e)  # entropy

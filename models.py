@@ -37,7 +37,11 @@ def load_model(cfg, device: torch.device, path: str):
             if isinstance(m, bnb.nn.Linear4bit):  # forwards then go through gemv_4bit, which has no backward
                 m.support_avx512bf16_for_cpu = False
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.20; before: the old name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]

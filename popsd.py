@@ -13,10 +13,14 @@ Each step: sample → score → target → loss → step → log → save.
   3. the target is the Purified PMI target (or π_T for method=opsd), see loss.py;
   4. the loss is the per-token divergence summed over tokens, divided by the number of valid
      completion tokens of the whole optimizer step, so micro-batching does not change the update.
-Departures from the paper: HF generate instead of vLLM; teacher=live applies to the teacher and
-reference-only passes, the clean base stays the frozen initial policy.
+Sampling: HF generate on the training model (rollout_engine=dynamic, the default), vLLM in this process
+(rollout_engine=vllm) or a pool of vLLM servers (rollout_server=URL,...); an engine gets each step's
+adapter before it samples again (sampler.sync), so every rollout is on-policy.
+Departures from the paper: teacher=live applies to the teacher and reference-only passes, the clean base
+stays the frozen initial policy.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,7 +44,7 @@ from checkpoints import (check_finite, latest_checkpoint, load_checkpoint, prepa
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
-from rollout import Rollout, build_contexts, completion_hidden, marker_counts, sample
+from rollout import HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, request_seed
 
 console = Console()
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*")
@@ -123,11 +127,17 @@ def student_loss(model, body, head, part: Rollout, frozen, cfg: Config, pad_id: 
     """The student pass (LoRA on, with grad) and the loss against the target: (loss_sum, per-token stats)."""
     model.train()
     h_student = completion_hidden(body, [c.student for c in part.contexts], part.completions, part.mask, pad_id)
+    tokens = None if part.logprobs is None else part.completions[part.mask].to(h_student.device)  # [N] ŷ
     kwargs = dict(method=cfg.method, kind=cfg.divergence, jsd_beta=cfg.jsd_beta, beta=cfg.beta, clip=cfg.clip,
-                  token_clip=cfg.token_clip, temperature=cfg.loss_temperature or cfg.temperature)
+                  token_clip=cfg.token_clip, temperature=cfg.loss_temperature or cfg.temperature, tokens=tokens)
     if cfg.loss_impl == "fused":
-        return L.fused_loss(h_student, *frozen, head, chunk_mb=cfg.loss_chunk_mb, **kwargs)
-    return L.reference_loss(h_student, *frozen, head, **kwargs)
+        loss_sum, stats = L.fused_loss(h_student, *frozen, head, chunk_mb=cfg.loss_chunk_mb, **kwargs)
+    else:
+        loss_sum, stats = L.reference_loss(h_student, *frozen, head, **kwargs)
+    if tokens is not None:  # rollout/trainer mismatch: the engine's raw log-probs against the student's, τ = 1
+        sampler_lp = part.logprobs[part.mask].to(stats["logprob"].device)  # [N]
+        stats["sampler_logprob_gap"] = (stats.pop("logprob") - sampler_lp).abs()
+    return loss_sum, stats
 
 
 def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params, optimizer, scheduler) -> dict:
@@ -212,18 +222,38 @@ def open_run_folder(cfg: Config, out: Path, rank: int) -> Path | None:
     return ckpt
 
 
-def sample_student(model, tokenizer, batch, cfg: Config, eos, device, step: int) -> Rollout:
-    """rollout.sample with the step's settings; a student whose probabilities overflowed is a clear error."""
+def make_sampler(cfg: Config, model, tokenizer, path: str, eos, device, out: Path, rank: int, world: int):
+    """The sampler the config names (rollout.py): HF generate on this model, vLLM in this process, or servers."""
+    if cfg.rollout_server:
+        import server_pool
+        run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
+        return server_pool.ServerPool(cfg.rollout_server, tokenizer, eos, Path(cfg.rollout_adapter_dir or
+                                      out / "rollout_adapters"), cfg.rollout_concurrency, run_id, rank,
+                                      warn=lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
+    if cfg.rollout_engine == "vllm":
+        if world > 1:
+            raise PopsdError("rollout_engine=vllm runs in one process: under torchrun sample with rollout_server=URL,...")
+        import vllm_engine
+        positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
+        longest = cfg.max_prompt_len + max(cfg.max_new_tokens, cfg.eval_max_new_tokens if cfg.eval_every else 0)
+        return vllm_engine.VLLMEngine(cfg, path, tokenizer, eos, device, max_model_len=min(longest, positions))
+    return HFSampler(model, tokenizer, engine=cfg.rollout_engine, batch_size=cfg.gen_batch_size, device=device,
+                     eos_ids=eos, gather=cfg.sample_gathered)
+
+
+def sample_student(sampler, batch, cfg: Config, step: int, rank: int, world: int) -> Rollout:
+    """n completions per prompt from the student's context; one seed per prompt from (seed, step, its place in
+    the step's batch). A student whose probabilities overflowed is a clear error."""
+    seeds = [request_seed(cfg.seed, step, rank + k * world) for k in range(len(batch))]
     try:
-        return sample(model, tokenizer, batch, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
-                      batch_size=cfg.gen_batch_size, device=device, engine=cfg.rollout_engine,
-                      gather=cfg.sample_gathered)
+        out = sampler.generate([c.student for c in batch], n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seeds=seeds)
     except RuntimeError as e:
         if "probability tensor contains" not in str(e):
             raise
         raise PopsdError(f"step {step}: the student's next-token probabilities are not finite: the run diverged; "
                          "lower lr or max_grad_norm and resume from the last checkpoint") from None
+    return Rollout([c for c in batch for _ in range(cfg.n_samples)], *out)
 
 
 def train(cfg: Config) -> Path:
@@ -271,27 +301,32 @@ def train(cfg: Config) -> Path:
                 if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
     eos, pad_id = eos_ids(model, tokenizer), tokenizer.pad_token_id
+    sampler = make_sampler(cfg, model, tokenizer, path, eos, device, out, rank, world)
     stop, skips = StopRequest(), 0
     try:
+        sampler.sync(model, start)  # the engine samples from this run's adapter (a resumed one: the checkpoint's)
         with progress() as bar, open(metrics_path if rank == 0 else os.devnull, "a") as metrics_file:
             task = bar.add_task("training", total=cfg.steps, completed=start)
             if benches and start == 0:  # the baseline: the initial policy before any update
-                row = {"step": 0, **E.in_training(0, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)}
+                row = {"step": 0, **E.in_training(0, sampler, tokenizer, benches, cfg, out, bar, rank, world)}
                 metrics_file.write(json.dumps(row) + "\n")
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.time()
                 batch = [examples[i] for i in stream.take(cfg.batch_size)][rank::world]  # this rank's share
                 # 1. sample: the student completes each question from its own context
-                rollout = sample_student(model, tokenizer, batch, cfg, eos, device, step)
+                rollout = sample_student(sampler, batch, cfg, step, rank, world)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
                 t_sample = time.time() - t0
                 # 2-5. score in all contexts → target → loss, backward per micro-batch → clip → step
                 row = {"step": step, **update(model, body, head, rollout, cfg, pad_id, params, optimizer, scheduler),
-                       "time_sample": t_sample, "time_step": time.time() - t0}
+                       "time_sample": t_sample}
+                t_sync = time.time()
+                sampler.sync(model, step)  # the updated adapter reaches the engine before it samples again
+                row |= {"time_sync": time.time() - t_sync, "time_step": time.time() - t0}
                 skips, warning = health(row, skips, head.shape[0], cfg)
                 if benches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    row |= E.in_training(step, model, tokenizer, benches, cfg, eos, device, out, bar, rank, world)
+                    row |= E.in_training(step, sampler, tokenizer, benches, cfg, out, bar, rank, world)
                 # 6. log (rank 0)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -315,6 +350,7 @@ def train(cfg: Config) -> Path:
                     sys.exit(128 + (stop.signum or signal.SIGTERM))
     finally:
         stop.restore()
+        sampler.close()
     weights = trainable_state(model)
     check_finite(weights)
     if rank == 0:
@@ -332,6 +368,8 @@ def step_line(row: dict, steps: int) -> str:
     if "cos_total_ref" in row:
         line += (f"  cos(Δ,Δref) {row['cos_total_ref']:+.2f}  cos(Δ,Δit) {row['cos_total_it']:+.2f}"
                  f"  |Δref|/|Δ| {row['norm_ratio']:.2f}")
+    if "sampler_logprob_gap" in row:
+        line += f"  gap {row['sampler_logprob_gap']:.1e}"
     return line + f"  markers {row['markers_per_1k']:.1f}/1k  {row['time_step']:.1f}s"
 
 

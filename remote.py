@@ -5,80 +5,18 @@
 
 popsd builds each prompt exactly as the HF path does (student template, chat template, thinking mode) and
 sends it to /v1/completions as token ids, or as text where the server only takes text (`transformers
-serve`); the server's count of prompt tokens is checked against popsd's. One request per sample, each
-with its own seed (servers differ on `n`), `--concurrency` at a time, retried with backoff when the
-connection fails. Each question is graded and appended to out/partial.jsonl as soon as its samples are
+serve`); the server's count of prompt tokens is checked against popsd's. Every sampling parameter is
+sent (top_k -1 when off: a server fills what is left out from the model's generation_config). One
+request per sample, each with its own seed (servers differ on `n`), `--concurrency` at a time, retried
+with backoff when the connection fails. The client (server_pool.Server) takes URL or URL/v1. Each question is graded and appended to out/partial.jsonl as soon as its samples are
 in: an interrupted evaluation resumes from there with the same settings.
 """
 import concurrent.futures
 import json
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from data import PopsdError
-
-
-class Server:
-    """A thin client of /v1/models and /v1/completions, standard library only."""
-
-    def __init__(self, url: str, model: str, retries: int = 5, timeout: float = 3600):
-        self.url, self.model, self.retries, self.timeout = url.rstrip("/"), model, retries, timeout
-        self.send_ids = True  # token-id prompts until the server says it takes text only
-        self.prompt_mismatch = 0  # text prompts the server tokenized differently from popsd
-
-    def request(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
-        """GET (no body) or POST JSON; connection errors and 5xx answers are retried with exponential backoff."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        for attempt in range(self.retries if retries is None else retries):
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:500]
-                if e.code < 500 or attempt == (self.retries if retries is None else retries) - 1:
-                    raise ServerError(e.code, detail) from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-                if attempt == (self.retries if retries is None else retries) - 1:
-                    raise PopsdError(f"could not reach the server at {self.url} ({getattr(e, 'reason', e)}): is it "
-                                     "running, and is --server its address (e.g. http://localhost:8000)?") from None
-            time.sleep(min(2 ** attempt, 30))
-
-    def check_model(self):
-        """A clear error, before any work, when the server is unreachable or does not serve --served-model."""
-        served = [m["id"] for m in self.request("/v1/models", retries=2).get("data", [])]
-        if self.model not in served:
-            raise PopsdError(f"the server at {self.url} does not serve {self.model!r}; it serves: "
-                             f"{', '.join(served) or 'nothing'} (pass one of them as --served-model)")
-
-    def complete(self, ids: list[int], text: str, seed: int, params: dict) -> dict:
-        """One completion: {"text", "tokens", "truncated"}."""
-        body = {"model": self.model, "max_tokens": params["max_new_tokens"], "temperature": params["temperature"],
-                "top_p": params["top_p"], "seed": seed, "n": 1}
-        if params["top_k"]:
-            body["top_k"] = params["top_k"]  # not an OpenAI field: sent only when asked for (vLLM, SGLang take it)
-        if self.send_ids:
-            try:
-                out = self.request("/v1/completions", body | {"prompt": ids})
-            except ServerError as e:
-                if e.code not in (400, 422) or "prompt" not in e.detail:
-                    raise
-                self.send_ids = False  # this server takes text: popsd's chat-templated prompt, decoded
-        if not self.send_ids:
-            out = self.request("/v1/completions", body | {"prompt": text})
-            if out.get("usage", {}).get("prompt_tokens", len(ids)) != len(ids):
-                self.prompt_mismatch += 1
-        choice = out["choices"][0]
-        tokens = out.get("usage", {}).get("completion_tokens", 0)
-        return {"text": choice["text"], "tokens": tokens, "truncated": choice.get("finish_reason") == "length"}
-
-
-class ServerError(Exception):
-    def __init__(self, code: int, detail: str):
-        super().__init__(f"HTTP {code}: {detail}")
-        self.code, self.detail = code, detail
+from server_pool import Server, ServerError  # noqa: F401  (the client; eval.py reaches it through here)
 
 
 def evaluate_remote(server: Server, tokenizer, benches: dict, prompts: dict, *, n: int, seed: int, params: dict,
@@ -125,6 +63,9 @@ def evaluate_remote(server: Server, tokenizer, benches: dict, prompts: dict, *, 
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     progress.remove_task(task)
+    if server.openai_only:
+        progress.console.print(f"note: the server at {server.url} takes only OpenAI's sampling fields: top_k, min_p "
+                               "and repetition_penalty were left to its own defaults (the model's generation_config)")
     if server.prompt_mismatch:
         progress.console.print(f"[yellow]warning: for {server.prompt_mismatch} prompts sent as text, the server counted "
                                "a different number of prompt tokens than popsd's chat template gives[/]")

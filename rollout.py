@@ -9,6 +9,7 @@ The completion ŷ is sampled once, from the student context, and appended as tok
 context: it is never decoded and re-tokenized, so all four score exactly the same tokens.
 """
 import contextlib
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ class Rollout:
     mask: torch.Tensor  # [B, T] bool, True up to and including EOS
     truncated: torch.Tensor  # [B] bool, no EOS within max_new_tokens
     texts: list[str]  # [B] decoded completions (for logging only)
+    logprobs: torch.Tensor | None = None  # [B, T] float: the sampler's raw log-prob of each token (engines only)
 
     def __len__(self):
         return len(self.contexts)
@@ -69,8 +71,9 @@ class Rollout:
     def select(self, rows: slice) -> "Rollout":
         mask = self.mask[rows]
         t = int(mask.sum(1).max().item()) if mask.numel() else 0  # trim padding columns
+        lp = None if self.logprobs is None else self.logprobs[rows, :t]
         return Rollout(self.contexts[rows], self.completions[rows, :t], mask[:, :t],
-                       self.truncated[rows], self.texts[rows])
+                       self.truncated[rows], self.texts[rows], lp)
 
 
 def check_templates(student: str, teacher: str, refonly: str):
@@ -168,6 +171,58 @@ def sample(model, tokenizer, contexts: list[Contexts], *, n, **kwargs) -> Rollou
     """n completions per prompt from the student (adapters on), each from its student context."""
     out = generate(model, tokenizer, [c.student for c in contexts], n=n, **kwargs)
     return Rollout([c for c in contexts for _ in range(n)], *out)
+
+
+# ----------------------------------------------------------------------------- samplers
+# The loop holds one sampler: HF generate on the training model (below), vLLM in this process
+# (vllm_engine.py) or a pool of vLLM servers (server_pool.py). Each has sync(model, step), which makes the
+# step's adapter the one that samples, generate(prompts, ...) and close(); engines report log-probs.
+
+def request_seed(seed: int, step: int, index: int) -> int:
+    """The seed of one prompt's requests at one step (sample j uses + j): a run's samples depend on its seed,
+    the step and the prompt's place in the step's batch, never on which engine, server or rank sent them."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()[:6], "big")
+
+
+def pack(tokens: list[list[int]], logprobs: list[list[float]] | None, tokenizer, eos_ids: list[int]):
+    """An engine's completions (token ids, EOS included when it stopped there) → generate's tensors:
+    (completions [B, T] padded after EOS, mask [B, T], truncated [B], texts [B], logprobs [B, T] or None)."""
+    pad_id = tokenizer.pad_token_id
+    width = max([len(t) for t in tokens] + [1])
+    completions = torch.full((len(tokens), width), pad_id, dtype=torch.long)  # [B, T]
+    lp = None if logprobs is None else torch.zeros(len(tokens), width)  # [B, T]
+    for i, t in enumerate(tokens):
+        completions[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        if lp is not None:
+            lp[i, :len(t)] = torch.tensor(logprobs[i], dtype=torch.float32)
+    mask, truncated = completion_mask(completions, eos_ids)  # [B, T], [B]
+    mask &= torch.arange(width)[None, :] < torch.tensor([len(t) for t in tokens])[:, None]
+    completions = completions.masked_fill(~mask, pad_id)
+    texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completions, mask)], skip_special_tokens=True)
+    return completions, mask, truncated, texts, lp
+
+
+class HFSampler:
+    """HF generate on the training model itself (engine dynamic | static): always on-policy, nothing to sync;
+    its random numbers come from torch's generator (seeded per run, saved in checkpoints)."""
+    reports_logprobs = False
+
+    def __init__(self, model, tokenizer, *, engine: str, batch_size: int, device, eos_ids: list[int], gather=True):
+        self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, eos_ids, device
+        self.engine, self.batch_size, self.gather = engine, batch_size, gather
+
+    def sync(self, model, step: int):
+        pass
+
+    def generate(self, prompts, *, n, max_new_tokens, temperature, top_p, top_k, seeds=None, on_batch=None):
+        out = generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=self.eos_ids,
+                       batch_size=self.batch_size, device=self.device, on_batch=on_batch, engine=self.engine,
+                       gather=self.gather)
+        return (*out, None)
+
+    def close(self):
+        pass
 
 
 def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id: int) -> torch.Tensor:

@@ -163,22 +163,24 @@ def test_bench_metrics():
     assert set(E.bench_metrics([[True]], [5], [False], 0)) >= {"avg@1", "pass@1"}
 
 
-def test_evaluate_grades_what_was_generated(tiny, monkeypatch):
+def test_evaluate_grades_what_was_generated(tiny):
     """Generation rigged to return known texts: verdicts, extracted answers and metrics follow them."""
     tok, model = tiny
     texts = {0: ["\\boxed{720}", "\\boxed{360}"], 1: ["\\boxed{0.75}", "no answer"], 2: ["\\boxed{3, 2}", "\\boxed{2}"],
              3: ["\\boxed{x \\le 2}", "\\boxed{x<2}"], 4: ["\\boxed{\\sqrt{12}}", "\\boxed{2\\sqrt3}"]}
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, *, n, on_batch, **kw):
-        seen["prompts"] = prompts
-        flat = [t for i in range(len(prompts)) for t in texts[i]]
-        on_batch(len(flat))
-        return None, torch.ones(len(flat), 3, dtype=torch.bool), torch.zeros(len(flat), dtype=torch.bool), flat
-    monkeypatch.setattr(E, "generate", fake_generate)
+    class Rigged:  # a sampler (rollout.py's interface) that returns known texts
+        def generate(self, prompts, *, n, on_batch, seeds, **kw):
+            seen["prompts"], seen["seeds"] = prompts, seeds
+            flat = [t for i in range(len(prompts)) for t in texts[i]]
+            on_batch(len(flat))
+            return None, torch.ones(len(flat), 3, dtype=torch.bool), torch.zeros(len(flat), dtype=torch.bool), flat, None
     name, rows = E.load_bench(str(FIVE))
     metrics, records = E.evaluate(model, tok, {name: rows}, n=2, max_new_tokens=3, temperature=1.0, top_p=1.0,
-                                  top_k=0, eos_ids=[tok.eos_token_id], batch_size=4, device="cpu", thinking=False)
+                                  top_k=0, eos_ids=[tok.eos_token_id], batch_size=4, device="cpu", thinking=False,
+                                  sampler=Rigged())
+    assert len(set(seen["seeds"])) == 5  # engines get a seed per question
     verdicts = [[s["correct"] for s in r["samples"]] for r in records[name]]
     assert verdicts == [[True, False], [True, False], [True, False], [True, False], [True, True]]
     assert records[name][2]["samples"][0]["extracted"] == "3, 2" and records[name][1]["samples"][1]["extracted"] is None

@@ -216,6 +216,23 @@ def test_fused_matches_reference(method, kind, n, chunk_size, token_clip):
         torch.testing.assert_close(stats[k], ref_stats[k], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method,tau,chunk_size", [("purified", 1.1, 4), ("opsd", 1.0, None), ("opsd", 0.7, 3)])
+def test_token_logprob_is_the_raw_log_softmax_of_the_sampled_token_in_both_paths(method, tau, chunk_size):
+    """stats["logprob"]: log π_θ(ŷ_t) at τ = 1 whatever the loss temperature (what a sampler reports), float64
+    brute force; the loss and its gradient do not change when tokens are given."""
+    w, (hs, ht, hr, hb) = fused_inputs(10)
+    tokens = torch.randint(0, w.shape[0], (10,), generator=torch.Generator().manual_seed(3))
+    want = torch.stack([bf_logp(row)[t] for row, t in zip(hs.double() @ w.double().T, tokens)])
+    kw = dict(method=method, temperature=tau)
+    for fn, extra in ((L.reference_loss, {}), (L.fused_loss, {"chunk_size": chunk_size})):
+        h = hs.clone().requires_grad_()
+        loss, stats = fn(h, ht, hr, hb, w, tokens=tokens, **kw, **extra)
+        torch.testing.assert_close(stats["logprob"].double(), want, atol=1e-5, rtol=1e-5)
+        plain, plain_stats = fn(hs.clone(), ht, hr, hb, w, **kw, **extra)
+        assert loss.item() == plain.item() and set(stats) == set(plain_stats) | {"logprob"}
+        torch.testing.assert_close(stats["entropy"], plain_stats["entropy"], atol=0, rtol=0)
+
+
 def test_fused_opsd_without_refonly_and_bf16_inputs():
     w, (hs, ht, _, _) = fused_inputs(11, dtype=torch.bfloat16)
     ref_h, fused_h = hs.clone().requires_grad_(), hs.clone().requires_grad_()

@@ -1,0 +1,256 @@
+"""server_pool.py: OpenAI-compatible servers, as a client (eval.py --server) and as popsd's sampler
+(rollout_server=URL[,URL...]): rollouts on other GPUs or nodes while training runs here.
+
+    python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-8B --enable-lora --max-lora-rank 64 \
+        --logprobs-mode raw_logprobs --generation-config vllm --port 8000     # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+    python popsd.py --recipe single_gpu rollout_server=http://gpu1:8000,http://gpu2:8000
+
+After every optimizer step rank 0 writes the student's adapter to rollout_adapter_dir/popsd-RUN-step-N (a
+folder the servers can read: by default inside the run folder, right when they share this disk), loads
+it on every server (/v1/load_lora_adapter) and unloads the previous one. Each prompt goes as token ids
+to /v1/completions naming popsd-RUN-step-N (RUN: a hash of the run folder), with every sampling parameter explicit (a server fills what a
+request leaves out from the model's generation_config: Qwen3 ships top_k 20) and its own seed per sample;
+requests are spread over the servers, `rollout_concurrency` in flight per server, and a request that
+fails on one server is retried on the others. A reply must name the step's adapter and carry the
+completion's token ids and raw log-probs, or the step stops with a clear error.
+"""
+import concurrent.futures
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import distributed as D
+from checkpoints import save_adapter, trainable_state
+from data import PopsdError
+from rollout import pack
+
+
+def base_url(url: str) -> str:
+    """http://host:port from http://host:port, .../ or .../v1: the client adds /v1/... itself."""
+    url = url.strip().rstrip("/")
+    return url[:-3].rstrip("/") if url.endswith("/v1") else url
+
+
+class ServerError(Exception):
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"HTTP {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+class Server:
+    """A thin client of one server's /v1 API, standard library only."""
+
+    def __init__(self, url: str, model: str | None = None, retries: int = 5, timeout: float = 3600):
+        self.url, self.model, self.retries, self.timeout = base_url(url), model, retries, timeout
+        self.send_ids = True  # token-id prompts until the server says it takes text only
+        self.openai_only = False  # a server that refuses vLLM's sampling fields (transformers serve)
+        self.prompt_mismatch = 0  # text prompts the server tokenized differently from popsd
+
+    def request(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
+        """GET (no body) or POST JSON; connection errors and 5xx answers are retried with exponential backoff."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        tries = self.retries if retries is None else retries
+        for attempt in range(tries):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    raw = r.read()
+                    return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else {"text": raw.decode()}
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:500]
+                if e.code < 500 or attempt == tries - 1:
+                    raise ServerError(e.code, detail) from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+                if attempt == tries - 1:
+                    raise PopsdError(f"could not reach the server at {self.url} ({getattr(e, 'reason', e)}): is it "
+                                     "running, and is this its address (e.g. http://localhost:8000)?") from None
+            time.sleep(min(2 ** attempt, 30))
+
+    def served(self) -> list[str]:
+        try:
+            return [m["id"] for m in self.request("/v1/models", retries=2).get("data", [])]
+        except ServerError as e:
+            raise PopsdError(f"the server at {self.url} failed to list its models at /v1/models ({e}); is it an "
+                             "OpenAI-compatible server, and is this its address (e.g. http://localhost:8000)?") from None
+
+    def check_model(self):
+        """A clear error, before any work, when the server is unreachable or does not serve --served-model."""
+        served = self.served()
+        if self.model not in served:
+            raise PopsdError(f"the server at {self.url} does not serve {self.model!r}; it serves: "
+                             f"{', '.join(served) or 'nothing'} (pass one of them as --served-model)")
+
+    def complete(self, ids: list[int], text: str, seed: int, params: dict) -> dict:
+        """One completion for eval.py: {"text", "tokens", "truncated"}."""
+        body = {"model": self.model, "seed": seed, "n": 1} | sampling_body(params)
+        out = None
+        while out is None:
+            if self.openai_only:
+                body = {k: v for k, v in body.items() if k not in VLLM_FIELDS}
+            as_ids = self.send_ids  # what this request sends (other threads may learn first)
+            try:
+                out = self.request("/v1/completions", body | {"prompt": ids if as_ids else text})
+            except ServerError as e:
+                if e.code in (400, 422) and "prompt" in e.detail and as_ids:
+                    self.send_ids = False  # this server takes text: popsd's chat-templated prompt, decoded
+                elif e.code in (400, 422) and "top_k" in e.detail and "top_k" in body:
+                    if params["top_k"]:
+                        raise PopsdError(f"the server at {self.url} does not take top_k; evaluate with --top-k 0 "
+                                         "there (it then samples with its own defaults for top_k and min_p)") from None
+                    self.openai_only = True  # top_k, min_p, repetition_penalty: left to the server's defaults
+                else:
+                    raise
+        if not as_ids and out.get("usage", {}).get("prompt_tokens", len(ids)) != len(ids):
+            self.prompt_mismatch += 1
+        choice = out["choices"][0]
+        tokens = out.get("usage", {}).get("completion_tokens", 0)
+        return {"text": choice["text"], "tokens": tokens, "truncated": choice.get("finish_reason") == "length"}
+
+
+VLLM_FIELDS = ("top_k", "min_p", "repetition_penalty")  # not OpenAI's; vLLM and SGLang take them
+
+
+def sampling_body(params: dict) -> dict:
+    """Every sampling parameter, explicit: what a request leaves out the server takes from the model's
+    generation_config (Qwen3: top_k 20, ...). top_k -1 is "off" on every vLLM version (0 too, from 0.10)."""
+    return {"max_tokens": params["max_new_tokens"], "temperature": params["temperature"], "top_p": params["top_p"],
+            "top_k": params["top_k"] or -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0}
+
+
+class ServerPool:
+    """popsd's sampler on a pool of vLLM servers (see the module docstring)."""
+    reports_logprobs = True
+
+    def __init__(self, urls: str, tokenizer, eos_ids: list[int], adapter_dir: Path, concurrency: int,
+                 run_id: str, rank: int = 0, retries: int = 2, warn=print):
+        self.servers = [Server(u, retries=retries) for u in urls.split(",") if u.strip()]
+        self.tokenizer, self.eos_ids, self.rank, self.concurrency = tokenizer, eos_ids, rank, concurrency
+        self.warn = warn
+        self.adapter_dir, self.name, self.lock = Path(adapter_dir).resolve(), None, threading.Lock()
+        self.run = run_id  # in every adapter name: runs sharing a server never answer with each other's adapter
+        problems = []
+        for s in self.servers:  # a clear error now rather than after the first step's work
+            try:
+                s.served()
+            except PopsdError as e:
+                problems.append(str(e))
+        if len(problems) == len(self.servers):
+            raise PopsdError(f"no rollout server answered: {problems[0]}")
+        for p in problems:  # still tried at every step: it may come up later
+            warn(f"warning: {p}")
+        self.alive = list(self.servers)
+
+    def sync(self, model, step: int):
+        """Rank 0 writes the adapter after `step` optimizer steps, loads it on every server and unloads the last
+        one; every rank (FSDP gathers the adapter) then learns which servers took it (a collective: a barrier)."""
+        weights = trainable_state(model)
+        name, previous = f"popsd-{self.run}-step-{step}", self.name
+        alive = list(self.servers)
+        if self.rank == 0:
+            folder = self.adapter_dir / name
+            shutil.rmtree(folder, ignore_errors=True)
+            save_adapter(model, weights, folder)
+            for s in self.servers:
+                try:
+                    self.load(s, name, folder)
+                except PopsdError as e:
+                    if "could not reach" not in str(e):
+                        raise
+                    self.warn(f"warning: step {step}: {e}; sampling on the others")
+                    alive.remove(s)
+            if not alive:
+                raise PopsdError(f"no rollout server took the adapter {name}: start them (README), then resume=true")
+            if previous and previous != name:
+                for s in self.servers:
+                    try:
+                        s.request("/v1/unload_lora_adapter", {"lora_name": previous}, retries=1)
+                    except (ServerError, PopsdError):
+                        pass  # a server that restarted no longer has it
+                shutil.rmtree(self.adapter_dir / previous, ignore_errors=True)
+        alive = D.gather([self.servers.index(s) for s in alive])[0]  # rank 0's view, on every rank
+        self.name, self.alive = name, [self.servers[i] for i in alive]
+
+    def load(self, server: Server, name: str, folder: Path):
+        try:
+            server.request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder),
+                                                     "load_inplace": True})  # a crashed try's leftover is replaced
+        except ServerError as e:
+            hint = (" (start it with --enable-lora, --max-lora-rank >= lora_r and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True;"
+                    f" it must be able to read {folder})")
+            raise PopsdError(f"the server at {server.url} did not load the adapter {name}: {e}{hint}") from None
+
+    def generate(self, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k, seeds,
+                 on_batch=None):
+        """n completions per prompt, [B = prompts × n] as rollout.generate, plus the log-probs [B, T]."""
+        if self.name is None:
+            raise PopsdError("the server pool has no adapter yet: sync(model, step) comes before sampling")
+        body = {"model": self.name, "n": 1, "logprobs": 0, "return_token_ids": True, "stop_token_ids": self.eos_ids,
+                "skip_special_tokens": False} | sampling_body(dict(max_new_tokens=max_new_tokens, top_k=top_k,
+                                                                  temperature=temperature, top_p=top_p))
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        results = {}
+        workers = max(1, self.concurrency * len(self.servers))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = {pool.submit(self.complete, k, body | {"prompt": prompts[i], "seed": seeds[i] + j}): (i, j)
+                       for k, (i, j) in enumerate(jobs)}
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    results[futures[fut]] = fut.result()
+                    if on_batch:
+                        on_batch(1)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        tokens = [results[job][0] for job in jobs]
+        return pack(tokens, [results[job][1] for job in jobs], self.tokenizer, self.eos_ids)
+
+    def complete(self, k: int, body: dict) -> tuple[list[int], list[float]]:
+        """One completion from the k-th server in turn; a server that fails is dropped for this step and the
+        request goes to the next one."""
+        errors = []
+        while True:
+            with self.lock:
+                if not self.alive:
+                    raise PopsdError(f"no rollout server answered ({'; '.join(errors[-3:])}): start them (README), "
+                                     "then resume=true")
+                server = self.alive[k % len(self.alive)]
+            try:
+                out = server.request("/v1/completions", body)
+            except (PopsdError, ServerError) as e:
+                if isinstance(e, ServerError) and e.code < 500:
+                    raise PopsdError(f"the server at {server.url} refused a rollout request ({e})") from None
+                errors.append(str(e))
+                with self.lock:
+                    if server in self.alive:
+                        self.alive.remove(server)
+                continue
+            return parse_completion(out, body["model"], server.url)
+
+    def close(self):
+        if self.rank == 0 and self.name:
+            for s in self.servers:
+                try:
+                    s.request("/v1/unload_lora_adapter", {"lora_name": self.name}, retries=1)
+                except (ServerError, PopsdError):
+                    pass
+            shutil.rmtree(self.adapter_dir / self.name, ignore_errors=True)
+
+
+def parse_completion(out: dict, name: str, url: str) -> tuple[list[int], list[float]]:
+    """(token ids, raw log-probs) of a /v1/completions reply, checked to come from the adapter `name`."""
+    if out.get("model") != name:
+        raise PopsdError(f"the server at {url} answered as {out.get('model')!r}, not the step's adapter {name!r}")
+    choice = out["choices"][0]
+    ids = choice.get("token_ids")
+    if ids is None:
+        raise PopsdError(f"the server at {url} returned no token ids (return_token_ids): popsd needs a vLLM server "
+                         "recent enough to return them (0.10.2 or later)")
+    lp = (choice.get("logprobs") or {}).get("token_logprobs")
+    if lp is None or len(lp) != len(ids):
+        raise PopsdError(f"the server at {url} returned no log-probs of the sampled tokens (logprobs=0)")
+    return list(ids), [float(x) for x in lp]

