@@ -39,14 +39,15 @@ PHASES = ("sample", "score", "loss+backward", "step")
 GiB = 2 ** 30
 
 
-def build(name: str, where: Path, scaled_down: bool, device: torch.device) -> Path:
+def build(name: str, where: Path, scaled_down: bool, device: torch.device, overrides: dict | None = None) -> Path:
     """Random weights in the published architecture, saved with a small BPE tokenizer (ids < 512); a folder
-    already built there is reused."""
+    already built there is reused. overrides: config values on top (bench/rollout.py: head_dim 32 for vLLM)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     values = {k: v for k, v in json.loads((ROOT / "bench/configs" / f"{name}.json").read_text()).items()
               if not k.startswith("_")}
-    config = AutoConfig.for_model(**(values | (SCALED_DOWN if scaled_down else {})))
-    path = where / name
+    extra = (SCALED_DOWN if scaled_down else {}) | (overrides or {})
+    config = AutoConfig.for_model(**(values | extra))
+    path = where / (name + "".join(f"_{k}{v}" for k, v in (overrides or {}).items()))
     if (path / "tokenizer_config.json").exists():  # written last: the build finished
         return path
     tok_dir = build_tiny_model(where / "tokenizer", [rollout.STUDENT_TEMPLATE, rollout.TEACHER_TEMPLATE] * 8)

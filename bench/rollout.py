@@ -10,6 +10,9 @@ Engines, each with a LoRA adapter active on all linear layers (r64 as single_gpu
   static      rollout.generate(engine="static"): HF's preallocated KV cache (cache_implementation="static")
   compile     static + torch.compile of the forward (GPU only: compiling on a CPU takes minutes)
   continuous  transformers' continuous batching (paged KV cache, a finished sequence frees its slot at once)
+  vllm        vLLM in this process with the same adapter as a LoRARequest (rollout_engine=vllm; measured last:
+              on a CPU it binds this process's threads); on a CPU its attention needs head_dim >= 32, so
+              --cpu-test builds its scaled-down Qwen3 with head_dim 32 for every engine
 Workloads: fixed (every sequence runs to --max-new-tokens) and longtail (one in eight runs to the limit,
 the others stop after 5-30% of it, as long-CoT rollouts do). Every engine does the same work: EOS is
 banned before a sequence's length and forced at it (continuous: per-request max_new_tokens, EOS banned).
@@ -21,6 +24,7 @@ near-tie in dynamic's own log-probs), and (generate-based engines) its per-step 
 within rounding; an engine that differs is reported and not timed. Prints one JSON line per row as it is measured, then a table.
 """
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -36,7 +40,7 @@ sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HER
 import rollout  # noqa: E402
 from models import kv_bytes_per_token, quantization_config  # noqa: E402
 
-ENGINES = ("dynamic", "static", "compile", "continuous")
+ENGINES = ("dynamic", "static", "compile", "continuous", "vllm")
 
 
 class ForceLengths:
@@ -99,8 +103,9 @@ def build(args, device, where: Path):
     build_arch = gpu_memory.build  # one builder of random-weight architectures (--cpu-test: its scaled-down sizes)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    overrides = {"head_dim": 32} if args.cpu_test and "vllm" in args.engines.split(",") else None
     path = ROOT / "data/toyworld/base" if args.model == "toy" else build_arch(args.model, Path(args.build_dir or where),
-                                                                                args.cpu_test, device)
+                                                                                args.cpu_test, device, overrides)
     kwargs = {"dtype": torch.float32 if args.dtype == "fp32" else torch.bfloat16}
     if args.dtype == "nf4":
         kwargs |= {"quantization_config": quantization_config(), "device_map": {"": device}}
@@ -111,13 +116,52 @@ def build(args, device, where: Path):
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear",
                                              init_lora_weights=False))  # non-zero: the adapter changes outputs
     model.eval()
+    model.save_pretrained(where / "adapter")  # the same adapter for vLLM
+    model.base_path = str(path)
     return AutoTokenizer.from_pretrained(path), model
 
 
-def run(engine, model, tok, prompts, lengths, eos, device, greedy=False, logits=False):
+class VLLM:
+    """vLLM in this process on the same base and adapter (what rollout_engine=vllm runs), started on first use."""
+    llm = None
+
+    @classmethod
+    def run(cls, model, prompts, lengths, eos, device, greedy, dtype, lora_r, where):
+        import os
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+        if cls.llm is None:
+            kw = dict(model=model.base_path, dtype="float32" if dtype == "fp32" else "bfloat16", enable_lora=True,
+                      max_lora_rank=lora_r, max_loras=1, max_model_len=max(map(len, prompts)) + max(lengths) + 64,
+                      generation_config="vllm", logprobs_mode="raw_logprobs", seed=0, enforce_eager=device.type == "cpu")
+            longest = kw["max_model_len"]
+            kw |= dict(max_num_seqs=len(prompts), max_num_batched_tokens=max(longest, len(prompts) * longest))
+            if device.type == "cpu":  # its start-up profile otherwise takes ~9 GB for a 151,936-token vocabulary
+                kw |= dict(kv_cache_memory_bytes=1 << 30, enable_chunked_prefill=False,
+                           max_num_batched_tokens=max(longest, sum(map(len, prompts))))
+            else:
+                kw |= dict(gpu_memory_utilization=0.5) | ({"quantization": "bitsandbytes"} if dtype == "nf4" else {})
+            cls.llm = LLM(**kw)
+        params = [SamplingParams(temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=0, max_tokens=n, ignore_eos=True,
+                                 seed=i, logprobs=0 if greedy else None, logit_bias={eos: -1e4}, detokenize=False)
+                  for i, n in enumerate(lengths)]  # EOS banned and the length imposed: the others' work
+        outs = cls.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                lora_request=LoRARequest("bench", 1, str(where / "adapter")), use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        logprobs = [[d[t].logprob for d, t in zip(o.outputs[0].logprobs, ts)] for o, ts in zip(outs, tokens)] \
+            if greedy else None
+        return tokens, logprobs
+
+
+def run(engine, model, tok, prompts, lengths, eos, device, greedy=False, logits=False, ctx=None):
     """Completions (token lists) of `prompts` with the given lengths; optionally the per-step raw logits."""
     if engine == "continuous":
         return continuous(model, prompts, lengths, eos, greedy), None
+    if engine == "vllm":
+        tokens, lp = VLLM.run(model, prompts, lengths, eos, device, greedy, **ctx)
+        return tokens, lp
     width = max(len(p) for p in prompts)
     force = ForceLengths(lengths, width, eos)
     if logits:  # the exactness check: HF generate itself, with the per-step logits
@@ -155,9 +199,19 @@ def continuous(model, prompts, lengths, eos, greedy):
     return [got[f"r{i}"] + [eos] for i in range(len(prompts))]
 
 
-def exactness(engine, model, tok, prompts, eos, device, reference) -> str:
-    """'' when the engine samples what dynamic samples (compare_greedy); else what differs."""
+def exactness(engine, model, tok, prompts, eos, device, reference, ctx=None) -> str:
+    """'' when the engine samples what dynamic samples (compare_greedy); else what differs. vLLM: its greedy tokens
+    before the forced EOS, and the raw log-probs it reports for them against dynamic's."""
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    if engine == "vllm":
+        tokens, lp = run(engine, model, tok, prompts, [len(t) - 1 for t in reference[0]], eos, device, greedy=True,
+                         ctx=ctx)
+        ref_tokens = [t[:-1] for t in reference[0]]
+        problem = compare_greedy(tokens, None, ref_tokens, reference[1], eos, tol)
+        ref_lp = torch.log_softmax(reference[1], -1)  # [B, T, V]
+        worst = max((abs(v - ref_lp[i, t, tok_id].item()) for i, (ts, vs) in enumerate(zip(tokens, lp))
+                     for t, (tok_id, v) in enumerate(zip(ts, vs)) if ts[:t + 1] == ref_tokens[i][:t + 1]), default=0.0)
+        return problem or (f"log-probs differ by {worst:.2g} (tolerance {tol})" if worst > tol else "")
     tokens, logits = run(engine, model, tok, prompts, [len(t) for t in reference[0]], eos, device, greedy=True,
                          logits=engine != "continuous")
     return compare_greedy(tokens, logits, *reference, eos, tol)
@@ -184,13 +238,13 @@ def compare_greedy(tokens, logits, ref_tokens, ref_logits, eos: int, tol: float)
     return f"log-probs differ by {worst:.2g} (tolerance {tol})" if worst > tol else ""
 
 
-def measure(engine, model, tok, prompts, lengths, eos, device) -> tuple[float, float | None]:
-    run(engine, model, tok, prompts, [4] * len(prompts), eos, device)  # warm-up at the measured batch (compilation)
+def measure(engine, model, tok, prompts, lengths, eos, device, ctx=None) -> tuple[float, float | None]:
+    run(engine, model, tok, prompts, [4] * len(prompts), eos, device, ctx=ctx)  # warm-up at the measured batch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     t0 = time.perf_counter()
-    run(engine, model, tok, prompts, lengths, eos, device)
+    run(engine, model, tok, prompts, lengths, eos, device, ctx=ctx)
     sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
@@ -224,6 +278,11 @@ def main(argv):
         args.batch, args.prompt_len, args.max_new_tokens, args.lora_r = 8, 16, 48, 8
     if args.dtype == "nf4" and device.type != "cuda":
         p.error("--dtype nf4 is measured on CUDA (on a CPU bitsandbytes has no fast 4-bit path)")
+    engines = [e for e in args.engines.split(",") if e]
+    if "vllm" in engines:
+        engines = [e for e in engines if e != "vllm"] + ["vllm"]  # last: on a CPU it binds this process's threads
+        if importlib.util.find_spec("vllm") is None:
+            print("vllm: not installed (bash install_vllm.sh cpu|cuda), its row is skipped")
     bw = bandwidth(device, 256 if device.type == "cpu" else 2048)
     with tempfile.TemporaryDirectory() as where:
         tok, model = build(args, device, Path(where))
@@ -234,7 +293,7 @@ def main(argv):
         weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
         kv = kv_bytes_per_token(model.config, 4 if args.dtype == "fp32" else 2)
         greedy_ref = run("dynamic", model, tok, prompts[:4], [12] * 4, eos, device, greedy=True, logits=True)
-        engines = [e for e in args.engines.split(",") if e]
+        ctx = {"dtype": args.dtype, "lora_r": args.lora_r, "where": Path(where)}
         rows, plain, compiled = [], model.base_model.model.forward, None
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
@@ -248,12 +307,14 @@ def main(argv):
             problem = ""
             if engine == "compile" and device.type == "cpu":
                 problem = "compile is measured on CUDA only"
+            elif engine == "vllm" and importlib.util.find_spec("vllm") is None:
+                problem = "vLLM is not installed"
             elif engine == "compile" and compiled is None:
                 compiled = torch.compile(plain)
             model.base_model.model.forward = compiled if engine == "compile" else plain  # only "compile" compiled
             if engine != "dynamic" and not problem:
                 try:
-                    problem = exactness(engine, model, tok, prompts[:4], eos, device, greedy_ref)
+                    problem = exactness(engine, model, tok, prompts[:4], eos, device, greedy_ref, ctx)
                     problem = problem and f"not exact: {problem}"
                 except Exception as e:  # an engine that fails is a row, not the end of the benchmark
                     problem = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -268,7 +329,7 @@ def main(argv):
                     emit(row | {"skipped": problem})
                     continue
                 try:
-                    seconds, peak = measure(engine, model, tok, prompts, lengths, eos, device)
+                    seconds, peak = measure(engine, model, tok, prompts, lengths, eos, device, ctx)
                 except Exception as e:
                     emit(row | {"skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
                     continue

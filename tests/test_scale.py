@@ -1,4 +1,5 @@
 """The scale paths: FSDP2 under torchrun (gloo on this CPU), CUDA (skipped without a GPU), bench/gpu_memory.py."""
+import importlib.util
 import json
 import os
 import shutil
@@ -114,11 +115,14 @@ def test_rollout_bench_checks_every_engine_then_times_it_on_cpu(tmp_path):
     out = tmp_path / "rollout.jsonl"
     stdout = launch([ROOT / "bench/rollout.py", "--cpu-test", "--out", out], ranks=1)
     got = rows(out)
-    assert [(r["engine"], r["workload"]) for r in got] == [(e, w) for e in ("dynamic", "static", "compile", "continuous")
-                                                           for w in ("fixed", "longtail")]
+    engines = ("dynamic", "static", "compile", "continuous", "vllm")
+    assert [(r["engine"], r["workload"]) for r in got] == [(e, w) for e in engines for w in ("fixed", "longtail")]
     for r in got:
         if r["engine"] == "compile":
             assert r["skipped"] == "compile is measured on CUDA only"
+            continue
+        if r["engine"] == "vllm" and importlib.util.find_spec("vllm") is None and not os.environ.get("CI"):
+            assert r["skipped"] == "vLLM is not installed"
             continue
         assert "skipped" not in r, r  # exact (greedy tokens and log-probs) and timed
         assert r["seconds"] > 0 and 0 < r["floor_fraction"] < 1 and r["bandwidth_gbs"] > 0
