@@ -101,3 +101,6 @@ def main(argv):
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(0)  # every row is out: skip interpreter teardown, where gloo once aborted rank 0 ("terminate called
+    # without an active exception", after destroy_process_group; 1 of 3 suite runs on 2026-12-01)

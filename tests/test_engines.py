@@ -200,3 +200,26 @@ def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(ser
         got.append(rows(tmp_path / str(i) / "samples.jsonl"))
     assert got[0] == got[1] and len(got[0]) == 12
     assert sum(len({s["completion"] for s in r["samples"]}) > 1 for r in got[0]) >= 3
+
+
+def test_a_reply_from_another_adapter_or_without_token_ids_is_refused():
+    """What a server answers is checked before a completion is used: the step's adapter, token ids, log-probs."""
+    from data import PopsdError
+    from server_pool import parse_completion
+    good = {"model": "popsd-r-step-3", "choices": [{"token_ids": [5, 2], "logprobs": {"token_logprobs": [-0.1, -0.2]}}]}
+    assert parse_completion(good, "popsd-r-step-3", "u") == ([5, 2], [-0.1, -0.2])
+    with pytest.raises(PopsdError, match="answered as 'popsd-r-step-2', not the step's adapter 'popsd-r-step-3'"):
+        parse_completion(good | {"model": "popsd-r-step-2"}, "popsd-r-step-3", "u")
+    with pytest.raises(PopsdError, match="returned no token ids"):
+        parse_completion({"model": "m", "choices": [{"text": "x"}]}, "m", "u")
+    with pytest.raises(PopsdError, match="no log-probs"):
+        parse_completion({"model": "m", "choices": [{"token_ids": [1], "logprobs": None}]}, "m", "u")
+
+
+def test_missing_vllm_is_one_line_naming_the_install_command(monkeypatch):
+    import vllm_engine
+    from data import PopsdError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(PopsdError, match="bash install_vllm.sh cpu"):
+        vllm_engine.require_vllm()
