@@ -178,9 +178,9 @@ def sample(model, tokenizer, contexts: list[Contexts], *, n, **kwargs) -> Rollou
 # (vllm_engine.py) or a pool of vLLM servers (server_pool.py). Each has sync(model, step), which makes the
 # step's adapter the one that samples, generate(prompts, ...) and close(); engines report log-probs.
 
-def request_seed(seed: int, step: int, index: int) -> int:
-    """The seed of one prompt's requests at one step (sample j uses + j): a run's samples depend on its seed,
-    the step and the prompt's place in the step's batch, never on which engine, server or rank sent them."""
+def request_seed(seed: int, step: int | str, index: int) -> int:
+    """The seed of one prompt's requests at one step (or in one evaluation, named; sample j uses + j): a run's
+    samples depend on its seed, the step and the prompt's place in the batch, never on the engine, server or rank."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()[:6], "big")
 
 
