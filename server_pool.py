@@ -166,12 +166,7 @@ class ServerPool:
             if not alive:
                 raise PopsdError(f"no rollout server took the adapter {name}: start them (README), then resume=true")
             if previous and previous != name:
-                for s in self.servers:
-                    try:
-                        s.request("/v1/unload_lora_adapter", {"lora_name": previous}, retries=1)
-                    except (ServerError, PopsdError):
-                        pass  # a server that restarted no longer has it
-                shutil.rmtree(self.adapter_dir / previous, ignore_errors=True)
+                self.unload(previous)
         alive = D.gather([self.servers.index(s) for s in alive])[0]  # rank 0's view, on every rank
         self.name, self.alive = name, [self.servers[i] for i in alive]
 
@@ -231,14 +226,18 @@ class ServerPool:
                 continue
             return parse_completion(out, body["model"], server.url)
 
+    def unload(self, name: str):
+        """An adapter off every server (one that restarted or died no longer has it) and off the disk."""
+        for s in self.servers:
+            try:
+                s.request("/v1/unload_lora_adapter", {"lora_name": name}, retries=1)
+            except (ServerError, PopsdError):
+                pass
+        shutil.rmtree(self.adapter_dir / name, ignore_errors=True)
+
     def close(self):
         if self.rank == 0 and self.name:
-            for s in self.servers:
-                try:
-                    s.request("/v1/unload_lora_adapter", {"lora_name": self.name}, retries=1)
-                except (ServerError, PopsdError):
-                    pass
-            shutil.rmtree(self.adapter_dir / self.name, ignore_errors=True)
+            self.unload(self.name)
 
 
 def parse_completion(out: dict, name: str, url: str) -> tuple[list[int], list[float]]:

@@ -28,6 +28,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import gpu_memory  # noqa: E402  (bench/: its architecture builder)
 from checkpoints import save_adapter, trainable_state  # noqa: E402
+from vllm_engine import ram_folder  # noqa: E402
 
 
 def hf_logprobs(model, prompt, tokens):
@@ -70,7 +71,7 @@ def measure(name, path, args, device, where):
         dict(gpu_memory_utilization=0.4)
     llm = LLM(**kw)
     prompt = list(range(10, 26))
-    rows, folder = [], Path(tempfile.mkdtemp(prefix="popsd-sync-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    rows, folder = [], ram_folder()  # where rollout_engine=vllm writes its adapters
     weights = trainable_state(model)
     adapter_mb = sum(w.numel() * w.element_size() for w in weights.values()) / 2 ** 20
     base_mb = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n) / 2 ** 20
@@ -116,6 +117,8 @@ def main(argv):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results/engine_sync.jsonl")
     args = p.parse_args(argv)
+    if args.repeats < 2:
+        p.error("--repeats must be at least 2 (a plain request is timed between syncs)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     with tempfile.TemporaryDirectory() as where:
