@@ -181,15 +181,19 @@ def run(engine, model, tok, prompts, lengths, eos, device, greedy=False, logits=
 
 def continuous(model, prompts, lengths, eos, greedy):
     """Continuous batching (transformers' manager), one request per prompt with its own max_new_tokens."""
-    from transformers import GenerationConfig
+    from transformers import ContinuousBatchingConfig, GenerationConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
     config = GenerationConfig(do_sample=not greedy, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=eos,
                               suppress_tokens=[eos], max_new_tokens=max(lengths), pad_token_id=0)
+    longest = max(map(len, prompts)) + max(lengths)
     hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(lengths),
                           num_requests=len(prompts))
+    block = 32  # a paged cache for this workload: left to itself it takes a share of all free memory, and
+    cache = ContinuousBatchingConfig(block_size=block, num_blocks=len(prompts) * -(-longest // block) + 1,
+                                     max_batch_tokens=max(longest, sum(map(len, prompts))))  # fills it every call
     got = {}
     with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5, warmup=True,
-                                                   workload_hints=hints) as manager:
+                                                   workload_hints=hints, continuous_batching_config=cache) as manager:
         for i, (p, n) in enumerate(zip(prompts, lengths)):
             manager.add_request(p, request_id=f"r{i}", max_new_tokens=n - 1)  # + EOS below = n, as elsewhere
         while len(got) < len(prompts):
@@ -257,10 +261,10 @@ def main(argv):
     p.add_argument("--dtype", choices=("fp32", "bf16", "nf4"), default=None, help="default: nf4 on CUDA, fp32 on CPU")
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--workloads", default="fixed,longtail")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--batch", type=int, help="default 16 (--cpu-test: 8)")
+    p.add_argument("--prompt-len", type=int, help="default 128 (--cpu-test: 16)")
+    p.add_argument("--max-new-tokens", type=int, help="default 512 (--cpu-test: 48)")
+    p.add_argument("--lora-r", type=int, help="default 64 (--cpu-test: 8)")
     p.add_argument("--cpu-test", action="store_true", help="scaled-down architecture and sizes on the CPU")
     p.add_argument("--out", default="bench/results/rollout.jsonl", help="JSON lines appended here")
     p.add_argument("--build-dir", help="reuse architectures built here (bench/gpu_memory.py --build-dir)")
@@ -274,8 +278,9 @@ def main(argv):
         return
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_test else "cpu")
     args.dtype = args.dtype or ("nf4" if device.type == "cuda" else "fp32")
-    if args.cpu_test:
-        args.batch, args.prompt_len, args.max_new_tokens, args.lora_r = 8, 16, 48, 8
+    for key, full, small in (("batch", 16, 8), ("prompt_len", 128, 16), ("max_new_tokens", 512, 48), ("lora_r", 64, 8)):
+        if getattr(args, key) is None:  # a flag given wins, also under --cpu-test
+            setattr(args, key, small if args.cpu_test else full)
     if args.dtype == "nf4" and device.type != "cuda":
         p.error("--dtype nf4 is measured on CUDA (on a CPU bitsandbytes has no fast 4-bit path)")
     engines = [e for e in args.engines.split(",") if e]

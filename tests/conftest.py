@@ -1,8 +1,22 @@
+import contextlib
+import io
 import json
+import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+# One torch thread per process, this one and every subprocess a test starts (before torch is imported): the
+# suite runs two workers side by side (pytest -n 2) on models small enough that a second thread buys nothing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the hub; read by huggingface_hub at import
+os.environ.setdefault("COLUMNS", "200")  # rich's width in this process and its children, unless a test sets one
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,3 +39,51 @@ def tiny(tiny_dir):
     import popsd
     cfg = popsd.make_config("tiny", ["out_dir=unused"])
     return popsd.load_model(cfg, popsd.pick_device("cpu"), str(tiny_dir))
+
+
+def run_main(main, args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """A command's main(argv) run in this process from `cwd`, as `subprocess.run` would report it (exit code,
+    output): for tests where a separate process is not the point (each one imports torch and transformers
+    anew, ~10 s on a 2-core machine)."""
+    out = io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], env: dict, port: int, log: Path, name: str, wait_s: int = 180):
+    """Runs a server command (its output to `log`: a full pipe would stall it) until /health answers; yields its
+    URL; always stops it. A server that exits or does not come up fails the test with its log's end."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=1):
+                        break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        why = "exited" if proc.poll() is not None else f"did not come up in {wait_s} s"
+                        pytest.fail(f"{name} {why}:\n" + log.read_text()[-3000:])
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -5,33 +5,29 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval as E
 import popsd
-from conftest import ROOT
+from conftest import ROOT, free_port, run_main, serving
 
 TOY = ROOT / "data/toyworld/base"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "VLLM_LOGGING_LEVEL": "WARNING"}
+# Under pytest -n 2 the tests sharing this module's engine fixtures (one vLLM server, one trained adapter) run in
+# one worker, so each fixture is built once.
+ENGINE_FIXTURES = pytest.mark.xdist_group("vllm_fixtures")
 GAP = 1e-4  # |log p_engine − log p_student| per token, fp32 on both sides (measured ~1e-7)
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("CI"):
         pytest.fail("vLLM is missing under CI: .ci/run installs it (bash install_vllm.sh cpu)", pytrace=False)
     pytest.skip("vLLM is not installed (bash install_vllm.sh cpu)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rows(path):
@@ -61,36 +57,15 @@ def server(tmp_path_factory):
     shutil.copytree(TOY, base)
     (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0, "top_k": 1,
                                                              "do_sample": True}))
-    port, log = free_port(), open(base.parent / "server.log", "w")  # a file: a full pipe would stall the server
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-                             "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype",
-                             "float32", "--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes",
-                             str(256 << 20), "--enable-lora", "--max-lora-rank", "16", "--max-loras", "1",
-                             "--logprobs-mode", "raw_logprobs", "--seed", "0",
-                             "--no-enable-chunked-prefill"],  # CPU: seeded requests + chunked prefill crash vLLM 0.32
-                            env=ENV | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(360):
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail("the vLLM server exited:\n" + (base.parent / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-        else:
-            pytest.fail("the vLLM server did not come up in 180 s")
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--served-model-name",
+           "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "512", "--kv-cache-memory-bytes", str(256 << 20), "--enable-lora", "--max-lora-rank",
+           "16", "--max-loras", "1", "--logprobs-mode", "raw_logprobs", "--seed", "0",
+           "--no-enable-chunked-prefill"]  # CPU: seeded requests + chunked prefill crash vLLM 0.32
+    with serving(cmd, ENV | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, port, base.parent / "server.log",
+                 "the vLLM server") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def served(url):
@@ -100,6 +75,7 @@ def served(url):
 
 # ---- vLLM in the training process
 
+@ENGINE_FIXTURES
 def test_in_process_engine_is_hf_peft_and_follows_every_update(trained_adapter):
     """(a) greedy tokens equal HF + peft's with a trained adapter; (b) the engine's log-probs of its samples are
     the student's, seeds reproduce samples; (c) after a real training step and sync the engine samples from the
@@ -139,11 +115,18 @@ def test_engine_config_errors_are_clear():
 
 # ---- a pool of vLLM servers
 
+def here(main, *args):
+    """A command's main in this process (one that does not start vLLM in it): (exit code, output)."""
+    done = run_main(main, args)
+    return done.returncode, done.stdout
+
+
 def run_toy_on(url, out, *extra):
-    return cli("popsd.py", "--recipe", "toy", f"rollout_server={url}", "eval_every=0", "threads=1", "lr=1e-2",
+    return here(popsd.main, "--recipe", "toy", f"rollout_server={url}", "eval_every=0", "threads=1", "lr=1e-2",
                "method=opsd", "save_every=2", "keep_checkpoints=3", f"out_dir={out}", *extra)
 
 
+@ENGINE_FIXTURES
 def test_server_pool_trains_on_policy_and_resumes_exactly(server, tmp_path):
     """3 steps straight against 2 steps, then resume to 3: the same samples, metrics and adapter (seeds per
     request); every step on-policy; no adapter left on the server or on disk."""
@@ -165,6 +148,7 @@ def test_server_pool_trains_on_policy_and_resumes_exactly(server, tmp_path):
     assert not list((tmp_path / "straight/rollout_adapters").iterdir())
 
 
+@ENGINE_FIXTURES
 def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_adapter):
     """A pool with a server that is gone (a closed port): its requests go to the live one, with a warning."""
     import server_pool
@@ -187,6 +171,7 @@ def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_a
     assert "popsd-t-step-0" not in served(server)
 
 
+@ENGINE_FIXTURES
 def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(server, tmp_path):
     """eval.py --server URL and URL/v1 give the same completions (a seed per sample); top_k 0 is sent as "off",
     so the served model's own top_k 1 (greedy) does not apply: the samples of a question differ."""
@@ -195,7 +180,7 @@ def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(ser
               "1.0", "--top-p", "1.0", "--max-new-tokens", "128", "--thinking", "off"]
     got = []
     for i, url in enumerate((server, server + "/v1/")):
-        code, output = cli("eval.py", "--server", url, *common, "--out", tmp_path / str(i))
+        code, output = here(E.main, "--server", url, *common, "--out", tmp_path / str(i))
         assert code == 0, output[-3000:]
         got.append(rows(tmp_path / str(i) / "samples.jsonl"))
     assert got[0] == got[1] and len(got[0]) == 12

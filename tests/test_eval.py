@@ -1,9 +1,6 @@
 """eval.py: the grader on real-world answer pairs, pass@k against brute force, metrics, the CLI end to end."""
 import itertools
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,7 +9,7 @@ import torch
 
 import eval as E
 import grading as G
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 FIVE = ROOT / "tests/data/five_questions.jsonl"
 
@@ -232,10 +229,8 @@ def test_load_bench_errors(tmp_path):
     assert len(E.load_bench(str(FIVE), limit=2)[1]) == 2
 
 
-def eval_cli(*args, env=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+def eval_cli(*args):
+    return run_main(E.main, args)  # in this process: eval.py's own process is tested in test_safety, test_toyworld
 
 
 def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):

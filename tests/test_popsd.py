@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import eval as E
 import popsd
 from checkpoints import latest_checkpoint
 from data import PopsdError
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 
 def run_tiny(out, *overrides):
@@ -293,11 +294,10 @@ def test_eval_during_training_is_what_eval_py_gives_and_leaves_training_alone(tm
     assert_same_adapter(adapter(out / "adapter"), adapter(plain / "adapter"))
     # eval.py on the step-2 checkpoint: the run's template and thinking mode, the same completions
     ckpt = out / "checkpoints/step_000002"
-    cli = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--adapter", str(ckpt), "--bench",
-                          "data/toy_math_test.jsonl", "--n", "2", "--limit", "4", "--max-new-tokens", "32",
-                          "--batch-size", "8", "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / "cli")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert cli.returncode == 0, cli.stdout + cli.stderr
+    cli = run_main(E.main, ["--adapter", ckpt, "--bench", "data/toy_math_test.jsonl", "--n", "2", "--limit", "4",
+                            "--max-new-tokens", "32", "--batch-size", "8", "--dtype", "fp32", "--device", "cpu",
+                            "--out", tmp_path / "cli"])
+    assert cli.returncode == 0, cli.stdout
     assert (tmp_path / "cli/samples.jsonl").read_text() == (out / "eval/step_000002/samples.jsonl").read_text()
 
 
@@ -328,8 +328,8 @@ def test_cli_tiny_recipe_end_to_end(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     png = tmp_path / "plots.png"  # the curves of the run, written at the end
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000
-    both = subprocess.run([sys.executable, str(ROOT / "plots.py"), str(tmp_path), str(tmp_path), "--out",
-                           str(tmp_path / "two.png")], capture_output=True, text=True, timeout=120)
+    import plots
+    both = run_main(plots.main, [tmp_path, tmp_path, "--out", tmp_path / "two.png"])
     assert both.returncode == 0 and (tmp_path / "two.png").stat().st_size > 30_000
 
 
@@ -345,8 +345,8 @@ def test_plots_panels_cover_training_and_eval_metrics(tmp_path):
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
-    proc = popsd_cli("--recipe", "tiny", "stpes=3")
-    output, _ = proc.communicate(timeout=120)
+    proc = run_main(popsd.main, ["--recipe", "tiny", "stpes=3"])
+    output = proc.stdout
     assert proc.returncode == 2 and "unknown config key 'stpes' (did you mean 'steps'?)" in output
     assert "Traceback" not in output
 

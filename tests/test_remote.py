@@ -2,58 +2,38 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
+import eval as E
 import grading as G
-from conftest import ROOT
+from conftest import ROOT, free_port, run_main, serving
 
+pytestmark = pytest.mark.xdist_group("transformers_serve")  # one server per module, one worker (-n 2)
 FIVE = ROOT / "tests/data/five_questions.jsonl"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_dir):
+def server(tiny_dir, tmp_path_factory):
     """(url, served model name) of `transformers serve` pinned to the tiny model; always stopped."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_dir), "--host",
-                             "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if json.loads(r.read()).get("status") == "ok":
-                        break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail("transformers serve exited:\n" + proc.stdout.read()[-3000:])
-                time.sleep(0.5)
-        else:
-            pytest.fail("transformers serve did not come up in 120 s")
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    with serving(cmd, ENV, port, tmp_path_factory.mktemp("serve") / "server.log", "transformers serve") as url:
         yield url, str(tiny_dir)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
-def eval_cli(*args):
+def eval_run(*args):
+    """eval.py's main in this process: (exit code, output)."""
+    done = run_main(E.main, args)
+    return done.returncode, done.stdout
+
+
+def eval_cli(*args):  # its own process, to be interrupted
     return subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -64,11 +44,11 @@ def records(path):
 
 def test_server_route_grades_what_the_server_generated(server, tiny_dir, tmp_path):
     url, name = server
-    proc = eval_cli("--server", url, "--served-model", name, "--model", str(tiny_dir), "--bench", str(FIVE), "--n", "3",
+    proc = eval_run("--server", url, "--served-model", name, "--model", str(tiny_dir), "--bench", str(FIVE), "--n", "3",
                     "--max-new-tokens", "8", "--temperature", "1.0", "--thinking", "off", "--concurrency", "4",
                     "--out", str(tmp_path))
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
+    code, output = proc
+    assert code == 0, output
     assert "warning" not in output  # the server's count of prompt tokens is popsd's: the same prompt
     recs = records(tmp_path / "samples.jsonl")
     assert [r["index"] for r in recs] == [0, 1, 2, 3, 4] and all(len(r["samples"]) == 3 for r in recs)
@@ -98,9 +78,8 @@ def test_server_route_resumes_after_an_interruption(server, tiny_dir, tmp_path):
     assert proc.returncode == 130 and "the same command resumes" in output, output
     kept = records(partial)
     assert 1 <= len(kept) < 5
-    again = eval_cli(*args)
-    output, _ = again.communicate(timeout=300)
-    assert again.returncode == 0 and f"resuming: {len(kept)} questions already done" in output, output
+    code, output = eval_run(*args)
+    assert code == 0 and f"resuming: {len(kept)} questions already done" in output, output
     final = records(tmp_path / "samples.jsonl")
     assert [r["index"] for r in final] == [0, 1, 2, 3, 4]
     for r in kept:  # nothing done before the interruption was redone or lost
@@ -110,9 +89,7 @@ def test_server_route_resumes_after_an_interruption(server, tiny_dir, tmp_path):
 def test_server_errors_are_clear(server, tiny_dir, tmp_path):
     url, name = server
     common = ["--model", str(tiny_dir), "--bench", str(FIVE), "--thinking", "off", "--out", str(tmp_path)]
-    proc = eval_cli("--server", url, "--served-model", "no-such-model", *common)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "does not serve 'no-such-model'" in output and name in output
-    proc = eval_cli("--server", f"http://127.0.0.1:{free_port()}", "--served-model", name, *common)  # nothing there
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "could not reach the server" in output and "Traceback" not in output
+    code, output = eval_run("--server", url, "--served-model", "no-such-model", *common)
+    assert code == 2 and "does not serve 'no-such-model'" in output and name in output
+    code, output = eval_run("--server", f"http://127.0.0.1:{free_port()}", "--served-model", name, *common)
+    assert code == 2 and "could not reach the server" in output and "Traceback" not in output

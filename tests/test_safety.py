@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval as E
 import popsd
 from checkpoints import latest_checkpoint
-from conftest import ROOT
+from conftest import ROOT, run_main
 from data import PopsdError
 
 
@@ -21,9 +22,7 @@ def run_tiny(out, *overrides):
 
 
 def cli(*args, cwd=ROOT):
-    env = {**os.environ, "COLUMNS": "80", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "popsd.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return run_main(popsd.main, args, cwd)  # popsd.py's main in this process (its own process: kill -9 below)
 
 
 def snapshot(out):
@@ -278,7 +277,8 @@ def test_missing_model_folder_and_trust_remote_code_are_said_plainly(tmp_path):
     assert out.returncode == 0 and "trust_remote_code=true: code shipped with the model will run" in out.stdout
 
 
-def test_startup_table_shows_what_differs_and_fits_80_columns(tmp_path):
+def test_startup_table_shows_what_differs_and_fits_80_columns(tmp_path, monkeypatch):
+    monkeypatch.setattr(popsd.console, "width", 80)
     out = cli("--recipe", "tiny", "steps=1", "eval_every=0", "lr=2e-3", f"out_dir={tmp_path}")
     assert out.returncode == 0
     table = out.stdout.split("popsd config")[1].split("step    1/1")[0]
@@ -293,8 +293,7 @@ def test_samples_txt_is_text_even_when_completions_hold_control_bytes():
 
 def test_eval_errors_name_the_right_thing(tiny_dir, tmp_path):
     def ev(*args):
-        return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"})
+        return run_main(E.main, args, cwd=tmp_path)
     five = str(ROOT / "tests/data/five_questions.jsonl")
     for extra in ([], ["--model", str(tiny_dir)]):
         out = ev("--adapter", "runs/nope/adapter", "--bench", five, *extra)
@@ -311,11 +310,11 @@ def test_an_adapter_trained_from_a_relative_model_path_evaluates_from_anywhere(t
     out = cli("--recipe", "toy", "model=base", "steps=1", "eval_every=0", "batch_size=2", "micro_batch_size=2",
               f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:]
-    ev = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--adapter", str(tmp_path / "run/adapter"), "--bench",
-                         str(ROOT / "data/toyworld/test.jsonl"), "--question-field", "question", "--grader", "toyworld",
-                         "--n", "1", "--limit", "2", "--max-new-tokens", "16", "--dtype", "fp32"],
-                        cwd=tmp_path / "elsewhere", capture_output=True, text=True, timeout=300)
-    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
+    ev = run_main(E.main, ["--adapter", tmp_path / "run/adapter", "--bench", ROOT / "data/toyworld/test.jsonl",
+                           "--question-field", "question", "--grader", "toyworld", "--n", "1", "--limit", "2",
+                           "--max-new-tokens", "16", "--dtype", "fp32"],
+                  cwd=tmp_path / "elsewhere")
+    assert ev.returncode == 0, ev.stdout[-2000:]
 
 
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_run(tmp_path):
@@ -323,9 +322,8 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_run(tmp_path):
     import time
     args = ["--recipe", "tiny", "eval_every=0", "steps=6", "save_every=1"]
     assert cli(*args, f"out_dir={tmp_path / 'straight'}").returncode == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "popsd.py"), *args, f"out_dir={tmp_path / 'killed'}"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (tmp_path / "killed/checkpoints/step_000003").exists() and time.time() < deadline:
         time.sleep(0.02)

@@ -165,13 +165,14 @@ def test_shipped_base_loads_and_solves_the_world():
 
 def test_compare_writes_summary_and_figure(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, str(ROOT / "toyworld.py"), "compare", "--out", str(out), "--seeds", "1",
-           "--gate-samples", "16", "steps=2", "eval_every=1", "eval_limit=8", "batch_size=4", "micro_batch_size=4"]
+    cmd = [sys.executable, str(ROOT / "toyworld.py"), "compare", "--out", str(out), "--seeds", "1", "--formats",
+           "sketch", "--gate-samples", "16", "steps=2", "eval_every=1", "eval_limit=8", "batch_size=4",
+           "micro_batch_size=4"]  # one format: the suite's time (the README's comparison runs both)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["results"]) == {"full", "sketch"}
-    for fmt in ("full", "sketch"):
+    assert set(summary["results"]) == {"sketch"}
+    for fmt in ("sketch",):
         assert set(summary["results"][fmt]) == {"base", "opsd", "purified"}
         for method in ("opsd", "purified"):
             points = summary["results"][fmt][method]["0"]
@@ -184,7 +185,7 @@ def test_compare_writes_summary_and_figure(tmp_path):
     assert len(summary["gates"]) == len(T.GATES)
     assert (out / "summary.png").stat().st_size > 10_000
     table = (out / "summary.md").read_text().splitlines()
-    assert len(table) == 2 + 2 * 3 and table[2].startswith("| full | base | 0 |")
+    assert len(table) == 2 + 3 and table[2].startswith("| sketch | base | 0 |")
     assert "base vs OPSD vs Purified" in proc.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "--overwrite" in again.stdout  # an earlier comparison is never replaced silently
