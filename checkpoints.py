@@ -1,16 +1,21 @@
 """checkpoints.py: a run's state on disk: its folder, its checkpoints, and resuming it safely.
 
-A run folder belongs to one run: a second run into it is refused (resume=true continues it,
-overwrite=true replaces it). Resuming checks the new config against the run's saved one before
-anything on disk changes. Checkpoints are verified before use: a damaged one is skipped with a warning
+A run folder belongs to one run: popsd marks it (popsd_run.json) when it creates it and writes only
+into a new or empty folder or one it marked; one live run at a time holds its lock (popsd_run.lock:
+host, pid, start). A second run into it is refused (resume=true continues it, overwrite=true removes
+what the run wrote, nothing else, and never through a symbolic link). Resuming checks the new config
+against the run's saved one before anything on disk changes. Checkpoints are verified before use: a damaged one is skipped with a warning
 (and kept for inspection). Everything is read as data only (safetensors, JSON, torch weights_only):
 a checkpoint from someone else cannot run code. Weights and optimizer state are gathered whole from
 FSDP shards and keyed by parameter name, so a checkpoint resumes under any number of ranks.
 """
+import errno
 import json
 import os
 import random
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -18,8 +23,9 @@ import torch
 import distributed as D
 from data import DataStream, PopsdError
 
+MARKER, LOCK = "popsd_run.json", "popsd_run.lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapter", "checkpoints", "eval",
-             "tiny_model")  # what a run writes into its folder: all overwrite=true removes
+             "tiny_model", "rollout_adapters")  # what a run writes into its folder: all overwrite=true removes
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
     "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
@@ -35,10 +41,20 @@ def trainable_state(model) -> dict:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+def usual_modes(folder: Path):
+    """safetensors writes its file 0600; give it the mode every other file gets here (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.iterdir():
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 == 0o600:
+            f.chmod(0o666 & ~mask)
+
+
 def save_adapter(model, weights: dict, folder: Path):
     """An adapter in PEFT format (adapter_config.json + adapter_model.safetensors) for a sampling engine."""
     model.save_pretrained(folder, state_dict=weights)
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not needed by an engine
+    usual_modes(folder)
 
 
 def check_finite(weights: dict):
@@ -47,6 +63,17 @@ def check_finite(weights: dict):
     if bad:
         raise PopsdError(f"the adapter holds non-finite values ({bad[0]}{' and more' if len(bad) > 1 else ''}): "
                          "not saved; the run diverged (lower lr or max_grad_norm)")
+
+
+def disk_full(e: BaseException, folder: Path, what: str) -> PopsdError | None:
+    """A clear error when `e` (raised while writing `what` into `folder`) is a full disk, else None."""
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) or (
+        "enforce fail" in str(e) and shutil.disk_usage(folder).free < 64 << 20)  # torch.save's way of saying it
+    if not full:
+        return None
+    free = shutil.disk_usage(folder).free / 2 ** 20
+    return PopsdError(f"the disk holding {folder} is full ({free:.1f} MB free) while writing {what}: nothing of it "
+                      "was kept and the checkpoints before it are intact; free some space, then resume=true")
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0):
@@ -67,9 +94,14 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     if rank == 0:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=weights)
-        torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                    "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng}, tmp / "state.pt")
+        try:
+            model.save_pretrained(tmp, state_dict=weights)
+            usual_modes(tmp)
+            torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                        "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng}, tmp / "state.pt")
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is never left behind
+            raise disk_full(e, out, f"the checkpoint of step {step}") or e
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:  # every adapter stays: the best
@@ -108,21 +140,156 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, warn=print) -> Path | None:
-    """Checks the run folder before anything in it changes; returns the checkpoint to resume, or None.
+def folder_kind(out: Path, fields) -> str:
+    """'new' (missing or empty), 'run' (popsd's marker in it, or a run from before the marker: a config.json that
+    parses as a popsd config next to a metrics.jsonl) or 'foreign' (anything else: popsd writes nothing there)."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        return "foreign"
+    if (out / MARKER).is_file():
+        return "run"
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        if isinstance(saved, dict) and {"model", "method", "out_dir"} <= set(saved) <= set(fields) and \
+                (out / "metrics.jsonl").is_file():
+            return "run"
+    except (OSError, ValueError):
+        pass
+    return "new" if not any(out.iterdir()) else "foreign"
 
-    A folder holding another run is refused unless resume=true (then the new config must agree with the
-    saved one on every field outside MAY_CHANGE) or overwrite=true (the run's files are removed)."""
-    held = [f for f in RUN_FILES if (out / f).exists()]
-    if not held:
+
+def links_in(out: Path) -> list[Path]:
+    """Symbolic links among the entries a run writes and below them: writing through one leaves the folder."""
+    found = []
+    for name in RUN_FILES + (MARKER, LOCK):
+        top = out / name
+        if top.is_symlink():
+            found.append(top)
+        elif top.is_dir():
+            for root, dirs, files in os.walk(top):  # os.walk does not follow links to folders
+                found += [Path(root, n) for n in dirs + files if Path(root, n).is_symlink()]
+    return found
+
+
+def check_out_dir(out: Path, inputs: list[Path]):
+    """out_dir must not be, or hold, the model or the data: a run writes config.json and more into it."""
+    here = out.resolve()
+    for path in inputs:
+        there = path.resolve()
+        if there == here or here in there.parents:
+            raise PopsdError(f"out_dir {out} {'is' if there == here else 'holds'} {path}, which this run reads: "
+                             "write the run to another folder")
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (Linux: its start time in clock ticks since boot), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return "alive"
+
+
+class RunLock:
+    """One live run per folder: popsd_run.lock holds host, pid and start time. A lock naming this host and a
+    process that is gone (killed with -9, a crash) is stale and taken over; any other is an error naming its holder."""
+
+    def __init__(self, out: Path, warn=print):
+        self.path, self.warn, self.held = out / LOCK, warn, False
+
+    def acquire(self):
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except FileExistsError:
+                self.take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise PopsdError(f"could not take the lock {self.path}: another run took it at the same time")
+
+    def take_over_if_stale(self):
+        try:
+            other = json.loads(self.path.read_text())
+            host, pid, start = other["host"], int(other["pid"]), other.get("start")
+        except (OSError, ValueError, KeyError, TypeError):
+            other, host, pid, start = {}, None, None, None
+        if not self.path.is_symlink() and other:
+            if host != socket.gethostname():
+                raise PopsdError(f"{self.path.parent} is in use by a run on {host} (pid {pid}, since "
+                                 f"{other.get('since')}): one live run per folder. If that run is gone (a crash), "
+                                 f"remove {self.path} and start again")
+            now = process_start(pid)
+            if now is not None and (start is None or now in (start, "alive")):
+                raise PopsdError(f"{self.path.parent} is in use by another run: process {pid} on this machine, "
+                                 f"since {other.get('since')}: one live run per folder (wait for it, or stop it)")
+        self.warn(f"taking over the stale lock {self.path} ({'its process ' + str(pid) + ' is gone' if other else 'unreadable'})")
+        self.path.unlink(missing_ok=True)
+
+    def release(self):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def remove_run_files(out: Path) -> list[str]:
+    """Removes what a run writes (RUN_FILES), a link as a link (never what it points to); returns the names."""
+    held = [f for f in RUN_FILES if (out / f).exists() or (out / f).is_symlink()]
+    for f in held:
+        path = out / f
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return held
+
+
+def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, warn=print,
+                       inputs: list[Path] = ()) -> tuple[Path | None, RunLock]:
+    """Checks the run folder before anything in it changes, then takes its lock and marks it; returns the
+    checkpoint to resume (or None) and the lock (release it when the run ends).
+
+    popsd writes only into a new or empty folder or a popsd run. A folder holding a run is refused unless
+    resume=true (then the new config must agree with the saved one on every field outside MAY_CHANGE) or
+    overwrite=true (the run's files are removed, nothing else)."""
+    check_out_dir(out, list(inputs))
+    kind = folder_kind(out, config)
+    if kind == "foreign":
+        raise PopsdError(f"{out} is not a popsd run folder ({'a file' if out.is_file() else f'no {MARKER} in it'}) "
+                         "and not empty: popsd writes only into a new or empty folder or one of its own runs, and "
+                         "overwrite=true removes only a popsd run; choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, warn).acquire()
+    try:
+        ckpt = open_folder(out, kind, config, resume, overwrite, warn)
+        (out / MARKER).write_text(json.dumps({"popsd": "run folder", "files": list(RUN_FILES)}) + "\n")
+        return ckpt, lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: bool, warn) -> Path | None:
+    held = [f for f in RUN_FILES if (out / f).exists() or (out / f).is_symlink()]
+    if kind == "new" or not held:
         if resume:
             warn(f"resume=true: {out} holds no run, starting afresh")
         return None
+    links = links_in(out)
     if overwrite and not resume:
-        for f in held:
-            shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink()
-        warn(f"overwrite=true: removed the previous run's {', '.join(held)} from {out}")
+        warn(f"overwrite=true: removed the previous run's {', '.join(remove_run_files(out))} from {out}")
         return None
+    if links:
+        raise PopsdError(f"{links[0]} is a symbolic link: a run writes only inside its folder; remove the link "
+                         "(or start afresh with overwrite=true, which removes it, not what it points to)")
     if not resume:
         raise PopsdError(f"{out} already holds a run ({', '.join(held)}): continue it with resume=true, write this "
                          "one elsewhere with out_dir=..., or replace it with overwrite=true")

@@ -9,6 +9,7 @@ key and the nearest valid one; `validate` rejects values that would make a run s
 import dataclasses
 import difflib
 import math
+import os
 import re
 import runpy
 import types
@@ -223,7 +224,7 @@ def validate(cfg: Config):
         raise PopsdError(str(e)) from None
     if len(cfg.eval_fields.split(",")) != 2:
         fail("eval_fields", "must be 'question_field,answer_field'")
-    cfg.out_dir = cfg.out_dir or f"runs/{cfg.recipe or 'default'}"
+    cfg.out_dir = os.path.expanduser(cfg.out_dir or f"runs/{cfg.recipe or 'default'}")  # out_dir=~/x: the real folder
 
 
 def derived_sizes(cfg: Config, n_examples: int) -> dict:

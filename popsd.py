@@ -39,8 +39,8 @@ import distributed as D
 import eval as E
 import loss as L
 import plots
-from checkpoints import (check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder, save_checkpoint,
-                         trainable_state)
+from checkpoints import (RunLock, check_finite, disk_full, latest_checkpoint, load_checkpoint, prepare_run_folder,
+                         save_checkpoint, trainable_state, usual_modes)
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
@@ -203,23 +203,24 @@ def health(row: dict, skips: int, vocab: int, cfg: Config) -> tuple[int, str | N
     return skips, None
 
 
-def open_run_folder(cfg: Config, out: Path, rank: int) -> Path | None:
-    """Threads, warnings and the run folder, checked before anything in it changes (checkpoints.py): returns
-    the checkpoint to resume from, or None."""
+def open_run_folder(cfg: Config, out: Path, rank: int) -> tuple[Path | None, RunLock | None]:
+    """Threads, warnings and the run folder, checked before anything in it changes, then locked and marked by
+    rank 0 (checkpoints.py): returns the checkpoint to resume from (or None) and the lock."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.trust_remote_code:
         console.print("[bold yellow]trust_remote_code=true: code shipped with the model will run on this machine[/]")
-    ckpt = None
+    ckpt, lock = None, None
     if rank == 0:
         warn = lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True)  # noqa: E731
-        ckpt = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, warn)
+        reads = [resolve_local(p) for p in (cfg.model, cfg.data, *cfg.eval_bench.split(",")) if p and p != "tiny"]
+        ckpt, lock = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, warn,
+                                        [p for p in reads if p is not None])
     D.barrier()
     if rank != 0 and cfg.resume:
         ckpt = latest_checkpoint(out, lambda m: None)
-    out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
-    return ckpt
+    return ckpt, lock
 
 
 def make_sampler(cfg: Config, model, tokenizer, path: str, eos, device, out: Path, rank: int, world: int):
@@ -259,51 +260,52 @@ def sample_student(sampler, batch, cfg: Config, step: int, rank: int, world: int
 def train(cfg: Config) -> Path:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # rich bars are ours
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out_dir).expanduser()
     rank, world, device = D.setup(pick_device(cfg.device))
     console.quiet = E.console.quiet = rank != 0  # rank 0 prints, logs and saves; every rank samples and scores its share
     if cfg.batch_size % world:
         raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({world})")
     if world > 1 and cfg.load_in_4bit:
         raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights (load_in_4bit=false)")
-    ckpt = open_run_folder(cfg, out, rank)
-    rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
-    local = resolve_local(cfg.model)
-    path = str(local.resolve()) if local is not None else cfg.model  # absolute: adapters name their base wherever
-    if cfg.model == "tiny":
-        texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
-        path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
-        D.barrier()  # rank 0 builds it, the others load it
-    tokenizer, model = load_model(cfg, device, path)  # LoRA initialised from cfg.seed, the same on every rank
-    if world > 1:
-        D.shard_model(model, device, bf16=cfg.dtype == "bf16")
-    torch.manual_seed(cfg.seed + rank)  # sampling: each rank its own completions, whatever ran before
-    body, head = model_parts(model)
-    examples, too_long = prepare_contexts(rows, tokenizer, cfg)
-    benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
-    sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,
-                                                  "over-long prompts skipped": too_long}
-    print_config(cfg, sizes, console)
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    stream = DataStream(len(examples), cfg.seed)
-    start = 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler, stream, cfg.seed, rank, world)
-        console.print(f"resumed from {ckpt} at step {start}")
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and start else [])
-                if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    eos, pad_id = eos_ids(model, tokenizer), tokenizer.pad_token_id
-    sampler = make_sampler(cfg, model, tokenizer, path, eos, device, out, rank, world)
-    stop, skips = StopRequest(), 0
+    ckpt, lock = open_run_folder(cfg, out, rank)  # rank 0 holds the folder's lock until the run ends
+    sampler = stop = None
     try:
+        rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
+        local = resolve_local(cfg.model)
+        path = str(local.resolve()) if local is not None else cfg.model  # absolute: adapters name their base wherever
+        if cfg.model == "tiny":
+            texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
+            path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
+            D.barrier()  # rank 0 builds it, the others load it
+        tokenizer, model = load_model(cfg, device, path)  # LoRA initialised from cfg.seed, the same on every rank
+        if world > 1:
+            D.shard_model(model, device, bf16=cfg.dtype == "bf16")
+        torch.manual_seed(cfg.seed + rank)  # sampling: each rank its own completions, whatever ran before
+        body, head = model_parts(model)
+        examples, too_long = prepare_contexts(rows, tokenizer, cfg)
+        benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
+        sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,
+                                                      "over-long prompts skipped": too_long}
+        print_config(cfg, sizes, console)
+        if rank == 0:
+            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(cfg, params)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        stream = DataStream(len(examples), cfg.seed)
+        start = 0
+        if ckpt is not None:
+            start = load_checkpoint(ckpt, model, optimizer, scheduler, stream, cfg.seed, rank, world)
+            console.print(f"resumed from {ckpt} at step {start}")
+        metrics_path = out / "metrics.jsonl"
+        if rank == 0:
+            kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and start else [])
+                    if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        eos, pad_id = eos_ids(model, tokenizer), tokenizer.pad_token_id
+        sampler = make_sampler(cfg, model, tokenizer, path, eos, device, out, rank, world)
+        stop, skips = StopRequest(), 0
         sampler.sync(model, start)  # the engine samples from this run's adapter (a resumed one: the checkpoint's)
         with progress() as bar, open(metrics_path if rank == 0 else os.devnull, "a") as metrics_file:
             task = bar.add_task("training", total=cfg.steps, completed=start)
@@ -348,15 +350,23 @@ def train(cfg: Config) -> Path:
                 if stopping:
                     console.print(f"[yellow]checkpoint saved at step {step} in {out}; resume with resume=true[/]")
                     sys.exit(128 + (stop.signum or signal.SIGTERM))
+        weights = trainable_state(model)
+        check_finite(weights)
+        if rank == 0:
+            try:
+                model.save_pretrained(out / "adapter", state_dict=weights)
+                tokenizer.save_pretrained(out / "adapter")
+                usual_modes(out / "adapter")
+            except (OSError, RuntimeError) as e:
+                raise disk_full(e, out, "the final adapter") or e
+            plots.plot_runs([out], out / "plots.png")
     finally:
-        stop.restore()
-        sampler.close()
-    weights = trainable_state(model)
-    check_finite(weights)
-    if rank == 0:
-        model.save_pretrained(out / "adapter", state_dict=weights)
-        tokenizer.save_pretrained(out / "adapter")
-        plots.plot_runs([out], out / "plots.png")
+        if stop is not None:
+            stop.restore()
+        if sampler is not None:
+            sampler.close()
+        if lock is not None:
+            lock.release()
     console.print(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}, curves in {out / 'plots.png'}")
     D.finish()
     return out

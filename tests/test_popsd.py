@@ -194,6 +194,10 @@ def test_run_folder_and_metrics(tmp_path):
     assert json.loads((out / "config.json").read_text())["steps"] == 3
     assert "===== step 3 sample 1" in (out / "samples.txt").read_text()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in [*(out / "adapter").iterdir(), *(out / "checkpoints/step_000003").iterdir()]:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f  # safetensors' 0600 too: one mode for every file
 
 
 def test_every_adapter_is_kept_and_only_old_resume_state_pruned(tmp_path):

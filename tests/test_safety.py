@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import eval as E
 import popsd
+import checkpoints
 from checkpoints import latest_checkpoint
 from conftest import ROOT, run_main
 from data import PopsdError
@@ -69,6 +70,7 @@ def test_resume_without_a_checkpoint(tmp_path, capsys):
     assert "holds no run, starting afresh" in capsys.readouterr().out
     half = tmp_path / "half"
     half.mkdir()
+    (half / "popsd_run.json").write_text("{}")  # a popsd run that never saved a checkpoint
     (half / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(PopsdError, match="no checkpoint to resume from"):
         run_tiny(half, "steps=1", "resume=true")
@@ -327,10 +329,137 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_run(tmp_path):
     deadline = time.time() + 240
     while not (tmp_path / "killed/checkpoints/step_000003").exists() and time.time() < deadline:
         time.sleep(0.02)
+    busy = cli(*args, "resume=true", f"out_dir={tmp_path / 'killed'}")  # a second run while the first is live
+    assert busy.returncode == 2 and f"in use by another run: process {proc.pid} on this machine" in busy.stdout
     proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: whatever was half-written stays half-written
     proc.wait()
-    assert cli(*args, "resume=true", f"out_dir={tmp_path / 'killed'}").returncode == 0
+    assert (tmp_path / "killed/popsd_run.lock").exists()  # left behind by the killed run
+    resumed = cli(*args, "resume=true", f"out_dir={tmp_path / 'killed'}")
+    assert resumed.returncode == 0 and "taking over the stale lock" in resumed.stdout and str(proc.pid) in resumed.stdout
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # every step logged exactly once
     a, b = (load_file(tmp_path / f"{r}/adapter/adapter_model.safetensors") for r in ("straight", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the run that was never killed
+
+
+# ---- 7. a folder is a popsd run only if popsd marked it; one live run per folder; a full disk is said plainly
+
+def foreign_folder(path):
+    """A folder that never held a popsd run, with names a run also writes."""
+    for name, text in (("config.json", '{"mine": 1}'), ("notes.txt", "keep me"), ("eval/result.txt", "42"),
+                       ("checkpoints/a.bin", "x"), ("adapter/w.bin", "y"), ("metrics.jsonl", '{"step": 1}\n')):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return snapshot(path)
+
+
+@pytest.mark.parametrize("extra", [[], ["overwrite=true"], ["resume=true"]])
+def test_a_folder_popsd_did_not_make_is_never_written(tmp_path, extra):
+    before = foreign_folder(tmp_path)
+    with pytest.raises(PopsdError, match="not a popsd run folder"):
+        run_tiny(tmp_path, "steps=1", *extra)
+    assert snapshot(tmp_path) == before
+    link = tmp_path.parent / (tmp_path.name + "_link")  # the same folder through a symbolic link
+    link.symlink_to(tmp_path)
+    with pytest.raises(PopsdError, match="not a popsd run folder"):
+        run_tiny(link, "steps=1", *extra)
+    assert snapshot(tmp_path) == before
+    here = cli("--recipe", "tiny", "out_dir=.", "steps=1", *extra, cwd=tmp_path)  # the current folder
+    assert here.returncode == 2 and "not a popsd run folder" in here.stdout and snapshot(tmp_path) == before
+
+
+def test_out_dir_holding_the_model_or_data_is_refused(tmp_path, tiny_dir):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    before = snapshot(tmp_path)
+    for out in (model, tmp_path):
+        with pytest.raises(PopsdError, match="which this run reads"):
+            run_tiny(out, "steps=1", f"model={model}", "overwrite=true")
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_removes_only_what_the_run_wrote_and_never_follows_a_link(tmp_path):
+    run = tmp_path / "run"
+    run_tiny(run, "steps=1")
+    assert json.loads((run / "popsd_run.json").read_text())["popsd"] == "run folder"
+    (run / "notes.txt").write_text("mine")
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("precious\n")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(outside)  # a link inside the run folder
+    with pytest.raises(PopsdError, match="metrics.jsonl is a symbolic link"):
+        run_tiny(run, "steps=2", "resume=true")
+    assert outside.read_text() == "precious\n"
+    run_tiny(run, "steps=1", "overwrite=true")  # removes the link, not what it points to
+    assert outside.read_text() == "precious\n" and not (run / "metrics.jsonl").is_symlink()
+    assert (run / "notes.txt").read_text() == "mine"  # not popsd's: kept
+    assert not (run / "popsd_run.lock").exists()  # released at the end
+
+
+def test_a_run_from_before_the_marker_is_still_a_run(tmp_path):
+    run_tiny(tmp_path, "steps=1")
+    (tmp_path / "popsd_run.json").unlink()  # as written by popsd before the marker
+    before = snapshot(tmp_path)
+    with pytest.raises(PopsdError, match="already holds a run"):
+        run_tiny(tmp_path, "steps=1")
+    assert snapshot(tmp_path) == before
+    run_tiny(tmp_path, "steps=2", "resume=true")
+    assert (tmp_path / "popsd_run.json").exists()
+
+
+def test_a_lock_held_elsewhere_is_an_error_naming_its_holder(tmp_path):
+    import socket
+    run_tiny(tmp_path, "steps=1")
+    before = snapshot(tmp_path)
+    lock = tmp_path / "popsd_run.lock"
+    lock.write_text(json.dumps({"host": "other-node", "pid": 4242, "start": "1", "since": "2026-12-02 00:00:00"}))
+    with pytest.raises(PopsdError, match=r"in use by a run on other-node \(pid 4242.*remove .*popsd_run.lock"):
+        run_tiny(tmp_path, "steps=2", "resume=true")
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live process on this host
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid,
+                                    "start": checkpoints.process_start(sleeper.pid), "since": "now"}))
+        with pytest.raises(PopsdError, match=f"in use by another run: process {sleeper.pid} on this machine"):
+            run_tiny(tmp_path, "steps=2", "resume=true")
+        assert snapshot(tmp_path) == before | {"popsd_run.lock": lock.read_bytes()}
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "start": "1", "since": "x"}))
+        run_tiny(tmp_path, "steps=2", "resume=true")  # the same pid, started at another time: reused, stale
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not lock.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KB tmpfs (room for one tiny checkpoint, not two); skipped where mounting is refused."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is refused here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_said_plainly_and_resume_still_works(small_disk, tiny_dir):
+    out = small_disk / "run"
+    with pytest.raises(PopsdError, match=r"the disk holding .*run is full \(.* MB free\) while writing the checkpoint "
+                                         r"of step 2: nothing of it was kept"):
+        run_tiny(out, "steps=3", "save_every=1", f"model={tiny_dir}")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]  # no step_000002.tmp
+    assert checkpoints.checkpoint_problem(out / "checkpoints/step_000001") is None and not (out / "popsd_run.lock").exists()
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space freed
+    run_tiny(out, "steps=3", "save_every=1", f"model={tiny_dir}", "resume=true")
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_out_dir_tilde_is_the_home_folder_named_in_full(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".bashrc").write_text("mine")
+    assert popsd.make_config("tiny", ["out_dir=~/runs/a"]).out_dir == str(tmp_path / "runs/a")
+    with pytest.raises(PopsdError, match=f"^{tmp_path} is not a popsd run folder"):
+        run_tiny("~", "steps=1", "overwrite=true")
+    assert snapshot(tmp_path) == {".bashrc": b"mine"}
