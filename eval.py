@@ -13,8 +13,10 @@ to --out. popsd.py calls `evaluate` during training (eval_every).
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -160,13 +162,37 @@ def results_table(metrics: dict, title: str = "eval") -> Table:
 
 # ----------------------------------------------------------------------------- during training (popsd.py, eval_every)
 
+def named_benches(pairs) -> dict:
+    """{name: rows}, a name given twice (a/test.jsonl, b/test.jsonl) made unique with its folder, then a count."""
+    benches = {}
+    for spec, (name, rows) in pairs:
+        if name in benches:
+            name = f"{Path(spec).parent.name}_{name}" if Path(spec).parent.name else name
+        base, k = name, 2
+        while name in benches:
+            name, k = f"{base}_{k}", k + 1
+        benches[name] = rows
+    return benches
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def adapter_sha(folder) -> str | None:
+    """A checksum of an adapter's weights: saved results name the very adapter that produced them."""
+    weights = Path(folder or "") / "adapter_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if folder and weights.exists() else None
+
+
 def held_out_benches(cfg, train_rows) -> dict:
     """Held-out benchmarks for eval_every; questions also in the training data are dropped and counted."""
     seen, benches = {q.strip() for q, _ in train_rows}, {}
     q_field, a_field = (f.strip() for f in cfg.eval_fields.split(","))
-    for spec in filter(None, (s.strip() for s in cfg.eval_bench.split(","))):
-        name, rows = load_bench(spec, q_field, a_field, advice="Name the fields with eval_fields=question,answer "
-                                                              "in the config, or fix the row.")
+    specs = list(filter(None, (s.strip() for s in cfg.eval_bench.split(","))))
+    advice = "Name the fields with eval_fields=question,answer in the config, or fix the row."
+    loaded = named_benches((spec, load_bench(spec, q_field, a_field, advice=advice)) for spec in specs)
+    for spec, (name, rows) in zip(specs, loaded.items()):
         held_out = [r for r in rows if r[0].strip() not in seen]
         if len(held_out) < len(rows):
             console.print(f"[yellow]eval {name}: {len(rows) - len(held_out)} questions are in the training data "
@@ -264,11 +290,26 @@ def evaluate_server(args, tokenizer, benches: dict, template: str, thinking: boo
     return {name: records_metrics(recs) for name, recs in records.items()}, records
 
 
+def default_out(args, benches: dict) -> Path:
+    """runs/eval/<adapter or model>_<benchmarks>: two plain calls on different things do not share a folder."""
+    what = Path(args.adapter or args.model or "model")
+    name = "_".join(what.parts[-2:] if args.adapter else what.parts[-1:]) + "_" + "+".join(benches)
+    return Path("runs/eval") / re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-.")[:120]
+
+
 def checkpoint_folders(adapter: str | None) -> list[Path]:
     """The step_N checkpoints in step order when --adapter is a folder of them (a run's checkpoints/), else []."""
     if not adapter or (Path(adapter) / "adapter_config.json").exists() or not Path(adapter).is_dir():
         return []
-    return sorted(p for p in Path(adapter).glob("step_*") if (p / "adapter_config.json").exists())
+    good, other = [], []
+    for p in Path(adapter).iterdir():
+        ok = re.fullmatch(r"step_\d+", p.name) and p.is_dir() and (p / "adapter_config.json").exists() and \
+            (p / "adapter_model.safetensors").exists()
+        (good if ok else other).append(p)
+    if good and other:
+        console.print(f"[yellow]warning: left out of the sweep, not complete step_N checkpoints: "
+                      f"{', '.join(sorted(repr(p.name) for p in other))}[/]", soft_wrap=True)
+    return sorted(good, key=lambda p: int(p.name[5:]))  # step order, not text order
 
 
 def base_model_of(adapter: str | Path | None) -> str | None:
@@ -291,6 +332,28 @@ def swap_adapter(model, path: Path):
         raise PopsdError(f"{path}: the adapter does not match the first checkpoint's ({missing[0]} missing)")
 
 
+NOT_SETTINGS = ("seconds", "generation_batch", "out")  # recorded, not compared: how long, how it ran, where
+
+
+def saved_results(out: Path, settings: dict) -> dict | None:
+    """The results in out/summary.json when they were written with these settings (the same questions and
+    adapter, checksums included): an evaluation done is read back, not redone. Other settings: an error."""
+    done = out / "summary.json"
+    if not done.exists():
+        return None
+    try:
+        saved = json.loads(done.read_text())
+        same = {k: v for k, v in saved["settings"].items() if k not in NOT_SETTINGS} == \
+            {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        same = False
+    if not same:
+        raise PopsdError(f"{done} holds an evaluation with other settings (or other questions, or another adapter): "
+                         "use another --out for this one")
+    console.print(f"{out}: already evaluated with these settings, read from {done}")
+    return saved["results"]
+
+
 def sweep(model, tokenizer, folders: list[Path], benches: dict, out: Path, settings: dict, **kwargs):
     """Evaluates every checkpoint in step order into out/step_N/; a checkpoint already evaluated with the same
     settings is read back instead (an interrupted sweep resumes). Writes sweep.json, sweep.png, the best step."""
@@ -298,21 +361,15 @@ def sweep(model, tokenizer, folders: list[Path], benches: dict, out: Path, setti
     results = {}
     for path in folders:
         step = int(path.name.split("_")[-1])
-        done = out / path.name / "summary.json"
-        if done.exists():
-            saved = json.loads(done.read_text())
-            same = {k: v for k, v in saved["settings"].items() if k not in ("adapter", "seconds")} == \
-                {k: v for k, v in settings.items() if k not in ("adapter", "seconds")}
-            if not same:
-                raise PopsdError(f"{done} was written with other settings: use another --out for these")
-            console.print(f"{path.name}: already evaluated, read from {done}")
-            results[step] = saved["results"]
+        mine = settings | {"adapter": str(path), "adapter_sha": adapter_sha(path)}
+        saved = saved_results(out / path.name, mine)
+        if saved is not None:
+            results[step] = saved
             continue
         swap_adapter(model, path)
         t0 = time.time()
         metrics, records = evaluate(model, tokenizer, benches, **kwargs)
-        write_results(out / path.name, metrics, records, settings | {"adapter": str(path),
-                                                                    "seconds": round(time.time() - t0, 1)})
+        write_results(out / path.name, metrics, records, mine | {"seconds": round(time.time() - t0, 1)})
         console.print(results_table(metrics, f"{path}"))
         results[step] = metrics
     key = next(k for k in next(iter(results.values()))[next(iter(benches))] if k.startswith("avg@"))
@@ -363,7 +420,8 @@ def parse_args(argv):
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--grader", choices=("math", "toyworld"), default="math",
                    help="math: math-verify on the last \\boxed{}; toyworld: the toy world's exact checker")
-    p.add_argument("--out", default="runs/eval", help="folder for summary.json and samples.jsonl")
+    p.add_argument("--out", help="folder for summary.json and samples.jsonl (default: runs/eval/<what is evaluated>);\n"
+                                 "one holding an evaluation with the same settings is read back, with others refused")
     p.add_argument("--server", help="an OpenAI-compatible server (vLLM, SGLang, transformers serve) to generate\n"
                                     "with, e.g. http://localhost:8000; popsd builds the prompts (remote.py)")
     p.add_argument("--served-model", help="the model name the server serves (its /v1/models), with --server")
@@ -374,8 +432,8 @@ def parse_args(argv):
     for key in ("n", "max_new_tokens"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.batch_size < 0 or args.memory_gb < 0:
-        p.error("--batch-size and --memory-gb must be >= 0")
+    if args.batch_size < 0 or args.memory_gb < 0 or args.limit < 0:
+        p.error("--batch-size, --memory-gb and --limit must be >= 0 (--limit 0: every question)")
     return args
 
 
@@ -398,7 +456,7 @@ def main(argv: list[str]):
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
     args = parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out or "runs/eval")
     try:
         folders = checkpoint_folders(args.adapter)
         first = str(folders[0]) if folders else args.adapter
@@ -408,11 +466,16 @@ def main(argv: list[str]):
         model_path = args.model or base_model_of(first)
         if model_path is None:
             raise PopsdError("--model is required (or --adapter with an adapter_config.json naming its base model)")
-        benches = dict(load_bench(s.strip(), args.question_field, args.answer_field, args.limit)
-                       for s in args.bench.split(",") if s.strip())
+        specs = [s.strip() for s in args.bench.split(",") if s.strip()]
+        benches = named_benches((s, load_bench(s, args.question_field, args.answer_field, args.limit)) for s in specs)
         thinking = thinking_mode(args.thinking, run)
         template = run.get("student_template", STUDENT_TEMPLATE)
-        settings = vars(args) | {"model": model_path, "thinking": thinking}
+        out = Path(args.out or default_out(args, benches))
+        settings = vars(args) | {"model": model_path, "thinking": thinking, "questions_sha": fingerprint(benches),
+                                 "adapter_sha": adapter_sha(first)}
+        if not folders and (saved := saved_results(out, settings)) is not None:
+            console.print(results_table(saved, f"{model_path}" + (f" + {args.adapter}" if args.adapter else "")))
+            return
         t0 = time.time()
         if args.server:  # generation by the server; prompts, grading and files as below
             if folders:
@@ -432,7 +495,7 @@ def main(argv: list[str]):
                 batch, why = generation_batch(model, longest + args.max_new_tokens,
                                               memory_budget(device, args.memory_gb))
                 console.print(why)
-            settings["batch_size"] = batch
+            settings["generation_batch"] = batch  # what ran (--batch-size 0: the budget's choice)
             kwargs = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, eos_ids=eos_ids(model, tokenizer), batch_size=batch,
                           device=device, template=template, thinking=thinking, seed=args.seed, grader=args.grader)
@@ -451,7 +514,7 @@ def main(argv: list[str]):
     for leftover in ("partial.jsonl", "partial_settings.json"):  # the server route's progress, now complete
         (out / leftover).unlink(missing_ok=True)
     console.print(results_table(metrics, f"{model_path}" + (f" + {args.adapter}" if args.adapter else "")))
-    console.print(f"summary.json and samples.jsonl in {args.out}")
+    console.print(f"summary.json and samples.jsonl in {out}")
 
 
 if __name__ == "__main__":

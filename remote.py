@@ -19,6 +19,30 @@ from data import PopsdError
 from server_pool import Server, ServerError  # noqa: F401  (the client; eval.py reaches it through here)
 
 
+def read_partial(partial: Path, benches: dict, grade, warn) -> dict:
+    """The questions an interrupted evaluation finished, each re-graded here (a verdict in the file is never
+    trusted) and checked to be this evaluation's question; a torn last line (a kill mid-write) is dropped."""
+    lines, done = partial.read_text().splitlines(), {}
+    for k, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            name, i, samples = rec["bench"], int(rec["index"]), rec["samples"]
+            q, gold = benches[name][i]
+            if (rec["question"], rec["gold"]) != (q, gold) or not all(isinstance(s["completion"], str) for s in samples):
+                raise ValueError("another question or answer than this benchmark's")
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            if k == len(lines) and isinstance(e, json.JSONDecodeError):
+                warn(f"[yellow]warning: {partial} line {k} is cut short (an interrupted write): dropped, redone[/]")
+                break
+            raise PopsdError(f"{partial} line {k} is not a finished question of this evaluation ({e}): use "
+                             "another --out, or delete it") from None
+        samples = [{key: s[key] for key in ("completion", "tokens", "truncated")} for s in samples]
+        grade(samples, q, gold)
+        done[(name, i)] = {"bench": name, "index": i, "question": q, "gold": gold, "samples": samples}
+    partial.write_text("".join(json.dumps(r) + "\n" for r in done.values()))  # as read back, torn line gone
+    return done
+
+
 def evaluate_remote(server: Server, tokenizer, benches: dict, prompts: dict, *, n: int, seed: int, params: dict,
                     out: Path, settings: dict, grade, concurrency: int, progress):
     """Like eval.evaluate, through the server: returns records per bench, graded by `grade(samples, q, gold)`.
@@ -28,10 +52,9 @@ def evaluate_remote(server: Server, tokenizer, benches: dict, prompts: dict, *, 
     done = {}
     if partial.exists():
         if not saved.exists() or json.loads(saved.read_text()) != settings:
-            raise PopsdError(f"{partial} holds an evaluation with other settings: use another --out, or delete it")
-        for line in partial.read_text().splitlines():
-            rec = json.loads(line)
-            done[(rec["bench"], rec["index"])] = rec
+            raise PopsdError(f"{partial} holds an evaluation with other settings (or questions, or adapter): use "
+                             "another --out, or delete it")
+        done = read_partial(partial, benches, grade, progress.console.print)
         progress.console.print(f"resuming: {len(done)} questions already done in {partial}")
     saved.write_text(json.dumps(settings))
     todo = [(name, i) for name, rows in benches.items() for i in range(len(rows)) if (name, i) not in done]
@@ -48,7 +71,9 @@ def evaluate_remote(server: Server, tokenizer, benches: dict, prompts: dict, *, 
                 except ServerError as e:
                     raise PopsdError(f"the server at {server.url} refused a request ({e}); the questions done so "
                                      f"far are in {partial}, a rerun resumes after them") from None
-                got.setdefault((name, i), {})[j] = {"completion": c["text"], "tokens": c["tokens"],
+                tokens = c["tokens"] if c["tokens"] is not None else len(tokenizer(
+                    c["text"], add_special_tokens=False)["input_ids"])  # a reply without usage: counted here
+                got.setdefault((name, i), {})[j] = {"completion": c["text"], "tokens": tokens,
                                                     "truncated": c["truncated"]}
                 progress.advance(task)
                 if len(got[(name, i)]) == n:  # a whole question: graded here, on the main thread, and kept

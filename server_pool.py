@@ -107,8 +107,11 @@ class Server:
         if not as_ids and out.get("usage", {}).get("prompt_tokens", len(ids)) != len(ids):
             self.prompt_mismatch += 1
         choice = out["choices"][0]
-        tokens = out.get("usage", {}).get("completion_tokens", 0)
-        return {"text": choice["text"], "tokens": tokens, "truncated": choice.get("finish_reason") == "length"}
+        tokens = (out.get("usage") or {}).get("completion_tokens")
+        if tokens is None and choice.get("token_ids") is not None:
+            tokens = len(choice["token_ids"])
+        return {"text": choice["text"], "tokens": tokens,  # None: the caller counts the text's tokens
+                "truncated": choice.get("finish_reason") == "length"}
 
 
 VLLM_FIELDS = ("top_k", "min_p", "repetition_penalty")  # not OpenAI's; vLLM and SGLang take them

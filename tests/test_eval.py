@@ -1,6 +1,7 @@
 """eval.py: the grader on real-world answer pairs, pass@k against brute force, metrics, the CLI end to end."""
 import itertools
 import json
+import shutil
 import threading
 import time
 
@@ -256,6 +257,12 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):
     again = eval_cli(*common, "--out", str(tmp_path / "b"))  # same seed: same completions
     assert again.returncode == 0
     assert (tmp_path / "b/samples.jsonl").read_text() == (tmp_path / "a/samples.jsonl").read_text()
+    before = (tmp_path / "a/summary.json").read_text()
+    same = eval_cli(*common, "--out", str(tmp_path / "a"))  # done already: read back, not redone
+    assert same.returncode == 0 and "already evaluated with these settings" in same.stdout and "avg@3" in same.stdout
+    other = eval_cli(*common, "--limit", "2", "--out", str(tmp_path / "a"))  # never replaced by another evaluation
+    assert other.returncode == 2 and "other settings" in other.stdout
+    assert (tmp_path / "a/summary.json").read_text() == before
 
 
 def test_cli_errors_are_clear(tiny_dir, tmp_path):
@@ -307,7 +314,31 @@ def test_cli_evaluates_every_checkpoint_resumes_and_names_the_best(tmp_path):
     assert (tmp_path / "sweep/step_000003/samples.jsonl").read_text() == before
     assert json.loads((tmp_path / "sweep/sweep.json").read_text()) == sweep
     other = eval_cli("--adapter", str(run / "checkpoints"), *common, "--n", "3")  # other settings, same --out
-    assert other.returncode == 2 and "written with other settings" in other.stdout
+    assert other.returncode == 2 and "holds an evaluation with other settings" in other.stdout
+    plain = eval_cli("--adapter", str(run / "checkpoints/step_000003"), *common[:-2])  # no --out: its own folder
+    assert plain.returncode == 0 and (ROOT / "runs/eval/checkpoints_step_000003_five_questions/summary.json").exists()
+    shutil.rmtree(ROOT / "runs/eval/checkpoints_step_000003_five_questions")
+
+
+def test_a_sweep_takes_complete_checkpoints_in_step_order_and_keys_results_on_the_adapter(tmp_path):
+    import popsd
+    run = tmp_path / "run"
+    popsd.train(popsd.make_config("tiny", [f"out_dir={run}", "steps=2", "save_every=1", "eval_every=0"]))
+    ckpts = run / "checkpoints"
+    shutil.copytree(ckpts / "step_000002", ckpts / "step_000010")  # 10 after 2 (text order puts it first)
+    shutil.copytree(ckpts / "step_000001", ckpts / "step_000003.tmp")  # an unfinished save
+    (ckpts / "step_abc").mkdir()
+    (ckpts / "step_ 1;rm -rf x").mkdir()
+    common = ["--bench", str(FIVE), "--n", "1", "--max-new-tokens", "4", "--dtype", "fp32", "--limit", "2",
+              "--out", str(tmp_path / "sweep")]
+    out = eval_cli("--adapter", ckpts, *common)
+    assert out.returncode == 0, out.stdout
+    assert "left out of the sweep" in out.stdout and "'step_abc'" in out.stdout and "step_000003.tmp" in out.stdout
+    assert list(json.loads((tmp_path / "sweep/sweep.json").read_text())["steps"]) == ["1", "2", "10"]
+    popsd.train(popsd.make_config("tiny", [f"out_dir={run}", "steps=2", "save_every=1", "eval_every=0", "lr=5e-3",
+                                           "overwrite=true"]))  # retrained: other adapters under the same names
+    again = eval_cli("--adapter", ckpts, *common)
+    assert again.returncode == 2 and "another adapter" in again.stdout  # not the old scores read back as its own
 
 
 def test_merge_writes_one_model_that_computes_what_base_plus_adapter_does(tmp_path):
@@ -330,3 +361,28 @@ def test_merge_writes_one_model_that_computes_what_base_plus_adapter_does(tmp_pa
     assert (tmp_path / "merged/tokenizer_config.json").exists()
     bad = eval_cli("merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stdout
+
+
+def test_a_partial_server_evaluation_is_regraded_and_a_torn_line_dropped(tmp_path):
+    import remote
+    benches = {"b": [("1+1?", "2"), ("2+2?", "4")]}
+    forged = {"bench": "b", "index": 0, "question": "1+1?", "gold": "2",
+              "samples": [{"completion": "\\boxed{3}", "tokens": 3, "truncated": False, "correct": True}]}
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(json.dumps(forged) + "\n" + json.dumps(forged | {"index": 1})[:30])  # + a cut-short line
+    warned = []
+    done = remote.read_partial(partial, benches, lambda s, q, g: E.grade(s, q, g, "math", False), warned.append)
+    assert list(done) == [("b", 0)] and done[("b", 0)]["samples"][0]["correct"] is False  # re-graded: 3 is wrong
+    assert "cut short" in warned[0] and partial.read_text().count("\n") == 1
+    partial.write_text(json.dumps(forged | {"question": "other?"}) + "\n")  # not this benchmark's question
+    with pytest.raises(E.PopsdError, match="line 1 is not a finished question of this evaluation"):
+        remote.read_partial(partial, benches, lambda *a: None, warned.append)
+
+
+def test_two_benchmarks_with_one_file_name_stay_two(tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "test.jsonl").write_text(json.dumps({"problem": f"{d}?", "answer": "1"}) + "\n")
+    specs = [str(tmp_path / "a/test.jsonl"), str(tmp_path / "b/test.jsonl")]
+    benches = E.named_benches((s, E.load_bench(s)) for s in specs)
+    assert benches == {"test": [("a?", "1")], "b_test": [("b?", "1")]}
