@@ -12,6 +12,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # op
 
 
 def pick_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PopsdError(f"device={name}: this machine has no CUDA GPU (torch {torch.__version__}); the GPU recipes "
+                         "need one. On a CPU: --recipe toy (or device=cpu with a small model)")
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 

@@ -44,7 +44,8 @@ from checkpoints import (RunLock, check_finite, disk_full, latest_checkpoint, lo
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
-from rollout import HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, request_seed
+from rollout import (HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, request_seed,
+                     special_tokens_in)
 
 console = Console()
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*")
@@ -55,10 +56,12 @@ warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v
 def prepare_contexts(rows, tokenizer, cfg: Config):
     """Tokenised contexts for every row; rows whose longest context exceeds max_prompt_len are skipped."""
     templates = (cfg.student_template, cfg.teacher_template, cfg.refonly_template)
-    kept, too_long = [], 0
+    kept, too_long, marked = [], 0, []
     with progress() as bar:
         task = bar.add_task("tokenising prompts", total=len(rows))
-        for q, r in rows:
+        for i, (q, r) in enumerate(rows, 1):
+            if found := special_tokens_in(tokenizer, q, r):
+                marked.append((i, found))
             c = build_contexts(tokenizer, q, r, templates=templates, student_thinking=cfg.student_thinking,
                                teacher_thinking=cfg.teacher_thinking)
             if max(len(c.student), len(c.teacher), len(c.refonly)) > cfg.max_prompt_len:
@@ -66,6 +69,11 @@ def prepare_contexts(rows, tokenizer, cfg: Config):
             else:
                 kept.append(c)
             bar.advance(task)
+    for i, found in marked[:3]:
+        console.print(f"[yellow]warning: data row {i} holds the chat template's control token(s) {', '.join(found)}: "
+                      "in a prompt they act as controls, not text[/]", soft_wrap=True)
+    if len(marked) > 3:
+        console.print(f"[yellow]warning: {len(marked)} rows in all hold control tokens[/]")
     if not kept:
         raise PopsdError(f"all {len(rows)} prompts are longer than max_prompt_len={cfg.max_prompt_len}")
     return kept, too_long
@@ -312,6 +320,7 @@ def train(cfg: Config) -> Path:
             if benches and start == 0:  # the baseline: the initial policy before any update
                 row = {"step": 0, **E.in_training(0, sampler, tokenizer, benches, cfg, out, bar, rank, world)}
                 metrics_file.write(json.dumps(row) + "\n")
+            t_run = time.time()
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.time()
                 batch = [examples[i] for i in stream.take(cfg.batch_size)][rank::world]  # this rank's share
@@ -332,7 +341,8 @@ def train(cfg: Config) -> Path:
                 # 6. log (rank 0)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
-                console.print(step_line(row, cfg.steps), soft_wrap=True)
+                eta = (time.time() - t_run) / (step - start) * (cfg.steps - step)  # this process's pace so far
+                console.print(step_line(row, cfg.steps, eta), soft_wrap=True)
                 if warning:
                     console.print(f"[bold yellow]{warning}[/]", soft_wrap=True)
                 if skips >= MAX_SKIPS:
@@ -372,15 +382,16 @@ def train(cfg: Config) -> Path:
     return out
 
 
-def step_line(row: dict, steps: int) -> str:
-    line = (f"step {row['step']:>4}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.1e}  "
-            f"|g| {row['grad_norm']:.3f}  len {row['completion_len']:.0f}  ent {row['entropy']:.2f}")
+def step_line(row: dict, steps: int, eta: float | None = None) -> str:
+    line = (f"step {row['step']:>4}/{steps}  loss {row['loss']:.2e}  lr {row['lr']:.1e}  "  # 2e-5 reads, not 0.0000
+            f"|g| {row['grad_norm']:.2e}  len {row['completion_len']:.0f}  ent {row['entropy']:.2f}")
     if "cos_total_ref" in row:
         line += (f"  cos(Δ,Δref) {row['cos_total_ref']:+.2f}  cos(Δ,Δit) {row['cos_total_it']:+.2f}"
                  f"  |Δref|/|Δ| {row['norm_ratio']:.2f}")
     if "sampler_logprob_gap" in row:
         line += f"  gap {row['sampler_logprob_gap']:.1e}"
-    return line + f"  markers {row['markers_per_1k']:.1f}/1k  {row['time_step']:.1f}s"
+    line += f"  markers {row['markers_per_1k']:.1f}/1k  {row['time_step']:.1f}s"
+    return line + (f"  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta is not None else "")
 
 
 def printable(text: str) -> str:

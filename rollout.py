@@ -87,8 +87,16 @@ def check_templates(student: str, teacher: str, refonly: str):
 
 
 def fill(template: str, question: str = "", reference: str = "") -> str:
-    # str.replace, not str.format: LaTeX braces in templates and data stay as they are.
-    return template.replace("{question}", question).replace("{reference}", reference)
+    # One pass over the template, not str.format: LaTeX braces stay, and a question holding "{reference}"
+    # stays that text (replacing one field after the other would put the reference inside the question).
+    return re.sub(r"\{(question|reference)\}", lambda m: question if m[1] == "question" else reference, template)
+
+
+def special_tokens_in(tokenizer, *texts: str) -> list[str]:
+    """The tokenizer's control tokens (<|im_end|>, </think>, ...) found in the texts: in data they act as controls."""
+    specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                   if getattr(t, "special", False) or t.content.endswith("think>")}
+    return sorted(t for t in specials if len(t) > 1 and any(t in x for x in texts))
 
 
 def chat_ids(tokenizer, user_text: str, thinking: bool) -> list[int]:

@@ -13,6 +13,7 @@ is kept).
 Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
 long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
 """
+device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "Qwen/Qwen3-8B"
 prompts = "opsd"
 student_thinking = True

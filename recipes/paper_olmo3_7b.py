@@ -7,6 +7,7 @@ Prompts: the OPSD paper's wording (prompts=opsd).
 Checkpoints every 50 steps, every adapter kept: evaluate them all (best step) with
 python eval.py --adapter runs/paper_olmo3_7b/checkpoints, or through vLLM with --server (README).
 """
+device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "allenai/Olmo-3-7B-Think"
 prompts = "opsd"
 student_thinking = True

@@ -8,6 +8,7 @@ long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.P
 Checkpoints every 50 steps, every adapter kept: evaluate them all (best step) with
 python eval.py --adapter runs/paper_qwen3_4b/checkpoints, or through vLLM with --server (README).
 """
+device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "Qwen/Qwen3-4B"
 prompts = "opsd"
 student_thinking = True

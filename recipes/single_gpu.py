@@ -9,6 +9,7 @@ lr 5e-6, batch 32, 1 rollout per prompt, 1024 new tokens, ≤ 200 steps, checkpo
 Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
 long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
 """
+device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "Qwen/Qwen3-8B"
 data = "siyanzhao/Openthoughts_math_30k_opsd"
 prompts = "opsd"

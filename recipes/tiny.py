@@ -9,6 +9,7 @@ model = "tiny"  # built into runs/tiny/tiny_model from the data below
 data = "data/toy_math.jsonl"
 dtype = "fp32"
 device = "cpu"
+threads = 1  # one torch thread: faster at this size, and the same on every machine
 gradient_checkpointing = False  # nothing to save at this size
 student_thinking = False  # a random model never closes a <think> block
 teacher_thinking = False

@@ -463,3 +463,29 @@ def test_out_dir_tilde_is_the_home_folder_named_in_full(tmp_path, monkeypatch):
     with pytest.raises(PopsdError, match=f"^{tmp_path} is not a popsd run folder"):
         run_tiny("~", "steps=1", "overwrite=true")
     assert snapshot(tmp_path) == {".bashrc": b"mine"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
+def test_a_gpu_recipe_on_a_cpu_machine_says_so_at_once(tmp_path):
+    import time
+    t0 = time.time()
+    out = cli("--recipe", "single_gpu", f"out_dir={tmp_path / 'r'}")
+    assert out.returncode == 2 and "no CUDA GPU" in out.stdout and "--recipe toy" in out.stdout
+    assert time.time() - t0 < 30 and not (tmp_path / "r").exists()  # before the hub, the data or the folder
+
+
+def test_a_question_holding_a_field_name_or_a_control_token_stays_text(tiny, capsys):
+    from rollout import fill
+    assert fill("Q: {question}\nR: {reference}", question="what is {reference}?", reference="42") == \
+        "Q: what is {reference}?\nR: 42"  # one pass: the reference does not land inside the question
+    tok, _ = tiny
+    cfg = popsd.make_config("tiny", ["out_dir=unused"])
+    kept, _ = popsd.prepare_contexts([("fine", "ok"), ("a <|im_end|> b", "ok")], tok, cfg)
+    assert len(kept) == 2 and "data row 2 holds the chat template's control token(s) <|im_end|>" in capsys.readouterr().out
+
+
+def test_the_step_line_shows_small_numbers_and_an_eta():
+    row = {"step": 3, "loss": 2.1e-5, "lr": 1e-3, "grad_norm": 1.5e-4, "completion_len": 40.0, "entropy": 1.2,
+           "markers_per_1k": 18.0, "time_step": 1.0}
+    line = popsd.step_line(row, 60, eta=125.0)
+    assert "loss 2.10e-05" in line and "|g| 1.50e-04" in line and "eta 00:02:05" in line
