@@ -140,7 +140,8 @@ TABLE = {"accuracy": "accuracy", "markers_per_1k": "markers/1k", "caught_frac": 
 
 
 def last_step_rows(results: dict, cols) -> list[tuple]:
-    """Per (reference, method): the last evaluated step, {column: (mean, sd) over seeds}, each seed's point."""
+    """Per (reference, method): the last evaluated step, {column: (mean, sd) over seeds}, each seed's point.
+    sd is the sample standard deviation (n − 1 in the denominator), 0 for one seed."""
     rows = []
     for fmt, methods in results.items():
         for method, seeds in methods.items():
@@ -160,7 +161,8 @@ def last_step_rows(results: dict, cols) -> list[tuple]:
 def compare_table(results: dict):
     """Mean ± sd over seeds at the last evaluated step (every number, per seed, is in summary.json)."""
     from rich.table import Table
-    table = Table(title="toy world: base vs OPSD vs Purified, last evaluated step, mean ± sd over seeds")
+    table = Table(title="toy world: base vs OPSD vs Purified, last evaluated step, mean ± sd over seeds "
+                        "(sample sd, n − 1)")
     for c in ["reference", "method", "step", *TABLE.values()]:
         table.add_column(c, justify="left" if c in ("reference", "method") else "right")
     for fmt, method, step, stats, last in last_step_rows(results, TABLE):
@@ -183,13 +185,41 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console):
-    import plots
-    if out.exists() and any(out.iterdir()):
+PER_JOB = ("method", "seed", "reference_field", "clip", "beta", "out_dir")  # what compare sets for each run
+MARKER = "popsd_compare.json"  # written when a comparison folder is created: what --overwrite may remove
+
+
+def prepare_out(out: Path, formats, overwrite: bool):
+    """A new or empty folder, or (with --overwrite) an earlier comparison's: only what it wrote is removed, a
+    link as a link. Any other folder is refused."""
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        marker = out / MARKER
+        legacy = (out / "summary.json").is_file() and not marker.exists()  # written before the marker
+        if not (marker.is_file() or legacy):
+            raise FileExistsError(f"{out} is not empty and is not a comparison popsd wrote (no {MARKER}): choose "
+                                  "another --out")
         if not overwrite:
             raise FileExistsError(f"{out} already holds a comparison: pass --overwrite to replace it, or --out DIR")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        entries = json.loads(marker.read_text())["entries"] if marker.is_file() else [
+            "summary.json", "summary.md", "summary.png", "full", "sketch"]
+        for name in entries:
+            path = out / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"entries": [*formats, "summary.json", "summary.md", "summary.png"]}) + "\n")
+
+
+def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console):
+    import plots
+    clash = [o for o in overrides if o.split("=", 1)[0].strip() in PER_JOB]
+    if clash:
+        raise ValueError(f"override {clash[0]!r}: compare sets {', '.join(PER_JOB)} for each run itself (use "
+                              "--formats, --seeds, --clip, --beta, --out); an override would make every run the same")
+    out = out.resolve()  # one folder for the runs and for reading them back, whatever the working directory
+    prepare_out(out, formats, overwrite)
     t0 = time.time()
     tok, model = toyworld.load_base()
     measured = toyworld.measure_base(model, tok, gate_samples)

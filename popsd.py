@@ -44,8 +44,8 @@ from checkpoints import (RunLock, check_finite, disk_full, latest_checkpoint, lo
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
-from rollout import (HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, request_seed,
-                     special_tokens_in)
+from rollout import (HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, repeated_ngrams,
+                     request_seed, special_tokens_in)
 
 console = Console()
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*")
@@ -165,8 +165,8 @@ def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
     keys = sorted(sums)
     totals = D.all_sum([loss_sum, len(rollout), rollout.truncated.sum().item(), marker_counts(rollout.texts),
-                        *(sums[k] for k in keys)])
-    loss_sum, seqs, truncated, markers, *stat_sums = totals
+                        *repeated_ngrams(rollout.completions, rollout.mask), *(sums[k] for k in keys)])
+    loss_sum, seqs, truncated, markers, repeats, grams, *stat_sums = totals
     lr = scheduler.get_last_lr()[0]
     skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))  # the same verdict on every rank
     if not skipped:  # a non-finite loss or gradient never reaches the weights
@@ -175,6 +175,7 @@ def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "completion_len": n_tokens / seqs,
             "truncated": truncated / seqs, "tokens": n_tokens, "markers_per_1k": 1000 * markers / n_tokens,
+            "repeated_4grams": repeats / max(grams, 1),
             "skipped": skipped, **{k: v / n_tokens for k, v in zip(keys, stat_sums)}}
 
 
@@ -207,7 +208,13 @@ def health(row: dict, skips: int, vocab: int, cfg: Config) -> tuple[int, str | N
                             (f"JSD {row['loss']:.3f} near its ceiling {ceiling:.3f}", row["loss"] > 0.9 * ceiling)) if bad]
     if why:
         row["collapse"] = True
-        return skips, f"step {row['step']}: the student looks collapsed ({', '.join(why)}): lower lr?"
+        hint = "lower lr?" if cfg.temperature <= 2 else f"temperature={cfg.temperature:g} samples near-uniform text"
+        return skips, f"step {row['step']}: the student looks collapsed ({', '.join(why)}): {hint}"
+    if row.get("repeated_4grams", 0) > 0.5 and row.get("truncated", 0) > 0.5:  # R1-Distill's failure under OPSD
+        row["repetition"] = True
+        return skips, (f"step {row['step']}: the student repeats itself ({100 * row['repeated_4grams']:.0f}% of its "
+                       f"4-grams seen before in the same completion, {100 * row['truncated']:.0f}% of completions cut "
+                       "at max_new_tokens): degenerate repetition; lower lr, or compare method=purified")
     return skips, None
 
 

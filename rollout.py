@@ -251,6 +251,16 @@ def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id:
     return h[mask.to(device)]  # [N, H], row-major over (b, t) like mask
 
 
+def repeated_ngrams(completions: torch.Tensor, mask: torch.Tensor, n: int = 4) -> tuple[int, int]:
+    """(n-grams seen before in the same completion, all n-grams) over the valid tokens: degenerate repetition."""
+    repeats = total = 0
+    for ids, m in zip(completions.tolist(), mask.tolist()):
+        ids = [t for t, keep in zip(ids, m) if keep]
+        grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        repeats, total = repeats + len(grams) - len(set(grams)), total + len(grams)
+    return repeats, total
+
+
 def marker_counts(texts: list[str]) -> int:
     """Epistemic markers ("wait", "maybe", "perhaps", "check"; whole words, any case)."""
     return sum(len(MARKERS.findall(t)) for t in texts)

@@ -459,7 +459,7 @@ def main(argv: list[str]):
             from compare import compare
             compare(Path(args.out), [f.strip() for f in args.formats.split(",")], args.seeds, floats(args.clip),
                     floats(args.beta), args.workers, args.gate_samples, args.overrides, args.overwrite, console)
-        except (FileExistsError, FileNotFoundError, RuntimeError) as e:
+        except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
             console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
             sys.exit(2)
 

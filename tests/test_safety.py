@@ -153,6 +153,14 @@ def test_a_collapse_is_warned_on_screen_and_in_metrics(tmp_path, capsys):
         assert "collapsed" in popsd.health(dict(base, **change), 0, 512, cfg)[1]
     assert popsd.health(dict(base, skipped=True), 1, 512, cfg)[0] == 2
     assert popsd.health(dict(base), 2, 512, cfg)[0] == 0  # a good step resets the count
+    looping = dict(base, repeated_4grams=0.8, truncated=0.9)  # the paper's other failure: long, repetitive output
+    assert "repeats itself (80% of its 4-grams" in popsd.health(looping, 0, 512, cfg)[1] and looping["repetition"]
+    assert popsd.health(dict(base, repeated_4grams=0.8, truncated=0.1), 0, 512, cfg)[1] is None  # short: not flagged
+    hot = popsd.make_config("tiny", ["temperature=50"])
+    assert "temperature=50 samples near-uniform" in popsd.health(dict(base, entropy=6.2), 0, 512, hot)[1]
+    ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 9], [5, 6, 7, 8, 9, 0, 0, 0, 0]])
+    mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
+    assert popsd.repeated_ngrams(ids, mask) == (1, 6 + 2)  # (1,2,3,4) seen twice; the padding not counted
 
 
 def test_lr_1e30_stops_with_a_clear_error_and_saves_no_broken_state(tmp_path):

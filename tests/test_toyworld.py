@@ -215,3 +215,27 @@ def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
     assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["results"]["test"]
     assert {"avg@1", "caught_frac", "false_reflections", "first_try_errors"} <= set(summary)
+
+
+def test_compare_refuses_per_run_overrides_and_folders_it_did_not_write(tmp_path):
+    import compare
+    from rich.console import Console
+    with pytest.raises(ValueError, match="compare sets method, seed"):
+        compare.compare(tmp_path / "c", ["sketch"], 1, [10.0], [1.0], 1, 16, ["seed=5"], False, Console())
+    assert not (tmp_path / "c").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not a comparison popsd wrote"):
+            compare.prepare_out(foreign, ["sketch"], overwrite)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    done = tmp_path / "cmp"
+    compare.prepare_out(done, ["sketch"], False)
+    (done / "sketch").mkdir()
+    (done / "sketch/log.txt").write_text("run")
+    (done / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        compare.prepare_out(done, ["sketch"], False)
+    compare.prepare_out(done, ["full"], True)  # removes what the earlier comparison wrote, nothing else
+    assert sorted(p.name for p in done.iterdir()) == ["notes.txt", "popsd_compare.json"]
