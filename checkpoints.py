@@ -4,8 +4,8 @@ A run folder belongs to one run: popsd marks it (popsd_run.json) when it creates
 into a new or empty folder or one it marked; one live run at a time holds its lock (popsd_run.lock:
 host, pid, start). A second run into it is refused (resume=true continues it, overwrite=true removes
 what the run wrote, nothing else, and never through a symbolic link). Resuming checks the new config
-against the run's saved one before anything on disk changes. Checkpoints are verified before use: a damaged one is skipped with a warning
-(and kept for inspection). Everything is read as data only (safetensors, JSON, torch weights_only):
+against the run's saved one before anything on disk changes. Checkpoints are verified before use: a
+damaged one is skipped with a warning (and kept for inspection). Everything is read as data only (safetensors, JSON, torch weights_only):
 a checkpoint from someone else cannot run code. Weights and optimizer state are gathered whole from
 FSDP shards and keyed by parameter name, so a checkpoint resumes under any number of ranks.
 """
@@ -270,6 +270,8 @@ def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, w
     lock = RunLock(out, warn).acquire()
     try:
         ckpt = open_folder(out, kind, config, resume, overwrite, warn)
+        if (out / MARKER).is_symlink():
+            (out / MARKER).unlink()  # written here, never through a link
         (out / MARKER).write_text(json.dumps({"popsd": "run folder", "files": list(RUN_FILES)}) + "\n")
         return ckpt, lock
     except BaseException:

@@ -32,6 +32,10 @@ class Job:
     out: Path
     command: list[str] = field(default_factory=list)
 
+    @property
+    def log(self) -> Path:  # next to the run folder: popsd writes only into a new or empty one
+        return self.out.with_name(self.out.name + ".log")
+
 
 def compare_jobs(out: Path, formats, seeds, clips, betas, overrides) -> list[Job]:
     """Every (format, method, seed) run of recipes/toy.py: identical settings except the method."""
@@ -62,8 +66,8 @@ def run_jobs(jobs: list[Job], workers: int, total_steps: int, console):
         while waiting or running:
             while waiting and len(running) < workers:
                 job = waiting.pop(0)
-                job.out.mkdir(parents=True, exist_ok=True)
-                log = open(job.out / "log.txt", "w")
+                job.out.parent.mkdir(parents=True, exist_ok=True)  # the run folder itself is popsd's to create
+                log = open(job.log, "w")
                 running.append((job, subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                       cwd=ROOT), log))
             time.sleep(0.5)
@@ -76,7 +80,7 @@ def run_jobs(jobs: list[Job], workers: int, total_steps: int, console):
                 if proc.returncode != 0:
                     for _, other, _ in running:
                         other.kill()
-                    tail = (job.out / "log.txt").read_text()[-3000:]
+                    tail = job.log.read_text()[-3000:]
                     raise RuntimeError(f"run {job.out} failed (rc {proc.returncode}); its log ends:\n{tail}")
                 done += 1
             logged = sum(len(_lines(job.out / "metrics.jsonl")) for job, _, _ in running)
@@ -229,7 +233,7 @@ def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, over
     import popsd
     cfg = popsd.make_config("toy", [o for o in overrides])
     console.print(f"{len(jobs)} runs of recipes/toy.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
-                  f"{cfg.eval_limit} held-out questions), logs in {out}/<reference>/<method>/seed_<n>/")
+                  f"{cfg.eval_limit} held-out questions), runs in {out}/<reference>/<method>/seed_<n>/, logs beside them (seed_<n>.log)")
     run_jobs(jobs, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)  # training rows + step-0 row
     results = collect(jobs)
     summary = {"settings": {"command": " ".join(sys.argv), "recipe": "toy", "overrides": list(overrides),

@@ -315,9 +315,9 @@ def test_cli_evaluates_every_checkpoint_resumes_and_names_the_best(tmp_path):
     assert json.loads((tmp_path / "sweep/sweep.json").read_text()) == sweep
     other = eval_cli("--adapter", str(run / "checkpoints"), *common, "--n", "3")  # other settings, same --out
     assert other.returncode == 2 and "holds an evaluation with other settings" in other.stdout
-    plain = eval_cli("--adapter", str(run / "checkpoints/step_000003"), *common[:-2])  # no --out: its own folder
-    assert plain.returncode == 0 and (ROOT / "runs/eval/checkpoints_step_000003_five_questions/summary.json").exists()
-    shutil.rmtree(ROOT / "runs/eval/checkpoints_step_000003_five_questions")
+    derived = tmp_path / "runs/eval/checkpoints_step_000003_five_questions"  # no --out: a folder of its own
+    plain = run_main(E.main, ["--adapter", run / "checkpoints/step_000003", *common[:-2]], cwd=tmp_path)
+    assert plain.returncode == 0 and (derived / "summary.json").exists(), plain.stdout
 
 
 def test_a_sweep_takes_complete_checkpoints_in_step_order_and_keys_results_on_the_adapter(tmp_path):
