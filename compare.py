@@ -233,7 +233,8 @@ def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, over
     import popsd
     cfg = popsd.make_config("toy", [o for o in overrides])
     console.print(f"{len(jobs)} runs of recipes/toy.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
-                  f"{cfg.eval_limit} held-out questions), runs in {out}/<reference>/<method>/seed_<n>/, logs beside them (seed_<n>.log)")
+                  f"{cfg.eval_limit} held-out questions), runs in {out}/<reference>/<method>/seed_<n>/, their logs "
+                  "beside them (seed_<n>.log)")
     run_jobs(jobs, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)  # training rows + step-0 row
     results = collect(jobs)
     summary = {"settings": {"command": " ".join(sys.argv), "recipe": "toy", "overrides": list(overrides),
