@@ -24,6 +24,13 @@ import distributed as D
 from data import DataStream, PopsdError
 
 MARKER, LOCK = "popsd_run.json", "popsd_run.lock"
+PROMPTS_FILE = "popsd_prompts.json"  # in every adapter popsd saves (and a model folder may ship one): how to prompt it
+PROMPT_KEYS = ("student_template", "student_thinking", "teacher_template", "refonly_template", "teacher_thinking")
+
+
+def save_prompts(folder: Path, config: dict):
+    """The prompt settings an adapter was trained with, next to it: eval.py reads them wherever it is copied."""
+    (folder / PROMPTS_FILE).write_text(json.dumps({k: config[k] for k in PROMPT_KEYS if k in config}, indent=1) + "\n")
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapter", "checkpoints", "eval",
              "tiny_model", "rollout_adapters")  # what a run writes into its folder: all overwrite=true removes
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
@@ -76,7 +83,8 @@ def disk_full(e: BaseException, folder: Path, what: str) -> PopsdError | None:
                       "was kept and the checkpoints before it are intact; free some space, then resume=true")
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0):
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0,
+                    prompts: dict | None = None):
     """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then renamed.
 
     Every checkpoint keeps its adapter (the paper reports the best of several steps); the resume state
@@ -96,6 +104,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             model.save_pretrained(tmp, state_dict=weights)
+            if prompts:
+                save_prompts(tmp, prompts)
             usual_modes(tmp)
             torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
                         "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng}, tmp / "state.pt")

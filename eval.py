@@ -5,8 +5,9 @@
     python eval.py --server http://localhost:8000 --served-model popsd ...    # generation by vLLM & co (remote.py)
     python eval.py merge --adapter runs/single_gpu/adapter --out merged       # base + adapter as one model
 
-Prompts use the student's template and thinking mode (read from the run's config.json next to the
-adapter when there is one; with none, thinking is on and said so). Each completion is graded by
+Prompts use the student's template and thinking mode: --template/--thinking, else the adapter's
+popsd_prompts.json (saved with every adapter), the run's config.json above it, or the model folder's
+popsd_prompts.json (the toy base ships one); with none, popsd's template and thinking on, said so. Each completion is graded by
 grading.grade: the last \\boxed{} after the reasoning block against the gold answer with math-verify.
 Writes summary.json and samples.jsonl (every completion, the answer extracted from it and its verdict)
 to --out. popsd.py calls `evaluate` during training (eval_every).
@@ -28,6 +29,7 @@ from rich.table import Table
 
 from grading import grade, pass_at_k
 from data import PopsdError, model_load_error, read_rows, resolve_local
+from checkpoints import PROMPT_KEYS, PROMPTS_FILE
 from models import eos_ids, generation_batch, memory_budget, merge_adapter, pick_device, quantization_config
 from distributed import gather
 from rollout import STUDENT_TEMPLATE, HFSampler, chat_ids, fill, marker_counts, request_seed
@@ -219,13 +221,24 @@ def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, ba
 
 # ----------------------------------------------------------------------------- CLI
 
-def run_settings(adapter: str | None) -> dict:
-    """The training run's config.json (student template, thinking) found above an adapter folder, if any."""
+def run_settings(adapter: str | None, model_path: str | None = None) -> dict:
+    """The prompt settings to evaluate with, first found of: the adapter's popsd_prompts.json (popsd saves one
+    with every adapter), the training run's config.json above it, the model folder's popsd_prompts.json (a base
+    that ships its own, like the toy base); {} when none (then the built-in defaults). Flags override them."""
+    def read(path: Path) -> dict:
+        try:
+            got = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            raise PopsdError(f"{path} is not valid JSON") from None
+        return {k: v for k, v in got.items() if k in PROMPT_KEYS} if isinstance(got, dict) else {}
+    if adapter and (found := read(Path(adapter) / PROMPTS_FILE)):
+        return found
     if adapter:
         for d in [Path(adapter), *Path(adapter).resolve().parents][:4]:
-            if (d / "config.json").exists() and "student_template" in (cfg := json.loads((d / "config.json").read_text())):
-                return cfg
-    return {}
+            if "student_template" in (found := read(d / "config.json")):
+                return found
+    local = resolve_local(model_path) if model_path else None
+    return read(local / PROMPTS_FILE) if local is not None and local.is_dir() else {}
 
 
 def thinking_mode(flag: str | None, run: dict) -> bool:
@@ -406,6 +419,8 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--max-new-tokens", type=int, default=32768)
     p.add_argument("--limit", type=int, default=0, help="first K questions per benchmark (0: all)")
+    p.add_argument("--template", help="the prompt, with {question} (default: the adapter's saved prompt settings,\n"
+                                      "the run's, or the model folder's popsd_prompts.json; else popsd's own)")
     p.add_argument("--thinking", choices=("on", "off"),
                    help="chat-template thinking mode (default: the training run's; with no run: on, said aloud)")
     p.add_argument("--batch-size", type=int, default=0,
@@ -462,14 +477,16 @@ def main(argv: list[str]):
         first = str(folders[0]) if folders else args.adapter
         if args.adapter and folders == [] and not (Path(args.adapter) / "adapter_config.json").exists():
             raise PopsdError(f"--adapter {args.adapter}: no adapter_config.json there, nor step_* checkpoints in it")
-        run = run_settings(first)
         model_path = args.model or base_model_of(first)
         if model_path is None:
             raise PopsdError("--model is required (or --adapter with an adapter_config.json naming its base model)")
+        run = run_settings(first, model_path)
         specs = [s.strip() for s in args.bench.split(",") if s.strip()]
         benches = named_benches((s, load_bench(s, args.question_field, args.answer_field, args.limit)) for s in specs)
         thinking = thinking_mode(args.thinking, run)
-        template = run.get("student_template", STUDENT_TEMPLATE)
+        template = args.template or run.get("student_template", STUDENT_TEMPLATE)
+        if "{question}" not in template:
+            raise PopsdError(f"--template {template!r} has no {{question}} field")
         out = Path(args.out or default_out(args, benches))
         settings = vars(args) | {"model": model_path, "thinking": thinking, "questions_sha": fingerprint(benches),
                                  "adapter_sha": adapter_sha(first)}

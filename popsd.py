@@ -40,7 +40,7 @@ import eval as E
 import loss as L
 import plots
 from checkpoints import (RunLock, check_finite, disk_full, latest_checkpoint, load_checkpoint, prepare_run_folder,
-                         save_checkpoint, trainable_state, usual_modes)
+                         save_checkpoint, save_prompts, trainable_state, usual_modes)
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
@@ -363,7 +363,8 @@ def train(cfg: Config) -> Path:
                 stopping = D.all_sum([stop.signum or 0])[0] > 0  # ranks stop together
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
                     check_outputs(model, body, head, rollout, pad_id, step)
-                    save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg.keep_checkpoints, rank)
+                    save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg.keep_checkpoints, rank,
+                                    dataclasses.asdict(cfg))
                 if stopping:
                     console.print(f"[yellow]checkpoint saved at step {step} in {out}; resume with resume=true[/]")
                     sys.exit(128 + (stop.signum or signal.SIGTERM))
@@ -373,6 +374,7 @@ def train(cfg: Config) -> Path:
             try:
                 model.save_pretrained(out / "adapter", state_dict=weights)
                 tokenizer.save_pretrained(out / "adapter")
+                save_prompts(out / "adapter", dataclasses.asdict(cfg))
                 usual_modes(out / "adapter")
             except (OSError, RuntimeError) as e:
                 raise disk_full(e, out, "the final adapter") or e

@@ -497,3 +497,24 @@ def test_the_step_line_shows_small_numbers_and_an_eta():
            "markers_per_1k": 18.0, "time_step": 1.0}
     line = popsd.step_line(row, 60, eta=125.0)
     assert "loss 2.10e-05" in line and "|g| 1.50e-04" in line and "eta 00:02:05" in line
+
+
+def test_prompt_settings_travel_with_the_adapter_and_the_toy_base_evaluates_with_no_flags(tmp_path):
+    import shutil
+    run = cli("--recipe", "toy", "steps=1", "eval_every=0", "batch_size=2", "micro_batch_size=2",
+              f"out_dir={tmp_path / 'run'}")
+    assert run.returncode == 0, run.stdout[-2000:]
+    saved = json.loads((tmp_path / "run/adapter/popsd_prompts.json").read_text())
+    assert saved["student_template"] == "Q:{question}" and saved["student_thinking"] is False
+    assert (tmp_path / "run/checkpoints/step_000001/popsd_prompts.json").exists()
+    shutil.copytree(tmp_path / "run/adapter", tmp_path / "copied")  # away from the run's config.json
+    common = ["--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question", "--grader", "toyworld",
+              "--n", "1", "--limit", "16", "--temperature", "1", "--top-p", "1", "--max-new-tokens", "128",
+              "--dtype", "fp32"]
+    for what, name in ((["--adapter", tmp_path / "copied"], "a"), (["--model", ROOT / "data/toyworld/base"], "b")):
+        ev = run_main(E.main, [*what, *common, "--out", tmp_path / name])
+        assert ev.returncode == 0 and "thinking mode: on" not in ev.stdout, ev.stdout[-2000:]
+        acc = json.loads((tmp_path / name / "summary.json").read_text())["results"]["test"]["avg@1"]
+        assert acc > 0.5, (what, acc)  # the base's own prompt: ~0.9 (the wrong prompt scored 0-10%)
+    bad = run_main(E.main, ["--model", ROOT / "data/toyworld/base", *common, "--template", "no field"])
+    assert bad.returncode == 2 and "has no {question} field" in bad.stdout
