@@ -164,10 +164,14 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
     cfg = Config(recipe=recipe)
     for key, value in (load_recipe(recipe) if recipe else {}).items():
         set_field(cfg, key, value)
+    seen = set()
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
             raise PopsdError(f"expected key=value, got {item!r}")
+        if key.strip() in seen:
+            raise PopsdError(f"config key {key.strip()!r} is given twice: which one did you mean?")
+        seen.add(key.strip())
         set_field(cfg, key.strip(), value, text=True)
     validate(cfg)
     return cfg
@@ -197,6 +201,10 @@ def validate(cfg: Config):
             value = getattr(cfg, key)
             if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
                 fail(key, why)
+    if not 0 <= cfg.seed < 2 ** 63:
+        fail("seed", "must be between 0 and 2**63 - 1")
+    if cfg.threads > (os.cpu_count() or 1):
+        fail("threads", f"must be at most this machine's {os.cpu_count()} cores (0: torch's default)")
     for key in ("top_p", "eval_top_p"):
         if not 0 < getattr(cfg, key) <= 1:
             fail(key, "must be in (0, 1]")

@@ -47,7 +47,12 @@ def read_records(source: str, split: str):
     if local is None and Path(source).suffix in (".jsonl", ".json", ".parquet"):
         raise PopsdError(f"data file {source!r} not found")
     if local is not None and local.suffix == ".jsonl":
-        for i, line in enumerate(local.read_text().splitlines(), 1):
+        for i, raw in enumerate(local.read_bytes().splitlines(), 1):
+            try:  # line by line: a bad byte names its line (and is skipped under skip_bad_rows)
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a UTF-8 byte-order mark is accepted
+            except UnicodeDecodeError as e:
+                yield f"{local} line {i}", ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})")
+                continue
             if line.strip():
                 try:
                     yield f"{local} line {i}", json.loads(line)
@@ -55,7 +60,10 @@ def read_records(source: str, split: str):
                     yield f"{local} line {i}", e
         return
     if local is not None and local.suffix == ".json":
-        rows = json.loads(local.read_text())
+        try:
+            rows = json.loads(local.read_text(encoding="utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PopsdError(f"data file {local} is not UTF-8 JSON: {e}") from None
         yield from ((f"{local} row {i}", r) for i, r in enumerate(rows if isinstance(rows, list) else [rows]))
         return
     import datasets
@@ -80,8 +88,10 @@ def read_rows(source: str, split: str, fields: tuple[str, ...], skip_bad: bool =
     """Tuples of the named string fields, and the number of bad rows skipped (a bad row stops unless skip_bad)."""
     rows, bad = [], 0
     for label, rec in read_records(source, split):
-        if isinstance(rec, Exception):
+        if isinstance(rec, json.JSONDecodeError):
             problem = f"not valid JSON ({rec})"
+        elif isinstance(rec, Exception):
+            problem = str(rec)
         elif not isinstance(rec, dict):
             problem = "is not an object"
         else:

@@ -518,3 +518,20 @@ def test_prompt_settings_travel_with_the_adapter_and_the_toy_base_evaluates_with
         assert acc > 0.5, (what, acc)  # the base's own prompt: ~0.9 (the wrong prompt scored 0-10%)
     bad = run_main(E.main, ["--model", ROOT / "data/toyworld/base", *common, "--template", "no field"])
     assert bad.returncode == 2 and "has no {question} field" in bad.stdout
+
+
+def test_bad_bytes_a_bom_duplicate_keys_and_huge_numbers_are_clear(tmp_path):
+    rows = [b'{"problem": "1+1?", "solution": "2"}', b'{"problem": "caf\xe9?", "solution": "3"}',
+            b'{"problem": "2+2?", "solution": "4"}']
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\xef\xbb\xbf" + b"\n".join(rows) + b"\n")  # a BOM, then a Latin-1 byte on line 2
+    with pytest.raises(PopsdError, match=r"bad.jsonl line 2: not UTF-8 text"):
+        data.read_rows(str(bad), "train", ("problem", "solution"))
+    got, skipped = data.read_rows(str(bad), "train", ("problem", "solution"), skip_bad=True)
+    assert got == [("1+1?", "2"), ("2+2?", "4")] and skipped == 1  # the BOM is not part of line 1
+    with pytest.raises(PopsdError, match="'steps' is given twice"):
+        popsd.make_config("tiny", ["steps=0", "steps=2"])
+    with pytest.raises(PopsdError, match="'seed' must be between 0 and 2"):
+        popsd.make_config("tiny", [f"seed={10 ** 30}"])
+    with pytest.raises(PopsdError, match="'threads' must be at most"):
+        popsd.make_config("tiny", ["threads=100000"])
