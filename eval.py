@@ -414,7 +414,7 @@ def parse_args(argv):
     p.add_argument("--question-field", default="problem", help="question field of local benchmark files")
     p.add_argument("--answer-field", default="answer", help="gold answer field of local benchmark files")
     p.add_argument("--n", type=int, default=12, help="samples per question (avg@n, pass@1, pass@n)")
-    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--max-new-tokens", type=int, default=32768)
@@ -447,6 +447,8 @@ def parse_args(argv):
     for key in ("n", "max_new_tokens"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)) or not 0 < args.top_p <= 1:
+        p.error("--temperature must be >= 0 (0: greedy) and --top-p in (0, 1]")
     if args.batch_size < 0 or args.memory_gb < 0 or args.limit < 0:
         p.error("--batch-size, --memory-gb and --limit must be >= 0 (--limit 0: every question)")
     return args

@@ -151,6 +151,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
     Returns (completions [B, T] padded after EOS, mask [B, T], truncated [B], decoded texts [B]).
     """
     pad_id = tokenizer.pad_token_id
+    if temperature == 0:  # greedy (eval.py --temperature 0)
+        do_sample, temperature, top_p, top_k = False, 1.0, 1.0, 0
     rows = [p for p in prompts for _ in range(n)]  # [B]
     model.eval()  # gradient checkpointing only acts in train mode, so the KV cache stays on
     extra = {"cache_implementation": "static"} if engine == "static" else {}

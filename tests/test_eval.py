@@ -386,3 +386,14 @@ def test_two_benchmarks_with_one_file_name_stay_two(tmp_path):
     specs = [str(tmp_path / "a/test.jsonl"), str(tmp_path / "b/test.jsonl")]
     benches = E.named_benches((s, E.load_bench(s)) for s in specs)
     assert benches == {"test": [("a?", "1")], "b_test": [("b?", "1")]}
+
+
+def test_temperature_0_is_greedy(tiny_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--bench", str(FIVE), "--n", "2", "--max-new-tokens", "8", "--dtype", "fp32",
+              "--limit", "2", "--thinking", "off", "--temperature", "0"]
+    out = eval_cli(*common, "--out", str(tmp_path / "g"))
+    assert out.returncode == 0, out.stdout[-2000:]
+    recs = [json.loads(x) for x in (tmp_path / "g/samples.jsonl").read_text().splitlines()]
+    assert all(r["samples"][0]["completion"] == r["samples"][1]["completion"] for r in recs)  # greedy: n alike
+    bad = eval_cli(*common[:-2], "--temperature", "-1", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--temperature must be >= 0" in bad.stdout
