@@ -3,6 +3,7 @@
 Shared by popsd.py (training), eval.py (evaluation) and bench/: imports go one way, to here.
 """
 import logging
+from pathlib import Path
 
 import torch
 
@@ -27,10 +28,12 @@ def load_model(cfg, device: torch.device, path: str):
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = quantization_config()
         kwargs["device_map"] = {"": device}
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise PopsdError(f"model folder {path!r} holds no config.json: not a Hugging Face model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder transformers cannot read as a model or tokenizer
         raise model_load_error(path, e) from None
     if not cfg.load_in_4bit:
         model.to(device)
@@ -49,8 +52,13 @@ def load_model(cfg, device: torch.device, path: str):
         tokenizer.pad_token = tokenizer.eos_token
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
     torch.manual_seed(cfg.seed)  # LoRA init: from the config alone, whatever consumed the RNG before
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    try:
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    except ValueError as e:  # peft: no module matches lora_targets
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise PopsdError(f"config key 'lora_targets' {cfg.lora_targets!r}: {str(e).splitlines()[0]} (its linear "
+                         f"layers: {', '.join(names)}; or all-linear)") from None
     return tokenizer, model
 
 

@@ -283,6 +283,13 @@ def test_missing_model_folder_and_trust_remote_code_are_said_plainly(tmp_path):
     out = cli("--recipe", "tiny", "model=./no-such-model-dir", f"out_dir={tmp_path}")
     assert out.returncode == 2 and "model folder './no-such-model-dir' does not exist" in out.stdout
     assert "huggingface-cli" not in out.stdout and "Repo id" not in out.stdout
+    not_a_model = tmp_path / "etc"
+    not_a_model.mkdir()
+    (not_a_model / "hosts").write_text("127.0.0.1 localhost")
+    out = cli("--recipe", "tiny", f"model={not_a_model}", f"out_dir={tmp_path / 'm'}")
+    assert out.returncode == 2 and "holds no config.json: not a Hugging Face model folder" in out.stdout
+    out = cli("--recipe", "tiny", "lora_targets=nope", "steps=1", f"out_dir={tmp_path / 'l'}")
+    assert out.returncode == 2 and "'lora_targets' 'nope'" in out.stdout and "q_proj" in out.stdout
     out = cli("--recipe", "tiny", "trust_remote_code=true", "steps=1", "eval_every=0", f"out_dir={tmp_path / 'r'}")
     assert out.returncode == 0 and "trust_remote_code=true: code shipped with the model will run" in out.stdout
 
