@@ -30,7 +30,7 @@ from rich.table import Table
 from grading import grade, pass_at_k
 from data import PopsdError, model_load_error, read_rows, resolve_local
 from checkpoints import PROMPT_KEYS, PROMPTS_FILE
-from models import eos_ids, generation_batch, memory_budget, merge_adapter, pick_device, quantization_config
+from models import eos_ids, fit_new_tokens, generation_batch, memory_budget, merge_adapter, pick_device, quantization_config
 from distributed import gather
 from rollout import STUDENT_TEMPLATE, HFSampler, chat_ids, fill, marker_counts, request_seed
 
@@ -507,10 +507,12 @@ def main(argv: list[str]):
             device = pick_device(args.device)
             tokenizer, model = load_for_eval(model_path, first, args.dtype, args.load_in_4bit, device,
                                              args.trust_remote_code)
+            longest = max(len(chat_ids(tokenizer, fill(template, question=q), thinking))
+                          for rows in benches.values() for q, _ in rows)
+            args.max_new_tokens = fit_new_tokens(model, longest, args.max_new_tokens, "--max-new-tokens",
+                                                 lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
             batch = args.batch_size
             if not batch:
-                longest = max(len(chat_ids(tokenizer, fill(template, question=q), thinking))
-                              for rows in benches.values() for q, _ in rows)
                 batch, why = generation_batch(model, longest + args.max_new_tokens,
                                               memory_budget(device, args.memory_gb))
                 console.print(why)

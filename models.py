@@ -62,6 +62,16 @@ def load_model(cfg, device: torch.device, path: str):
     return tokenizer, model
 
 
+def fit_new_tokens(model, prompt_len: int, max_new_tokens: int, what: str, warn) -> int:
+    """max_new_tokens, cut (with a warning) so that prompt + completion fit the model's positions."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
+    room = max(1, positions - prompt_len)
+    if max_new_tokens > room:
+        warn(f"warning: {what}={max_new_tokens} with prompts of up to {prompt_len} tokens exceeds the model's "
+             f"{positions} positions: cut to {room}")
+    return min(max_new_tokens, room)
+
+
 def quantization_config():
     """QLoRA's 4-bit weights: nf4, double quantisation, bf16 compute (bitsandbytes)."""
     from transformers import BitsAndBytesConfig

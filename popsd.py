@@ -43,7 +43,7 @@ from checkpoints import (RunLock, check_finite, disk_full, latest_checkpoint, lo
                          save_checkpoint, save_prompts, trainable_state, usual_modes)
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
-from models import eos_ids, load_model, make_optimizer, model_parts, pick_device
+from models import eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, pick_device
 from rollout import (HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, repeated_ngrams,
                      request_seed, special_tokens_in)
 
@@ -304,6 +304,9 @@ def train(cfg: Config) -> Path:
         print_config(cfg, sizes, console)
         if rank == 0:
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        warn = lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True)  # noqa: E731
+        for key in ("max_new_tokens", "eval_max_new_tokens"):  # after config.json: the config as given is the run's
+            setattr(cfg, key, fit_new_tokens(model, cfg.max_prompt_len, getattr(cfg, key), key, warn))
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)

@@ -542,3 +542,10 @@ def test_bad_bytes_a_bom_duplicate_keys_and_huge_numbers_are_clear(tmp_path):
         popsd.make_config("tiny", [f"seed={10 ** 30}"])
     with pytest.raises(PopsdError, match="'threads' must be at most"):
         popsd.make_config("tiny", ["threads=100000"])
+
+
+def test_max_new_tokens_beyond_the_models_positions_is_cut_with_a_warning(tmp_path):
+    ev = run_main(E.main, ["--model", ROOT / "data/toyworld/base", "--bench", ROOT / "data/toyworld/test.jsonl",
+                           "--question-field", "question", "--grader", "toyworld", "--n", "1", "--limit", "2",
+                           "--dtype", "fp32", "--out", tmp_path / "e"])  # the default 32768 against 512 positions
+    assert ev.returncode == 0 and "exceeds the model's 512 positions: cut to" in ev.stdout, ev.stdout[-2000:]
