@@ -265,6 +265,23 @@ def load_tokenizer(model_path: str, adapter: str | None, trust: bool):
     return tokenizer
 
 
+def check_adapter_config(path: Path):
+    """A LoRA adapter as popsd writes them: nothing besides low-rank updates (modules_to_save would replace
+    whole layers of the base), a positive integer rank."""
+    try:
+        config = json.loads(path.read_text())
+        assert isinstance(config, dict)
+    except (ValueError, AssertionError):
+        raise PopsdError(f"{path} is not a JSON object") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise PopsdError(f"{path}: peft_type {config.get('peft_type')!r}; eval.py evaluates LoRA adapters")
+    if config.get("modules_to_save"):
+        raise PopsdError(f"{path}: modules_to_save {config['modules_to_save']!r} would replace whole layers of the "
+                         "base model; a popsd adapter holds LoRA weights only")
+    if not isinstance(config.get("r"), int) or config["r"] < 1:
+        raise PopsdError(f"{path}: the rank r must be a positive integer, got {config.get('r')!r}")
+
+
 def load_for_eval(model_path: str, adapter: str | None, dtype: str, load_in_4bit: bool, device, trust: bool):
     """Tokenizer and base model, with the adapter on top when one is given."""
     import transformers
@@ -274,13 +291,21 @@ def load_for_eval(model_path: str, adapter: str | None, dtype: str, load_in_4bit
     if load_in_4bit:
         kwargs |= {"device_map": {"": device}, "quantization_config": quantization_config()}
     tokenizer = load_tokenizer(model_path, adapter, trust)
+    if adapter and (Path(adapter) / "adapter_config.json").is_file():
+        check_adapter_config(Path(adapter) / "adapter_config.json")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-        if adapter:
-            from peft import PeftModel
-            model = PeftModel.from_pretrained(model, adapter)
     except OSError as e:
-        raise model_load_error(adapter if adapter and not Path(adapter).exists() else model_path, e) from None
+        raise model_load_error(model_path, e) from None
+    if adapter:
+        from peft import PeftModel
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except OSError as e:
+            raise model_load_error(adapter if not Path(adapter).exists() else model_path, e) from None
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that do not match the base
+            raise PopsdError(f"the adapter in {adapter} does not fit {model_path}: "
+                             f"{str(e).strip().splitlines()[0][:300]}") from None
     if not load_in_4bit:
         model.to(device)
     return tokenizer, model

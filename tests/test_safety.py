@@ -549,3 +549,18 @@ def test_max_new_tokens_beyond_the_models_positions_is_cut_with_a_warning(tmp_pa
                            "--question-field", "question", "--grader", "toyworld", "--n", "1", "--limit", "2",
                            "--dtype", "fp32", "--out", tmp_path / "e"])  # the default 32768 against 512 positions
     assert ev.returncode == 0 and "exceeds the model's 512 positions: cut to" in ev.stdout, ev.stdout[-2000:]
+
+
+def test_a_crafted_adapter_config_is_a_clear_error(tmp_path, tiny_dir):
+    import shutil
+    run_tiny(tmp_path / "run", "steps=1", f"model={tiny_dir}")
+    five = ROOT / "tests/data/five_questions.jsonl"
+    for change, message in (({"r": 4}, "does not fit"), ({"target_modules": ["nope"]}, "does not fit"),
+                            ({"modules_to_save": ["lm_head"]}, "modules_to_save"), ({"r": "x"}, "rank r must be")):
+        bad = tmp_path / f"bad_{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tmp_path / "run/adapter", bad)
+        config = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps(config | change))
+        out = run_main(E.main, ["--adapter", bad, "--model", tiny_dir, "--bench", five, "--n", "1", "--limit", "1",
+                                "--max-new-tokens", "4", "--dtype", "fp32", "--out", bad / "eval"])
+        assert out.returncode == 2 and message in out.stdout and "Traceback" not in out.stdout, (change, out.stdout)
