@@ -71,6 +71,15 @@ def panel_keys(rows: list[list[dict]]) -> list[str]:
     return [k for k in TRAIN_KEYS if k in present] + evals
 
 
+FRACTIONS = ("accuracy", "caught_frac", "false_reflections", "truncated", "unclosed_reasoning")
+
+
+def questions_note(rows: list[dict]) -> str:
+    """' (N questions)' when every evaluation of a run used N questions per benchmark, else ''."""
+    counts = {v for r in rows for k, v in r.items() if k.startswith("eval/") and k.endswith("/questions")}
+    return f" ({counts.pop()} questions)" if len(counts) == 1 else ""
+
+
 def plot_runs(runs: list[Path], out: Path) -> Path:
     """One panel per metric, every run overlaid; written to `out` (PNG)."""
     plt = _pyplot()
@@ -79,12 +88,24 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4.2 * cols, 2.9 * math.ceil(len(keys) / cols)),
                              squeeze=False)
+    labels = [label + questions_note(rs) for label, rs in zip(labels_of([Path(r) for r in runs]), rows)]
     for ax, key in zip(axes.flat, keys):
-        for label, rs in zip(labels_of([Path(r) for r in runs]), rows):
+        name = key.rsplit("/", 1)[-1]
+        fraction = key.startswith("eval/") and (name.startswith(("avg@", "pass@")) or name in FRACTIONS)
+        for label, rs in zip(labels, rows):
             pts = [(r["step"], r[key]) for r in rs if isinstance(r.get(key), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=3, lw=1.2, label=label)
-        name = key.rsplit("/", 1)[-1]
+                line, = ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=3, lw=1.2, label=label)
+                samples = [r.get(key.rsplit("/", 1)[0] + "/samples") for r in rs if isinstance(r.get(key), (int, float))]
+                if fraction and all(isinstance(n, (int, float)) and n > 0 for n in samples):
+                    se = [(p * (1 - p) / n) ** 0.5 for (_, p), n in zip(pts, samples)]  # binomial standard error
+                    ax.fill_between([x for x, _ in pts], [p - e for (_, p), e in zip(pts, se)],
+                                    [p + e for (_, p), e in zip(pts, se)], color=line.get_color(), alpha=0.15, lw=0)
+        if fraction:  # a change of 2 questions in 400 is not drawn as a V: at least 0.1 of the axis
+            lo, hi = ax.get_ylim()
+            mid = (lo + hi) / 2
+            if hi - lo < 0.1:
+                ax.set_ylim(max(0.0, mid - 0.05), min(1.0, max(0.0, mid - 0.05) + 0.1))
         ax.set_title(("eval " + key.split("/")[1] + ": " if key.startswith("eval/") else "") + TITLES.get(name, name),
                      fontsize=9)
         ax.set_xlabel("step", fontsize=8)
@@ -186,6 +207,11 @@ def main(argv: list[str]):
     p.add_argument("--out", help="PNG to write (default: plots.png in the run folder, or plots.png here for several)")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
+    if len(runs) == 1 and (runs[0] / "summary.json").is_file() and not (runs[0] / "metrics.jsonl").exists():
+        summary = json.loads((runs[0] / "summary.json").read_text())  # a comparison (toyworld.py compare)
+        if "results" in summary and "gates" in summary:
+            print(plot_compare(summary, Path(args.out) if args.out else runs[0] / "summary.png"))
+            return
     out = Path(args.out) if args.out else (runs[0] / "plots.png" if len(runs) == 1 else Path("plots.png"))
     try:
         print(plot_runs(runs, out))

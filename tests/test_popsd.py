@@ -370,3 +370,19 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     out = run_tiny(tmp_path, f"steps={step + 1}", "resume=true")
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == step + 1
+
+
+def test_plots_draw_a_comparison_folder_and_name_each_runs_questions(tmp_path):
+    import shutil
+    import plots
+    shutil.copy(ROOT / "docs/toy_compare/summary.json", tmp_path / "summary.json")
+    done = run_main(plots.main, [tmp_path])  # a comparison folder, not a run: its figure
+    assert done.returncode == 0 and (tmp_path / "summary.png").stat().st_size > 30_000
+    rows = [{"step": s, "eval/t/avg@1": a, "eval/t/questions": 400, "eval/t/samples": 400}
+            for s, a in ((0, 0.918), (20, 0.913))]
+    assert plots.questions_note(rows) == " (400 questions)" and plots.questions_note(rows + [
+        {"step": 40, "eval/t/questions": 8}]) == ""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plots.plot_runs([run], run / "p.png").stat().st_size > 10_000
