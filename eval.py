@@ -153,12 +153,23 @@ def results_table(metrics: dict, title: str = "eval") -> Table:
     cols = [k for k in first if k not in hidden]
     short = {"len_mean": "len", "len_median": "med len", "truncated": "trunc", "markers_per_1k": "markers/1k",
              "first_try_errors": "errors/sample", "caught_frac": "caught", "false_reflections": "false refl/sample"}
-    for c in ["bench", "Q", *cols]:
-        table.add_column(short.get(c, c), justify="left" if c == "bench" else "right")
-    for name, m in metrics.items():
-        cells = [f"{100 * m[c]:.1f}%" if c.startswith(("avg@", "pass@")) or c in ("truncated", "caught_frac")
-                 else f"{m[c]:.1f}" for c in cols]
-        table.add_row(name, str(m["questions"]), *cells)
+    heads = ["bench", "Q", *(short.get(c, c) for c in cols)]
+    body = [[name, str(m["questions"]), *(f"{100 * m[c]:.1f}%" if c.startswith(("avg@", "pass@")) or
+                                          c in ("truncated", "caught_frac") else f"{m[c]:.2f}" if abs(m[c]) < 10 else f"{m[c]:.1f}"
+                                          for c in cols)]
+            for name, m in metrics.items()]
+    wide = sum(max(len(h), *(len(r[i]) for r in body)) + 3 for i, h in enumerate(heads)) + 1
+    if wide > console.width:  # too wide for the terminal (or a pipe's 80 columns): one row per metric, no header cut
+        table.add_column("metric", justify="left")
+        for r in body:
+            table.add_column(r[0], justify="right")
+        for i, h in enumerate(heads[1:], 1):
+            table.add_row(h, *(r[i] for r in body))
+        return table
+    for i, h in enumerate(heads):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in body:
+        table.add_row(*r)
     return table
 
 

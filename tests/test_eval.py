@@ -397,3 +397,15 @@ def test_temperature_0_is_greedy(tiny_dir, tmp_path):
     assert all(r["samples"][0]["completion"] == r["samples"][1]["completion"] for r in recs)  # greedy: n alike
     bad = eval_cli(*common[:-2], "--temperature", "-1", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--temperature must be >= 0" in bad.stdout
+
+
+def test_the_results_table_fits_80_columns_without_cut_headers(monkeypatch):
+    m = {"test": {"questions": 400, "samples": 400, "avg@1": 0.918, "pass@1": 0.918, "len_mean": 50.7,
+                  "len_median": 50.0, "truncated": 0.0, "markers_per_1k": 18.5, "first_try_errors": 0.75,
+                  "caught_frac": 0.82, "false_reflections": 0.31}}
+    monkeypatch.setattr(E.console, "width", 80)
+    with E.console.capture() as cap:
+        E.console.print(E.results_table(m, "toy base"))
+    text = cap.get()
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    assert "markers/1k" in text and "false refl/sample" in text and "0.75" in text
