@@ -189,7 +189,7 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PER_JOB = ("method", "seed", "reference_field", "clip", "beta", "out_dir")  # what compare sets for each run
+PER_JOB = ("method", "seed", "reference_field", "clip", "beta", "out_dir", "threads")  # set for each run
 MARKER = "popsd_compare.json"  # written when a comparison folder is created: what --overwrite may remove
 
 

@@ -19,7 +19,8 @@ from data import PopsdError
 
 
 def run_tiny(out, *overrides):
-    return popsd.train(popsd.make_config("tiny", [f"out_dir={out}", "eval_every=0", *overrides]))
+    quiet = [] if any(o.startswith("eval_every=") for o in overrides) else ["eval_every=0"]  # a key once
+    return popsd.train(popsd.make_config("tiny", [f"out_dir={out}", *quiet, *overrides]))
 
 
 def cli(*args, cwd=ROOT):
