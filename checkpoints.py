@@ -5,9 +5,10 @@ into a new or empty folder or one it marked; one live run at a time holds its lo
 host, pid, start). A second run into it is refused (resume=true continues it, overwrite=true removes
 what the run wrote, nothing else, and never through a symbolic link). Resuming checks the new config
 against the run's saved one before anything on disk changes. Checkpoints are verified before use: a
-damaged one is skipped with a warning (and kept for inspection). Everything is read as data only (safetensors, JSON, torch weights_only):
-a checkpoint from someone else cannot run code. Weights and optimizer state are gathered whole from
-FSDP shards and keyed by parameter name, so a checkpoint resumes under any number of ranks.
+damaged one is skipped with a warning (and kept for inspection). Everything is read as data only
+(safetensors, JSON, torch weights_only): a checkpoint from someone else cannot run code. Weights and
+optimizer state are gathered whole from FSDP shards and keyed by parameter name, so a checkpoint
+resumes under any number of ranks.
 """
 import errno
 import json
@@ -244,7 +245,8 @@ class RunLock:
             if now is not None and (start is None or now in (start, "alive")):
                 raise PopsdError(f"{self.path.parent} is in use by another run: process {pid} on this machine, "
                                  f"since {other.get('since')}: one live run per folder (wait for it, or stop it)")
-        self.warn(f"taking over the stale lock {self.path} ({'its process ' + str(pid) + ' is gone' if other else 'unreadable'})")
+        why = f"its process {pid} is gone" if other else "unreadable"
+        self.warn(f"taking over the stale lock {self.path} ({why})")
         self.path.unlink(missing_ok=True)
 
     def release(self):

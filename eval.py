@@ -7,7 +7,8 @@
 
 Prompts use the student's template and thinking mode: --template/--thinking, else the adapter's
 popsd_prompts.json (saved with every adapter), the run's config.json above it, or the model folder's
-popsd_prompts.json (the toy base ships one); with none, popsd's template and thinking on, said so. Each completion is graded by
+popsd_prompts.json (the toy base ships one); with none, popsd's template and thinking on, said so.
+Each completion is graded by
 grading.grade: the last \\boxed{} after the reasoning block against the gold answer with math-verify.
 Writes summary.json and samples.jsonl (every completion, the answer extracted from it and its verdict)
 to --out. popsd.py calls `evaluate` during training (eval_every).
@@ -30,7 +31,8 @@ from rich.table import Table
 from grading import grade, pass_at_k
 from data import PopsdError, model_load_error, read_rows, resolve_local
 from checkpoints import PROMPT_KEYS, PROMPTS_FILE
-from models import eos_ids, fit_new_tokens, generation_batch, memory_budget, merge_adapter, pick_device, quantization_config
+from models import (eos_ids, fit_new_tokens, generation_batch, memory_budget, merge_adapter, pick_device,
+                    quantization_config)
 from distributed import gather
 from rollout import STUDENT_TEMPLATE, HFSampler, chat_ids, fill, marker_counts, request_seed
 
@@ -154,10 +156,11 @@ def results_table(metrics: dict, title: str = "eval") -> Table:
     short = {"len_mean": "len", "len_median": "med len", "truncated": "trunc", "markers_per_1k": "markers/1k",
              "first_try_errors": "errors/sample", "caught_frac": "caught", "false_reflections": "false refl/sample"}
     heads = ["bench", "Q", *(short.get(c, c) for c in cols)]
-    body = [[name, str(m["questions"]), *(f"{100 * m[c]:.1f}%" if c.startswith(("avg@", "pass@")) or
-                                          c in ("truncated", "caught_frac") else f"{m[c]:.2f}" if abs(m[c]) < 10 else f"{m[c]:.1f}"
-                                          for c in cols)]
-            for name, m in metrics.items()]
+    def cell(c, v):
+        if c.startswith(("avg@", "pass@")) or c in ("truncated", "caught_frac"):
+            return f"{100 * v:.1f}%"
+        return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+    body = [[name, str(m["questions"]), *(cell(c, m[c]) for c in cols)] for name, m in metrics.items()]
     wide = sum(max(len(h), *(len(r[i]) for r in body)) + 3 for i, h in enumerate(heads)) + 1
     if wide > console.width:  # too wide for the terminal (or a pipe's 80 columns): one row per metric, no header cut
         table.add_column("metric", justify="left")

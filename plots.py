@@ -96,7 +96,8 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
             pts = [(r["step"], r[key]) for r in rs if isinstance(r.get(key), (int, float))]
             if pts:
                 line, = ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=3, lw=1.2, label=label)
-                samples = [r.get(key.rsplit("/", 1)[0] + "/samples") for r in rs if isinstance(r.get(key), (int, float))]
+                count = key.rsplit("/", 1)[0] + "/samples"
+                samples = [r.get(count) for r in rs if isinstance(r.get(key), (int, float))]
                 if fraction and all(isinstance(n, (int, float)) and n > 0 for n in samples):
                     se = [(p * (1 - p) / n) ** 0.5 for (_, p), n in zip(pts, samples)]  # binomial standard error
                     ax.fill_between([x for x, _ in pts], [p - e for (_, p), e in zip(pts, se)],

@@ -28,7 +28,8 @@ def read_partial(partial: Path, benches: dict, grade, warn) -> dict:
             rec = json.loads(line)
             name, i, samples = rec["bench"], int(rec["index"]), rec["samples"]
             q, gold = benches[name][i]
-            if (rec["question"], rec["gold"]) != (q, gold) or not all(isinstance(s["completion"], str) for s in samples):
+            if (rec["question"], rec["gold"]) != (q, gold) or \
+                    not all(isinstance(s["completion"], str) for s in samples):
                 raise ValueError("another question or answer than this benchmark's")
         except (ValueError, KeyError, IndexError, TypeError) as e:
             if k == len(lines) and isinstance(e, json.JSONDecodeError):
