@@ -78,6 +78,14 @@ def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: lis
                   "questions": len(verdicts), "samples": len(flat)}
 
 
+def advance(bar, task, k: int):
+    """The bar moves; where it cannot be drawn (stdout a pipe or a file), a line per batch says how far it is."""
+    bar.advance(task, k)
+    if not bar.console.is_terminal and not bar.console.quiet:
+        t = bar.tasks[[x.id for x in bar.tasks].index(task)]
+        bar.console.print(f"{t.description}: {t.completed:.0f}/{t.total:.0f} samples, {t.elapsed or 0:.0f} s")
+
+
 def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
              top_k: int, eos_ids: list[int], batch_size: int, device, template: str = STUDENT_TEMPLATE,
              thinking: bool = False, seed: int = 0, progress=None, rank: int = 0, world: int = 1, grader: str = "math",
@@ -110,7 +118,7 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
                 _, mask, truncated, texts, _ = sampler.generate(
                     prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     seeds=[request_seed(seed, f"eval:{name}", i) for i in padded],
-                    on_batch=lambda k: bar.advance(task, k))
+                    on_batch=lambda k: advance(bar, task, k))
                 bar.remove_task(task)
             lengths, truncated = mask.sum(1).tolist(), truncated.tolist()
             recs = []

@@ -240,6 +240,7 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):
     out = eval_cli(*common, "--out", str(tmp_path / "a"))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "avg@3" in out.stdout and "five_questions" in out.stdout
+    assert "eval five_questions: 15/15 samples" in out.stdout  # not a terminal: progress as lines
     summary = json.loads((tmp_path / "a/summary.json").read_text())
     m = summary["results"]["five_questions"]
     assert summary["settings"]["n"] == 3 and m["questions"] == 5 and m["samples"] == 15
