@@ -1,6 +1,6 @@
 """toy: Purified OPSD on the shipped toy base (toyworld.py): watch it work on a laptop CPU.
 
-Hardware: any CPU (2 cores).   Command: python popsd.py --recipe toy   Expected time: 1-3 min (66 s on 2026-11-30, 158 s on 2026-12-02: a slower day).
+Hardware: any CPU (2 cores).   Command: python popsd.py --recipe toy   Expected time: 1-3 min (66 s measured in an earlier session, 158 s on 2026-12-02).
 The base (data/toyworld/base, 0.9M parameters, pre-trained from scratch by `python toyworld.py pretrain`)
 solves last-digit arithmetic with a reflective chain of thought: `3+4=7 7*2=5 wait 7*2=4 ... \\boxed{6}`.
 The teachers see the full worked reference (the paper's format); `reference_field=sketch` gives them only
