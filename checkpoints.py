@@ -255,13 +255,18 @@ class RunLock:
             self.held = False
 
 
-def remove_run_files(out: Path) -> list[str]:
-    """Removes what a run writes (RUN_FILES), a link as a link (never what it points to); returns the names."""
-    held = [f for f in RUN_FILES if (out / f).exists() or (out / f).is_symlink()]
-    for f in held:
-        path = out / f
+def present(folder: Path, names) -> list[str]:
+    """The names that exist in folder (a dangling link counts: it is there)."""
+    return [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
+
+
+def remove_entries(folder: Path, names) -> list[str]:
+    """Removes the named entries of folder, a link as a link (never what it points to); returns those removed."""
+    gone = present(folder, names)
+    for n in gone:
+        path = folder / n
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    return held
+    return gone
 
 
 def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, warn=print,
@@ -284,7 +289,7 @@ def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, w
         ckpt = open_folder(out, kind, config, resume, overwrite, warn)
         if (out / MARKER).is_symlink():
             (out / MARKER).unlink()  # written here, never through a link
-        (out / MARKER).write_text(json.dumps({"popsd": "run folder", "files": list(RUN_FILES)}) + "\n")
+        (out / MARKER).write_text(json.dumps({"popsd": "run folder"}) + "\n")
         return ckpt, lock
     except BaseException:
         lock.release()
@@ -292,16 +297,15 @@ def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, w
 
 
 def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: bool, warn) -> Path | None:
-    held = [f for f in RUN_FILES if (out / f).exists() or (out / f).is_symlink()]
+    held = present(out, RUN_FILES)
     if kind == "new" or not held:
         if resume:
             warn(f"resume=true: {out} holds no run, starting afresh")
         return None
-    links = links_in(out)
     if overwrite and not resume:
-        warn(f"overwrite=true: removed the previous run's {', '.join(remove_run_files(out))} from {out}")
+        warn(f"overwrite=true: removed the previous run's {', '.join(remove_entries(out, held))} from {out}")
         return None
-    if links:
+    if links := links_in(out):
         raise PopsdError(f"{links[0]} is a symbolic link: a run writes only inside its folder; remove the link "
                          "(or start afresh with overwrite=true, which removes it, not what it points to)")
     if not resume:

@@ -12,7 +12,6 @@ previous evaluation. Writes summary.json, summary.md (the table) and summary.png
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import toyworld
+from checkpoints import remove_entries
 
 ROOT = Path(__file__).resolve().parent
 
@@ -204,14 +204,8 @@ def prepare_out(out: Path, formats, overwrite: bool):
                                   "another --out")
         if not overwrite:
             raise FileExistsError(f"{out} already holds a comparison: pass --overwrite to replace it, or --out DIR")
-        entries = json.loads(marker.read_text())["entries"] if marker.is_file() else [
-            "summary.json", "summary.md", "summary.png", "full", "sketch"]
-        for name in entries:
-            path = out / name
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-            elif path.is_dir():
-                shutil.rmtree(path)
+        remove_entries(out, json.loads(marker.read_text())["entries"] if marker.is_file() else [
+            "summary.json", "summary.md", "summary.png", "full", "sketch"])
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"entries": [*formats, "summary.json", "summary.md", "summary.png"]}) + "\n")
 

@@ -62,9 +62,14 @@ def load_model(cfg, device: torch.device, path: str):
     return tokenizer, model
 
 
+def model_positions(model) -> int:
+    """How many positions the model has (its max_position_embeddings; unbounded when it names none)."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
+
+
 def fit_new_tokens(model, prompt_len: int, max_new_tokens: int, what: str, warn) -> int:
     """max_new_tokens, cut (with a warning) so that prompt + completion fit the model's positions."""
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
+    positions = model_positions(model)
     room = max(1, positions - prompt_len)
     if max_new_tokens > room:
         warn(f"warning: {what}={max_new_tokens} with prompts of up to {prompt_len} tokens exceeds the model's "

@@ -43,11 +43,15 @@ from checkpoints import (RunLock, check_finite, disk_full, latest_checkpoint, lo
                          save_checkpoint, save_prompts, trainable_state, usual_modes)
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
-from models import eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, pick_device
+from models import eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, model_positions, pick_device
 from rollout import (HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, repeated_ngrams,
-                     request_seed, special_tokens_in)
+                     request_seed, control_tokens)
 
 console = Console()
+
+
+def warn(message: str):
+    console.print(f"[yellow]{message}[/]", soft_wrap=True)
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*")
 
 
@@ -56,11 +60,11 @@ warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v
 def prepare_contexts(rows, tokenizer, cfg: Config):
     """Tokenised contexts for every row; rows whose longest context exceeds max_prompt_len are skipped."""
     templates = (cfg.student_template, cfg.teacher_template, cfg.refonly_template)
-    kept, too_long, marked = [], 0, []
+    kept, too_long, marked, controls = [], 0, [], control_tokens(tokenizer)
     with progress() as bar:
         task = bar.add_task("tokenising prompts", total=len(rows))
         for i, (q, r) in enumerate(rows, 1):
-            if found := special_tokens_in(tokenizer, q, r):
+            if found := [t for t in controls if t in q or t in r]:
                 marked.append((i, found))
             c = build_contexts(tokenizer, q, r, templates=templates, student_thinking=cfg.student_thinking,
                                teacher_thinking=cfg.teacher_thinking)
@@ -227,7 +231,6 @@ def open_run_folder(cfg: Config, out: Path, rank: int) -> tuple[Path | None, Run
         console.print("[bold yellow]trust_remote_code=true: code shipped with the model will run on this machine[/]")
     ckpt, lock = None, None
     if rank == 0:
-        warn = lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True)  # noqa: E731
         reads = [resolve_local(p) for p in (cfg.model, cfg.data, *cfg.eval_bench.split(",")) if p and p != "tiny"]
         ckpt, lock = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, warn,
                                         [p for p in reads if p is not None])
@@ -245,14 +248,14 @@ def make_sampler(cfg: Config, model, tokenizer, path: str, eos, device, out: Pat
         run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
         return server_pool.ServerPool(cfg.rollout_server, tokenizer, eos, Path(cfg.rollout_adapter_dir or
                                       out / "rollout_adapters"), cfg.rollout_concurrency, run_id, rank,
-                                      warn=lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
+                                      warn=warn)
     if cfg.rollout_engine == "vllm":
         if world > 1:
             raise PopsdError("rollout_engine=vllm runs in one process: under torchrun sample with rollout_server=URL,...")
         import vllm_engine
-        positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
         longest = cfg.max_prompt_len + max(cfg.max_new_tokens, cfg.eval_max_new_tokens if cfg.eval_every else 0)
-        return vllm_engine.VLLMEngine(cfg, path, tokenizer, eos, device, max_model_len=min(longest, positions))
+        return vllm_engine.VLLMEngine(cfg, path, tokenizer, eos, device,
+                                      max_model_len=min(longest, model_positions(model)))
     return HFSampler(model, tokenizer, engine=cfg.rollout_engine, batch_size=cfg.gen_batch_size, device=device,
                      eos_ids=eos, gather=cfg.sample_gathered)
 
@@ -275,7 +278,7 @@ def sample_student(sampler, batch, cfg: Config, step: int, rank: int, world: int
 def train(cfg: Config) -> Path:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # rich bars are ours
-    out = Path(cfg.out_dir).expanduser()
+    out = Path(cfg.out_dir)  # config.validate expanded ~
     rank, world, device = D.setup(pick_device(cfg.device))
     console.quiet = E.console.quiet = rank != 0  # rank 0 prints, logs and saves; every rank samples and scores its share
     if cfg.batch_size % world:
@@ -304,7 +307,6 @@ def train(cfg: Config) -> Path:
         print_config(cfg, sizes, console)
         if rank == 0:
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        warn = lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True)  # noqa: E731
         for key in ("max_new_tokens", "eval_max_new_tokens"):  # after config.json: the config as given is the run's
             setattr(cfg, key, fit_new_tokens(model, cfg.max_prompt_len, getattr(cfg, key), key, warn))
 

@@ -92,11 +92,11 @@ def fill(template: str, question: str = "", reference: str = "") -> str:
     return re.sub(r"\{(question|reference)\}", lambda m: question if m[1] == "question" else reference, template)
 
 
-def special_tokens_in(tokenizer, *texts: str) -> list[str]:
-    """The tokenizer's control tokens (<|im_end|>, </think>, ...) found in the texts: in data they act as controls."""
+def control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's control tokens (<|im_end|>, </think>, ...): found in data, they act as controls, not text."""
     specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
                                                    if getattr(t, "special", False) or t.content.endswith("think>")}
-    return sorted(t for t in specials if len(t) > 1 and any(t in x for x in texts))
+    return sorted(t for t in specials if len(t) > 1)
 
 
 def chat_ids(tokenizer, user_text: str, thinking: bool) -> list[int]:
