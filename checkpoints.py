@@ -33,12 +33,12 @@ def save_prompts(folder: Path, config: dict):
     """The prompt settings an adapter was trained with, next to it: eval.py reads them wherever it is copied."""
     (folder / PROMPTS_FILE).write_text(json.dumps({k: config[k] for k in PROMPT_KEYS if k in config}, indent=1) + "\n")
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapter", "checkpoints", "eval",
-             "tiny_model", "rollout_adapters")  # what a run writes into its folder: all overwrite=true removes
+             "tiny_model", "rollout_adapters", "tensorboard", "wandb")  # what a run writes: all overwrite=true removes
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
     "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
     "rollout_server", "rollout_adapter_dir", "rollout_concurrency", "vllm_gpu_memory", "vllm_kv_cache_gb",
-    "vllm_enforce_eager",
+    "vllm_enforce_eager", "report_to",
     "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature",
     "eval_top_p", "eval_grader"}
 
@@ -171,16 +171,17 @@ def folder_kind(out: Path, fields) -> str:
 
 
 def links_in(out: Path) -> list[Path]:
-    """Symbolic links among the entries a run writes and below them: writing through one leaves the folder."""
-    found = []
+    """Symbolic links among the entries a run writes and below them that lead out of the folder: writing through
+    one would leave it (a link within it is harmless). Inside wandb/ only W&B writes, links of its own included."""
+    found, home = [], Path(os.path.realpath(out))
     for name in RUN_FILES + (MARKER, LOCK):
         top = out / name
         if top.is_symlink():
             found.append(top)
-        elif top.is_dir():
+        elif top.is_dir() and name != "wandb":
             for root, dirs, files in os.walk(top):  # os.walk does not follow links to folders
                 found += [Path(root, n) for n in dirs + files if Path(root, n).is_symlink()]
-    return found
+    return [p for p in found if home not in Path(os.path.realpath(p)).parents]
 
 
 def check_out_dir(out: Path, inputs: list[Path]):

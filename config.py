@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.table import Table
 
 import loss as L
+import trackers
 from data import PopsdError
 from rollout import ENGINES, PROMPTS, check_templates
 
@@ -109,6 +110,7 @@ class Config:
     overwrite: bool = False  # replace the run in out_dir (without it, a folder holding a run is refused)
     samples_per_step: int = 2  # completions written to samples.txt each step
     threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models
+    report_to: str = "none"  # none | tensorboard | wandb (comma-separated for both): metrics also to a tracker
 
 
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
@@ -193,6 +195,7 @@ def validate(cfg: Config):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             fail(key, f"must be one of {allowed}")
+    trackers.names(cfg.report_to)
     for keys, ok, why in ((AT_LEAST_1, lambda v: v >= 1, "must be at least 1"),
                           (POSITIVE, lambda v: v > 0, "must be > 0"),
                           (NOT_NEGATIVE, lambda v: v >= 0, "must be >= 0"),

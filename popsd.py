@@ -46,6 +46,7 @@ from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_lo
 from models import eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, model_positions, pick_device
 from rollout import (HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, repeated_ngrams,
                      request_seed, control_tokens)
+from trackers import Trackers
 
 console = Console()
 
@@ -286,7 +287,7 @@ def train(cfg: Config) -> Path:
     if world > 1 and cfg.load_in_4bit:
         raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights (load_in_4bit=false)")
     ckpt, lock = open_run_folder(cfg, out, rank)  # rank 0 holds the folder's lock until the run ends
-    sampler = stop = None
+    sampler = stop = tracker = None
     try:
         rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
         local = resolve_local(cfg.model)
@@ -323,6 +324,7 @@ def train(cfg: Config) -> Path:
             kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and start else [])
                     if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        tracker = Trackers(cfg.report_to if rank == 0 else "none", out, dataclasses.asdict(cfg), start)
         eos, pad_id = eos_ids(model, tokenizer), tokenizer.pad_token_id
         sampler = make_sampler(cfg, model, tokenizer, path, eos, device, out, rank, world)
         stop, skips = StopRequest(), 0
@@ -332,6 +334,7 @@ def train(cfg: Config) -> Path:
             if benches and start == 0:  # the baseline: the initial policy before any update
                 row = {"step": 0, **E.in_training(0, sampler, tokenizer, benches, cfg, out, bar, rank, world)}
                 metrics_file.write(json.dumps(row) + "\n")
+                tracker.log(row)
             t_run = time.time()
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.time()
@@ -353,8 +356,9 @@ def train(cfg: Config) -> Path:
                 # 6. log (rank 0)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
-                eta = (time.time() - t_run) / (step - start) * (cfg.steps - step)  # this process's pace so far
-                console.print(step_line(row, cfg.steps, eta), soft_wrap=True)
+                tracker.log(row)
+                pace = (time.time() - t_run) / (step - start)  # seconds per step, this process so far
+                console.print(step_line(row, cfg.steps, pace), soft_wrap=True)
                 if warning:
                     console.print(f"[bold yellow]{warning}[/]", soft_wrap=True)
                 if skips >= MAX_SKIPS:
@@ -389,6 +393,8 @@ def train(cfg: Config) -> Path:
             stop.restore()
         if sampler is not None:
             sampler.close()
+        if tracker is not None:
+            tracker.close()
         if lock is not None:
             lock.release()
     console.print(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}, curves in {out / 'plots.png'}")
@@ -396,7 +402,8 @@ def train(cfg: Config) -> Path:
     return out
 
 
-def step_line(row: dict, steps: int, eta: float | None = None) -> str:
+def step_line(row: dict, steps: int, pace: float | None = None) -> str:
+    """One readable line per step; pace (seconds per step so far) adds the rate and the time left."""
     line = (f"step {row['step']:>4}/{steps}  loss {row['loss']:.2e}  lr {row['lr']:.1e}  "  # 2e-5 reads, not 0.0000
             f"|g| {row['grad_norm']:.2e}  len {row['completion_len']:.0f}  ent {row['entropy']:.2f}")
     if "cos_total_ref" in row:
@@ -405,7 +412,12 @@ def step_line(row: dict, steps: int, eta: float | None = None) -> str:
     if "sampler_logprob_gap" in row:
         line += f"  gap {row['sampler_logprob_gap']:.1e}"
     line += f"  markers {row['markers_per_1k']:.1f}/1k  {row['time_step']:.1f}s"
-    return line + (f"  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta is not None else "")
+    if pace is None or pace <= 0:
+        return line
+    rate = f"{1 / pace:.2f} step/s" if pace <= 1 else f"{pace:.1f} s/step"  # as tqdm: the unit that reads above 1
+    left = round(pace * (steps - row["step"]))
+    days = f"{left // 86400}d " if left >= 86400 else ""
+    return line + f"  {rate}  eta {days}{time.strftime('%H:%M:%S', time.gmtime(left % 86400))}"
 
 
 def printable(text: str) -> str:

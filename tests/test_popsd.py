@@ -386,3 +386,45 @@ def test_plots_draw_a_comparison_folder_and_name_each_runs_questions(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plots.plot_runs([run], run / "p.png").stat().st_size > 10_000
+
+
+# ---- trackers (report_to)
+
+def tensorboard_scalars(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder)).Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_tensorboard_gets_every_row_and_a_resume_replaces_the_steps_after_its_checkpoint(tmp_path):
+    out = run_tiny(tmp_path / "run", "steps=4", "save_every=2", "report_to=tensorboard")
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    logged = tensorboard_scalars(out / "tensorboard", "loss")
+    assert logged == pytest.approx({s: r["loss"] for s, r in rows.items()}, rel=1e-6)  # float32 events
+    assert set(tensorboard_scalars(out / "tensorboard", "time_step")) == {1, 2, 3, 4}
+    run_tiny(tmp_path / "run", "steps=6", "save_every=2", "report_to=tensorboard", "resume=true")
+    assert sorted(tensorboard_scalars(out / "tensorboard", "loss")) == [1, 2, 3, 4, 5, 6]  # step 4 once, not twice
+
+
+def test_wandb_offline_logs_the_run_and_resume_continues_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = run_tiny(tmp_path / "run", "steps=2", "report_to=wandb")
+    run_id = (out / "wandb" / "popsd_run_id").read_text().strip()
+    runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list((out / "wandb").iterdir())
+    run_tiny(tmp_path / "run", "steps=3", "report_to=wandb", "resume=true")
+    assert (out / "wandb" / "popsd_run_id").read_text().strip() == run_id
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same W&B run id, resumed
+    run_tiny(tmp_path / "run", "steps=1", "overwrite=true")  # overwrite removes what the tracker wrote
+    assert not (out / "wandb").exists()
+
+
+def test_trackers_are_imported_only_when_asked_and_a_missing_one_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    run_tiny(tmp_path / "a", "steps=1")  # report_to=none: neither is imported
+    with pytest.raises(PopsdError, match="report_to=wandb needs its package .*pip install wandb"):
+        run_tiny(tmp_path / "b", "steps=1", "report_to=wandb")
+    with pytest.raises(PopsdError, match="report_to: unknown tracker 'mlflow'"):
+        popsd.make_config("tiny", ["report_to=tensorboard,mlflow"])

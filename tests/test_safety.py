@@ -500,11 +500,14 @@ def test_a_question_holding_a_field_name_or_a_control_token_stays_text(tiny, cap
     assert len(kept) == 2 and "data row 2 holds the chat template's control token(s) <|im_end|>" in capsys.readouterr().out
 
 
-def test_the_step_line_shows_small_numbers_and_an_eta():
+def test_the_step_line_shows_small_numbers_the_rate_and_an_eta():
     row = {"step": 3, "loss": 2.1e-5, "lr": 1e-3, "grad_norm": 1.5e-4, "completion_len": 40.0, "entropy": 1.2,
            "markers_per_1k": 18.0, "time_step": 1.0}
-    line = popsd.step_line(row, 60, eta=125.0)
-    assert "loss 2.10e-05" in line and "|g| 1.50e-04" in line and "eta 00:02:05" in line
+    line = popsd.step_line(row, 28, pace=5.0)  # 5 s per step, 25 steps left
+    assert "loss 2.10e-05" in line and "|g| 1.50e-04" in line and "5.0 s/step  eta 00:02:05" in line
+    assert "2.50 step/s  eta 00:00:10" in popsd.step_line(row, 28, pace=0.4)
+    assert "eta 1d 00:00:25" in popsd.step_line(row, 28, pace=(86400 + 25) / 25)  # a paper-scale run: days
+    assert "eta" not in popsd.step_line(row, 28)
 
 
 def test_prompt_settings_travel_with_the_adapter_and_the_toy_base_evaluates_with_no_flags(tmp_path):
