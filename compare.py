@@ -59,7 +59,7 @@ def run_jobs(jobs: list[Job], workers: int, total_steps: int, console):
     """Runs the jobs `workers` at a time, one torch thread each; a rich bar counts logged steps."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    waiting, running, done = list(jobs), [], 0
+    waiting, running, done, t0 = list(jobs), [], 0, time.time()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task(f"{len(jobs)} runs, {workers} at a time (steps)", total=len(jobs) * total_steps)
@@ -83,6 +83,7 @@ def run_jobs(jobs: list[Job], workers: int, total_steps: int, console):
                     tail = job.log.read_text()[-3000:]
                     raise RuntimeError(f"run {job.out} failed (rc {proc.returncode}); its log ends:\n{tail}")
                 done += 1
+                bar.console.print(f"{done}/{len(jobs)} runs done ({time.time() - t0:.0f} s): {job.out}")  # pipes too
             logged = sum(len(_lines(job.out / "metrics.jsonl")) for job, _, _ in running)
             bar.update(task, completed=done * total_steps + logged)
 
@@ -162,18 +163,40 @@ def last_step_rows(results: dict, cols) -> list[tuple]:
     return rows
 
 
-def compare_table(results: dict):
-    """Mean ± sd over seeds at the last evaluated step (every number, per seed, is in summary.json)."""
+def compare_table(results: dict, width: int = 80) -> list:
+    """Mean ± sd over seeds at the last evaluated step (every number, per seed, is in summary.json). Tables,
+    not one: the metric columns are split so each table fits `width` (a pipe's 80 columns cut no header)."""
+    from rich import box
     from rich.table import Table
-    table = Table(title="toy world: base vs OPSD vs Purified, last evaluated step, mean ± sd over seeds "
-                        "(sample sd, n − 1)")
-    for c in ["reference", "method", "step", *TABLE.values()]:
-        table.add_column(c, justify="left" if c in ("reference", "method") else "right")
-    for fmt, method, step, stats, last in last_step_rows(results, TABLE):
+    rows = last_step_rows(results, TABLE)
+    seeds = {len(last) for *_, last in rows}
+    keys = ["ref", "method", "step"]
+    body = []
+    for fmt, method, step, stats, last in rows:
         cells = ["" if c not in stats else f"{stats[c][0]:.1f}±{stats[c][1]:.1f}" if abs(stats[c][0]) >= 10
                  else f"{stats[c][0]:.2f}±{stats[c][1]:.2f}" for c in TABLE]
-        table.add_row(fmt, f"{method} ({len(last)})", str(step), *cells)
-    return table
+        body.append([fmt, method if len(seeds) == 1 else f"{method} ({len(last)})", str(step), *cells])
+    heads = keys + list(TABLE.values())
+    cost = [max(len(h), *(len(r[i]) for r in body)) + 3 for i, h in enumerate(heads)]  # cell, padding, gap
+    groups, used = [[]], sum(cost[:len(keys)]) + 1
+    for i in range(len(keys), len(heads)):
+        if groups[-1] and used + cost[i] > width:
+            groups.append([])
+            used = sum(cost[:len(keys)]) + 1
+        groups[-1].append(i)
+        used += cost[i]
+    n = "the seeds in ()" if len(seeds) != 1 else "1 seed" if seeds == {1} else f"{seeds.pop()} seeds"
+    tables = []
+    for k, group in enumerate(groups):
+        title = (f"toy world: base vs OPSD vs Purified at the last evaluated step; ref = the reference format; mean ± "
+                 f"sd over {n} (sample sd, n − 1)") if k == 0 else "(continued)"
+        table = Table(title=title, box=box.SIMPLE_HEAD)
+        for i in [*range(len(keys)), *group]:
+            table.add_column(heads[i], justify="left" if i < 2 else "right", no_wrap=True)
+        for r in body:
+            table.add_row(*(r[i] for i in [*range(len(keys)), *group]))
+        tables.append(table)
+    return tables
 
 
 def markdown_table(results: dict) -> str:
@@ -244,7 +267,8 @@ def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, over
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(markdown_table(results))
     plots.plot_compare(summary, out / "summary.png")
-    console.print(compare_table(results))
+    for table in compare_table(results, console.width):
+        console.print(table)
     if not all(g["passed"] for g in gate_rows):
         console.print("[bold white on red] reminder: the toy base failed a gate (table above) [/]")
     console.print(f"{summary['settings']['minutes']:.1f} min; {out / 'summary.json'} and {out / 'summary.png'}")

@@ -384,6 +384,7 @@ def gates(measured: dict) -> list[dict]:
 
 def print_gates(measured: dict, console=None):
     """The gate table, and a loud banner when a gate fails: the comparison then cannot show what it is for."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
     console = console or Console()
@@ -395,10 +396,11 @@ def print_gates(measured: dict, console=None):
         table.add_row(g["gate"], f"{g['value']:.3f}", f"≥ {g['threshold']:.2f}",
                       "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
     console.print(table)
-    contexts = Table(title="the base in each context", show_lines=False)
-    for col in ("context", "accuracy", "first-try errors/sample", "caught", "P(wait|wrong)", "P(wait|right)",
-                "markers/1k", "length"):
-        contexts.add_column(col, justify="right")
+    contexts = Table(title="the base in each context", box=box.SIMPLE_HEAD, caption="acc: accuracy; errors: first-"
+                     "try errors per sample; P(w|✗), P(w|✓): P(wait | wrong step), P(wait | right step); mk/1k: "
+                     "markers per 1k tokens; len: tokens")  # short headers: 80 columns hold the table
+    for col in ("context", "acc", "errors", "caught", "P(w|✗)", "P(w|✓)", "mk/1k", "len"):
+        contexts.add_column(col, justify="left" if col == "context" else "right", no_wrap=True)
     for name, m in measured.items():
         contexts.add_row(name, f"{m['accuracy']:.3f}", f"{m['first_try_errors']:.2f}", f"{m['caught_frac']:.2f}",
                          f"{m['p_wait_wrong']:.2f}", f"{m['p_wait_right']:.2f}", f"{m['markers_per_1k']:.1f}",
@@ -415,7 +417,7 @@ def print_gates(measured: dict, console=None):
 
 def main(argv: list[str]):
     from rich.console import Console
-    console = Console(width=None if sys.stdout.isatty() else 150)  # logs keep whole tables
+    console = Console()  # a pipe or a log file gets 80 columns: the tables are made to fit them
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gates", help="measure the shipped base in every context and check the gates")

@@ -1,5 +1,6 @@
 """toyworld.py: the world and its checker on hand-made traces, the gates, pre-training, the shipped base, compare."""
 import json
+import os
 import random
 import subprocess
 import sys
@@ -127,6 +128,23 @@ def test_failed_gates_are_printed_loudly():
     assert "THE TOY BASE FAILS 1 GATE(S)" in text and "student accuracy far above chance" in text
 
 
+def test_the_comparison_and_gate_tables_fit_80_columns_with_no_header_cut():
+    import compare
+    from rich.console import Console
+    summary = json.loads((ROOT / "docs/toy_compare/summary.json").read_text())
+    console = Console(record=True, width=80)
+    tables = compare.compare_table(summary["results"], 80)
+    for table in tables:
+        console.print(table)
+    T.print_gates(summary["base_measured"], console)
+    text = console.export_text()
+    assert len(tables) == 2 and "…" not in text and max(map(len, text.splitlines())) <= 80
+    for head in [*compare.TABLE.values(), "P(w|✗)", "mk/1k"]:
+        assert head in text, head
+    assert "0.97±0.01" in text and "3 seeds" in text
+    assert len(compare.compare_table(summary["results"], 200)) == 1  # a wide terminal: one table
+
+
 # ---- tokenizer, pre-training, the shipped base
 
 def test_tokenizer_is_character_level_with_a_chat_template():
@@ -168,7 +186,8 @@ def test_compare_writes_summary_and_figure(tmp_path):
     cmd = [sys.executable, str(ROOT / "toyworld.py"), "compare", "--out", str(out), "--seeds", "1", "--formats",
            "sketch", "--gate-samples", "16", "steps=2", "eval_every=1", "eval_limit=8", "batch_size=4",
            "micro_batch_size=4"]  # one format: the suite's time (the README's comparison runs both)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # what a pipe gets: rich's 80 columns
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"sketch"}
@@ -186,7 +205,8 @@ def test_compare_writes_summary_and_figure(tmp_path):
     assert (out / "summary.png").stat().st_size > 10_000
     table = (out / "summary.md").read_text().splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| sketch | base | 0 |")
-    assert "base vs OPSD vs Purified" in proc.stdout
+    assert "base vs OPSD vs Purified" in proc.stdout and "2/2 runs done" in proc.stdout  # progress on a pipe
+    assert "…" not in proc.stdout and max(map(len, proc.stdout.splitlines())) <= 80  # a pipe: 80 columns, none cut
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "--overwrite" in again.stdout  # an earlier comparison is never replaced silently
 
