@@ -1,6 +1,6 @@
 """compare.py: base vs OPSD vs Purified on the toy world, both reference formats, several seeds.
 
-    python toyworld.py compare                          # the README's table and figure (≤ 15 min on 2 cores)
+    python toyworld.py compare                          # the table and figure of docs/toyworld.md (≤ 15 min on 2 cores)
     python toyworld.py compare --clip 5,10,20 --beta 1  # the paper's clip ablation, as extra Purified runs
 
 Each run is `python popsd.py --recipe toy` with only the method, the reference format and the seed set

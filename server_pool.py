@@ -167,7 +167,7 @@ class ServerPool:
                     self.warn(f"warning: step {step}: {e}; sampling on the others")
                     alive.remove(s)
             if not alive:
-                raise PopsdError(f"no rollout server took the adapter {name}: start them (README), then resume=true")
+                raise PopsdError(f"no rollout server took the adapter {name}: start them (docs/engines.md), then resume=true")
             if previous and previous != name:
                 self.unload(previous)
         alive = D.gather([self.servers.index(s) for s in alive])[0]  # rank 0's view, on every rank
@@ -214,7 +214,7 @@ class ServerPool:
         while True:
             with self.lock:
                 if not self.alive:
-                    raise PopsdError(f"no rollout server answered ({'; '.join(errors[-3:])}): start them (README), "
+                    raise PopsdError(f"no rollout server answered ({'; '.join(errors[-3:])}): start them (docs/engines.md), "
                                      "then resume=true")
                 server = self.alive[k % len(self.alive)]
             try:

@@ -7,7 +7,7 @@ The base is loaded once into vLLM (same weights and dtype; load_in_4bit: vLLM's 
 nf4) with LoRA enabled. After every optimizer step `sync` writes the student's adapter to a RAM-backed
 folder (/dev/shm) and the next requests name it as a new LoRARequest (popsd-step-N, id N + 1): a folder
 of a few MB loads in milliseconds and leaves the base untouched, where pushing merged weights would
-rewrite every layer and cannot work on a 4-bit base (README, "Rollouts at engine speed"). On a GPU the
+rewrite every layer and cannot work on a 4-bit base (docs/engines.md). On a GPU the
 engine sleeps (weights offloaded, KV cache freed) while the scoring passes and the update run.
 Completions come back as token ids with the engine's raw log-prob of each sampled token, one request
 per prompt with n samples and a seed per prompt (vLLM gives sample j the seed + j).

@@ -5,7 +5,7 @@ Expected time: not yet measured. Expected result (paper): base 61.3 → Purified
 Differs from Qwen3: a thinking model whose template starts the reasoning itself, so every role thinks.
 Prompts: the OPSD paper's wording (prompts=opsd).
 Checkpoints every 50 steps, every adapter kept: evaluate them all (best step) with
-python eval.py --adapter runs/paper_olmo3_7b/checkpoints, or through vLLM with --server (README).
+python eval.py --adapter runs/paper_olmo3_7b/checkpoints, or through vLLM with --server (docs/evaluation.md).
 """
 device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "allenai/Olmo-3-7B-Think"

@@ -6,7 +6,7 @@ Qwen3-4B ties its input and output embeddings; the output head stays frozen eith
 Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
 long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
 Checkpoints every 50 steps, every adapter kept: evaluate them all (best step) with
-python eval.py --adapter runs/paper_qwen3_4b/checkpoints, or through vLLM with --server (README).
+python eval.py --adapter runs/paper_qwen3_4b/checkpoints, or through vLLM with --server (docs/evaluation.md).
 """
 device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "Qwen/Qwen3-4B"

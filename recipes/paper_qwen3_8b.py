@@ -7,7 +7,7 @@ so this recipe uses the OPSD set. Paper settings are the Config defaults; this f
 Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
 long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
 Checkpoints every 50 steps, every adapter kept: the paper reports the best of steps 50-200
-(python eval.py --adapter runs/paper_qwen3_8b/checkpoints, or through vLLM with --server: README).
+(python eval.py --adapter runs/paper_qwen3_8b/checkpoints, or through vLLM with --server: docs/evaluation.md).
 """
 device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "Qwen/Qwen3-8B"

@@ -6,7 +6,7 @@ solves last-digit arithmetic with a reflective chain of thought: `3+4=7 7*2=5 wa
 The teachers see the full worked reference (the paper's format); `reference_field=sketch` gives them only
 the start and the answer; `method=opsd` runs the baseline. At steps 0, 20, 40 and 60 the student is
 evaluated on 400 held-out questions by the world's exact checker.
-Expected result (measured, README): with the full reference Purified has almost nothing to learn (both
+Expected result (measured, docs/toyworld.md): with the full reference Purified has almost nothing to learn (both
 teacher contexts copy the same trace, so Δ_it ≈ 0): the loss stays near 1e-4 and held-out accuracy near
 the base's 0.91, with ~18 markers per 1,000 tokens and ~82% of first-try errors caught. reference_field=sketch:
 accuracy ~0.93, markers ~13. method=opsd: accuracy ~0.97, markers ~4 (the markers collapse).

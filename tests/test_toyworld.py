@@ -176,7 +176,7 @@ def test_shipped_base_loads_and_solves_the_world():
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     assert sum(f.stat().st_size for f in T.BASE.iterdir()) < 8_000_000  # a few MB
     m = T.measure(model, tok, T.held_out(64), "teacher", "full")
-    assert m["accuracy"] > 0.8  # copying the full reference: a coarse check; the gates are measured in the README
+    assert m["accuracy"] > 0.8  # copying the full reference: a coarse check; the gates are measured in docs/toyworld.md
 
 
 # ---- compare and plots, on a tiny budget
@@ -185,7 +185,7 @@ def test_compare_writes_summary_and_figure(tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, str(ROOT / "toyworld.py"), "compare", "--out", str(out), "--seeds", "1", "--formats",
            "sketch", "--gate-samples", "16", "steps=2", "eval_every=1", "eval_limit=8", "batch_size=4",
-           "micro_batch_size=4"]  # one format: the suite's time (the README's comparison runs both)
+           "micro_batch_size=4"]  # one format: the suite's time (docs/toyworld.md's comparison runs both)
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # what a pipe gets: rich's 80 columns
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
