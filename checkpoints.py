@@ -32,6 +32,8 @@ PROMPT_KEYS = ("student_template", "student_thinking", "teacher_template", "refo
 def save_prompts(folder: Path, config: dict):
     """The prompt settings an adapter was trained with, next to it: eval.py reads them wherever it is copied."""
     (folder / PROMPTS_FILE).write_text(json.dumps({k: config[k] for k in PROMPT_KEYS if k in config}, indent=1) + "\n")
+
+
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapter", "checkpoints", "eval",
              "tiny_model", "rollout_adapters", "tensorboard", "wandb")  # what a run writes: all overwrite=true removes
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs

@@ -1,9 +1,14 @@
-"""compare.py: base vs OPSD vs Purified on the toy world, both reference formats, several seeds.
+"""compare.py: base vs OPSD vs Purified in a toy world (worlds/), both reference formats, several seeds; and
+each world's base: its gates, its pre-training, its data files.
 
-    python toyworld.py compare                          # the table and figure of docs/toyworld.md (≤ 15 min on 2 cores)
-    python toyworld.py compare --clip 5,10,20 --beta 1  # the paper's clip ablation, as extra Purified runs
+    python compare.py                                   # toyworld: the table and figure of docs/toyworld.md
+    python compare.py --world carryworld                # the second world (docs/carryworld.md)
+    python compare.py --clip 5,10,20 --beta 1           # the paper's clip ablation, as extra Purified runs
+    python compare.py gates --world carryworld          # a shipped base's gates, measured and printed (~1 min)
+    python compare.py pretrain --world carryworld       # rebuild a shipped base from scratch (its docs say how long)
+    python compare.py data --world carryworld           # rewrite a world's train.jsonl and test.jsonl
 
-Each run is `python popsd.py --recipe toy` with only the method, the reference format and the seed set
+Each run is `python popsd.py --recipe <the world's recipe>` with only the method, the reference format and the seed set
 (and the same overrides for all), `--workers` side by side with one torch thread each. The base row is
 each seed's step-0 evaluation (the same in every run of that seed: checked). Per evaluated step the
 world metrics come from the held-out evaluation, the Δ diagnostics from the training steps since the
@@ -18,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import toyworld
+import worlds
 from checkpoints import remove_entries
+from worlds import common
 
 ROOT = Path(__file__).resolve().parent
 
@@ -37,8 +43,8 @@ class Job:
         return self.out.with_name(self.out.name + ".log")
 
 
-def compare_jobs(out: Path, formats, seeds, clips, betas, overrides) -> list[Job]:
-    """Every (format, method, seed) run of recipes/toy.py: identical settings except the method."""
+def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides) -> list[Job]:
+    """Every (format, method, seed) run of the world's recipe: identical settings except the method."""
     variants = [("opsd", ["method=opsd"])]
     for c in clips:
         for b in betas:
@@ -49,7 +55,7 @@ def compare_jobs(out: Path, formats, seeds, clips, betas, overrides) -> list[Job
         for name, extra in variants:
             for seed in range(seeds):
                 run = out / fmt / name / f"seed_{seed}"
-                cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", "toy", f"out_dir={run}",
+                cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", world.RECIPE, f"out_dir={run}",
                        f"reference_field={fmt}", f"seed={seed}", "threads=1", *extra, *overrides]
                 jobs.append(Job(fmt, name, seed, run, cmd))
     return jobs
@@ -163,7 +169,7 @@ def last_step_rows(results: dict, cols) -> list[tuple]:
     return rows
 
 
-def compare_table(results: dict, width: int = 80) -> list:
+def compare_table(results: dict, width: int = 80, name: str = "toyworld") -> list:
     """Mean ± sd over seeds at the last evaluated step (every number, per seed, is in summary.json). Tables,
     not one: the metric columns are split so each table fits `width` (a pipe's 80 columns cut no header)."""
     from rich import box
@@ -188,7 +194,7 @@ def compare_table(results: dict, width: int = 80) -> list:
     n = "the seeds in ()" if len(seeds) != 1 else "1 seed" if seeds == {1} else f"{seeds.pop()} seeds"
     tables = []
     for k, group in enumerate(groups):
-        title = (f"toy world: base vs OPSD vs Purified at the last evaluated step; ref = the reference format; mean ± "
+        title = (f"{name}: base vs OPSD vs Purified at the last evaluated step; ref = the reference format; mean ± "
                  f"sd over {n} (sample sd, n − 1)") if k == 0 else "(continued)"
         table = Table(title=title, box=box.SIMPLE_HEAD)
         for i in [*range(len(keys)), *group]:
@@ -233,7 +239,38 @@ def prepare_out(out: Path, formats, overwrite: bool):
     (out / MARKER).write_text(json.dumps({"entries": [*formats, "summary.json", "summary.md", "summary.png"]}) + "\n")
 
 
-def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console):
+def print_gates(world, measured: dict, console=None):
+    """The gate table, and a loud banner when a gate fails: the comparison then cannot show what it is for."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    table = Table(title=f"{world.NAME} base: gates (held-out questions, one sample each at temperature 1)")
+    for col in ("gate", "measured", "needed", ""):
+        table.add_column(col)
+    result = common.gates(world, measured)
+    for g in result:
+        table.add_row(g["gate"], f"{g['value']:.3f}", f"≥ {g['threshold']:.2f}",
+                      "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
+    console.print(table)
+    contexts = Table(title="the base in each context", box=box.SIMPLE_HEAD, caption="acc: accuracy; errors: first-"
+                     "try errors per sample; P(w|✗), P(w|✓): P(wait | wrong step), P(wait | right step); mk/1k: "
+                     "markers per 1k tokens; len: tokens")  # short headers: 80 columns hold the table
+    for col in ("context", "acc", "errors", "caught", "P(w|✗)", "P(w|✓)", "mk/1k", "len"):
+        contexts.add_column(col, justify="left" if col == "context" else "right", no_wrap=True)
+    for name, m in measured.items():
+        contexts.add_row(name, f"{m['accuracy']:.3f}", f"{m['first_try_errors']:.2f}", f"{m['caught_frac']:.2f}",
+                         f"{m['p_wait_wrong']:.2f}", f"{m['p_wait_right']:.2f}", f"{m['markers_per_1k']:.1f}",
+                         f"{m['completion_len']:.1f}")
+    console.print(contexts)
+    failed = [g["gate"] for g in result if not g["passed"]]
+    if failed:
+        console.print(f"[bold white on red] THE {world.NAME.upper()} BASE FAILS {len(failed)} GATE(S): {'; '.join(failed)}. "
+                      "What follows is not evidence about reflection. [/]")
+    return result
+
+
+def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console):
     import plots
     clash = [o for o in overrides if o.split("=", 1)[0].strip() in PER_JOB]
     if clash:
@@ -242,19 +279,19 @@ def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, over
     out = out.resolve()  # one folder for the runs and for reading them back, whatever the working directory
     prepare_out(out, formats, overwrite)
     t0 = time.time()
-    tok, model = toyworld.load_base()
-    measured = toyworld.measure_base(model, tok, gate_samples)
-    gate_rows = toyworld.print_gates(measured, console)
+    tok, model = common.load_base(world)
+    measured = world.measure_base(model, tok, gate_samples)
+    gate_rows = print_gates(world, measured, console)
     del model
-    jobs = compare_jobs(out, formats, seeds, clips, betas, overrides)
+    jobs = compare_jobs(world, out, formats, seeds, clips, betas, overrides)
     import popsd
-    cfg = popsd.make_config("toy", [o for o in overrides])
-    console.print(f"{len(jobs)} runs of recipes/toy.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
+    cfg = popsd.make_config(world.RECIPE, [o for o in overrides])
+    console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
                   f"{cfg.eval_limit} held-out questions), runs in {out}/<reference>/<method>/seed_<n>/, their logs "
                   "beside them (seed_<n>.log)")
     run_jobs(jobs, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)  # training rows + step-0 row
     results = collect(jobs)
-    summary = {"settings": {"command": " ".join(sys.argv), "recipe": "toy", "overrides": list(overrides),
+    summary = {"settings": {"command": " ".join(sys.argv), "world": world.NAME, "recipe": world.RECIPE, "overrides": list(overrides),
                             "formats": list(formats), "seeds": seeds, "clips": list(clips), "betas": list(betas),
                             "steps": cfg.steps, "eval_every": cfg.eval_every, "eval_samples": cfg.eval_limit,
                             "workers": workers, "machine": f"{platform.processor() or platform.machine()}, "
@@ -267,9 +304,67 @@ def compare(out: Path, formats, seeds, clips, betas, workers, gate_samples, over
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(markdown_table(results))
     plots.plot_compare(summary, out / "summary.png")
-    for table in compare_table(results, console.width):
+    for table in compare_table(results, console.width, world.NAME):
         console.print(table)
     if not all(g["passed"] for g in gate_rows):
-        console.print("[bold white on red] reminder: the toy base failed a gate (table above) [/]")
+        console.print(f"[bold white on red] reminder: the {world.NAME} base failed a gate (table above) [/]")
     console.print(f"{summary['settings']['minutes']:.1f} min; {out / 'summary.json'} and {out / 'summary.png'}")
     return summary
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv: list[str]):
+    import argparse
+    import torch
+    from rich.console import Console
+    console = Console()  # a pipe or a log file gets 80 columns: the tables are made to fit them
+    command = argv[0] if argv and argv[0] in ("gates", "pretrain", "data") else "compare"
+    argv = argv[1:] if command != "compare" else argv
+    p = argparse.ArgumentParser(prog=f"compare.py{'' if command == 'compare' else ' ' + command}",
+                                description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--world", default="toyworld", choices=worlds.NAMES)
+    if command == "compare":
+        p.add_argument("--out", default=None, help="default runs/<world>_compare")
+        p.add_argument("--formats", default="full,sketch", help="reference formats, comma-separated")
+        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--clip", default="10", help="Purified's soft clip c; a list (5,10,20) adds ablation runs")
+        p.add_argument("--beta", default="1", help="Purified's β; a list (0.5,1,2) adds ablation runs")
+        p.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
+        p.add_argument("--gate-samples", type=int, default=400)
+        p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
+        p.add_argument("overrides", nargs="*", help="key=value for every run (e.g. steps=30); the same for all methods")
+    elif command == "gates":
+        p.add_argument("--samples", type=int, default=400)
+        p.add_argument("--base", default=None, help="default: the world's shipped base")
+    elif command == "pretrain":
+        p.add_argument("--out", default=None, help="default: the world's shipped base folder")
+        p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    world = worlds.get(args.world)
+    try:
+        if command == "data":
+            world.write_data()
+        elif command == "gates":
+            torch.set_num_threads(2)
+            tok, model = common.load_base(world, args.base)
+            print_gates(world, world.measure_base(model, tok, args.samples), console)
+        elif command == "pretrain":
+            import plots
+            torch.set_num_threads(world.PRETRAIN["threads"])
+            out = Path(args.out or world.BASE)
+            _, _, log = world.pretrain(out, seed=args.seed)
+            plots.plot_pretrain(log, [(name, t) for name, _, t in world.GATES if t <= 1], out / "pretrain.png")
+            tok, model = common.load_base(world, out)
+            print_gates(world, world.measure_base(model, tok), console)
+        else:
+            floats = lambda s: [float(x) for x in s.split(",") if x.strip()]  # noqa: E731
+            compare(world, Path(args.out or f"runs/{world.NAME}_compare"), [f.strip() for f in args.formats.split(",")],
+                    args.seeds, floats(args.clip), floats(args.beta), args.workers, args.gate_samples, args.overrides,
+                    args.overwrite, console)
+    except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -20,6 +20,7 @@ from rich.table import Table
 
 import loss as L
 import trackers
+import worlds
 from data import PopsdError
 from rollout import ENGINES, PROMPTS, check_templates
 
@@ -100,7 +101,7 @@ class Config:
     eval_max_new_tokens: int = 32768  # completion budget at evaluation
     eval_temperature: float = 0.6  # sampling temperature at evaluation
     eval_top_p: float = 0.95  # nucleus sampling at evaluation
-    eval_grader: str = "math"  # math (math-verify on the last \boxed{}) | toyworld (the toy world's exact checker)
+    eval_grader: str = "math"  # math (math-verify on the last \boxed{}) | a world's name (worlds/: its exact checker)
     # run
     recipe: str = ""  # set by --recipe
     out_dir: str = ""  # run folder (default runs/<recipe>)
@@ -115,7 +116,7 @@ class Config:
 
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
            "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine"),
-           "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", "toyworld"), "prompts": tuple(PROMPTS),
+           "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
            "rollout_engine": ENGINES + ("vllm",)}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+import worlds
 from grading import grade, pass_at_k
 from data import PopsdError, model_load_error, read_rows, resolve_local
 from checkpoints import PROMPT_KEYS, PROMPTS_FILE
@@ -35,6 +36,7 @@ from models import (eos_ids, fit_new_tokens, generation_batch, memory_budget, me
                     quantization_config)
 from distributed import gather
 from rollout import STUDENT_TEMPLATE, HFSampler, chat_ids, fill, marker_counts, request_seed
+from worlds.common import Check, summarize
 
 console = Console()
 
@@ -94,8 +96,8 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
 
     sampler: who generates (rollout.py's samplers; during training, the run's own, so an engine evaluates
     too); None: HF generate on `model`. Engines take a seed per question, HF generate torch's generator.
-    grader: "math" (is_correct: the last \\boxed{} against the gold answer) or "toyworld" (toyworld.check:
-    the toy world's exact checker, which also counts step errors, caught errors and false reflections).
+    grader: "math" (is_correct: the last \\boxed{} against the gold answer) or a world's name (worlds/: its
+    exact checker, which also counts step errors, caught errors and false reflections).
     thinking: the chat template's thinking mode; then only the text after the reasoning block is graded, and
     a completion that never closes the block is wrong (grading.grade).
 
@@ -142,8 +144,7 @@ def records_metrics(recs: list[dict]) -> dict:
     if flat and "reasoning_closed" in flat[0]:  # thinking on: cut inside the reasoning block (counted wrong)
         out["unclosed_reasoning"] = sum(not s["reasoning_closed"] for s in flat) / len(flat)
     if flat and "check" in flat[0]:  # toy world: caught errors, false reflections, ...
-        import toyworld
-        world = toyworld.summarize([toyworld.Check(**s["check"]) for s in flat], sum(s["tokens"] for s in flat))
+        world = summarize([Check(**s["check"]) for s in flat], sum(s["tokens"] for s in flat))
         out |= {k: v for k, v in world.items() if k not in ("accuracy", "samples", "markers_per_1k", "completion_len")}
     return out
 
@@ -480,8 +481,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--grader", choices=("math", "toyworld"), default="math",
-                   help="math: math-verify on the last \\boxed{}; toyworld: the toy world's exact checker")
+    p.add_argument("--grader", choices=("math", *worlds.NAMES), default="math",
+                   help="math: math-verify on the last \\boxed{}; a world's name (worlds/): its exact checker")
     p.add_argument("--out", help="folder for summary.json and samples.jsonl (default: runs/eval/<what is evaluated>);\n"
                                  "one holding an evaluation with the same settings is read back, with others refused")
     p.add_argument("--server", help="an OpenAI-compatible server (vLLM, SGLang, transformers serve) to generate\n"

@@ -15,6 +15,8 @@ import multiprocessing
 import re
 import threading
 
+import worlds
+
 THINK_END = "</think>"
 
 GRADE_TIMEOUT = 5  # seconds per math-verify parse / comparison
@@ -122,9 +124,8 @@ def grade(samples: list[dict], question: str, gold: str, grader: str = "math", t
         s["extracted"] = extract_boxed(answer)
         if thinking and not closed:
             s["correct"] = False
-        elif grader == "toyworld":
-            import toyworld
-            s["check"] = dataclasses.asdict(toyworld.check(question, answer))
+        elif grader != "math":  # a toy world's exact checker, looked up by the world's name
+            s["check"] = dataclasses.asdict(worlds.get(grader).check(question, answer))
             s["correct"] = s["check"]["correct"]
         else:
             s["correct"] = is_correct(answer, gold)

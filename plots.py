@@ -209,7 +209,7 @@ def main(argv: list[str]):
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     if len(runs) == 1 and (runs[0] / "summary.json").is_file() and not (runs[0] / "metrics.jsonl").exists():
-        summary = json.loads((runs[0] / "summary.json").read_text())  # a comparison (toyworld.py compare)
+        summary = json.loads((runs[0] / "summary.json").read_text())  # a comparison (compare.py)
         if "results" in summary and "gates" in summary:
             print(plot_compare(summary, Path(args.out) if args.out else runs[0] / "summary.png"))
             return

@@ -1,7 +1,7 @@
-"""toy: Purified OPSD on the shipped toy base (toyworld.py): watch it work on a laptop CPU.
+"""toy: Purified OPSD on the shipped toy base (worlds/toyworld.py): watch it work on a laptop CPU.
 
 Hardware: any CPU (2 cores).   Command: python popsd.py --recipe toy   Expected time: 1-3 min (66 s measured in an earlier session, 158 s on 2026-12-02).
-The base (data/toyworld/base, 0.9M parameters, pre-trained from scratch by `python toyworld.py pretrain`)
+The base (data/toyworld/base, 0.9M parameters, pre-trained from scratch by `python compare.py pretrain`)
 solves last-digit arithmetic with a reflective chain of thought: `3+4=7 7*2=5 wait 7*2=4 ... \\boxed{6}`.
 The teachers see the full worked reference (the paper's format); `reference_field=sketch` gives them only
 the start and the answer; `method=opsd` runs the baseline. At steps 0, 20, 40 and 60 the student is

@@ -1,4 +1,5 @@
-"""toyworld.py: the world and its checker on hand-made traces, the gates, pre-training, the shipped base, compare."""
+"""worlds/toyworld.py (and worlds/common.py): the world and its checker on hand-made traces, the gates, pre-training,
+the shipped base, compare.py."""
 import json
 import os
 import random
@@ -8,8 +9,10 @@ import sys
 import pytest
 import torch
 
-import toyworld as T
+import compare
 from conftest import ROOT
+from worlds import common
+from worlds import toyworld as T
 
 Q = "3+4*2-5+7"  # 3+4=7, 7*2=4, 4-5=9, 9+7=6
 
@@ -92,7 +95,7 @@ def test_summarize_counts():
     checks = [T.check(Q, "3+4=7 7*2=5 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}"),  # caught
               T.check(Q, "3+4=7 7*2=5 5-5=0 0+7=7 \\boxed{7}"),  # missed
               T.check(Q, "3+4=7 wait 3+4=7 7*2=4 4-5=9 9+7=6 \\boxed{6}")]  # false reflection
-    s = T.summarize(checks, tokens=100)
+    s = common.summarize(checks, tokens=100)
     assert s["accuracy"] == pytest.approx(2 / 3) and s["caught_frac"] == 0.5
     assert s["first_try_errors"] == pytest.approx(2 / 3) and s["false_reflections"] == pytest.approx(1 / 3)
     assert s["p_wait_wrong"] == 0.5 and s["markers_per_1k"] == 20.0
@@ -112,7 +115,7 @@ def _measured(acc=0.8, caught=0.9, wrong=0.9, right=0.05, teacher=0.99):
     ({"acc": 0.1, "teacher": 0.5}, [0, 3]),
 ])
 def test_gates_pass_and_fail_on_their_numbers(change, failed):
-    rows = T.gates(_measured(**change))
+    rows = common.gates(T, _measured(**change))
     assert [i for i, g in enumerate(rows) if not g["passed"]] == failed
 
 
@@ -123,20 +126,19 @@ def test_failed_gates_are_printed_loudly():
             "markers_per_1k": 0, "completion_len": 30}
     measured = {"student": dict(full, accuracy=0.2, caught_frac=0.9, p_wait_wrong=0.9, p_wait_right=0.1),
                 "teacher_full": full}
-    T.print_gates(measured, console)
+    compare.print_gates(T, measured, console)
     text = console.export_text()
-    assert "THE TOY BASE FAILS 1 GATE(S)" in text and "student accuracy far above chance" in text
+    assert "THE TOYWORLD BASE FAILS 1 GATE(S)" in text and "student accuracy far above chance" in text
 
 
 def test_the_comparison_and_gate_tables_fit_80_columns_with_no_header_cut():
-    import compare
     from rich.console import Console
     summary = json.loads((ROOT / "docs/toy_compare/summary.json").read_text())
     console = Console(record=True, width=80)
     tables = compare.compare_table(summary["results"], 80)
     for table in tables:
         console.print(table)
-    T.print_gates(summary["base_measured"], console)
+    compare.print_gates(T, summary["base_measured"], console)
     text = console.export_text()
     assert len(tables) == 2 and "…" not in text and max(map(len, text.splitlines())) <= 80
     for head in [*compare.TABLE.values(), "P(w|✗)", "mk/1k"]:
@@ -149,7 +151,7 @@ def test_the_comparison_and_gate_tables_fit_80_columns_with_no_header_cut():
 
 def test_tokenizer_is_character_level_with_a_chat_template():
     from rollout import chat_ids
-    tok = T.build_tokenizer()
+    tok = common.build_tokenizer()
     text = "3+4=7 wait 3+4=7 \\boxed{7}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tok.decode(ids) == text
@@ -171,11 +173,11 @@ def test_pretraining_is_deterministic_and_lowers_the_loss(tmp_path):
 
 
 def test_shipped_base_loads_and_solves_the_world():
-    tok, model = T.load_base()
+    tok, model = common.load_base(T)
     assert type(model).__name__ == "Qwen3ForCausalLM" and tok.chat_template
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     assert sum(f.stat().st_size for f in T.BASE.iterdir()) < 8_000_000  # a few MB
-    m = T.measure(model, tok, T.held_out(64), "teacher", "full")
+    m = common.measure(T, model, tok, common.held_out(T, 64), "teacher", "full")
     assert m["accuracy"] > 0.8  # copying the full reference: a coarse check; the gates are measured in docs/toyworld.md
 
 
@@ -183,7 +185,7 @@ def test_shipped_base_loads_and_solves_the_world():
 
 def test_compare_writes_summary_and_figure(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, str(ROOT / "toyworld.py"), "compare", "--out", str(out), "--seeds", "1", "--formats",
+    cmd = [sys.executable, str(ROOT / "compare.py"), "--out", str(out), "--seeds", "1", "--formats",
            "sketch", "--gate-samples", "16", "steps=2", "eval_every=1", "eval_limit=8", "batch_size=4",
            "micro_batch_size=4"]  # one format: the suite's time (docs/toyworld.md's comparison runs both)
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # what a pipe gets: rich's 80 columns
@@ -238,10 +240,9 @@ def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
 
 
 def test_compare_refuses_per_run_overrides_and_folders_it_did_not_write(tmp_path):
-    import compare
     from rich.console import Console
     with pytest.raises(ValueError, match="compare sets method, seed"):
-        compare.compare(tmp_path / "c", ["sketch"], 1, [10.0], [1.0], 1, 16, ["seed=5"], False, Console())
+        compare.compare(T, tmp_path / "c", ["sketch"], 1, [10.0], [1.0], 1, 16, ["seed=5"], False, Console())
     assert not (tmp_path / "c").exists()
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -1,0 +1,21 @@
+"""carry: Purified OPSD on the second toy world (worlds/carryworld.py), where the base's errors are its own.
+
+Hardware: any CPU (2 cores).   Command: python popsd.py --recipe carry
+The base (data/carryworld/base, 0.9M parameters, pre-trained in two stages by `python compare.py pretrain --world
+carryworld`) multiplies two-digit numbers mod 100 in one go (`47*36=92`), gets some of those steps wrong by
+itself, and after "wait" re-derives the step in single-digit sub-steps. Every setting is the toy recipe's
+(recipes/toy.py, read below) except the world's files and the lengths, which follow from the world's longest
+reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a four-step question reflected, + EOS).
+`reference_field=sketch` gives the teachers only the start and the answer; `method=opsd` runs the baseline.
+"""
+import runpy as _runpy
+from pathlib import Path as _Path
+
+globals().update({k: v for k, v in _runpy.run_path(str(_Path(__file__).with_name("toy.py"))).items()
+                  if not k.startswith("_")})  # world one's settings, unchanged
+model = "data/carryworld/base"
+data = "data/carryworld/train.jsonl"
+eval_bench = "data/carryworld/test.jsonl"
+eval_grader = "carryworld"
+max_new_tokens = 235  # worlds.carryworld.MAX_NEW_TOKENS (tests/test_carryworld.py checks it)
+eval_max_new_tokens = 235

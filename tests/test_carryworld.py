@@ -1,0 +1,149 @@
+"""worlds/carryworld.py: the arithmetic and the procedure, the checker on hand-made traces, own-trace documents,
+the reflection ban, the gates, the recipe's derived lengths, the shipped base."""
+import random
+import re
+
+import pytest
+import torch
+
+import popsd
+from conftest import ROOT
+from worlds import carryworld as C
+from worlds import common
+
+Q = "47*36*18"  # 47·36 = 1692 → 92; 92·18 = 1656 → 56
+FIX = "47*36=82 wait 7*6=42 7*3=21 4*6=24 4+1=5 5+4=9 47*36=92"
+
+
+def test_world_arithmetic_references_and_split():
+    assert C.steps_of(Q) == [(47, 36, 92), (92, 18, 56)] and C.answer_of(Q) == "56"
+    assert C.references(Q) == {"full": "47*36=92 92*18=56 \\boxed{56}", "sketch": "47..56"}
+    rng = random.Random(0)
+    train = {C.sample_question(rng) for _ in range(500)}
+    test = {C.sample_question(rng, "test") for _ in range(200)}
+    assert not train & test and all(C.is_test(q) for q in test)
+    assert {len(C.steps_of(q)) for q in train} == set(range(C.MIN_OPS, C.MAX_OPS + 1))
+    assert C.answer_of("05*11") == "55" and C.steps_of("99*99")[0][2] == 1  # 9801
+
+
+def test_the_procedure_is_right_for_every_step():
+    for a in range(100):
+        for b in C.NUMBERS:
+            text = C.procedure(a, b)
+            for x, y, z in re.findall(r"(?<!\d)(\d)\*(\d)=(\d\d)", text):
+                assert int(x) * int(y) == int(z), text
+            for x, y, z in re.findall(r"(\d)\+(\d)=(\d)", text):
+                assert (int(x) + int(y)) % 10 == int(z), text
+            assert text.endswith(C.step_text(a, b, a * b % 100)), text
+    assert C.procedure(47, 36) == FIX.split(" wait ")[1]
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("47*36=92 92*18=56 \\boxed{56}", dict(correct=True, steps=2, errors=0, waits=0)),
+    (FIX + " 92*18=56 \\boxed{56}", dict(correct=True, steps=2, errors=1, caught=1, false_reflections=0,
+                                         wrong_attempts=1, right_attempts=2)),  # the sub-steps are not attempts
+    ("47*36=82 82*18=76 \\boxed{76}", dict(correct=False, steps=2, errors=1, caught=0)),  # missed, carried on
+    ("47*36=92 wait " + C.procedure(47, 36) + " 92*18=56 \\boxed{56}",
+     dict(correct=True, errors=0, false_reflections=1, right_reflected=1)),  # a re-check of a right step
+    ("47*38=86 92*18=56 \\boxed{56}", dict(steps=2, errors=2, correct=True)),  # wrong operand; the next from 86
+    ("47*36=92 92*18=56", dict(correct=False)),  # no answer
+])
+def test_checker_on_hand_made_traces(completion, expected):
+    got = C.check(Q, completion)
+    for k, v in expected.items():
+        assert getattr(got, k) == v, (k, got)
+
+
+def test_own_traces_reflect_exactly_on_their_wrong_steps():
+    rng = random.Random(0)
+    for _ in range(300):
+        q = C.sample_question(rng)
+        tries = [c if rng.random() < 0.7 else (c + rng.randrange(1, 100)) % 100 for _, _, c in C.steps_of(q)]
+        text = C.reflective(q, tries, random.Random(1))
+        got = C.check(q, text)
+        wrong = sum(t != c for t, (_, _, c) in zip(tries, C.steps_of(q)))
+        assert got.correct and got.errors == wrong == got.caught, (q, tries, text)
+        assert len(text) < C.MAX_NEW_TOKENS
+
+
+def test_documents_keep_the_style_control_and_the_practice_rate():
+    rng = random.Random(0)
+    pool = [C.sample_question(rng) for _ in range(300)]
+    tries = [[(c + 1) % 100 for _, _, c in C.steps_of(q)] for q in pool]  # every first try wrong
+    docs = C.reflective_documents(pool, tries, seed=0)(6000)
+    kinds = {"Q": [], "QR": [], "R": [], "P": []}
+    for prompt, completion in docs:
+        kind = "P" if prompt.startswith("P:") else "QR" if "\nR:" in prompt else prompt[0]
+        kinds[kind].append("wait" in completion)
+    assert abs(len(kinds["P"]) / len(docs) - C.P_PROCEDURE) < 0.02
+    assert sum(kinds["Q"]) == len(kinds["Q"])  # the student's own traces: every wrong step reflected
+    for k in ("QR", "R"):  # the same reflective share in both teacher contexts
+        assert abs(sum(kinds[k]) / len(kinds[k]) - C.P_TEACHER_REFLECTIVE) < 0.04, k
+    stage1 = [C.direct_document(random.Random(i)) for i in range(2000)]
+    assert not any("wait" in c for _, c in stage1)  # stage 1: no reflection anywhere
+
+
+def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them():
+    a = b = 99
+    longest = C.reflective("99" + "*99" * C.MAX_OPS, [0] * C.MAX_OPS, random.Random(0))
+    assert len(longest) + 1 <= C.MAX_NEW_TOKENS <= len(longest) + 2 and C.longest_trace() >= len(longest)
+    assert C.step_text(a, b, 1) in longest
+    cfg = popsd.make_config("carry")
+    toy = popsd.make_config("toy")
+    assert cfg.max_new_tokens == cfg.eval_max_new_tokens == C.MAX_NEW_TOKENS
+    same = {"lr", "steps", "batch_size", "lora_r", "lora_alpha", "temperature", "beta", "clip", "jsd_beta",
+            "eval_limit", "eval_every", "divergence", "seed"}
+    assert {k: getattr(cfg, k) for k in same} == {k: getattr(toy, k) for k in same}  # world one's settings
+    assert {k: getattr(cfg, k) for k in C.TEMPLATES} == C.TEMPLATES
+
+
+def test_forbid_keeps_the_word_from_starting():
+    tok = common.build_tokenizer()
+    forbid = common.Forbid(tok, "wait")
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = [ids("47*36=82 "), ids("47*36=82 w"), ids("47*36=82 wai"), ids("47*36=82")]
+    width = max(map(len, rows))
+    batch = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    scores = forbid(batch, torch.zeros(4, 128))
+    w, a, t = ids("w")[0], ids("a")[0], ids("t")[0]
+    assert scores[0, w] == -float("inf") and scores[1, a] == -float("inf") and scores[2, t] == -float("inf")
+    assert torch.isfinite(scores[3]).all() and (scores[0] == -float("inf")).sum() == 1
+
+
+def test_own_first_tries_come_from_the_model_and_are_seeded():
+    torch.manual_seed(0)
+    tok = common.build_tokenizer()
+    model = common.build_model(tok, hidden=32, layers=1).eval()
+    qs = [C.sample_question(random.Random(i)) for i in range(6)]
+    a, b = C.own_first_tries(model, tok, qs, seed=3), C.own_first_tries(model, tok, qs, seed=3)
+    assert a == b and [len(t) for t in a] == [len(C.steps_of(q)) for q in qs]
+    assert all(0 <= x < 100 for t in a for x in t)
+
+
+def _measured(acc=0.8, banned=0.5, caught=0.9, wrong=0.9, right=0.05, teacher=0.99):
+    return {"student": {"accuracy": acc, "caught_frac": caught, "p_wait_wrong": wrong, "p_wait_right": right},
+            "student_no_wait": {"accuracy": banned}, "teacher_full": {"accuracy": teacher}}
+
+
+@pytest.mark.parametrize("change, failed", [
+    ({}, []), ({"acc": 0.4, "banned": 0.2}, [0]), ({"banned": 0.75}, [1]), ({"caught": 0.3}, [2]),
+    ({"right": 0.6}, [3]), ({"teacher": 0.9}, [4]),
+])
+def test_gates_pass_and_fail_on_their_numbers(change, failed):
+    rows = common.gates(C, _measured(**change))
+    assert [i for i, g in enumerate(rows) if not g["passed"]] == failed
+
+
+def test_the_world_is_found_by_name_and_data_ship_with_a_held_out_split():
+    import grading
+    import worlds
+    assert worlds.get("carryworld") is C and "carryworld" in worlds.NAMES
+    samples = [{"completion": FIX + " 92*18=56 \\boxed{56}"}]
+    grading.grade(samples, Q, "56", grader="carryworld")
+    assert samples[0]["correct"] and samples[0]["check"]["caught"] == 1
+    with pytest.raises(ValueError, match="no world 'nope'"):
+        worlds.get("nope")
+    train = {r.split('"')[3] for r in (C.DATA / "train.jsonl").read_text().splitlines()}
+    test = {r.split('"')[3] for r in (C.DATA / "test.jsonl").read_text().splitlines()}
+    assert len(train) == 2000 and len(test) == 500 and not train & test and all(C.is_test(q) for q in test)
+    assert (ROOT / "data/carryworld").is_dir()

@@ -1,0 +1,266 @@
+"""carryworld: a second toy world, where the base's errors are its own and reflection pays.
+
+A question is a two-digit start and 2-4 multiplications by two-digit numbers, all mod 100:
+    Q:47*36*18            (47·36 mod 100 = 92, 92·18 mod 100 = 56): the answer is 56
+A direct step writes the product's last two digits in one go (`47*36=92`): the tens digit needs three digit
+products and a carry at once, more than a 0.9M-parameter model does reliably in one token. After "wait" the
+model re-derives the step in single-digit sub-steps it does reliably, then restates it:
+    47*36=82 wait 7*6=42 7*3=21 4*6=24 4+1=5 5+4=9 47*36=92 92*18=56 \\boxed{56}
+(units: 7·6 = 42 → 2; tens: 4 (carried) + 1 (of 7·3) + 4 (of 4·6) = 9.)
+
+No error is injected. Pre-training has two stages:
+  1. direct steps only, all right, in every context, plus procedure practice (`P:47*36` → the sub-steps);
+  2. the stage-1 model's own traces: for each step it samples the two result digits itself (temperature 1)
+     after the right operands; the checker marks the wrong ones, which are followed by "wait", the procedure
+     and the right result (a right step is re-checked the same way 5% of the time). Training continues on
+     these traces in the student context, and in 20% of the documents of both teacher contexts (the style
+     control of the first world: "question ⇒ reflective" is not a difference Δ_it could carry).
+The errors the base makes are the ones its own first tries make; its reflections are learned from them.
+With the full reference in context a teacher reads each step's value instead of computing it.
+"""
+import random
+import re
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+from worlds import common
+from worlds.common import Attempts, fill_prompt
+
+NAME = "carryworld"
+RECIPE = "carry"
+DATA = Path(__file__).resolve().parent.parent / "data" / "carryworld"
+BASE = DATA / "base"
+TEMPLATES = {"student_template": "Q:{question}", "teacher_template": "Q:{question}\nR:{reference}",
+             "refonly_template": "R:{reference}"}
+NUMBERS = [n for n in range(11, 100) if n % 10]  # starts and multipliers: two digits, neither 0
+MIN_OPS, MAX_OPS = 2, 4
+P_PROCEDURE = 0.1  # procedure practice documents
+P_RECHECK = 0.05  # a right step of an own trace re-checked with the procedure
+P_TEACHER_REFLECTIVE = 0.2  # reflective (own-trace) documents in both teacher contexts: the style control
+CHANCE = 0.01  # a hundred possible answers
+
+
+def steps_of(question: str) -> list[tuple[int, int, int]]:
+    """The true steps (a, b, c = a·b mod 100) of a question such as '47*36*18'."""
+    value, steps = int(question[:2]), []
+    for b in re.findall(r"\*(\d\d)", question):
+        steps.append((value, int(b), value * int(b) % 100))
+        value = steps[-1][2]
+    return steps
+
+
+def answer_of(question: str) -> str:
+    return f"{steps_of(question)[-1][2]:02d}"
+
+
+def is_test(question: str) -> bool:
+    """The held-out split: a fixed 10% of all questions, by hash."""
+    return zlib.crc32(question.encode()) % 10 == 0
+
+
+def sample_question(rng: random.Random, split: str = "train") -> str:
+    while True:
+        question = f"{rng.choice(NUMBERS)}" + "".join(f"*{rng.choice(NUMBERS)}"
+                                                       for _ in range(rng.randint(MIN_OPS, MAX_OPS)))
+        if is_test(question) == (split == "test"):
+            return question
+
+
+def step_text(a: int, b: int, c: int) -> str:
+    return f"{a:02d}*{b:02d}={c:02d}"
+
+
+def procedure(a: int, b: int) -> str:
+    """The reliable way: three single-digit products, two digit sums for the tens, then the step restated."""
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    p, q, r = a0 * b0, a0 * b1, a1 * b0
+    s1 = (p // 10 + q % 10) % 10
+    s2 = (s1 + r % 10) % 10
+    return (f"{a0}*{b0}={p:02d} {a0}*{b1}={q:02d} {a1}*{b0}={r:02d} {p // 10}+{q % 10}={s1} {s1}+{r % 10}={s2} "
+            f"{step_text(a, b, a * b % 100)}")
+
+
+def trace(question: str) -> str:
+    """The clean direct trace (the full reference)."""
+    return " ".join(step_text(*s) for s in steps_of(question)) + f" \\boxed{{{answer_of(question)}}}"
+
+
+def references(question: str) -> dict:
+    """Both reference formats: full (the clean worked trace) and sketch (start and answer only)."""
+    return {"full": trace(question), "sketch": f"{question[:2]}..{answer_of(question)}"}
+
+
+def reflective(question: str, first_tries: list[int], rng: random.Random) -> str:
+    """A trace from a model's own first-try results (one per step, after the right operands): each wrong one
+    followed by "wait" and the procedure, a right one re-checked with probability P_RECHECK."""
+    parts = []
+    for (a, b, c), tried in zip(steps_of(question), first_tries):
+        if tried != c or rng.random() < P_RECHECK:
+            parts.append(f"{step_text(a, b, tried)} wait {procedure(a, b)}")
+        else:
+            parts.append(step_text(a, b, c))
+    return " ".join(parts) + f" \\boxed{{{answer_of(question)}}}"
+
+
+def longest_trace() -> int:
+    """Characters of the longest trace a document can hold: every step of the longest question reflected."""
+    a = b = 99
+    return MAX_OPS * (len(f"{step_text(a, b, 1)} wait {procedure(a, b)} ")) + len("\\boxed{00}")
+
+
+MAX_NEW_TOKENS = longest_trace() + 1  # characters are tokens; + EOS
+
+
+# ----------------------------------------------------------------------------- the checker
+
+ITEM = re.compile(r"(?<!\d)(\d\d)\*(\d\d)=(\d\d)(?!\d)|\b(wait)\b|\\boxed\{([^{}]*)\}")
+
+
+def check(question: str, completion: str) -> common.Check:
+    """Direct steps (two-digit `a*b=c`) are the attempts; the procedure's single-digit sub-steps are not (a
+    restated step after them is the retry). Locally wrong: not from the carried value, not the question's next
+    multiplier, or a wrong product."""
+    truth = steps_of(question)
+    att, boxed, value = Attempts(), None, truth[0][0]
+    for m in ITEM.finditer(completion):
+        if m.group(1):
+            a, b, c = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            index, before, first = att.position(value)
+            wrong = index >= len(truth) or a != before or b != truth[index][1] or c != a * b % 100
+            att.attempt(index, before, first, wrong)
+            value = c
+        elif m.group(4):
+            att.wait()
+        else:
+            boxed = m.group(5).strip()
+    att.out.correct = boxed == answer_of(question)
+    return att.out
+
+
+# ----------------------------------------------------------------------------- documents and pre-training
+
+def direct_document(rng: random.Random) -> tuple[str, str]:
+    """Stage 1: procedure practice, or a clean direct trace in one of the three contexts."""
+    if rng.random() < P_PROCEDURE:
+        a, b = rng.randrange(100), rng.choice(NUMBERS)
+        return f"P:{a:02d}*{b:02d}", procedure(a, b)
+    question, kind = sample_question(rng), rng.random()
+    reference = references(question)["full" if rng.random() < 0.5 else "sketch"]
+    template = TEMPLATES["student_template" if kind < 0.5 else "teacher_template" if kind < 0.75 else
+                         "refonly_template"]
+    return fill_prompt(template, question, reference), trace(question)
+
+
+def own_first_tries(model, tok, questions: list[str], seed: int, batch_size: int = 512) -> list[list[int]]:
+    """For each question, the model's own first-try result at every step (temperature 1, two digits), each
+    after the right operands and the trace so far as stage 2 will write it (a wrong step fixed)."""
+    from rollout import chat_ids, generate
+    rng = random.Random(seed)
+    tries = [[] for _ in questions]
+    prefix = ["" for _ in questions]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for k in range(MAX_OPS):
+            live = [i for i, q in enumerate(questions) if k < len(steps_of(q))]
+            if not live:
+                break
+            prompts = []
+            for i in live:
+                a, b, _ = steps_of(questions[i])[k]
+                prompts.append(chat_ids(tok, fill_prompt(TEMPLATES["student_template"], questions[i]), False) +
+                               tok(prefix[i] + f"{a:02d}*{b:02d}=", add_special_tokens=False)["input_ids"])
+            _, _, _, texts = generate(model, tok, prompts, n=1, max_new_tokens=2, temperature=1.0, top_p=1.0,
+                                      top_k=0, eos_ids=[tok.eos_token_id], batch_size=batch_size,
+                                      device=next(model.parameters()).device)
+            for i, text in zip(live, texts):
+                a, b, c = steps_of(questions[i])[k]
+                tried = int(text) if re.fullmatch(r"\d\d", text) else (c + 1) % 100  # not two digits: wrong
+                tries[i].append(tried)
+                wrong = tried != c or rng.random() < P_RECHECK
+                prefix[i] += (f"{step_text(a, b, tried)} wait {procedure(a, b)} " if wrong else
+                              f"{step_text(a, b, c)} ")
+    return tries
+
+
+def reflective_documents(questions, tries, seed: int):
+    """Stage 2's document source: own traces (student context, and 20% of both teacher contexts), clean direct
+    traces in the other teacher documents, procedure practice."""
+    rng = random.Random(seed)
+    pool = list(zip(questions, tries))
+
+    def documents(k: int) -> list[tuple[str, str]]:
+        docs = []
+        for _ in range(k):
+            if rng.random() < P_PROCEDURE:
+                a, b = rng.randrange(100), rng.choice(NUMBERS)
+                docs.append((f"P:{a:02d}*{b:02d}", procedure(a, b)))
+                continue
+            question, first = rng.choice(pool)
+            kind = rng.random()
+            own = reflective(question, first, rng)
+            if kind < 0.5:
+                docs.append((fill_prompt(TEMPLATES["student_template"], question), own))
+                continue
+            reference = references(question)["full" if rng.random() < 0.5 else "sketch"]
+            template = TEMPLATES["teacher_template" if kind < 0.75 else "refonly_template"]
+            docs.append((fill_prompt(template, question, reference),
+                         own if rng.random() < P_TEACHER_REFLECTIVE else trace(question)))
+        return docs
+    return documents
+
+
+GATES = [  # (name, how it is computed from measure_base's numbers, threshold): a base must pass all of them
+    ("student accuracy ≥ 0.5 (chance 0.01)", lambda m: m["student"]["accuracy"], 0.5),
+    ("reflection pays: accuracy − accuracy with \"wait\" forbidden",
+     lambda m: m["student"]["accuracy"] - m["student_no_wait"]["accuracy"], 0.10),
+    ("most first-try errors caught by a reflection", lambda m: m["student"]["caught_frac"], 0.5),
+    ("P(wait | wrong step) / P(wait | right step)",
+     lambda m: m["student"]["p_wait_wrong"] / max(m["student"]["p_wait_right"], 1e-9), 2.0),
+    ("teacher accuracy with the full reference", lambda m: m["teacher_full"]["accuracy"], 0.95),
+]
+
+
+def measure_base(model, tok, n: int = 400, seed: int = 0) -> dict:
+    """Every context on n held-out questions, and the student with "wait" forbidden (the reflection gate)."""
+    world = sys.modules[__name__]
+    return {**common.measure_contexts(world, model, tok, n, seed),
+            "student_no_wait": common.measure(world, model, tok, common.held_out(world, n), seed=seed, forbid="wait")}
+
+
+def write_data():
+    common.write_data(sys.modules[__name__])
+
+
+PRETRAIN = dict(stage1_steps=3000, stage2_steps=4000, pool=20000, batch_size=32, lr=3e-3, warmup=200, hidden=128,
+                layers=4, threads=1, eval_every=500, eval_samples=200)
+
+
+def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple:
+    """Both stages from scratch; the log (loss, world metrics on held-out questions) in out/pretrain_log.jsonl."""
+    s = PRETRAIN | settings
+    rng = random.Random(seed)
+    tok = common.build_tokenizer()
+    model = common.build_model(tok, s["hidden"], s["layers"], seed)
+    world = sys.modules[__name__]
+    questions = common.held_out(world, s["eval_samples"])
+    common.save_prompts(world, out)
+
+    def evaluate(m):
+        return {"student": common.measure(world, m, tok, questions),
+                "student_no_wait": common.measure(world, m, tok, questions, forbid="wait"),
+                "teacher_full": common.measure(world, m, tok, questions[:len(questions) // 2], "teacher", "full")}
+    log = common.train_lm(model, tok, lambda k: [direct_document(rng) for _ in range(k)], out, s["stage1_steps"],
+                          batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
+                          eval_every=s["eval_every"], label="stage 1", quiet=quiet)
+    pool_rng = random.Random(seed + 1)
+    pool = [sample_question(pool_rng) for _ in range(s["pool"])]
+    tries = own_first_tries(model.eval(), tok, pool, seed)
+    common.write_jsonl(out / "stage1_first_tries.jsonl", [{"question": q, "first_tries": t}
+                                                         for q, t in zip(pool, tries)])
+    log = common.train_lm(model, tok, reflective_documents(pool, tries, seed + 2), out, s["stage2_steps"],
+                          batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
+                          eval_every=s["eval_every"], label="stage 2", quiet=quiet, log=log)
+    return model, tok, log

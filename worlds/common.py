@@ -1,0 +1,292 @@
+"""What every toy world shares: the checked-completion record, the tokenizer and model, measuring a model in a
+world, pre-training on a world's documents, the gates. A world (worlds/<name>.py) supplies the rest:
+
+    NAME, DATA, BASE, RECIPE       its name, data folder (train.jsonl, test.jsonl, base/), popsd recipe
+    TEMPLATES, CHANCE, GATES       its prompt templates, chance accuracy, gates (name, value of measured, threshold)
+    MAX_NEW_TOKENS                 the longest trace it can need (derived, not tuned)
+    sample_question(rng, split), references(q) -> {"full", "sketch"}, answer_of(q), check(q, completion) -> Check
+    write_data(), pretrain(out, seed, quiet) -> (model, tok, log), measure_base(model, tok, n, seed) -> dict
+
+Functions here take the world (the module) as their first argument; they never import a world.
+"""
+import json
+import math
+import random
+import string
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Check:
+    """One completion, parsed by a world's checker. A step is *locally* wrong when it does not start from the
+    value the trace carries, does not use the question's next operation, or miscomputes: what a reflection can
+    catch."""
+    correct: bool = False  # the last \boxed{} holds the answer
+    steps: int = 0  # first tries (one per step the trace takes)
+    errors: int = 0  # first tries that are locally wrong
+    caught: int = 0  # ... and followed by "wait"
+    false_reflections: int = 0  # "wait" after a right step (or with no step before it)
+    waits: int = 0
+    wrong_attempts: int = 0  # all attempts, retries included, for P(wait | wrong) and P(wait | right)
+    wrong_reflected: int = 0
+    right_attempts: int = 0
+    right_reflected: int = 0
+
+
+class Attempts:
+    """The bookkeeping both worlds' checkers share: feed it attempts and waits in text order."""
+
+    def __init__(self):
+        self.out = Check()
+        self.last = None  # the latest attempt: [index, value before it, first try?, wrong?, reflected?]
+        self.after_wait = False
+
+    def position(self, value):
+        """(index of the step this attempt is for, the value it should start from, first try?)."""
+        if self.after_wait and self.last is not None:  # a retry of the step just reflected on
+            return self.last[0], self.last[1], False
+        return (self.last[0] + 1 if self.last else 0), value, True
+
+    def attempt(self, index, before, first, wrong):
+        o = self.out
+        o.steps += first
+        o.errors += first and wrong
+        o.wrong_attempts += wrong
+        o.right_attempts += not wrong
+        self.last, self.after_wait = [index, before, first, wrong, False], False
+
+    def wait(self):
+        o, last = self.out, self.last
+        o.waits += 1
+        if last is None or last[4] or not last[3]:
+            o.false_reflections += 1
+        if last is not None and not last[4]:
+            last[4] = True
+            o.caught += last[2] and last[3]
+            o.wrong_reflected += last[3]
+            o.right_reflected += not last[3]
+        self.after_wait = True
+
+
+def summarize(checks: list[Check], tokens: int) -> dict:
+    """World metrics over samples; tokens = completion tokens of all of them (EOS included)."""
+    n, total = len(checks), Check()
+    for c in checks:
+        for f in fields(Check):
+            setattr(total, f.name, getattr(total, f.name) + getattr(c, f.name))
+    return {"accuracy": total.correct / n, "markers_per_1k": 1000 * total.waits / max(tokens, 1),
+            "first_try_errors": total.errors / n, "caught_frac": total.caught / max(total.errors, 1),
+            "false_reflections": total.false_reflections / n, "completion_len": tokens / n,
+            "p_wait_wrong": total.wrong_reflected / max(total.wrong_attempts, 1),
+            "p_wait_right": total.right_reflected / max(total.right_attempts, 1), "samples": n}
+
+
+def fill_prompt(template: str, question: str, reference: str = "") -> str:
+    return template.replace("{question}", question).replace("{reference}", reference)
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def save_prompts(world, out: Path):
+    """popsd_prompts.json in a base folder: how the base was pre-trained to be prompted, so eval.py and popsd
+    prompt it right with no flags (popsd's prompt-settings file; the toy chat template has no thinking block)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "popsd_prompts.json").write_text(json.dumps({**world.TEMPLATES, "student_thinking": False,
+                                                        "teacher_thinking": False}, indent=1) + "\n")
+
+
+def write_data(world, train: int = 2000, test: int = 500, seed: int = 0):
+    """<world data>/{train,test}.jsonl: question, full and sketch references, answer (test: the held-out split)."""
+    rng = random.Random(seed)
+    for split, n in (("train", train), ("test", test)):
+        seen, rows = set(), []
+        while len(rows) < n:
+            q = world.sample_question(rng, split)
+            if q not in seen:
+                seen.add(q)
+                rows.append({"question": q, **world.references(q), "answer": world.answer_of(q)})
+        write_jsonl(world.DATA / f"{split}.jsonl", rows)
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>{% endif %}")  # role names left out: short prompts
+
+
+def build_tokenizer():
+    """Character level: one token per printable ASCII character, plus the chat specials."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {s: i for i, s in enumerate(SPECIALS + chars)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))  # no merges: characters
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(SPECIALS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  unk_token="<|unk|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_model(tok, hidden=128, layers=4, seed=0):
+    """A random-init Qwen3; q/k-norm weights start at 2.5 (sharper initial attention helps copying)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    config = Qwen3Config(vocab_size=128, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, head_dim=hidden // 4,
+                         max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.fill_(2.5)
+            layer.self_attn.k_norm.weight.fill_(2.5)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def load_base(world, path: Path | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path or world.BASE)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no {world.NAME} base at {path}: run `python compare.py pretrain --world "
+                                f"{world.NAME}` to build it")
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+# ----------------------------------------------------------------------------- measuring a model in a world
+
+class Forbid:
+    """A logits processor that keeps `word` from being written: whenever the text so far ends with a proper
+    prefix of " " + word (the empty prefix after a space included), the word's next token is banned. HF's
+    bad_words_ids bans only the last token of a sequence, which lets a character-level model write "wai" and
+    carry on reflecting; banning from the word's first token keeps it from starting."""
+
+    def __init__(self, tok, word: str):
+        self.ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, input_ids, scores):
+        for i, row in enumerate(input_ids.tolist()):
+            for k in range(1, len(self.ids)):  # the row ends with the first k tokens of " word"
+                if row[-k:] == self.ids[:k]:
+                    scores[i, self.ids[k]] = -float("inf")
+        return scores
+
+
+def sample_texts(world, model, tok, prompts: list[str], seed: int = 0, batch_size: int = 256,
+                 max_new_tokens: int | None = None, forbid: str | None = None) -> tuple[list[str], int]:
+    """One completion per prompt at temperature 1: (texts, completion tokens in all)."""
+    from transformers import LogitsProcessorList
+    from rollout import chat_ids, generate
+    ids = [chat_ids(tok, p, False) for p in prompts]
+    processors = LogitsProcessorList([Forbid(tok, forbid)]) if forbid else None
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        _, mask, _, texts = generate(model, tok, ids, n=1, max_new_tokens=max_new_tokens or world.MAX_NEW_TOKENS,
+                                     temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id],
+                                     batch_size=batch_size, device=next(model.parameters()).device,
+                                     logits_processor=processors)
+    return texts, int(mask.sum())
+
+
+def measure(world, model, tok, questions: list[str], role: str = "student", reference: str = "full", seed: int = 0,
+            batch_size: int = 256, forbid: str | None = None) -> dict:
+    """Sample one completion per question at temperature 1 in one context and check it: summarize() metrics."""
+    template = world.TEMPLATES[f"{role}_template"]
+    prompts = [fill_prompt(template, q, world.references(q)[reference]) for q in questions]
+    texts, tokens = sample_texts(world, model, tok, prompts, seed, batch_size, forbid=forbid)
+    return summarize([world.check(q, t) for q, t in zip(questions, texts)], tokens)
+
+
+def held_out(world, n: int) -> list[str]:
+    """The first n questions of the world's test.jsonl: the held-out questions every measurement uses."""
+    path = world.DATA / "test.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    if n > len(rows):
+        raise ValueError(f"{n} held-out questions asked, {path} has {len(rows)}")
+    return [r["question"] for r in rows[:n]]
+
+
+def measure_contexts(world, model, tok, n: int = 400, seed: int = 0) -> dict:
+    """World metrics of every context on n held-out questions (one sample each, temperature 1)."""
+    qs = held_out(world, n)
+    return {"student": measure(world, model, tok, qs, seed=seed),
+            **{f"{role}_{ref}": measure(world, model, tok, qs, role, ref, seed=seed)
+               for role in ("teacher", "refonly") for ref in ("full", "sketch")}}
+
+
+def gates(world, measured: dict) -> list[dict]:
+    return [{"gate": name, "value": get(measured), "threshold": t, "passed": get(measured) >= t}
+            for name, get, t in world.GATES]
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+def batch_tensors(docs: list[tuple[str, str]], tok):
+    """Right-padded ids [B, T], attention mask [B, T] and labels [B, T] (-100 outside the completions)."""
+    from rollout import chat_ids
+    rows = []
+    for prompt, completion in docs:
+        p = chat_ids(tok, prompt, False)
+        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((p + c, [-100] * len(p) + c))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)  # [B, T]
+    labels = torch.full((len(rows), width), -100)  # [B, T]
+    attn = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, attn, labels
+
+
+def train_lm(model, tok, documents, out: Path, steps: int, *, batch_size: int, lr: float, warmup: int,
+             evaluate, eval_every: int, label: str = "pre-training", quiet: bool = False, log: list | None = None):
+    """Next-token training on documents(k) → k (prompt, completion) pairs, loss on completions only, AdamW with
+    warm-up and a cosine to 10% of lr. Every eval_every steps (and at the end) evaluate(model) → dict is logged
+    with the mean loss, appended to out/pretrain_log.jsonl, and the model saved to out (an interrupted run
+    leaves a usable base). Deterministic for the documents' seed, the torch seed and the thread count."""
+    from rich.progress import Progress
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
+        1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    out.mkdir(parents=True, exist_ok=True)
+    log, losses, t0 = log if log is not None else [], [], time.time()
+    offset = log[-1]["step"] if log else 0  # a later stage continues the step count
+    with Progress(disable=quiet, transient=True) as bar:
+        task = bar.add_task(label, total=steps)
+        for step in range(1, steps + 1):
+            model.train()
+            ids, attn, labels = batch_tensors(documents(batch_size), tok)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.advance(task)
+            if step % eval_every == 0 or step == steps:
+                model.eval()
+                row = {"step": offset + step, "stage": label, "loss": sum(losses) / len(losses),
+                       "minutes": (time.time() - t0) / 60, **evaluate(model)}
+                losses = []
+                log.append(row)
+                s = row["student"]
+                bar.console.print(f"{label} step {step}  loss {row['loss']:.4f}  student acc {s['accuracy']:.3f}  "
+                                  f"errors {s['first_try_errors']:.2f}  caught {s['caught_frac']:.2f}  "
+                                  f"P(wait|wrong) {s['p_wait_wrong']:.2f}  P(wait|right) {s['p_wait_right']:.2f}  "
+                                  f"{row['minutes']:.1f} min")
+                write_jsonl(out / "pretrain_log.jsonl", log)
+                model.save_pretrained(out)
+                tok.save_pretrained(out)
+    return log
