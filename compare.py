@@ -14,6 +14,8 @@ each seed's step-0 evaluation (the same in every run of that seed: checked). Per
 world metrics come from the held-out evaluation, the Δ diagnostics from the training steps since the
 previous evaluation. Writes summary.json, summary.md (the table) and summary.png, and prints the table.
 """
+import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -37,10 +39,35 @@ class Job:
     seed: int
     out: Path
     command: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # what the command passes to popsd.py after the recipe
 
     @property
     def log(self) -> Path:  # next to the run folder: popsd writes only into a new or empty one
         return self.out.with_name(self.out.name + ".log")
+
+    @property
+    def record(self) -> Path:  # written when the run finished: its resolved config and the base it started from
+        return self.out.with_name(self.out.name + ".done.json")
+
+
+def base_sha(world) -> str:
+    return hashlib.sha256((world.BASE / "model.safetensors").read_bytes()).hexdigest()
+
+
+def run_key(world, job: Job) -> dict:
+    """What makes a run the same run: its resolved config (popsd.make_config) and the base's checksum."""
+    import popsd
+    cfg = popsd.make_config(world.RECIPE, job.overrides)
+    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}, "base": base_sha(world)}
+
+
+def cached(world, job: Job) -> bool:
+    """A finished run of the same config from the same base: reused, not rerun."""
+    try:
+        done = json.loads(job.record.read_text())
+    except (OSError, ValueError):
+        return False
+    return done == run_key(world, job) and (job.out / "adapter").is_dir() and (job.out / "metrics.jsonl").is_file()
 
 
 def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides) -> list[Job]:
@@ -55,13 +82,13 @@ def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides) -> l
         for name, extra in variants:
             for seed in range(seeds):
                 run = out / fmt / name / f"seed_{seed}"
-                cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", world.RECIPE, f"out_dir={run}",
-                       f"reference_field={fmt}", f"seed={seed}", "threads=1", *extra, *overrides]
-                jobs.append(Job(fmt, name, seed, run, cmd))
+                args = [f"out_dir={run}", f"reference_field={fmt}", f"seed={seed}", "threads=1", *extra, *overrides]
+                jobs.append(Job(fmt, name, seed, run, [sys.executable, str(ROOT / "popsd.py"), "--recipe",
+                                                       world.RECIPE, *args], args))
     return jobs
 
 
-def run_jobs(jobs: list[Job], workers: int, total_steps: int, console):
+def run_jobs(world, jobs: list[Job], workers: int, total_steps: int, console):
     """Runs the jobs `workers` at a time, one torch thread each; a rich bar counts logged steps."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -89,6 +116,7 @@ def run_jobs(jobs: list[Job], workers: int, total_steps: int, console):
                     tail = job.log.read_text()[-3000:]
                     raise RuntimeError(f"run {job.out} failed (rc {proc.returncode}); its log ends:\n{tail}")
                 done += 1
+                job.record.write_text(json.dumps(run_key(world, job)) + "\n")
                 bar.console.print(f"{done}/{len(jobs)} runs done ({time.time() - t0:.0f} s): {job.out}")  # pipes too
             logged = sum(len(_lines(job.out / "metrics.jsonl")) for job, _, _ in running)
             bar.update(task, completed=done * total_steps + logged)
@@ -133,6 +161,55 @@ def collect(jobs: list[Job]) -> dict:
     return results
 
 
+def add_no_wait(world, jobs: list[Job], results: dict, measured: dict, n: int):
+    """Each trained student's held-out accuracy with "wait" forbidden (common.Forbid), its final adapter merged
+    into the base, written into its last point; the base's (measure_base's) into each seed's step-0 point."""
+    from peft import PeftModel
+    tok, _ = common.load_base(world)
+    questions = common.held_out(world, n)
+    base = measured.get("student_no_wait") or common.measure(world, common.load_base(world)[1], tok, questions,
+                                                               forbid="wait")
+    for job in jobs:
+        model = PeftModel.from_pretrained(common.load_base(world)[1], str(job.out / "adapter")).merge_and_unload()
+        points = results[job.fmt][job.method][str(job.seed)]
+        points[-1]["accuracy_no_wait"] = common.measure(world, model.eval(), tok, questions, forbid="wait")["accuracy"]
+        for point in results[job.fmt]["base"].get(str(job.seed), []):
+            point["accuracy_no_wait"] = base["accuracy"]
+
+
+def paired(results: dict, fmt: str, method: str, key: str) -> dict | None:
+    """method − base in `key` at the last evaluated step, paired by seed, and whether it counts by the decision
+    rule written before the runs: |mean| > 2 standard errors (sample sd / √n) and the same sign in ≥ 2 of 3."""
+    seeds = [s for s in results[fmt].get(method, {}) if s in results[fmt]["base"] and results[fmt][method][s]]
+    diffs = [results[fmt][method][s][-1][key] - results[fmt]["base"][s][0][key] for s in seeds
+             if results[fmt][method][s][-1].get(key) is not None]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 / len(diffs) ** 0.5
+    same = sum((d > 0) == (mean > 0) and d != 0 for d in diffs)
+    return {"mean": mean, "se": se, "per_seed": diffs, "counts": abs(mean) > 2 * se and same >= min(2, len(diffs))}
+
+
+HYPOTHESES = [  # (name, method, key, holds(paired difference)): docs/carryworld.md, written before any run
+    ("H1 OPSD lowers the markers", "opsd", "markers_per_1k", lambda d: d["counts"] and d["mean"] < 0),
+    ("H2 OPSD's accuracy falls below the base's", "opsd", "accuracy", lambda d: d["counts"] and d["mean"] < 0),
+    ("H3 Purified keeps the markers", "purified", "markers_per_1k", lambda d: not (d["counts"] and d["mean"] < 0)),
+    ("H3 Purified's accuracy at or above the base's", "purified", "accuracy",
+     lambda d: not (d["counts"] and d["mean"] < 0)),
+]
+
+
+def verdicts(results: dict) -> list[dict]:
+    rows = []
+    for fmt in results:
+        for name, method, key, holds in HYPOTHESES:
+            d = paired(results, fmt, method, key)
+            if d is not None:
+                rows.append({"reference": fmt, "hypothesis": name, **d, "holds": holds(d)})
+    return rows
+
+
 def base_mismatches(results: dict) -> list[str]:
     """The step-0 evaluation of one seed must be the same in every method's run (same base, same seed)."""
     bad = []
@@ -146,8 +223,9 @@ def base_mismatches(results: dict) -> list[str]:
     return bad
 
 
-TABLE = {"accuracy": "accuracy", "markers_per_1k": "markers/1k", "caught_frac": "caught", "false_reflections":
-         "false refl", "completion_len": "length", "cos_total_ref": "cos(Δ,Δref)", "norm_ratio": "|Δref|/|Δ|"}
+TABLE = {"accuracy": "accuracy", "accuracy_no_wait": "no wait", "markers_per_1k": "markers/1k", "caught_frac": "caught",
+         "false_reflections": "false refl", "completion_len": "length", "cos_total_ref": "cos(Δ,Δref)",
+         "norm_ratio": "|Δref|/|Δ|"}  # no wait: accuracy with "wait" forbidden (the final adapter)
 
 
 def last_step_rows(results: dict, cols) -> list[tuple]:
@@ -223,20 +301,25 @@ MARKER = "popsd_compare.json"  # written when a comparison folder is created: wh
 
 
 def prepare_out(out: Path, formats, overwrite: bool):
-    """A new or empty folder, or (with --overwrite) an earlier comparison's: only what it wrote is removed, a
-    link as a link. Any other folder is refused."""
+    """A new or empty folder, or an earlier comparison's: its finished runs are reused where they match (compare
+    checks each), or with --overwrite removed (only what it wrote, a link as a link). Any other folder is
+    refused."""
     if out.exists() and (out.is_file() or any(out.iterdir())):
         marker = out / MARKER
         legacy = (out / "summary.json").is_file() and not marker.exists()  # written before the marker
         if not (marker.is_file() or legacy):
             raise FileExistsError(f"{out} is not empty and is not a comparison popsd wrote (no {MARKER}): choose "
                                   "another --out")
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a comparison: pass --overwrite to replace it, or --out DIR")
-        remove_entries(out, json.loads(marker.read_text())["entries"] if marker.is_file() else [
-            "summary.json", "summary.md", "summary.png", "full", "sketch"])
+        entries = json.loads(marker.read_text())["entries"] if marker.is_file() else [
+            "summary.json", "summary.md", "summary.png", "full", "sketch"]
+        if overwrite:
+            remove_entries(out, entries)
+            entries = []
+    else:
+        entries = []
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"entries": [*formats, "summary.json", "summary.md", "summary.png"]}) + "\n")
+    entries = sorted(set(entries) | {*formats, "summary.json", "summary.md", "summary.png"})
+    (out / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
 
 
 def print_gates(world, measured: dict, console=None):
@@ -289,8 +372,15 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
                   f"{cfg.eval_limit} held-out questions), runs in {out}/<reference>/<method>/seed_<n>/, their logs "
                   "beside them (seed_<n>.log)")
-    run_jobs(jobs, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)  # training rows + step-0 row
+    todo = [job for job in jobs if not cached(world, job)]
+    console.print(f"{len(jobs) - len(todo)} runs reused (same config, same base: {out}/.../seed_<n>.done.json), "
+                  f"{len(todo)} to run")
+    for job in todo:  # an unfinished or different earlier run in this comparison's folder: compare's own, redone
+        remove_entries(job.out.parent, [job.out.name, job.record.name])
+    run_jobs(world, todo, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)  # training rows + step-0 row
     results = collect(jobs)
+    console.print("each trained student with \"wait\" forbidden ...")
+    add_no_wait(world, jobs, results, measured, gate_samples)
     summary = {"settings": {"command": " ".join(sys.argv), "world": world.NAME, "recipe": world.RECIPE, "overrides": list(overrides),
                             "formats": list(formats), "seeds": seeds, "clips": list(clips), "betas": list(betas),
                             "steps": cfg.steps, "eval_every": cfg.eval_every, "eval_samples": cfg.eval_limit,
@@ -301,11 +391,16 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     if mismatches:
         console.print(f"[bold red]step-0 evaluations differ between methods of one seed: {mismatches}[/]")
     summary["base_mismatches"] = mismatches
+    summary["verdicts"] = verdicts(results)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(markdown_table(results))
     plots.plot_compare(summary, out / "summary.png")
     for table in compare_table(results, console.width, world.NAME):
         console.print(table)
+    for v in summary["verdicts"]:
+        console.print(f"{v['reference']}: {v['hypothesis']}: {'holds' if v['holds'] else 'does not hold'} (paired "
+                      f"difference {v['mean']:+.3f} ± {v['se']:.3f} SE, per seed "
+                      f"{', '.join(f'{d:+.3f}' for d in v['per_seed'])})", soft_wrap=True)
     if not all(g["passed"] for g in gate_rows):
         console.print(f"[bold white on red] reminder: the {world.NAME} base failed a gate (table above) [/]")
     console.print(f"{summary['settings']['minutes']:.1f} min; {out / 'summary.json'} and {out / 'summary.png'}")
@@ -322,7 +417,8 @@ def main(argv: list[str]):
     argv = argv[1:] if command != "compare" else argv
     p = argparse.ArgumentParser(prog=f"compare.py{'' if command == 'compare' else ' ' + command}",
                                 description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--world", default="toyworld", choices=worlds.NAMES)
+    p.add_argument("--world", default="toyworld", help=f"{', '.join(worlds.NAMES)}; compare takes several, "
+                   "comma-separated (each into runs/<world>_compare unless --out)")
     if command == "compare":
         p.add_argument("--out", default=None, help="default runs/<world>_compare")
         p.add_argument("--formats", default="full,sketch", help="reference formats, comma-separated")
@@ -340,8 +436,11 @@ def main(argv: list[str]):
         p.add_argument("--out", default=None, help="default: the world's shipped base folder")
         p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    world = worlds.get(args.world)
     try:
+        names = [w.strip() for w in args.world.split(",") if w.strip()]
+        if len(names) != 1 and (command != "compare" or args.out):
+            raise ValueError(f"--world {args.world}: one world for {command}" + (" with --out" if args.out else ""))
+        world = worlds.get(names[0])
         if command == "data":
             world.write_data()
         elif command == "gates":
@@ -358,9 +457,10 @@ def main(argv: list[str]):
             print_gates(world, world.measure_base(model, tok), console)
         else:
             floats = lambda s: [float(x) for x in s.split(",") if x.strip()]  # noqa: E731
-            compare(world, Path(args.out or f"runs/{world.NAME}_compare"), [f.strip() for f in args.formats.split(",")],
-                    args.seeds, floats(args.clip), floats(args.beta), args.workers, args.gate_samples, args.overrides,
-                    args.overwrite, console)
+            for world in map(worlds.get, names):
+                compare(world, Path(args.out or f"runs/{world.NAME}_compare"),
+                        [f.strip() for f in args.formats.split(",")], args.seeds, floats(args.clip),
+                        floats(args.beta), args.workers, args.gate_samples, args.overrides, args.overwrite, console)
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

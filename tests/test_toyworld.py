@@ -209,8 +209,12 @@ def test_compare_writes_summary_and_figure(tmp_path):
     assert len(table) == 2 + 3 and table[2].startswith("| sketch | base | 0 |")
     assert "base vs OPSD vs Purified" in proc.stdout and "2/2 runs done" in proc.stdout  # progress on a pipe
     assert "…" not in proc.stdout and max(map(len, proc.stdout.splitlines())) <= 80  # a pipe: 80 columns, none cut
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 2 and "--overwrite" in again.stdout  # an earlier comparison is never replaced silently
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "2 runs reused" in again.stdout and "0 to run" in again.stdout, again.stdout
+    assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]  # the same runs, read again
+    jobs = compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], cmd[cmd.index("steps=2"):])
+    assert all(compare.cached(T, j) for j in jobs)
+    assert not compare.cached(T, compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], ["steps=3"])[0])
 
 
 def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
@@ -256,7 +260,21 @@ def test_compare_refuses_per_run_overrides_and_folders_it_did_not_write(tmp_path
     (done / "sketch").mkdir()
     (done / "sketch/log.txt").write_text("run")
     (done / "notes.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        compare.prepare_out(done, ["sketch"], False)
+    compare.prepare_out(done, ["full"], False)  # an earlier comparison is reused (compare checks each run)
+    assert sorted(p.name for p in done.iterdir()) == ["notes.txt", "popsd_compare.json", "sketch"]
     compare.prepare_out(done, ["full"], True)  # removes what the earlier comparison wrote, nothing else
     assert sorted(p.name for p in done.iterdir()) == ["notes.txt", "popsd_compare.json"]
+
+
+def test_the_decision_rule_pairs_by_seed_and_needs_two_standard_errors_and_two_signs():
+    def results(base, opsd):
+        return {"full": {"base": {str(s): [{"accuracy": a, "markers_per_1k": 10.0}] for s, a in enumerate(base)},
+                         "opsd": {str(s): [{"accuracy": 0.0}, {"accuracy": a, "markers_per_1k": 2.0}]
+                                  for s, a in enumerate(opsd)}}}
+    d = compare.paired(results([0.5, 0.6, 0.7], [0.4, 0.52, 0.61]), "full", "opsd", "accuracy")
+    assert d["per_seed"] == pytest.approx([-0.1, -0.08, -0.09]) and d["counts"]  # paired: seed-to-seed spread gone
+    assert d["se"] == pytest.approx(0.01 / 3 ** 0.5)
+    assert not compare.paired(results([0.5] * 3, [0.45, 0.46, 0.9]), "full", "opsd", "accuracy")["counts"]  # > 2 SE?
+    assert not compare.paired(results([0.5] * 3, [0.3, 0.6, 0.6]), "full", "opsd", "accuracy")["counts"]
+    v = {r["hypothesis"]: r["holds"] for r in compare.verdicts(results([0.5, 0.6, 0.7], [0.4, 0.52, 0.61]))}
+    assert v == {"H1 OPSD lowers the markers": True, "H2 OPSD's accuracy falls below the base's": True}
