@@ -2,10 +2,10 @@
 
 Hardware: any CPU (2 cores).   Command: python popsd.py --recipe carry
 The base (data/carryworld/base, 0.9M parameters, pre-trained in two stages by `python compare.py pretrain --world
-carryworld`) multiplies two-digit numbers mod 100 in one go (`47*36=92`), gets some of those steps wrong by
-itself, and after "wait" re-derives the step in single-digit sub-steps. Every setting is the toy recipe's
+carryworld`) multiplies a two-digit number by a digit mod 100 in one go (`47*6=82`), gets some of those steps
+wrong by itself, and after "wait" re-derives the step in single-digit sub-steps. Every setting is the toy recipe's
 (recipes/toy.py, read below) except the world's files and the lengths, which follow from the world's longest
-reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a four-step question reflected, + EOS).
+reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS).
 `reference_field=sketch` gives the teachers only the start and the answer; `method=opsd` runs the baseline.
 """
 import runpy as _runpy
@@ -17,5 +17,5 @@ model = "data/carryworld/base"
 data = "data/carryworld/train.jsonl"
 eval_bench = "data/carryworld/test.jsonl"
 eval_grader = "carryworld"
-max_new_tokens = 235  # worlds.carryworld.MAX_NEW_TOKENS (tests/test_carryworld.py checks it)
-eval_max_new_tokens = 235
+max_new_tokens = 216  # worlds.carryworld.MAX_NEW_TOKENS (tests/test_carryworld.py checks it)
+eval_max_new_tokens = 216

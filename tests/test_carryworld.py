@@ -11,42 +11,42 @@ from conftest import ROOT
 from worlds import carryworld as C
 from worlds import common
 
-Q = "47*36*18"  # 47·36 = 1692 → 92; 92·18 = 1656 → 56
-FIX = "47*36=82 wait 7*6=42 7*3=21 4*6=24 4+1=5 5+4=9 47*36=92"
+Q = "47*6*8"  # 47·6 = 282 → 82; 82·8 = 656 → 56
+FIX = "47*6=72 wait 7*6=42 4*6=24 4+4=8 47*6=82"
 
 
 def test_world_arithmetic_references_and_split():
-    assert C.steps_of(Q) == [(47, 36, 92), (92, 18, 56)] and C.answer_of(Q) == "56"
-    assert C.references(Q) == {"full": "47*36=92 92*18=56 \\boxed{56}", "sketch": "47..56"}
+    assert C.steps_of(Q) == [(47, 6, 82), (82, 8, 56)] and C.answer_of(Q) == "56"
+    assert C.references(Q) == {"full": "47*6=82 82*8=56 \\boxed{56}", "sketch": "47..56"}
     rng = random.Random(0)
     train = {C.sample_question(rng) for _ in range(500)}
     test = {C.sample_question(rng, "test") for _ in range(200)}
     assert not train & test and all(C.is_test(q) for q in test)
     assert {len(C.steps_of(q)) for q in train} == set(range(C.MIN_OPS, C.MAX_OPS + 1))
-    assert C.answer_of("05*11") == "55" and C.steps_of("99*99")[0][2] == 1  # 9801
+    assert C.answer_of("05*3") == "15" and C.steps_of("99*9")[0][2] == 91  # 891
 
 
 def test_the_procedure_is_right_for_every_step():
     for a in range(100):
-        for b in C.NUMBERS:
+        for b in C.FACTORS:
             text = C.procedure(a, b)
             for x, y, z in re.findall(r"(?<!\d)(\d)\*(\d)=(\d\d)", text):
                 assert int(x) * int(y) == int(z), text
             for x, y, z in re.findall(r"(\d)\+(\d)=(\d)", text):
                 assert (int(x) + int(y)) % 10 == int(z), text
             assert text.endswith(C.step_text(a, b, a * b % 100)), text
-    assert C.procedure(47, 36) == FIX.split(" wait ")[1]
+    assert C.procedure(47, 6) == FIX.split(" wait ")[1]
 
 
 @pytest.mark.parametrize("completion, expected", [
-    ("47*36=92 92*18=56 \\boxed{56}", dict(correct=True, steps=2, errors=0, waits=0)),
-    (FIX + " 92*18=56 \\boxed{56}", dict(correct=True, steps=2, errors=1, caught=1, false_reflections=0,
-                                         wrong_attempts=1, right_attempts=2)),  # the sub-steps are not attempts
-    ("47*36=82 82*18=76 \\boxed{76}", dict(correct=False, steps=2, errors=1, caught=0)),  # missed, carried on
-    ("47*36=92 wait " + C.procedure(47, 36) + " 92*18=56 \\boxed{56}",
+    ("47*6=82 82*8=56 \\boxed{56}", dict(correct=True, steps=2, errors=0, waits=0)),
+    (FIX + " 82*8=56 \\boxed{56}", dict(correct=True, steps=2, errors=1, caught=1, false_reflections=0,
+                                        wrong_attempts=1, right_attempts=2)),  # the sub-steps are not attempts
+    ("47*6=72 72*8=76 \\boxed{76}", dict(correct=False, steps=2, errors=1, caught=0)),  # missed, carried on
+    ("47*6=82 wait " + C.procedure(47, 6) + " 82*8=56 \\boxed{56}",
      dict(correct=True, errors=0, false_reflections=1, right_reflected=1)),  # a re-check of a right step
-    ("47*38=86 92*18=56 \\boxed{56}", dict(steps=2, errors=2, correct=True)),  # wrong operand; the next from 86
-    ("47*36=92 92*18=56", dict(correct=False)),  # no answer
+    ("47*7=29 82*8=56 \\boxed{56}", dict(steps=2, errors=2, correct=True)),  # wrong operand; the next from 29
+    ("47*6=82 82*8=56", dict(correct=False)),  # no answer
 ])
 def test_checker_on_hand_made_traces(completion, expected):
     got = C.check(Q, completion)
@@ -84,10 +84,10 @@ def test_documents_keep_the_style_control_and_the_practice_rate():
 
 
 def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them():
-    a = b = 99
-    longest = C.reflective("99" + "*99" * C.MAX_OPS, [0] * C.MAX_OPS, random.Random(0))
+    a, b = 99, 9
+    longest = C.reflective("99" + "*9" * C.MAX_OPS, [0] * C.MAX_OPS, random.Random(0))
     assert len(longest) + 1 <= C.MAX_NEW_TOKENS <= len(longest) + 2 and C.longest_trace() >= len(longest)
-    assert C.step_text(a, b, 1) in longest
+    assert C.step_text(a, b, 0) in longest and longest.count(" wait ") == C.MAX_OPS
     cfg = popsd.make_config("carry")
     toy = popsd.make_config("toy")
     assert cfg.max_new_tokens == cfg.eval_max_new_tokens == C.MAX_NEW_TOKENS
@@ -138,7 +138,7 @@ def test_the_world_is_found_by_name_and_data_ship_with_a_held_out_split():
     import grading
     import worlds
     assert worlds.get("carryworld") is C and "carryworld" in worlds.NAMES
-    samples = [{"completion": FIX + " 92*18=56 \\boxed{56}"}]
+    samples = [{"completion": FIX + " 82*8=56 \\boxed{56}"}]
     grading.grade(samples, Q, "56", grader="carryworld")
     assert samples[0]["correct"] and samples[0]["check"]["caught"] == 1
     with pytest.raises(ValueError, match="no world 'nope'"):

@@ -1,15 +1,15 @@
 """carryworld: a second toy world, where the base's errors are its own and reflection pays.
 
-A question is a two-digit start and 2-4 multiplications by two-digit numbers, all mod 100:
-    Q:47*36*18            (47·36 mod 100 = 92, 92·18 mod 100 = 56): the answer is 56
-A direct step writes the product's last two digits in one go (`47*36=92`): the tens digit needs three digit
+A question is a two-digit start and 3-5 multiplications by one digit (2-9), all mod 100:
+    Q:47*6*8*3            (47·6 mod 100 = 82, 82·8 → 56, 56·3 → 68): the answer is 68
+A direct step writes the product's last two digits in one go (`47*6=82`): the tens digit needs two digit
 products and a carry at once, more than a 0.9M-parameter model does reliably in one token. After "wait" the
 model re-derives the step in single-digit sub-steps it does reliably, then restates it:
-    47*36=82 wait 7*6=42 7*3=21 4*6=24 4+1=5 5+4=9 47*36=92 92*18=56 \\boxed{56}
-(units: 7·6 = 42 → 2; tens: 4 (carried) + 1 (of 7·3) + 4 (of 4·6) = 9.)
+    47*6=72 wait 7*6=42 4*6=24 4+4=8 47*6=82 82*8=56 56*3=68 \\boxed{68}
+(units: 7·6 = 42 → 2; tens: 4 (carried) + 4 (of 4·6) = 8.)
 
 No error is injected. Pre-training has two stages:
-  1. direct steps only, all right, in every context, plus procedure practice (`P:47*36` → the sub-steps);
+  1. direct steps only, all right, in every context, plus procedure practice (`P:47*6` → the sub-steps);
   2. the stage-1 model's own traces: for each step it samples the two result digits itself (temperature 1)
      after the right operands; the checker marks the wrong ones, which are followed by "wait", the procedure
      and the right result (a right step is re-checked the same way 5% of the time). Training continues on
@@ -35,8 +35,9 @@ DATA = Path(__file__).resolve().parent.parent / "data" / "carryworld"
 BASE = DATA / "base"
 TEMPLATES = {"student_template": "Q:{question}", "teacher_template": "Q:{question}\nR:{reference}",
              "refonly_template": "R:{reference}"}
-NUMBERS = [n for n in range(11, 100) if n % 10]  # starts and multipliers: two digits, neither 0
-MIN_OPS, MAX_OPS = 2, 4
+NUMBERS = [n for n in range(11, 100) if n % 10]  # starts: two digits, neither 0
+FACTORS = list(range(2, 10))  # multipliers: one digit
+MIN_OPS, MAX_OPS = 3, 5
 P_PROCEDURE = 0.1  # procedure practice documents
 P_RECHECK = 0.05  # a right step of an own trace re-checked with the procedure
 P_TEACHER_REFLECTIVE = 0.2  # reflective (own-trace) documents in both teacher contexts: the style control
@@ -44,9 +45,9 @@ CHANCE = 0.01  # a hundred possible answers
 
 
 def steps_of(question: str) -> list[tuple[int, int, int]]:
-    """The true steps (a, b, c = a·b mod 100) of a question such as '47*36*18'."""
+    """The true steps (a, b, c = a·b mod 100) of a question such as '47*6*8*3'."""
     value, steps = int(question[:2]), []
-    for b in re.findall(r"\*(\d\d)", question):
+    for b in re.findall(r"\*(\d)", question):
         steps.append((value, int(b), value * int(b) % 100))
         value = steps[-1][2]
     return steps
@@ -63,24 +64,22 @@ def is_test(question: str) -> bool:
 
 def sample_question(rng: random.Random, split: str = "train") -> str:
     while True:
-        question = f"{rng.choice(NUMBERS)}" + "".join(f"*{rng.choice(NUMBERS)}"
+        question = f"{rng.choice(NUMBERS)}" + "".join(f"*{rng.choice(FACTORS)}"
                                                        for _ in range(rng.randint(MIN_OPS, MAX_OPS)))
         if is_test(question) == (split == "test"):
             return question
 
 
 def step_text(a: int, b: int, c: int) -> str:
-    return f"{a:02d}*{b:02d}={c:02d}"
+    return f"{a:02d}*{b}={c:02d}"
 
 
 def procedure(a: int, b: int) -> str:
-    """The reliable way: three single-digit products, two digit sums for the tens, then the step restated."""
-    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
-    p, q, r = a0 * b0, a0 * b1, a1 * b0
-    s1 = (p // 10 + q % 10) % 10
-    s2 = (s1 + r % 10) % 10
-    return (f"{a0}*{b0}={p:02d} {a0}*{b1}={q:02d} {a1}*{b0}={r:02d} {p // 10}+{q % 10}={s1} {s1}+{r % 10}={s2} "
-            f"{step_text(a, b, a * b % 100)}")
+    """The reliable way: the two single-digit products, the digit sum for the tens, then the step restated."""
+    a1, a0 = divmod(a, 10)
+    p, r = a0 * b, a1 * b
+    tens = (p // 10 + r % 10) % 10
+    return f"{a0}*{b}={p:02d} {a1}*{b}={r:02d} {p // 10}+{r % 10}={tens} {step_text(a, b, a * b % 100)}"
 
 
 def trace(question: str) -> str:
@@ -107,7 +106,7 @@ def reflective(question: str, first_tries: list[int], rng: random.Random) -> str
 
 def longest_trace() -> int:
     """Characters of the longest trace a document can hold: every step of the longest question reflected."""
-    a = b = 99
+    a, b = 99, 9
     return MAX_OPS * (len(f"{step_text(a, b, 1)} wait {procedure(a, b)} ")) + len("\\boxed{00}")
 
 
@@ -116,11 +115,11 @@ MAX_NEW_TOKENS = longest_trace() + 1  # characters are tokens; + EOS
 
 # ----------------------------------------------------------------------------- the checker
 
-ITEM = re.compile(r"(?<!\d)(\d\d)\*(\d\d)=(\d\d)(?!\d)|\b(wait)\b|\\boxed\{([^{}]*)\}")
+ITEM = re.compile(r"(?<!\d)(\d\d)\*(\d)=(\d\d)(?!\d)|\b(wait)\b|\\boxed\{([^{}]*)\}")
 
 
 def check(question: str, completion: str) -> common.Check:
-    """Direct steps (two-digit `a*b=c`) are the attempts; the procedure's single-digit sub-steps are not (a
+    """Direct steps (`aa*b=cc`, two-digit a and c) are the attempts; the procedure's single-digit sub-steps are not (a
     restated step after them is the retry). Locally wrong: not from the carried value, not the question's next
     multiplier, or a wrong product."""
     truth = steps_of(question)
@@ -145,8 +144,8 @@ def check(question: str, completion: str) -> common.Check:
 def direct_document(rng: random.Random) -> tuple[str, str]:
     """Stage 1: procedure practice, or a clean direct trace in one of the three contexts."""
     if rng.random() < P_PROCEDURE:
-        a, b = rng.randrange(100), rng.choice(NUMBERS)
-        return f"P:{a:02d}*{b:02d}", procedure(a, b)
+        a, b = rng.randrange(100), rng.choice(FACTORS)
+        return f"P:{a:02d}*{b}", procedure(a, b)
     question, kind = sample_question(rng), rng.random()
     reference = references(question)["full" if rng.random() < 0.5 else "sketch"]
     template = TEMPLATES["student_template" if kind < 0.5 else "teacher_template" if kind < 0.75 else
@@ -171,7 +170,7 @@ def own_first_tries(model, tok, questions: list[str], seed: int, batch_size: int
             for i in live:
                 a, b, _ = steps_of(questions[i])[k]
                 prompts.append(chat_ids(tok, fill_prompt(TEMPLATES["student_template"], questions[i]), False) +
-                               tok(prefix[i] + f"{a:02d}*{b:02d}=", add_special_tokens=False)["input_ids"])
+                               tok(prefix[i] + f"{a:02d}*{b}=", add_special_tokens=False)["input_ids"])
             _, _, _, texts = generate(model, tok, prompts, n=1, max_new_tokens=2, temperature=1.0, top_p=1.0,
                                       top_k=0, eos_ids=[tok.eos_token_id], batch_size=batch_size,
                                       device=next(model.parameters()).device)
@@ -195,8 +194,8 @@ def reflective_documents(questions, tries, seed: int):
         docs = []
         for _ in range(k):
             if rng.random() < P_PROCEDURE:
-                a, b = rng.randrange(100), rng.choice(NUMBERS)
-                docs.append((f"P:{a:02d}*{b:02d}", procedure(a, b)))
+                a, b = rng.randrange(100), rng.choice(FACTORS)
+                docs.append((f"P:{a:02d}*{b}", procedure(a, b)))
                 continue
             question, first = rng.choice(pool)
             kind = rng.random()
