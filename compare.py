@@ -70,13 +70,26 @@ def cached(world, job: Job) -> bool:
     return done == run_key(world, job) and (job.out / "adapter").is_dir() and (job.out / "metrics.jsonl").is_file()
 
 
-def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides) -> list[Job]:
-    """Every (format, method, seed) run of the world's recipe: identical settings except the method."""
+def purified_settings(clips, betas, grid: str = "product") -> list[tuple]:
+    """(c, β) pairs: every combination, or one factor at a time around the paper's c = 10, β = 1 (None: no clip)."""
+    if grid == "product":
+        pairs = [(c, b) for c in clips for b in betas]
+    else:
+        pairs = [(10.0, 1.0)] + [(c, 1.0) for c in clips] + [(10.0, b) for b in betas]
+    return list(dict.fromkeys(pairs))
+
+
+def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides, grid: str = "product",
+                 opsd_fkl: bool = False) -> list[Job]:
+    """Every (format, method, seed) run of the world's recipe: identical settings except the method.
+    opsd_fkl adds OPSD with the updated official code's loss (forward KL, token_clip 0.05)."""
     variants = [("opsd", ["method=opsd"])]
-    for c in clips:
-        for b in betas:
-            name = "purified" if (c, b) == (10.0, 1.0) else f"purified_c{c:g}_b{b:g}"
-            variants.append((name, ["method=purified", f"clip={c:g}", f"beta={b:g}"]))
+    if opsd_fkl:
+        variants.append(("opsd_fkl", ["method=opsd", "divergence=forward_kl", "token_clip=0.05"]))
+    for c, b in purified_settings(clips, betas, grid):
+        clip = "none" if c is None else f"{c:g}"
+        name = "purified" if (c, b) == (10.0, 1.0) else f"purified_c{clip}_b{b:g}"
+        variants.append((name, ["method=purified", f"clip={clip}", f"beta={b:g}"]))
     jobs = []
     for fmt in formats:
         for name, extra in variants:
@@ -297,6 +310,7 @@ def markdown_table(results: dict) -> str:
 
 
 PER_JOB = ("method", "seed", "reference_field", "clip", "beta", "out_dir", "threads")  # set for each run
+FKL_KEYS = ("divergence", "token_clip")  # set for each run too under --opsd-fkl
 MARKER = "popsd_compare.json"  # written when a comparison folder is created: what --overwrite may remove
 
 
@@ -353,12 +367,14 @@ def print_gates(world, measured: dict, console=None):
     return result
 
 
-def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console):
+def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console,
+            grid: str = "product", opsd_fkl: bool = False):
     import plots
-    clash = [o for o in overrides if o.split("=", 1)[0].strip() in PER_JOB]
+    per_job = PER_JOB + (FKL_KEYS if opsd_fkl else ())
+    clash = [o for o in overrides if o.split("=", 1)[0].strip() in per_job]
     if clash:
-        raise ValueError(f"override {clash[0]!r}: compare sets {', '.join(PER_JOB)} for each run itself (use "
-                              "--formats, --seeds, --clip, --beta, --out); an override would make every run the same")
+        raise ValueError(f"override {clash[0]!r}: compare sets {', '.join(per_job)} for each run itself (use "
+                         "--formats, --seeds, --clip, --beta, --out); an override would make every run the same")
     out = out.resolve()  # one folder for the runs and for reading them back, whatever the working directory
     prepare_out(out, formats, overwrite)
     t0 = time.time()
@@ -366,7 +382,7 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     measured = world.measure_base(model, tok, gate_samples)
     gate_rows = print_gates(world, measured, console)
     del model
-    jobs = compare_jobs(world, out, formats, seeds, clips, betas, overrides)
+    jobs = compare_jobs(world, out, formats, seeds, clips, betas, overrides, grid, opsd_fkl)
     import popsd
     cfg = popsd.make_config(world.RECIPE, [o for o in overrides])
     console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
@@ -383,6 +399,7 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     add_no_wait(world, jobs, results, measured, gate_samples)
     summary = {"settings": {"command": " ".join(sys.argv), "world": world.NAME, "recipe": world.RECIPE, "overrides": list(overrides),
                             "formats": list(formats), "seeds": seeds, "clips": list(clips), "betas": list(betas),
+                            "grid": grid, "opsd_fkl": opsd_fkl,
                             "steps": cfg.steps, "eval_every": cfg.eval_every, "eval_samples": cfg.eval_limit,
                             "workers": workers, "machine": f"{platform.processor() or platform.machine()}, "
                             f"{os.cpu_count()} cores", "minutes": round((time.time() - t0) / 60, 2)},
@@ -425,6 +442,10 @@ def main(argv: list[str]):
         p.add_argument("--seeds", type=int, default=3)
         p.add_argument("--clip", default="10", help="Purified's soft clip c; a list (5,10,20) adds ablation runs")
         p.add_argument("--beta", default="1", help="Purified's β; a list (0.5,1,2) adds ablation runs")
+        p.add_argument("--grid", choices=("product", "one-at-a-time"), default="product",
+                       help="every (c, β) pair, or one factor at a time around c = 10, β = 1 (the paper's ablations)")
+        p.add_argument("--opsd-fkl", action="store_true",
+                       help="also OPSD with the updated official code's loss: forward KL, token_clip 0.05")
         p.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
         p.add_argument("--gate-samples", type=int, default=400)
         p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
@@ -456,11 +477,12 @@ def main(argv: list[str]):
             tok, model = common.load_base(world, out)
             print_gates(world, world.measure_base(model, tok), console)
         else:
-            floats = lambda s: [float(x) for x in s.split(",") if x.strip()]  # noqa: E731
+            floats = lambda s: [None if x.strip() == "none" else float(x) for x in s.split(",") if x.strip()]  # noqa
             for world in map(worlds.get, names):
                 compare(world, Path(args.out or f"runs/{world.NAME}_compare"),
                         [f.strip() for f in args.formats.split(",")], args.seeds, floats(args.clip),
-                        floats(args.beta), args.workers, args.gate_samples, args.overrides, args.overwrite, console)
+                        floats(args.beta), args.workers, args.gate_samples, args.overrides, args.overwrite, console,
+                        args.grid, args.opsd_fkl)
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

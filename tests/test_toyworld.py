@@ -278,3 +278,21 @@ def test_the_decision_rule_pairs_by_seed_and_needs_two_standard_errors_and_two_s
     assert not compare.paired(results([0.5] * 3, [0.3, 0.6, 0.6]), "full", "opsd", "accuracy")["counts"]
     v = {r["hypothesis"]: r["holds"] for r in compare.verdicts(results([0.5, 0.6, 0.7], [0.4, 0.52, 0.61]))}
     assert v == {"H1 OPSD lowers the markers": True, "H2 OPSD's accuracy falls below the base's": True}
+
+
+def test_the_ablation_grid_one_factor_at_a_time_with_no_clip_and_the_official_opsd_loss(tmp_path):
+    pairs = compare.purified_settings([5.0, 20.0, None], [0.5, 2.0], "one-at-a-time")
+    assert pairs == [(10.0, 1.0), (5.0, 1.0), (20.0, 1.0), (None, 1.0), (10.0, 0.5), (10.0, 2.0)]  # 5 + the paper's
+    assert len(compare.purified_settings([5.0, 10.0], [1.0, 2.0])) == 4  # product
+    jobs = compare.compare_jobs(T, tmp_path, ["sketch"], 1, [None], [1.0], [], "one-at-a-time", opsd_fkl=True)
+    by_name = {j.method: j.overrides for j in jobs}
+    assert set(by_name) == {"opsd", "opsd_fkl", "purified", "purified_cnone_b1"}
+    assert "clip=none" in by_name["purified_cnone_b1"] and "token_clip=0.05" in by_name["opsd_fkl"]
+    import popsd
+    assert popsd.make_config(T.RECIPE, by_name["purified_cnone_b1"]).clip is None
+    cfg = popsd.make_config(T.RECIPE, by_name["opsd_fkl"])
+    assert (cfg.method, cfg.divergence, cfg.token_clip) == ("opsd", "forward_kl", 0.05)
+    from rich.console import Console
+    with pytest.raises(ValueError, match="compare sets .*divergence"):
+        compare.compare(T, tmp_path / "c", ["sketch"], 1, [10.0], [1.0], 1, 16, ["divergence=jsd"], False, Console(),
+                        opsd_fkl=True)
