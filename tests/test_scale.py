@@ -167,7 +167,8 @@ def test_sampling_gathers_sharded_weights_once_with_the_same_tokens(tmp_path):
 
 
 def test_gpu_check_dry_run_finds_every_command_and_its_arguments(tmp_path):
-    out = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--dry-run"], cwd=ROOT, env=ENV,
+    env = ENV | {"PYTHON": sys.executable}  # this interpreter, not whatever python3 is on PATH (a venv's, say)
+    out = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert [line.split()[1] for line in out.stdout.splitlines()] == ["cuda-tests:", "loss-bf16:", "build:",
@@ -176,7 +177,7 @@ def test_gpu_check_dry_run_finds_every_command_and_its_arguments(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "bench/rollout.py"), "--engines", "warp", "--check-args"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown engine" in bad.stderr  # what --dry-run would report as FAILED
-    no_gpu = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, env=ENV, capture_output=True,
+    no_gpu = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     if not torch.cuda.is_available():
         assert no_gpu.returncode == 2 and "no CUDA device" in no_gpu.stderr
