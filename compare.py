@@ -8,11 +8,13 @@ each world's base: its gates, its pre-training, its data files.
     python compare.py pretrain --world carryworld       # rebuild a shipped base from scratch (its docs say how long)
     python compare.py data --world carryworld           # rewrite a world's train.jsonl and test.jsonl
 
-Each run is `python popsd.py --recipe <the world's recipe>` with only the method, the reference format and the seed set
-(and the same overrides for all), `--workers` side by side with one torch thread each. The base row is
-each seed's step-0 evaluation (the same in every run of that seed: checked). Per evaluated step the
-world metrics come from the held-out evaluation, the Δ diagnostics from the training steps since the
-previous evaluation. Writes summary.json, summary.md (the table) and summary.png, and prints the table.
+Each run is `python popsd.py --recipe <the world's recipe>` with only the method, the reference format and the
+seed set (and the same overrides for all), `--workers` side by side with one torch thread each; a finished run
+of the same config from the same base is reused. The base row is each seed's step-0 evaluation (the same in
+every run of that seed: checked). Per evaluated step the world metrics come from the held-out evaluation, the
+Δ diagnostics from the training steps since the previous evaluation. Each trained student is also measured
+with "wait" forbidden, and the hypotheses of docs/carryworld.md are judged by their decision rule. Writes
+summary.json, summary.md (the table) and summary.png, and prints the table and the verdicts.
 """
 import dataclasses
 import hashlib

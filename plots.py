@@ -158,7 +158,8 @@ def plot_compare(summary: dict, out: Path) -> Path:
 
 
 def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) -> Path:
-    """The toy base's pre-training: loss, and the gate quantities on held-out questions, against the step."""
+    """A toy base's pre-training: loss, and the gate quantities on held-out questions, against the step (a
+    dashed line where a later stage starts)."""
     plt = _pyplot()
     steps = [r["step"] for r in log]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
@@ -169,6 +170,14 @@ def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) ->
         axes[1].plot(steps, [r["student"][key] for r in log], marker="o", ms=3, label=label)
     axes[1].plot(steps, [r["teacher_full"]["accuracy"] for r in log], marker="o", ms=3,
                  label="teacher accuracy (full reference)")
+    if all("student_no_wait" in r for r in log):  # a world whose gates ban reflection
+        axes[1].plot(steps, [r["student_no_wait"]["accuracy"] for r in log], marker="o", ms=3,
+                     label='student accuracy, "wait" forbidden')
+    stages = [(r["step"], r["stage"]) for a, r in zip(log, log[1:]) if r.get("stage") != a.get("stage")]
+    for ax in axes:
+        for step, name in stages:  # where a later pre-training stage starts
+            ax.axvline(step - 0.5 * (steps[1] - steps[0] if len(steps) > 1 else 0), color="black", ls="--", lw=0.8)
+            ax.text(step, ax.get_ylim()[1], f" {name}", fontsize=7, va="top")
     axes[2].plot(steps, [r["student"]["p_wait_wrong"] for r in log], marker="o", ms=3, label="P(wait | wrong step)")
     axes[2].plot(steps, [r["student"]["p_wait_right"] for r in log], marker="o", ms=3, label="P(wait | right step)")
     for name, threshold in gates:
