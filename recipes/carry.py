@@ -7,6 +7,8 @@ wrong by itself, and after "wait" re-derives the step in single-digit sub-steps.
 (recipes/toy.py, read below) except the world's files and the lengths, which follow from the world's longest
 reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS).
 `reference_field=sketch` gives the teachers only the start and the answer; `method=opsd` runs the baseline.
+Expected time and result: not measured yet; the comparison pre-registered in docs/carryworld.md will give both
+(until the base ships in data/carryworld/base this recipe stops at loading the model).
 """
 import runpy as _runpy
 from pathlib import Path as _Path
