@@ -173,11 +173,11 @@ def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) ->
     if all("student_no_wait" in r for r in log):  # a world whose gates ban reflection
         axes[1].plot(steps, [r["student_no_wait"]["accuracy"] for r in log], marker="o", ms=3,
                      label='student accuracy, "wait" forbidden')
-    stages = [(r["step"], r["stage"]) for a, r in zip(log, log[1:]) if r.get("stage") != a.get("stage")]
+    stages = [(a["step"], r["stage"]) for a, r in zip(log, log[1:]) if r.get("stage") != a.get("stage")]
     for ax in axes:
-        for step, name in stages:  # where a later pre-training stage starts
-            ax.axvline(step - 0.5 * (steps[1] - steps[0] if len(steps) > 1 else 0), color="black", ls="--", lw=0.8)
-            ax.text(step, ax.get_ylim()[1], f" {name}", fontsize=7, va="top")
+        for step, name in stages:  # where a later pre-training stage starts (after the earlier one's last step)
+            ax.axvline(step, color="black", ls="--", lw=0.8)
+            ax.text(step, 0.97, f" {name}", fontsize=7, va="top", transform=ax.get_xaxis_transform())
     axes[2].plot(steps, [r["student"]["p_wait_wrong"] for r in log], marker="o", ms=3, label="P(wait | wrong step)")
     axes[2].plot(steps, [r["student"]["p_wait_right"] for r in log], marker="o", ms=3, label="P(wait | right step)")
     for name, threshold in gates:

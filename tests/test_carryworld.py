@@ -147,3 +147,12 @@ def test_the_world_is_found_by_name_and_data_ship_with_a_held_out_split():
     test = {r.split('"')[3] for r in (C.DATA / "test.jsonl").read_text().splitlines()}
     assert len(train) == 2000 and len(test) == 500 and not train & test and all(C.is_test(q) for q in test)
     assert (ROOT / "data/carryworld").is_dir()
+
+
+def test_pretraining_curves_of_two_stages_mark_the_stage_and_the_ban(tmp_path):
+    import json
+    import plots
+    log = [json.loads(x) for x in (ROOT / "docs/carryworld_pilot_e/pretrain_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {"stage 1", "stage 2"} and all("student_no_wait" in r for r in log)
+    out = plots.plot_pretrain(log, [(n, t) for n, _, t in C.GATES if t <= 1], tmp_path / "p.png")
+    assert out.stat().st_size > 30_000

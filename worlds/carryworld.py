@@ -233,8 +233,8 @@ def write_data():
     common.write_data(sys.modules[__name__])
 
 
-PRETRAIN = dict(stage1_steps=3000, stage2_steps=4000, pool=20000, batch_size=32, lr=3e-3, warmup=200, hidden=128,
-                layers=4, threads=1, eval_every=500, eval_samples=200)
+PRETRAIN = dict(stage1_steps=1300, stage2_steps=1500, pool=5000, batch_size=32, lr=3e-3, warmup=200, hidden=128,
+                layers=4, threads=1, eval_every=500, eval_samples=200)  # pilot E's (docs/carryworld.md): fails 3 gates
 
 
 def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple:
