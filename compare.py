@@ -180,10 +180,9 @@ def add_no_wait(world, jobs: list[Job], results: dict, measured: dict, n: int):
     """Each trained student's held-out accuracy with "wait" forbidden (common.Forbid), its final adapter merged
     into the base, written into its last point; the base's (measure_base's) into each seed's step-0 point."""
     from peft import PeftModel
-    tok, _ = common.load_base(world)
+    tok, model = common.load_base(world)
     questions = common.held_out(world, n)
-    base = measured.get("student_no_wait") or common.measure(world, common.load_base(world)[1], tok, questions,
-                                                               forbid="wait")
+    base = measured.get("student_no_wait") or common.measure(world, model, tok, questions, forbid="wait")
     for job in jobs:
         model = PeftModel.from_pretrained(common.load_base(world)[1], str(job.out / "adapter")).merge_and_unload()
         points = results[job.fmt][job.method][str(job.seed)]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from worlds import common
-from worlds.common import Attempts, fill_prompt
+from worlds.common import fill_prompt
 
 NAME = "carryworld"
 RECIPE = "carry"
@@ -115,7 +115,7 @@ MAX_NEW_TOKENS = longest_trace() + 1  # characters are tokens; + EOS
 
 # ----------------------------------------------------------------------------- the checker
 
-ITEM = re.compile(r"(?<!\d)(\d\d)\*(\d)=(\d\d)(?!\d)|\b(wait)\b|\\boxed\{([^{}]*)\}")
+ITEM = re.compile(r"(?<!\d)(?P<a>\d\d)\*(?P<b>\d)=(?P<c>\d\d)(?!\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
 
 
 def check(question: str, completion: str) -> common.Check:
@@ -123,29 +123,22 @@ def check(question: str, completion: str) -> common.Check:
     restated step after them is the retry). Locally wrong: not from the carried value, not the question's next
     multiplier, or a wrong product."""
     truth = steps_of(question)
-    att, boxed, value = Attempts(), None, truth[0][0]
-    for m in ITEM.finditer(completion):
-        if m.group(1):
-            a, b, c = int(m.group(1)), int(m.group(2)), int(m.group(3))
-            index, before, first = att.position(value)
-            wrong = index >= len(truth) or a != before or b != truth[index][1] or c != a * b % 100
-            att.attempt(index, before, first, wrong)
-            value = c
-        elif m.group(4):
-            att.wait()
-        else:
-            boxed = m.group(5).strip()
-    att.out.correct = boxed == answer_of(question)
-    return att.out
+    return common.check_trace(ITEM, completion, truth[0][0], len(truth), answer_of(question), lambda i, m: int(
+        m["b"]) != truth[i][1] or int(m["c"]) != int(m["a"]) * int(m["b"]) % 100)
 
 
 # ----------------------------------------------------------------------------- documents and pre-training
 
+def practice(rng: random.Random) -> tuple[str, str]:
+    """A procedure practice document: `P:47*6` → the sub-steps."""
+    a, b = rng.randrange(100), rng.choice(FACTORS)
+    return f"P:{a:02d}*{b}", procedure(a, b)
+
+
 def direct_document(rng: random.Random) -> tuple[str, str]:
     """Stage 1: procedure practice, or a clean direct trace in one of the three contexts."""
     if rng.random() < P_PROCEDURE:
-        a, b = rng.randrange(100), rng.choice(FACTORS)
-        return f"P:{a:02d}*{b}", procedure(a, b)
+        return practice(rng)
     question, kind = sample_question(rng), rng.random()
     reference = references(question)["full" if rng.random() < 0.5 else "sketch"]
     template = TEMPLATES["student_template" if kind < 0.5 else "teacher_template" if kind < 0.75 else
@@ -194,8 +187,7 @@ def reflective_documents(questions, tries, seed: int):
         docs = []
         for _ in range(k):
             if rng.random() < P_PROCEDURE:
-                a, b = rng.randrange(100), rng.choice(FACTORS)
-                docs.append((f"P:{a:02d}*{b}", procedure(a, b)))
+                docs.append(practice(rng))
                 continue
             question, first = rng.choice(pool)
             kind = rng.random()

@@ -72,6 +72,24 @@ class Attempts:
         self.after_wait = True
 
 
+def check_trace(pattern, completion: str, start: int, steps: int, answer: str, wrong) -> Check:
+    """The checker both worlds share. pattern finds, in text order, a step (groups `a`, the value it starts
+    from, and `c`, its result), a `wait`, or a `boxed` answer; wrong(index, m) says whether step match m is
+    wrong for the question's step `index` beyond starting from the wrong value or running past the last step."""
+    att, boxed, value = Attempts(), None, start
+    for m in pattern.finditer(completion):
+        if m["a"] is not None:
+            index, before, first = att.position(value)
+            att.attempt(index, before, first, index >= steps or int(m["a"]) != before or wrong(index, m))
+            value = int(m["c"])
+        elif m["wait"]:
+            att.wait()
+        else:
+            boxed = m["boxed"].strip()
+    att.out.correct = boxed == answer
+    return att.out
+
+
 def summarize(checks: list[Check], tokens: int) -> dict:
     """World metrics over samples; tokens = completion tokens of all of them (EOS included)."""
     n, total = len(checks), Check()

@@ -24,7 +24,7 @@ import zlib
 from pathlib import Path
 
 from worlds import common
-from worlds.common import Attempts, Check
+from worlds.common import Check
 
 NAME = "toyworld"
 RECIPE = "toy"
@@ -130,26 +130,14 @@ def document(rng: random.Random, p_verify: float = P_VERIFY) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- the checker
 
-ITEM = re.compile(r"(\d)([+\-*])(\d)=(\d)|\b(wait)\b|\\boxed\{([^{}]*)\}")
+ITEM = re.compile(r"(?P<a>\d)(?P<op>[+\-*])(?P<b>\d)=(?P<c>\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
 
 
 def check(question: str, completion: str) -> Check:
     """Locally wrong: not from the value the trace carries, not the question's next operation, or miscomputed."""
     truth = steps_of(question)
-    att, boxed, value = Attempts(), None, truth[0][0]
-    for m in ITEM.finditer(completion):
-        if m.group(1):
-            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-            index, before, first = att.position(value)
-            wrong = index >= len(truth) or a != before or (op, b) != truth[index][1:3] or c != apply(a, op, b)
-            att.attempt(index, before, first, wrong)
-            value = c
-        elif m.group(5):
-            att.wait()
-        else:
-            boxed = m.group(6).strip()
-    att.out.correct = boxed == str(truth[-1][3])
-    return att.out
+    return common.check_trace(ITEM, completion, truth[0][0], len(truth), str(truth[-1][3]), lambda i, m: (
+        m["op"], int(m["b"])) != truth[i][1:3] or int(m["c"]) != apply(int(m["a"]), m["op"], int(m["b"])))
 
 
 # ----------------------------------------------------------------------------- gates and pre-training
