@@ -426,6 +426,18 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
 
 # ----------------------------------------------------------------------------- CLI
 
+def pretrain_settings(world, pairs: list[str]) -> dict:
+    """key=value pairs over world.PRETRAIN, each parsed as its default's type; an unknown key is an error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in world.PRETRAIN:
+            raise ValueError(f"pretrain setting {pair!r}: expected key=value with key one of "
+                             f"{', '.join(world.PRETRAIN)}")
+        out[key] = type(world.PRETRAIN[key])(value)
+    return out
+
+
 def main(argv: list[str]):
     import argparse
     import torch
@@ -457,6 +469,7 @@ def main(argv: list[str]):
     elif command == "pretrain":
         p.add_argument("--out", default=None, help="default: the world's shipped base folder")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("settings", nargs="*", help="key=value over the world's PRETRAIN (a pilot's settings)")
     args = p.parse_args(argv)
     try:
         names = [w.strip() for w in args.world.split(",") if w.strip()]
@@ -473,7 +486,7 @@ def main(argv: list[str]):
             import plots
             torch.set_num_threads(world.PRETRAIN["threads"])
             out = Path(args.out or world.BASE)
-            _, _, log = world.pretrain(out, seed=args.seed)
+            _, _, log = world.pretrain(out, seed=args.seed, **pretrain_settings(world, args.settings))
             plots.plot_pretrain(log, [(name, t) for name, _, t in world.GATES if t <= 1], out / "pretrain.png")
             tok, model = common.load_base(world, out)
             print_gates(world, world.measure_base(model, tok), console)

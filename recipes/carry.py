@@ -2,7 +2,7 @@
 
 Hardware: any CPU (2 cores).   Command: python popsd.py --recipe carry
 The base (data/carryworld/base, 0.9M parameters, pre-trained in two stages by `python compare.py pretrain --world
-carryworld`) multiplies a two-digit number by a digit mod 100 in one go (`47*6=82`), gets some of those steps
+carryworld`) multiplies a two-digit number by 3, 7 or 9 mod 100 in one go (`47*7=29`), gets some of those steps
 wrong by itself, and after "wait" re-derives the step in single-digit sub-steps. Every setting is the toy recipe's
 (recipes/toy.py, read below) except the world's files and the lengths, which follow from the world's longest
 reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS).

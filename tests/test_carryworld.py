@@ -11,13 +11,13 @@ from conftest import ROOT
 from worlds import carryworld as C
 from worlds import common
 
-Q = "47*6*8"  # 47·6 = 282 → 82; 82·8 = 656 → 56
-FIX = "47*6=72 wait 7*6=42 4*6=24 4+4=8 47*6=82"
+Q = "47*7*9"  # 47·7 = 329 → 29; 29·9 = 261 → 61
+FIX = "47*7=39 wait 7*7=49 4*7=28 4+8=2 47*7=29"
 
 
 def test_world_arithmetic_references_and_split():
-    assert C.steps_of(Q) == [(47, 6, 82), (82, 8, 56)] and C.answer_of(Q) == "56"
-    assert C.references(Q) == {"full": "47*6=82 82*8=56 \\boxed{56}", "sketch": "47..56"}
+    assert C.steps_of(Q) == [(47, 7, 29), (29, 9, 61)] and C.answer_of(Q) == "61"
+    assert C.references(Q) == {"full": "47*7=29 29*9=61 \\boxed{61}", "sketch": "47..61"}
     rng = random.Random(0)
     train = {C.sample_question(rng) for _ in range(500)}
     test = {C.sample_question(rng, "test") for _ in range(200)}
@@ -35,18 +35,20 @@ def test_the_procedure_is_right_for_every_step():
             for x, y, z in re.findall(r"(\d)\+(\d)=(\d)", text):
                 assert (int(x) + int(y)) % 10 == int(z), text
             assert text.endswith(C.step_text(a, b, a * b % 100)), text
-    assert C.procedure(47, 6) == FIX.split(" wait ")[1]
+    assert C.procedure(47, 7) == FIX.split(" wait ")[1]
+    for b in C.FACTORS:  # coprime to 10: every step a bijection, so a wrong value left standing is a wrong answer
+        assert len({a * b % 100 for a in range(100)}) == 100
 
 
 @pytest.mark.parametrize("completion, expected", [
-    ("47*6=82 82*8=56 \\boxed{56}", dict(correct=True, steps=2, errors=0, waits=0)),
-    (FIX + " 82*8=56 \\boxed{56}", dict(correct=True, steps=2, errors=1, caught=1, false_reflections=0,
+    ("47*7=29 29*9=61 \\boxed{61}", dict(correct=True, steps=2, errors=0, waits=0)),
+    (FIX + " 29*9=61 \\boxed{61}", dict(correct=True, steps=2, errors=1, caught=1, false_reflections=0,
                                         wrong_attempts=1, right_attempts=2)),  # the sub-steps are not attempts
-    ("47*6=72 72*8=76 \\boxed{76}", dict(correct=False, steps=2, errors=1, caught=0)),  # missed, carried on
-    ("47*6=82 wait " + C.procedure(47, 6) + " 82*8=56 \\boxed{56}",
+    ("47*7=39 39*9=51 \\boxed{51}", dict(correct=False, steps=2, errors=1, caught=0)),  # missed, carried on
+    ("47*7=29 wait " + C.procedure(47, 7) + " 29*9=61 \\boxed{61}",
      dict(correct=True, errors=0, false_reflections=1, right_reflected=1)),  # a re-check of a right step
-    ("47*7=29 82*8=56 \\boxed{56}", dict(steps=2, errors=2, correct=True)),  # wrong operand; the next from 29
-    ("47*6=82 82*8=56", dict(correct=False)),  # no answer
+    ("47*3=41 29*9=61 \\boxed{61}", dict(steps=2, errors=2, correct=True)),  # wrong operand; the next from 41
+    ("47*7=29 29*9=61", dict(correct=False)),  # no answer
 ])
 def test_checker_on_hand_made_traces(completion, expected):
     got = C.check(Q, completion)
@@ -59,10 +61,12 @@ def test_own_traces_reflect_exactly_on_their_wrong_steps():
     for _ in range(300):
         q = C.sample_question(rng)
         tries = [c if rng.random() < 0.7 else (c + rng.randrange(1, 100)) % 100 for _, _, c in C.steps_of(q)]
-        text = C.reflective(q, tries, random.Random(1))
+        pieces = C.reflective(q, tries, random.Random(1))
+        text = C.text_of(pieces)
         got = C.check(q, text)
-        wrong = sum(t != c for t, (_, _, c) in zip(tries, C.steps_of(q)))
-        assert got.correct and got.errors == wrong == got.caught, (q, tries, text)
+        wrong = [f"{t:02d}" for t, (_, _, c) in zip(tries, C.steps_of(q)) if t != c]
+        assert got.correct and got.errors == len(wrong) == got.caught, (q, tries, text)
+        assert [t for t, trained in pieces if not trained] == wrong  # a wrong first try is read, not learned
         assert len(text) < C.MAX_NEW_TOKENS
 
 
@@ -73,6 +77,7 @@ def test_documents_keep_the_style_control_and_the_practice_rate():
     docs = C.reflective_documents(pool, tries, seed=0)(6000)
     kinds = {"Q": [], "QR": [], "R": [], "P": []}
     for prompt, completion in docs:
+        completion = completion if isinstance(completion, str) else C.text_of(completion)
         kind = "P" if prompt.startswith("P:") else "QR" if "\nR:" in prompt else prompt[0]
         kinds[kind].append("wait" in completion)
     assert abs(len(kinds["P"]) / len(docs) - C.P_PROCEDURE) < 0.02
@@ -85,7 +90,7 @@ def test_documents_keep_the_style_control_and_the_practice_rate():
 
 def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them():
     a, b = 99, 9
-    longest = C.reflective("99" + "*9" * C.MAX_OPS, [0] * C.MAX_OPS, random.Random(0))
+    longest = C.text_of(C.reflective("99" + "*9" * C.MAX_OPS, [0] * C.MAX_OPS, random.Random(0)))
     assert len(longest) + 1 <= C.MAX_NEW_TOKENS <= len(longest) + 2 and C.longest_trace() >= len(longest)
     assert C.step_text(a, b, 0) in longest and longest.count(" wait ") == C.MAX_OPS
     cfg = popsd.make_config("carry")
@@ -118,6 +123,44 @@ def test_own_first_tries_come_from_the_model_and_are_seeded():
     a, b = C.own_first_tries(model, tok, qs, seed=3), C.own_first_tries(model, tok, qs, seed=3)
     assert a == b and [len(t) for t in a] == [len(C.steps_of(q)) for q in qs]
     assert all(0 <= x < 100 for t in a for x in t)
+    wrong = sum(t != c for q, ts in zip(qs, a) for t, (_, _, c) in zip(ts, C.steps_of(q)))
+    assert C.first_try_error(model, tok, qs, seed=3) == wrong / sum(len(t) for t in a)
+
+
+def test_each_first_try_follows_the_question_and_the_clean_trace_so_far(monkeypatch):
+    import rollout
+    tok = common.build_tokenizer()
+    seen = []
+
+    def generate(model, tok, prompts, **kw):  # records the prompts; every first try "00" (always wrong)
+        seen.extend(tok.decode(p) for p in prompts)
+        return None, None, None, ["00"] * len(prompts)
+    monkeypatch.setattr(rollout, "generate", generate)
+    model = common.build_model(tok, hidden=16, layers=1)
+    assert C.own_first_tries(model, tok, [Q], seed=0) == [[0, 0]]
+    assert "Q:47*7*9" in seen[0] and seen[0].endswith("47*7=")
+    assert seen[1].endswith("47*7=29 29*9=")  # after the clean trace, not after the wrong try and a reflection
+
+
+def test_untrained_pieces_get_no_labels():
+    tok = common.build_tokenizer()
+    ids, attn, labels = common.batch_tensors([("Q:47*7", [("47*7=", True), ("39", False), (" wait", True)]),
+                                              ("Q:47*7", "47*7=39 wait")], tok)
+    assert torch.equal(ids[0], ids[1]) and attn.sum() == 2 * attn[0].sum()
+    masked = (labels[1] != -100) & (labels[0] == -100)
+    assert tok.decode(ids[1][masked]) == "39" and torch.equal(labels[0][~masked], labels[1][~masked])
+
+
+def test_training_stops_when_asked(tmp_path):
+    tok = common.build_tokenizer()
+    model = common.build_model(tok, hidden=16, layers=1)
+    asked = []
+    log = common.train_lm(model, tok, lambda k: [C.direct_document(random.Random(i)) for i in range(k)],
+                          tmp_path, 50, batch_size=2, lr=1e-3, warmup=2, evaluate=lambda m: {
+                              "student": {"accuracy": 0, "first_try_errors": 0, "caught_frac": 0, "p_wait_wrong": 0,
+                                          "p_wait_right": 0}}, eval_every=100, quiet=True,
+                          stop=lambda m: asked.append(1) or len(asked) == 2, stop_every=4)
+    assert len(asked) == 2 and [r["step"] for r in log] == [8]
 
 
 def _measured(acc=0.8, banned=0.5, caught=0.9, wrong=0.9, right=0.05, teacher=0.99):
@@ -138,8 +181,8 @@ def test_the_world_is_found_by_name_and_data_ship_with_a_held_out_split():
     import grading
     import worlds
     assert worlds.get("carryworld") is C and "carryworld" in worlds.NAMES
-    samples = [{"completion": FIX + " 82*8=56 \\boxed{56}"}]
-    grading.grade(samples, Q, "56", grader="carryworld")
+    samples = [{"completion": FIX + " 29*9=61 \\boxed{61}"}]
+    grading.grade(samples, Q, "61", grader="carryworld")
     assert samples[0]["correct"] and samples[0]["check"]["caught"] == 1
     with pytest.raises(ValueError, match="no world 'nope'"):
         worlds.get("nope")

@@ -1,20 +1,24 @@
 """carryworld: a second toy world, where the base's errors are its own and reflection pays.
 
-A question is a two-digit start and 3-5 multiplications by one digit (2-9), all mod 100:
-    Q:47*6*8*3            (47·6 mod 100 = 82, 82·8 → 56, 56·3 → 68): the answer is 68
-A direct step writes the product's last two digits in one go (`47*6=82`): the tens digit needs two digit
+A question is a two-digit start and 3-5 multiplications by 3, 7 or 9, all mod 100:
+    Q:47*7*9*3            (47·7 mod 100 = 29, 29·9 → 61, 61·3 → 83): the answer is 83
+A direct step writes the product's last two digits in one go (`47*7=29`): the tens digit needs two digit
 products and a carry at once, more than a 0.9M-parameter model does reliably in one token. After "wait" the
 model re-derives the step in single-digit sub-steps it does reliably, then restates it:
-    47*6=72 wait 7*6=42 4*6=24 4+4=8 47*6=82 82*8=56 56*3=68 \\boxed{68}
-(units: 7·6 = 42 → 2; tens: 4 (carried) + 4 (of 4·6) = 8.)
+    47*7=39 wait 7*7=49 4*7=28 4+8=2 47*7=29 29*9=61 61*3=83 \\boxed{83}
+(units: 7·7 = 49 → 9; tens: 4 (carried) + 8 (of 4·7) = 12 → 2.) The multipliers are coprime to 10, so every
+step is a bijection mod 100: a wrong step left standing always gives a wrong answer.
 
 No error is injected. Pre-training has two stages:
-  1. direct steps only, all right, in every context, plus procedure practice (`P:47*6` → the sub-steps);
+  1. direct steps only, all right, in every context, plus procedure practice (`P:47*7` → the sub-steps), until
+     the model's own first tries (temperature 1) are wrong on at most `stage1_error` of held-out steps;
   2. the stage-1 model's own traces: for each step it samples the two result digits itself (temperature 1)
-     after the right operands; the checker marks the wrong ones, which are followed by "wait", the procedure
-     and the right result (a right step is re-checked the same way 5% of the time). Training continues on
-     these traces in the student context, and in 20% of the documents of both teacher contexts (the style
-     control of the first world: "question ⇒ reflective" is not a difference Δ_it could carry).
+     after the question and the clean trace so far; the checker marks the wrong ones, which are followed by
+     "wait", the procedure and the right result (a right step is re-checked the same way 5% of the time). A
+     wrong first try is context, not a target (no loss on it): the model learns when to reflect, not the error.
+     Training continues, at a lower rate, on these traces in the student context and in 20% of the documents
+     of both teacher contexts (the style control of the first world: "question ⇒ reflective" is not a
+     difference Δ_it could carry).
 The errors the base makes are the ones its own first tries make; its reflections are learned from them.
 With the full reference in context a teacher reads each step's value instead of computing it.
 """
@@ -36,7 +40,7 @@ BASE = DATA / "base"
 TEMPLATES = {"student_template": "Q:{question}", "teacher_template": "Q:{question}\nR:{reference}",
              "refonly_template": "R:{reference}"}
 NUMBERS = [n for n in range(11, 100) if n % 10]  # starts: two digits, neither 0
-FACTORS = list(range(2, 10))  # multipliers: one digit
+FACTORS = [3, 7, 9]  # multipliers: one digit, coprime to 10 (every step a bijection mod 100)
 MIN_OPS, MAX_OPS = 3, 5
 P_PROCEDURE = 0.1  # procedure practice documents
 P_RECHECK = 0.05  # a right step of an own trace re-checked with the procedure
@@ -45,7 +49,7 @@ CHANCE = 0.01  # a hundred possible answers
 
 
 def steps_of(question: str) -> list[tuple[int, int, int]]:
-    """The true steps (a, b, c = a·b mod 100) of a question such as '47*6*8*3'."""
+    """The true steps (a, b, c = a·b mod 100) of a question such as '47*7*9*3'."""
     value, steps = int(question[:2]), []
     for b in re.findall(r"\*(\d)", question):
         steps.append((value, int(b), value * int(b) % 100))
@@ -92,21 +96,29 @@ def references(question: str) -> dict:
     return {"full": trace(question), "sketch": f"{question[:2]}..{answer_of(question)}"}
 
 
-def reflective(question: str, first_tries: list[int], rng: random.Random) -> str:
-    """A trace from a model's own first-try results (one per step, after the right operands): each wrong one
-    followed by "wait" and the procedure, a right one re-checked with probability P_RECHECK."""
-    parts = []
-    for (a, b, c), tried in zip(steps_of(question), first_tries):
-        if tried != c or rng.random() < P_RECHECK:
-            parts.append(f"{step_text(a, b, tried)} wait {procedure(a, b)}")
+def reflective(question: str, first_tries: list[int], rng: random.Random) -> list[tuple[str, bool]]:
+    """A trace from a model's own first-try results (one per step, after the right operands), as (text, trained)
+    pieces: each wrong one followed by "wait" and the procedure, a right one re-checked with probability
+    P_RECHECK. A wrong result is read, not trained on (False)."""
+    pieces = []
+    for k, ((a, b, c), tried) in enumerate(zip(steps_of(question), first_tries)):
+        lead = f"{' ' if k else ''}{a:02d}*{b}="
+        if tried != c:
+            pieces += [(lead, True), (f"{tried:02d}", False), (f" wait {procedure(a, b)}", True)]
+        elif rng.random() < P_RECHECK:
+            pieces.append((f"{lead}{c:02d} wait {procedure(a, b)}", True))
         else:
-            parts.append(step_text(a, b, c))
-    return " ".join(parts) + f" \\boxed{{{answer_of(question)}}}"
+            pieces.append((f"{lead}{c:02d}", True))
+    return pieces + [(f" \\boxed{{{answer_of(question)}}}", True)]
+
+
+def text_of(pieces: list[tuple[str, bool]]) -> str:
+    return "".join(text for text, _ in pieces)
 
 
 def longest_trace() -> int:
     """Characters of the longest trace a document can hold: every step of the longest question reflected."""
-    a, b = 99, 9
+    a, b = 99, max(FACTORS)
     return MAX_OPS * (len(f"{step_text(a, b, 1)} wait {procedure(a, b)} ")) + len("\\boxed{00}")
 
 
@@ -130,7 +142,7 @@ def check(question: str, completion: str) -> common.Check:
 # ----------------------------------------------------------------------------- documents and pre-training
 
 def practice(rng: random.Random) -> tuple[str, str]:
-    """A procedure practice document: `P:47*6` → the sub-steps."""
+    """A procedure practice document: `P:47*7` → the sub-steps."""
     a, b = rng.randrange(100), rng.choice(FACTORS)
     return f"P:{a:02d}*{b}", procedure(a, b)
 
@@ -148,9 +160,8 @@ def direct_document(rng: random.Random) -> tuple[str, str]:
 
 def own_first_tries(model, tok, questions: list[str], seed: int, batch_size: int = 512) -> list[list[int]]:
     """For each question, the model's own first-try result at every step (temperature 1, two digits), each
-    after the right operands and the trace so far as stage 2 will write it (a wrong step fixed)."""
+    after the question, the clean trace so far and the step's right operands."""
     from rollout import chat_ids, generate
-    rng = random.Random(seed)
     tries = [[] for _ in questions]
     prefix = ["" for _ in questions]
     with torch.random.fork_rng():
@@ -171,10 +182,15 @@ def own_first_tries(model, tok, questions: list[str], seed: int, batch_size: int
                 a, b, c = steps_of(questions[i])[k]
                 tried = int(text) if re.fullmatch(r"\d\d", text) else (c + 1) % 100  # not two digits: wrong
                 tries[i].append(tried)
-                wrong = tried != c or rng.random() < P_RECHECK
-                prefix[i] += (f"{step_text(a, b, tried)} wait {procedure(a, b)} " if wrong else
-                              f"{step_text(a, b, c)} ")
+                prefix[i] += f"{step_text(a, b, c)} "
     return tries
+
+
+def first_try_error(model, tok, questions: list[str], seed: int = 0) -> float:
+    """The fraction of steps whose own first try (as own_first_tries samples it) is wrong."""
+    tries = own_first_tries(model, tok, questions, seed)
+    pairs = [(t, c) for q, ts in zip(questions, tries) for t, (_, _, c) in zip(ts, steps_of(q))]
+    return sum(t != c for t, c in pairs) / len(pairs)
 
 
 def reflective_documents(questions, tries, seed: int):
@@ -198,7 +214,7 @@ def reflective_documents(questions, tries, seed: int):
             reference = references(question)["full" if rng.random() < 0.5 else "sketch"]
             template = TEMPLATES["teacher_template" if kind < 0.75 else "refonly_template"]
             docs.append((fill_prompt(template, question, reference),
-                         own if rng.random() < P_TEACHER_REFLECTIVE else trace(question)))
+                         own if rng.random() < P_TEACHER_REFLECTIVE else trace(question)))  # (own: pieces)
         return docs
     return documents
 
@@ -225,33 +241,46 @@ def write_data():
     common.write_data(sys.modules[__name__])
 
 
-PRETRAIN = dict(stage1_steps=1300, stage2_steps=1500, pool=5000, batch_size=32, lr=3e-3, warmup=200, hidden=128,
-                layers=4, threads=1, eval_every=500, eval_samples=200)  # pilot E's (docs/carryworld.md): fails 3 gates
+PRETRAIN = dict(stage1_steps=3000, stage1_error=0.25, stage2_steps=1500, stage2_lr=1e-3, stage2_warmup=50, pool=5000,
+                probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4, threads=1, eval_every=500,
+                eval_samples=200)  # stage 1 at most stage1_steps, ended by the probe (docs/carryworld.md)
 
 
 def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple:
-    """Both stages from scratch; the log (loss, world metrics on held-out questions) in out/pretrain_log.jsonl."""
+    """Both stages from scratch; the log (loss, world metrics on held-out questions, the stage-1 probe) in
+    out/pretrain_log.jsonl. Stage 1 ends when the own first tries on `probe` training questions (checked every 100
+    steps) are wrong on at most stage1_error of their steps."""
     s = PRETRAIN | settings
     rng = random.Random(seed)
     tok = common.build_tokenizer()
     model = common.build_model(tok, s["hidden"], s["layers"], seed)
     world = sys.modules[__name__]
     questions = common.held_out(world, s["eval_samples"])
+    probe_rng = random.Random(seed + 3)
+    probe_questions = [sample_question(probe_rng) for _ in range(s["probe"])]  # training questions: test stays unseen
     common.save_prompts(world, out)
+    probes = []
+
+    def probe(m):
+        probes.append(first_try_error(m, tok, probe_questions, seed))
+        if not quiet:
+            print(f"stage 1 probe: own first tries wrong on {probes[-1]:.3f} of the probe's steps", flush=True)
+        return probes[-1] <= s["stage1_error"]
 
     def evaluate(m):
         return {"student": common.measure(world, m, tok, questions),
                 "student_no_wait": common.measure(world, m, tok, questions, forbid="wait"),
-                "teacher_full": common.measure(world, m, tok, questions[:len(questions) // 2], "teacher", "full")}
+                "teacher_full": common.measure(world, m, tok, questions[:len(questions) // 2], "teacher", "full"),
+                "first_try_error": first_try_error(m, tok, probe_questions, seed)}
     log = common.train_lm(model, tok, lambda k: [direct_document(rng) for _ in range(k)], out, s["stage1_steps"],
                           batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
-                          eval_every=s["eval_every"], label="stage 1", quiet=quiet)
+                          eval_every=s["eval_every"], label="stage 1", quiet=quiet, stop=probe)
     pool_rng = random.Random(seed + 1)
     pool = [sample_question(pool_rng) for _ in range(s["pool"])]
     tries = own_first_tries(model.eval(), tok, pool, seed)
     common.write_jsonl(out / "stage1_first_tries.jsonl", [{"question": q, "first_tries": t}
                                                          for q, t in zip(pool, tries)])
     log = common.train_lm(model, tok, reflective_documents(pool, tries, seed + 2), out, s["stage2_steps"],
-                          batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
-                          eval_every=s["eval_every"], label="stage 2", quiet=quiet, log=log)
+                          batch_size=s["batch_size"], lr=s["stage2_lr"], warmup=s["stage2_warmup"],
+                          evaluate=evaluate, eval_every=s["eval_every"], label="stage 2", quiet=quiet, log=log)
     return model, tok, log

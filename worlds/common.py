@@ -250,14 +250,19 @@ def gates(world, measured: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- pre-training
 
-def batch_tensors(docs: list[tuple[str, str]], tok):
-    """Right-padded ids [B, T], attention mask [B, T] and labels [B, T] (-100 outside the completions)."""
+def batch_tensors(docs: list[tuple[str, str | list]], tok):
+    """Right-padded ids [B, T], attention mask [B, T] and labels [B, T] (-100 outside the completions). A
+    completion is a string, or a list of (text, trained) pieces: an untrained piece is read, never learned."""
     from rollout import chat_ids
     rows = []
     for prompt, completion in docs:
         p = chat_ids(tok, prompt, False)
-        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append((p + c, [-100] * len(p) + c))
+        ids, labels = list(p), [-100] * len(p)
+        for text, trained in ([(completion, True)] if isinstance(completion, str) else completion):
+            piece = tok(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trained else [-100] * len(piece)
+        rows.append((ids + [tok.eos_token_id], labels + [tok.eos_token_id]))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)  # [B, T]
     labels = torch.full((len(rows), width), -100)  # [B, T]
@@ -268,11 +273,13 @@ def batch_tensors(docs: list[tuple[str, str]], tok):
 
 
 def train_lm(model, tok, documents, out: Path, steps: int, *, batch_size: int, lr: float, warmup: int,
-             evaluate, eval_every: int, label: str = "pre-training", quiet: bool = False, log: list | None = None):
+             evaluate, eval_every: int, label: str = "pre-training", quiet: bool = False, log: list | None = None,
+             stop=None, stop_every: int = 100):
     """Next-token training on documents(k) → k (prompt, completion) pairs, loss on completions only, AdamW with
     warm-up and a cosine to 10% of lr. Every eval_every steps (and at the end) evaluate(model) → dict is logged
     with the mean loss, appended to out/pretrain_log.jsonl, and the model saved to out (an interrupted run
-    leaves a usable base). Deterministic for the documents' seed, the torch seed and the thread count."""
+    leaves a usable base). stop(model) → bool, asked every stop_every steps, ends training early (the end: an
+    evaluation and a save). Deterministic for the documents' seed, the torch seed and the thread count."""
     from rich.progress import Progress
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
@@ -293,7 +300,8 @@ def train_lm(model, tok, documents, out: Path, steps: int, *, batch_size: int, l
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.advance(task)
-            if step % eval_every == 0 or step == steps:
+            done = step == steps or (stop is not None and step % stop_every == 0 and stop(model.eval()))
+            if step % eval_every == 0 or done:
                 model.eval()
                 row = {"step": offset + step, "stage": label, "loss": sum(losses) / len(losses),
                        "minutes": (time.time() - t0) / 60, **evaluate(model)}
@@ -307,4 +315,6 @@ def train_lm(model, tok, documents, out: Path, steps: int, *, batch_size: int, l
                 write_jsonl(out / "pretrain_log.jsonl", log)
                 model.save_pretrained(out)
                 tok.save_pretrained(out)
+            if done:
+                break
     return log
