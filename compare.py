@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -310,6 +311,72 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def setting_of(method: str) -> tuple | None:
+    """(c, β) of a Purified run's method name ("purified" is c = 10, β = 1; c None: no clip); None otherwise."""
+    if method == "purified":
+        return 10.0, 1.0
+    if not method.startswith("purified_c"):
+        return None
+    clip, beta = method[len("purified_c"):].split("_b")
+    return (None if clip == "none" else float(clip)), float(beta)
+
+
+ABLATIONS = {"clip": (lambda c, b: b == 1.0, 0), "beta": (lambda c, b: c == 10.0, 1)}  # which runs, which factor
+ABLATION_KEYS = ("accuracy", "accuracy_no_wait", "markers_per_1k", "caught_frac")
+
+
+def ablation_series(results: dict, name: str) -> dict:
+    """What an ablation's figure draws, per reference format: the settings on its axis (c or β, the other at the
+    paper's value), each seed's last-step value per key, and the baselines' means (base, OPSD, ...)."""
+    member, axis = ABLATIONS[name]
+    series = {}
+    for fmt, methods in results.items():
+        runs = sorted(((setting_of(m), m) for m in methods if setting_of(m) and member(*setting_of(m))),
+                      key=lambda x: float("inf") if x[0][axis] is None else x[0][axis])
+        if len(runs) < 2:
+            continue
+        last = lambda m: [pts[-1] for pts in methods[m].values() if pts]  # noqa: E731
+        series[fmt] = {
+            "x": ["none" if s[axis] is None else f"{s[axis]:g}" for s, _ in runs],
+            "values": {k: [[p[k] for p in last(m) if p.get(k) is not None] for _, m in runs] for k in ABLATION_KEYS},
+            "lines": {m: {k: statistics.fmean(v) for k in ABLATION_KEYS
+                          if (v := [p[k] for p in last(m) if p.get(k) is not None])}
+                      for m in methods if setting_of(m) is None}}
+    return series
+
+
+def ablation_rows(results: dict) -> list[dict]:
+    """Per reference format and method (every Purified setting, the baselines): final accuracy, markers, no-wait
+    accuracy and caught (mean, sd over seeds), and accuracy − base paired by seed."""
+    rows = []
+    for fmt, method, step, stats, last in last_step_rows(results, TABLE):
+        setting = setting_of(method) or (None, None)
+        rows.append({"reference": fmt, "method": method, "c": setting[0], "beta": setting[1], "step": step,
+                     **{k: stats.get(k) for k in ("accuracy", "markers_per_1k", "accuracy_no_wait", "caught_frac")},
+                     "vs_base": paired(results, fmt, method, "accuracy") if method != "base" else None,
+                     "per_seed": [p["accuracy"] for p in last]})
+    return rows
+
+
+def ablation_markdown(results: dict) -> str:
+    """The ablation table: every method and Purified setting at the last step, mean ± sd over seeds, and
+    accuracy − base paired by seed (mean ± SE; * when it counts by the decision rule)."""
+    lines = ["| reference | method | c | β | accuracy | markers/1k | no wait | caught | accuracy − base | per seed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def cell(v, digits=3):
+        return "" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+    for r in ablation_rows(results):
+        d = r["vs_base"]
+        diff = "" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f}" + (" *" if d["counts"] else "")
+        c = "" if r["beta"] is None else "none" if r["c"] is None else f"{r['c']:g}"
+        beta = "" if r["beta"] is None else f"{r['beta']:g}"
+        lines.append(f"| {r['reference']} | {r['method']} | {c} | {beta} | {cell(r['accuracy'])} | "
+                     f"{cell(r['markers_per_1k'], 1)} | {cell(r['accuracy_no_wait'])} | {cell(r['caught_frac'])} | "
+                     f"{diff} | {' / '.join(f'{a:.3f}' for a in r['per_seed'])} |")
+    return "\n".join(lines) + "\n"
+
+
 PER_JOB = ("method", "seed", "reference_field", "clip", "beta", "out_dir", "threads")  # set for each run
 FKL_KEYS = ("divergence", "token_clip")  # set for each run too under --opsd-fkl
 MARKER = "popsd_compare.json"  # written when a comparison folder is created: what --overwrite may remove
@@ -413,6 +480,13 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(markdown_table(results))
     plots.plot_compare(summary, out / "summary.png")
+    if any(setting_of(m) not in (None, (10.0, 1.0)) for methods in results.values() for m in methods):
+        (out / "ablation.md").write_text(ablation_markdown(results))
+        for name in ABLATIONS:
+            series = ablation_series(results, name)
+            if series:
+                plots.plot_ablation(series, "c (soft clip)" if name == "clip" else "β", f"{world.NAME}: Purified's "
+                                    f"{name} ablation", out / f"ablation_{name}.png")
     for table in compare_table(results, console.width, world.NAME):
         console.print(table)
     for v in summary["verdicts"]:

@@ -296,3 +296,29 @@ def test_the_ablation_grid_one_factor_at_a_time_with_no_clip_and_the_official_op
     with pytest.raises(ValueError, match="compare sets .*divergence"):
         compare.compare(T, tmp_path / "c", ["sketch"], 1, [10.0], [1.0], 1, 16, ["divergence=jsd"], False, Console(),
                         opsd_fkl=True)
+
+
+def test_the_ablation_table_and_figures_from_synthetic_results(tmp_path):
+    import random
+    import plots
+    rng = random.Random(0)
+    methods = ["base", "opsd", "opsd_fkl", "purified", "purified_c5_b1", "purified_c20_b1", "purified_cnone_b1",
+               "purified_c10_b0.5", "purified_c10_b2"]
+    point = lambda step, acc: {"step": step, "accuracy": acc, "markers_per_1k": rng.uniform(2, 20),  # noqa: E731
+                               "caught_frac": rng.random(), "accuracy_no_wait": rng.random()}
+    results = {fmt: {m: {str(s): ([point(0, 0.5 + 0.01 * s)] if m == "base" else
+                                  [point(0, 0.5 + 0.01 * s), point(60, 0.6 + 0.01 * s + 0.001 * i)])
+                         for s in range(3)} for i, m in enumerate(methods)} for fmt in ("full", "sketch")}
+    assert compare.setting_of("purified_cnone_b1") == (None, 1.0) and compare.setting_of("opsd_fkl") is None
+    assert compare.setting_of("purified_c10_b0.5") == (10.0, 0.5) and compare.setting_of("purified") == (10.0, 1.0)
+    clip = compare.ablation_series(results, "clip")
+    assert clip["full"]["x"] == ["5", "10", "20", "none"] and set(clip["full"]["lines"]) == {"base", "opsd", "opsd_fkl"}
+    assert compare.ablation_series(results, "beta")["sketch"]["x"] == ["0.5", "1", "2"]
+    assert len(clip["sketch"]["values"]["accuracy"][3]) == 3  # every seed's last point
+    table = compare.ablation_markdown(results).splitlines()
+    assert len(table) == 2 + 2 * len(methods)
+    row = next(r for r in table if "| sketch | purified_cnone_b1 |" in r)
+    assert "| none | 1 |" in row and "+0.106 ± 0.000 *" in row  # 0.6 + 0.001·6 − 0.5, the same in every seed
+    for name in compare.ABLATIONS:
+        png = plots.plot_ablation(compare.ablation_series(results, name), name, name, tmp_path / f"{name}.png")
+        assert png.stat().st_size > 20_000
