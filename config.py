@@ -78,6 +78,9 @@ class Config:
     clip: float | None = 10.0  # c: soft clip of the centred PMI (none: no clip)
     loss_temperature: float | None = None  # τ dividing all logits in the loss (none: the sampling temperature)
     token_clip: float | None = None  # clamp each (token, vocab) term before the vocab sum (OPSD: 0.05)
+    support: str = "full"  # full (every vocab entry) | topk (the target's top-k) | sampled (the sampled token: reverse_kl)
+    topk: int = 100  # support=topk: entries per position (TRL's default; the toy recipes 16 of 128)
+    topk_tail: bool = False  # support=topk: one more bucket holding the rest of each side's mass (else renormalised)
     diagnostics: bool = True  # also run the reference-only pass under opsd, to log the signal cosines
     loss_impl: str = "fused"  # fused (chunked, memory flat in N) | reference (materialised logits, readable)
     loss_chunk_mb: int = 512  # fused: memory for one chunk's [tokens, V] float32 buffers
@@ -115,7 +118,7 @@ class Config:
 
 
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
-           "teacher": ("frozen", "live"), "divergence": L.KINDS, "lr_schedule": ("constant", "cosine"),
+           "teacher": ("frozen", "live"), "divergence": L.KINDS, "support": L.SUPPORTS, "lr_schedule": ("constant", "cosine"),
            "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
            "rollout_engine": ENGINES + ("vllm",)}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
@@ -182,7 +185,8 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
 
 POSITIVE = ("lr", "temperature", "beta", "max_grad_norm", "lora_alpha", "eval_temperature")  # > 0, or nothing trains
 AT_LEAST_1 = ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "gen_batch_size",
-              "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints", "rollout_concurrency")
+              "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints", "rollout_concurrency",
+              "topk")
 NOT_NEGATIVE = ("top_k", "warmup_steps", "weight_decay", "save_every", "eval_every", "eval_limit",
                 "samples_per_step", "threads", "loss_chunk_mb", "vllm_kv_cache_gb")  # loss_chunk_mb=0: one token per chunk
 POSITIVE_OR_NONE = ("clip", "loss_temperature", "token_clip")
@@ -221,6 +225,9 @@ def validate(cfg: Config):
             fail("rollout_server", f"holds {url!r}, not an http(s)://host:port address")
     if not 0 <= cfg.lora_dropout < 1:
         fail("lora_dropout", "must be in [0, 1)")
+    if cfg.support == "sampled" and (cfg.divergence != "reverse_kl" or cfg.token_clip is not None):
+        fail("support", "is the sampled-token estimator of reverse KL: it needs divergence=reverse_kl and no "
+             f"token_clip (got divergence={cfg.divergence}, token_clip={cfg.token_clip})")
     if cfg.divergence == "jsd" and not 0 < cfg.jsd_beta < 1:
         fail("jsd_beta", "must be in (0, 1) for divergence=jsd: at 0 or 1 the JSD is 0 and nothing trains "
              "(use divergence=forward_kl for KL(target||student) or divergence=reverse_kl for KL(student||target))")

@@ -8,6 +8,8 @@ All arithmetic is float32 whatever the input dtype (bf16 log-softmax gives negat
     Purified target   log P = log_softmax(log π_0 + c·tanh(centre(Δ_it)/c) / β)     purified_target
     OPSD target       log P = log π_T                                               opsd_target
     loss per token    D(P ‖ π_θ): generalized JSD, forward KL or reverse KL          divergence
+      on a support    full vocabulary; top-k of P (renormalised, or + a tail bucket)  support_logp
+                      or the sampled token: −A_t·log π_θ(ŷ_t), A_t = log P(ŷ_t) − log π_θ(ŷ_t)   sampled_loss
 
 Departures from the paper: none known; the JSD mixture weight 0.5 and dividing every side's
 logits by the sampling temperature follow the third-party reading (../shared/PAPER.md).
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 KINDS = ("jsd", "forward_kl", "reverse_kl")
+SUPPORTS = ("full", "topk", "sampled")
 
 
 def _logp(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -64,6 +67,29 @@ def divergence(student_logits, target_logp, *, kind="jsd", jsd_beta=0.5, tempera
     return terms.sum(dim=-1)  # [N]
 
 
+def support_logp(student_logp, target_logp, *, k, tail=False):
+    """Both distributions on the target's k most likely tokens per row: [N, k] log-probs renormalised on them,
+    or with tail=True [N, k + 1] with a last bucket holding the rest of each one's mass (then nothing is
+    renormalised). Inputs: [N, V] log-probs."""
+    if not 1 <= k <= target_logp.shape[-1]:
+        raise ValueError(f"topk {k} must be between 1 and the vocabulary size {target_logp.shape[-1]}")
+    idx = target_logp.detach().topk(k, dim=-1).indices  # [N, k]
+    s, t = student_logp.gather(-1, idx), target_logp.gather(-1, idx)  # [N, k] each
+    if not tail:
+        return torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+    rest = lambda x: x.scatter(-1, idx, -math.inf).logsumexp(-1, keepdim=True).clamp_min(-1e30)  # noqa: E731 [N, 1]
+    return torch.cat([s, rest(student_logp)], -1), torch.cat([t, rest(target_logp)], -1)  # [N, k + 1]
+
+
+def sampled_loss(student_logp, target_logp, tokens):
+    """Per-token [N] −A_t·log π_θ(ŷ_t), A_t = log P(ŷ_t) − log π_θ(ŷ_t) detached: the sampled-token estimator
+    of reverse KL(π_θ‖P) (its gradient in expectation over ŷ_t ~ π_θ). Can be negative."""
+    idx = tokens[:, None].long().to(student_logp.device)  # [N, 1]
+    s = student_logp.gather(-1, idx)[:, 0]  # [N] log π_θ(ŷ_t)
+    advantage = (target_logp.detach().float().gather(-1, idx)[:, 0] - s).detach()  # [N]
+    return -advantage * s  # [N]
+
+
 @torch.no_grad()
 def signal_diagnostics(student_logits, teacher_logits, refonly_logits, *, temperature=1.0):
     """Per-token [N] cos(Δ_total, Δ_ref), cos(Δ_total, Δ_it) and ‖Δ_ref‖/‖Δ_total‖ over the vocabulary."""
@@ -91,16 +117,29 @@ def entropy(logits, *, temperature=1.0):
     return -(logp.exp() * logp).sum(dim=-1)  # [N]
 
 
+def check_support(support, kind, token_clip, tokens):
+    if support not in SUPPORTS:
+        raise ValueError(f"support {support!r} is not one of {SUPPORTS}")
+    if support == "sampled" and (kind != "reverse_kl" or token_clip is not None or tokens is None):
+        raise ValueError("support='sampled' is the sampled-token estimator of reverse KL: it needs kind='reverse_kl', "
+                         f"no token_clip and the sampled tokens (got kind={kind!r}, token_clip={token_clip!r}, "
+                         f"tokens {'given' if tokens is not None else 'missing'})")
+
+
 def reference_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="purified", kind="jsd",
-                   jsd_beta=0.5, beta=1.0, clip=10.0, temperature=1.0, token_clip=None, tokens=None):
+                   jsd_beta=0.5, beta=1.0, clip=10.0, temperature=1.0, token_clip=None, tokens=None,
+                   support="full", topk=100, topk_tail=False):
     """The readable path: materialise all logits, then target → divergence.
 
     h_*: [N, H] final hidden states at the positions that score ŷ (see rollout.completion_hidden);
     weight: [V, H] frozen output head. h_refonly may be None for method="opsd" (then no diagnostics).
     tokens: [N] the sampled ids ŷ_t, optional: then stats["logprob"] is the student's log π_θ(ŷ_t) at τ = 1
-    (raw logits, as a sampler reports it).
+    (raw logits, as a sampler reports it); support="sampled" needs them.
+    support: the divergence over the full vocabulary, over the target's top-k (support_logp) or on the
+    sampled token (sampled_loss).
     Returns (loss_sum: scalar, sum over N of the per-token divergence; stats: per-token [N] tensors).
     """
+    check_support(support, kind, token_clip, tokens)
     w = weight.detach().float()  # [V, H]
     student = h_student.float() @ w.T  # [N, V], differentiable
     with torch.no_grad():
@@ -113,8 +152,14 @@ def reference_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="p
             target = opsd_target(teacher, temperature=temperature)  # [N, V]
         else:
             raise ValueError(f"method {method!r} is not 'purified' or 'opsd'")
-    per_token = divergence(student, target, kind=kind, jsd_beta=jsd_beta,
-                           temperature=temperature, token_clip=token_clip)  # [N]
+    if support == "full":
+        per_token = divergence(student, target, kind=kind, jsd_beta=jsd_beta,
+                               temperature=temperature, token_clip=token_clip)  # [N]
+    elif support == "topk":
+        s_k, t_k = support_logp(_logp(student, temperature), target, k=topk, tail=topk_tail)  # [N, k(+1)]
+        per_token = divergence(s_k, t_k, kind=kind, jsd_beta=jsd_beta, token_clip=token_clip)  # [N]
+    else:
+        per_token = sampled_loss(_logp(student, temperature), target, tokens)  # [N]
     stats = {"entropy": entropy(student, temperature=temperature)}  # [N]
     if tokens is not None:
         stats["logprob"] = token_logprob(student.detach(), tokens)  # [N]
@@ -147,7 +192,8 @@ def _row_sum_of_product(a, b, tmp):
 
 
 def fused_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="purified", kind="jsd", jsd_beta=0.5,
-               beta=1.0, clip=10.0, temperature=1.0, token_clip=None, chunk_size=None, chunk_mb=512, tokens=None):
+               beta=1.0, clip=10.0, temperature=1.0, token_clip=None, chunk_size=None, chunk_mb=512, tokens=None,
+               support="full", topk=100, topk_tail=False):
     """reference_loss's (loss_sum, stats), computed in chunks of tokens.
 
     h_*: [N, H] hidden states (any float dtype); weight: [V, H] frozen head. chunk_size: tokens per
@@ -160,8 +206,12 @@ def fused_loss(h_student, h_teacher, h_refonly, h_base, weight, *, method="purif
         raise ValueError("method='purified' needs h_refonly and h_base")
     if kind not in KINDS:
         raise ValueError(f"divergence kind {kind!r} is not one of {KINDS}")
+    check_support(support, kind, token_clip, tokens)
+    if support == "topk" and not 1 <= topk <= weight.shape[0]:
+        raise ValueError(f"topk {topk} must be between 1 and the vocabulary size {weight.shape[0]}")
     opts = dict(method=method, kind=kind, b=jsd_beta, beta=beta, clip=clip, tau=temperature,
                 token_clip=token_clip, chunk_size=chunk_size, chunk_mb=chunk_mb, tokens=tokens,
+                support=support, k=topk, tail=topk_tail,
                 need_grad=torch.is_grad_enabled() and h_student.requires_grad)
     loss_sum, stats = _FusedLoss.apply(h_student, weight, h_teacher, h_refonly, h_base, opts)
     names = ["entropy"] + (["cos_total_ref", "cos_total_it", "norm_ratio"] if h_refonly is not None else []) + \
@@ -186,7 +236,7 @@ class _FusedLoss(torch.autograd.Function):
 
 @torch.no_grad()
 def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, kind, b, beta, clip, tau,
-                   token_clip, chunk_size, chunk_mb, tokens, need_grad):
+                   token_clip, chunk_size, chunk_mb, tokens, support, k, tail, need_grad):
     n, v = h_student.shape[0], weight.shape[0]
     device = h_student.device
     w = weight.detach()
@@ -241,9 +291,14 @@ def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, k
             target, scratch = e, f  # [c, V] log P
         else:
             target, scratch = f, e  # [c, V] log π_T
-        torch.exp(target, out=g)  # [c, V] P
-        part, grad_logits = _divergence_chunk(a, d, target, g, scratch, Z[:c] if Z is not None else None,
-                                              kind=kind, b=b, token_clip=token_clip)
+        if support == "full":
+            torch.exp(target, out=g)  # [c, V] P
+            part, grad_logits = _divergence_chunk(a, d, target, g, scratch, Z[:c] if Z is not None else None,
+                                                  kind=kind, b=b, token_clip=token_clip)
+        else:
+            part, grad_logits = _support_chunk(a, d, target, scratch, g, support=support, k=k, tail=tail, kind=kind,
+                                               b=b, token_clip=token_clip, tokens=None if tokens is None else
+                                               tokens[sl].long().to(device))
         per_token[sl] = part
         if need_grad:  # d loss_sum / d h = (d D / d logits) @ W / τ
             if w.dtype == torch.float32:
@@ -253,6 +308,39 @@ def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, k
             if tau != 1.0:
                 grad[sl].mul_(1.0 / tau)
     return per_token.sum(), stats, grad
+
+
+def _support_chunk(s, q, t, tmp, out, *, support, k, tail, kind, b, token_clip, tokens):
+    """support = topk | sampled for one chunk: the per-token loss [c] and its gradient w.r.t. the student's
+    logits/τ, written into out [c, V]. s = log π_θ, q = π_θ, t = log P: [c, V]; tmp: scratch.
+      sampled: ∂/∂x of −A·s(ŷ) = A·(q − onehot(ŷ))
+      topk: the divergence on the small [c, k(+1)] tensors with autograd, then back to the vocabulary: an entry
+      of the support gets its bucket's gradient g, a tail entry v gets g_tail·q_v/q_tail (g taken after the
+      log-softmax, so it sums to zero over the buckets)."""
+    if support == "sampled":
+        idx = tokens[:, None]  # [c, 1]
+        s_y = s.gather(-1, idx)[:, 0]  # [c]
+        adv = t.gather(-1, idx)[:, 0] - s_y  # [c] A
+        torch.mul(q, adv[:, None], out=out).scatter_add_(-1, idx, -adv[:, None])  # [c, V]
+        return -adv * s_y, out
+    idx = t.topk(k, dim=-1).indices  # [c, k]
+    s_b, t_b = s.gather(-1, idx), t.gather(-1, idx)  # [c, k]
+    if tail:  # log of the mass off the support, each side
+        rest = lambda x: tmp.copy_(x).scatter_(-1, idx, -math.inf).logsumexp(-1, keepdim=True).clamp_min(-1e30)  # noqa
+        s_rest = rest(s)  # [c, 1]
+        s_b, t_b = torch.cat([s_b, s_rest], -1), torch.cat([t_b, rest(t)], -1)  # [c, k + 1]
+    else:
+        t_b = torch.log_softmax(t_b, -1)  # [c, k] P renormalised on the support (divergence renormalises s)
+    with torch.enable_grad():
+        leaf = s_b.requires_grad_()
+        part = divergence(leaf, t_b, kind=kind, jsd_beta=b, token_clip=token_clip)  # [c]
+        (g,) = torch.autograd.grad(part.sum(), leaf)  # [c, k(+1)]
+    if tail:
+        torch.sub(s, s_rest, out=out).clamp_(max=0.0).exp_().mul_(g[:, -1:])  # [c, V] g_tail·q_v/q_tail
+        out.scatter_(-1, idx, g[:, :-1])
+    else:
+        out.zero_().scatter_(-1, idx, g)
+    return part.detach(), out
 
 
 def _divergence_chunk(s, q, t, p, tmp, z, *, kind, b, token_clip):

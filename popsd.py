@@ -140,16 +140,19 @@ def student_loss(model, body, head, part: Rollout, frozen, cfg: Config, pad_id: 
     """The student pass (LoRA on, with grad) and the loss against the target: (loss_sum, per-token stats)."""
     model.train()
     h_student = completion_hidden(body, [c.student for c in part.contexts], part.completions, part.mask, pad_id)
-    tokens = None if part.logprobs is None else part.completions[part.mask].to(h_student.device)  # [N] ŷ
+    need = part.logprobs is not None or cfg.support == "sampled"
+    tokens = part.completions[part.mask].to(h_student.device) if need else None  # [N] ŷ
     kwargs = dict(method=cfg.method, kind=cfg.divergence, jsd_beta=cfg.jsd_beta, beta=cfg.beta, clip=cfg.clip,
-                  token_clip=cfg.token_clip, temperature=cfg.loss_temperature or cfg.temperature, tokens=tokens)
+                  token_clip=cfg.token_clip, temperature=cfg.loss_temperature or cfg.temperature, tokens=tokens,
+                  support=cfg.support, topk=cfg.topk, topk_tail=cfg.topk_tail)
     if cfg.loss_impl == "fused":
         loss_sum, stats = L.fused_loss(h_student, *frozen, head, chunk_mb=cfg.loss_chunk_mb, **kwargs)
     else:
         loss_sum, stats = L.reference_loss(h_student, *frozen, head, **kwargs)
-    if tokens is not None:  # rollout/trainer mismatch: the engine's raw log-probs against the student's, τ = 1
+    if part.logprobs is not None:  # rollout/trainer mismatch: the engine's raw log-probs against the student's, τ = 1
         sampler_lp = part.logprobs[part.mask].to(stats["logprob"].device)  # [N]
         stats["sampler_logprob_gap"] = (stats.pop("logprob") - sampler_lp).abs()
+    stats.pop("logprob", None)
     return loss_sum, stats
 
 
@@ -301,6 +304,9 @@ def train(cfg: Config) -> Path:
             D.shard_model(model, device, bf16=cfg.dtype == "bf16")
         torch.manual_seed(cfg.seed + rank)  # sampling: each rank its own completions, whatever ran before
         body, head = model_parts(model)
+        if cfg.support == "topk" and cfg.topk > head.shape[0]:
+            raise PopsdError(f"config key 'topk' must be at most the model's vocabulary size {head.shape[0]} "
+                             f"(support=topk), got {cfg.topk}")
         examples, too_long = prepare_contexts(rows, tokenizer, cfg)
         benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
         sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,

@@ -38,6 +38,7 @@ steps = 60
 batch_size = 16
 micro_batch_size = 16
 lr = 1e-3
+topk = 16  # support=topk: 16 of the 128 tokens (the full vocabulary is the default support)
 max_grad_norm = 1.0
 save_every = 0  # one checkpoint, at the end
 keep_checkpoints = 1

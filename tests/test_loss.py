@@ -284,3 +284,116 @@ def test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size(method):
     loss.backward()
     assert fused_h.grad.dtype == torch.bfloat16
     torch.testing.assert_close(fused_h.grad.float(), ref_h.grad, atol=2e-2 * ref_h.grad.abs().max().item(), rtol=2e-2)
+
+
+# ---- supports: top-k (renormalised or with a tail bucket) and the sampled token, float64 brute force
+
+def bf_topk(s_logits, target_logp, k, tail, kind, jsd_beta, tau, token_clip=None):
+    """One token at a time: the target's k most likely entries, both sides renormalised on them (or the rest of
+    each side's mass as one more entry), then the divergence written out."""
+    out = []
+    for i in range(s_logits.shape[0]):
+        q, p = bf_logp(s_logits[i], tau).exp(), target_logp[i].double().exp()
+        top = sorted(range(p.numel()), key=lambda v: -p[v].item())[:k]
+        rest = [v for v in range(p.numel()) if v not in top]
+        qs, ps = q[top], p[top]
+        if tail:
+            qs, ps = torch.cat([qs, q[rest].sum()[None]]), torch.cat([ps, p[rest].sum()[None]])
+        else:
+            qs, ps = qs / qs.sum(), ps / ps.sum()
+        if kind == "forward_kl":
+            terms = ps * torch.log(ps / qs)
+        elif kind == "reverse_kl":
+            terms = qs * torch.log(qs / ps)
+        else:
+            m = jsd_beta * ps + (1 - jsd_beta) * qs
+            terms = jsd_beta * ps * torch.log(ps / m) + (1 - jsd_beta) * qs * torch.log(qs / m)
+        if token_clip is not None:
+            terms = torch.clamp(terms, max=token_clip)
+        out.append(terms.sum())
+    return torch.stack(out)
+
+
+def bf_sampled(s_logits, target_logp, tokens, tau):
+    out = []
+    for i, y in enumerate(tokens.tolist()):
+        log_q = bf_logp(s_logits[i], tau)[y]
+        out.append(-(target_logp[i, y].double() - log_q).detach() * log_q)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("method", ["purified", "opsd"])
+@pytest.mark.parametrize("kind,tail,k,token_clip", [("jsd", False, 5, None), ("jsd", True, 5, None),
+                                                    ("forward_kl", True, 1, None), ("reverse_kl", False, 16, None),
+                                                    ("forward_kl", False, V, None), ("jsd", True, 8, 0.01),
+                                                    ("reverse_kl", True, 3, None)])
+def test_topk_support_value_and_grad_match_brute_force_in_both_paths(method, kind, tail, k, token_clip):
+    n, tau = 9, 1.1
+    w, (hs, ht, hr, hb) = fused_inputs(n, seed=5)
+    kw = dict(method=method, kind=kind, jsd_beta=0.3, beta=0.7, clip=2.0, temperature=tau, token_clip=token_clip,
+              support="topk", topk=k, topk_tail=tail)
+    target = (L.purified_target(ht @ w.T, hr @ w.T, hb @ w.T, beta=0.7, clip=2.0, temperature=tau)
+              if method == "purified" else L.opsd_target(ht @ w.T, temperature=tau))  # the support: its top-k
+    h64 = hs.double().requires_grad_()
+    want = bf_topk(h64 @ w.double().T, target, k, tail, kind, 0.3, tau, token_clip)
+    (g64,) = torch.autograd.grad((want * torch.linspace(0.5, 2.0, n).double()).sum(), h64)
+    for fn, extra in ((L.reference_loss, {}), (L.fused_loss, {"chunk_size": 4}), (L.fused_loss, {})):
+        h = hs.clone().requires_grad_()
+        per, _ = fn(h, ht, hr, hb, w, **kw, **extra)
+        assert per.item() == pytest.approx(want.sum().item(), rel=1e-5, abs=1e-6), fn.__name__
+        h2 = hs.clone().requires_grad_()
+        total = sum(fn(h2[i:i + 1], ht[i:i + 1], hr[i:i + 1], hb[i:i + 1], w, **kw, **extra)[0] * wt
+                    for i, wt in enumerate(torch.linspace(0.5, 2.0, n)))  # per-token weights: each token's gradient
+        total.backward()
+        torch.testing.assert_close(h2.grad.double(), g64, atol=1e-5 * g64.abs().max().item(), rtol=1e-4)
+
+
+def test_topk_over_the_whole_vocabulary_is_the_full_divergence_and_k_is_checked():
+    w, (hs, ht, hr, hb) = fused_inputs(6, seed=6)
+    full = L.reference_loss(hs, ht, hr, hb, w)[0]
+    for tail in (False, True):
+        for fn in (L.reference_loss, L.fused_loss):
+            assert fn(hs, ht, hr, hb, w, support="topk", topk=V, topk_tail=tail)[0].item() == pytest.approx(
+                full.item(), rel=1e-5)
+    for fn in (L.reference_loss, L.fused_loss):
+        with pytest.raises(ValueError, match="topk 51 must be between 1 and the vocabulary size 50"):
+            fn(hs, ht, hr, hb, w, support="topk", topk=V + 1)
+
+
+@pytest.mark.parametrize("method,tau,chunk_size", [("purified", 1.1, 4), ("opsd", 1.0, None), ("opsd", 0.7, 3)])
+def test_sampled_token_loss_value_and_grad_match_brute_force_in_both_paths(method, tau, chunk_size):
+    n = 10
+    w, (hs, ht, hr, hb) = fused_inputs(n, seed=7)
+    tokens = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(8))
+    target = (L.purified_target(ht @ w.T, hr @ w.T, hb @ w.T, temperature=tau) if method == "purified"
+              else L.opsd_target(ht @ w.T, temperature=tau))
+    h64 = hs.double().requires_grad_()
+    want = bf_sampled(h64 @ w.double().T, target, tokens, tau)
+    (g64,) = torch.autograd.grad(want.sum(), h64)
+    assert (want < 0).any() and (want > 0).any()  # a loss, not a divergence: either sign
+    kw = dict(method=method, kind="reverse_kl", temperature=tau, support="sampled", tokens=tokens)
+    for fn, extra in ((L.reference_loss, {}), (L.fused_loss, {"chunk_size": chunk_size})):
+        h = hs.clone().requires_grad_()
+        loss, stats = fn(h, ht, hr, hb, w, **kw, **extra)
+        assert loss.item() == pytest.approx(want.sum().item(), rel=1e-5, abs=1e-6)
+        loss.backward()
+        torch.testing.assert_close(h.grad.double(), g64, atol=1e-5 * g64.abs().max().item(), rtol=1e-4)
+    # its expectation over ŷ ~ π_θ is reverse KL's gradient (float64, the full sum over the vocabulary)
+    s = (hs.double() @ w.double().T / tau).requires_grad_()
+    q = torch.softmax(s, -1).detach()
+    est = sum(q[:, y] * bf_sampled(s * tau, target, torch.full((n,), y), tau) for y in range(V))
+    (g_est,) = torch.autograd.grad(est.sum(), s)
+    (g_kl,) = torch.autograd.grad(bf_divergence(s * tau, target, "reverse_kl", 0.5, tau).sum(), s)
+    torch.testing.assert_close(g_est, g_kl, atol=1e-8, rtol=1e-6)
+
+
+def test_the_sampled_support_needs_reverse_kl_no_token_clip_and_the_tokens():
+    w, (hs, ht, hr, hb) = fused_inputs(4)
+    tokens = torch.zeros(4, dtype=torch.long)
+    for fn in (L.reference_loss, L.fused_loss):
+        for bad in (dict(kind="jsd", tokens=tokens), dict(kind="reverse_kl", token_clip=0.05, tokens=tokens),
+                    dict(kind="reverse_kl")):
+            with pytest.raises(ValueError, match="support='sampled' is the sampled-token estimator"):
+                fn(hs, ht, hr, hb, w, support="sampled", **bad)
+        with pytest.raises(ValueError, match="support 'nope'"):
+            fn(hs, ht, hr, hb, w, support="nope")

@@ -1,5 +1,6 @@
 """popsd.py: config, data errors, the loop, checkpoints and resume, signals, the CLI end to end."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -65,6 +66,8 @@ def test_overrides_are_typed_and_unknown_keys_named():
     ("lora_alpha=0", "'lora_alpha' must be > 0"), ("keep_checkpoints=0", "'keep_checkpoints' must be at least 1"),
     ("warmup_steps=-1", "'warmup_steps' must be >= 0"), ("data= ", "'data' must not be empty"),
     ("prompts=trl", "'prompts' must be one of"), ("student_template=Solve it", "must contain {question}"),
+    ("support=sampled", "'support' is the sampled-token estimator of reverse KL.*divergence=jsd"),
+    ("support=top", "'support' must be one of"), ("topk=0", "'topk' must be at least 1"),
 ])
 def test_values_that_would_waste_a_run_are_errors(override, message):
     with pytest.raises(PopsdError, match=message):
@@ -250,11 +253,19 @@ def test_fused_and_reference_losses_give_the_same_update(tmp_path):
 
 @pytest.mark.parametrize("overrides", [["method=opsd", "divergence=forward_kl", "token_clip=0.05"],
                                        ["method=opsd", "diagnostics=false"],
-                                       ["teacher=live", "divergence=reverse_kl", "n_samples=2"]])
+                                       ["teacher=live", "divergence=reverse_kl", "n_samples=2"],
+                                       ["support=topk", "topk=8", "topk_tail=true"],
+                                       ["method=opsd", "support=sampled", "divergence=reverse_kl"]])
 def test_variants_run(tmp_path, overrides):
     out = run_tiny(tmp_path, "steps=2", "batch_size=2", *overrides)
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 2 and ("cos_total_ref" in row) == ("diagnostics=false" not in overrides)
+    assert row["grad_norm"] > 0 and math.isfinite(row["loss"]) and "logprob" not in row
+
+
+def test_topk_above_the_vocabulary_is_a_config_error(tmp_path):
+    with pytest.raises(PopsdError, match="'topk' must be at most the model's vocabulary size"):
+        run_tiny(tmp_path, "steps=1", "support=topk", "topk=100000")
 
 
 def test_qlora_4bit_gradients_survive_an_eval_forward(tiny_dir):
