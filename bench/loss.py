@@ -5,7 +5,8 @@
 
 Each case runs in its own subprocess, so its peak memory is its own: peak resident memory (CPU,
 VmHWM after a reset) or peak allocated CUDA memory, above the baseline taken once the inputs exist.
-Cases: reference (materialised logits; skipped where it would not fit), fused (popsd.loss.fused_loss),
+Cases: reference (materialised logits; skipped where it would not fit), fused (popsd.loss.fused_loss; -topk:
+support=topk, k = 100; -sampled: support=sampled, reverse KL on the sampled token),
 trl (trl.kernels.chunked_divergence.ChunkedDivergenceFunction, 2-distribution JSD, pure-torch path
 on CPU), floor (only the matmuls the method needs: 2 or 4 projections + 1 gradient product).
 Prints a table and one JSON line per row.
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["floor-opsd", "floor-purified", "reference-opsd", "reference-purified", "fused-opsd", "fused-purified", "trl-opsd"]
+CASES = ["floor-opsd", "floor-purified", "reference-opsd", "reference-purified", "fused-opsd", "fused-purified", "trl-opsd",
+         "fused-opsd-topk", "fused-purified-topk", "fused-opsd-sampled", "fused-purified-sampled"]
 
 
 def rss_mb(field):
@@ -34,7 +36,8 @@ def run_case(case, n, h, v, dtype_name, device, chunk_mb):
     import loss as L
     torch.manual_seed(0)
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
-    impl, method = case.split("-")
+    impl, method, *support = case.split("-")
+    support = dict(support=support[0], divergence="reverse_kl" if support[0] == "sampled" else "jsd") if support else {}
     n_ctx = 4 if method == "purified" else 2
     w = (torch.randn(v, h, device=device) / h ** 0.5 * 4).to(dtype)
     hs = [torch.randn(n, h, device=device).to(dtype) for _ in range(n_ctx)]
@@ -65,7 +68,9 @@ def run_case(case, n, h, v, dtype_name, device, chunk_mb):
             div, _ = ChunkedDivergenceFunction.apply(student_k, w, None, rest[0], w, None, 0.5, 1.0)
             loss_sum = div.sum()
         elif impl == "fused":
-            loss_sum, _ = L.fused_loss(student_k, *rest, w, method=method, chunk_mb=chunk_mb)
+            kw = {} if not support else dict(support=support["support"], kind=support["divergence"], topk=100,
+                                             tokens=torch.randint(0, v, (k,), device=device))
+            loss_sum, _ = L.fused_loss(student_k, *rest, w, method=method, chunk_mb=chunk_mb, **kw)
         else:
             loss_sum, _ = L.reference_loss(student_k, *rest, w, method=method)
         loss_sum.backward()

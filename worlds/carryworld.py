@@ -241,15 +241,15 @@ def write_data():
     common.write_data(sys.modules[__name__])
 
 
-PRETRAIN = dict(stage1_steps=3000, stage1_error=0.25, stage2_steps=1500, stage2_lr=1e-3, stage2_warmup=50, pool=5000,
-                probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4, threads=1, eval_every=500,
+PRETRAIN = dict(stage1_steps=3000, stage1_error=0.25, stage1_check_every=25, stage2_steps=1500, stage2_lr=1e-3,
+                stage2_warmup=50, pool=5000, probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4, threads=1, eval_every=500,
                 eval_samples=200)  # stage 1 at most stage1_steps, ended by the probe (docs/carryworld.md)
 
 
 def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple:
     """Both stages from scratch; the log (loss, world metrics on held-out questions, the stage-1 probe) in
-    out/pretrain_log.jsonl. Stage 1 ends when the own first tries on `probe` training questions (checked every 100
-    steps) are wrong on at most stage1_error of their steps."""
+    out/pretrain_log.jsonl. Stage 1 ends when the own first tries on `probe` training questions (checked every
+    stage1_check_every steps) are wrong on at most stage1_error of their steps."""
     s = PRETRAIN | settings
     rng = random.Random(seed)
     tok = common.build_tokenizer()
@@ -274,7 +274,8 @@ def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple
                 "first_try_error": first_try_error(m, tok, probe_questions, seed)}
     log = common.train_lm(model, tok, lambda k: [direct_document(rng) for _ in range(k)], out, s["stage1_steps"],
                           batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
-                          eval_every=s["eval_every"], label="stage 1", quiet=quiet, stop=probe)
+                          eval_every=s["eval_every"], label="stage 1", quiet=quiet, stop=probe,
+                          stop_every=s["stage1_check_every"])
     pool_rng = random.Random(seed + 1)
     pool = [sample_question(pool_rng) for _ in range(s["pool"])]
     tries = own_first_tries(model.eval(), tok, pool, seed)
