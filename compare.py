@@ -82,13 +82,21 @@ def purified_settings(clips, betas, grid: str = "product") -> list[tuple]:
     return list(dict.fromkeys(pairs))
 
 
+SUPPORT_ARGS = {"topk": ["support=topk"], "sampled": ["support=sampled", "divergence=reverse_kl"]}
+
+
 def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides, grid: str = "product",
-                 opsd_fkl: bool = False) -> list[Job]:
+                 opsd_fkl: bool = False, supports=("full",)) -> list[Job]:
     """Every (format, method, seed) run of the world's recipe: identical settings except the method.
-    opsd_fkl adds OPSD with the updated official code's loss (forward KL, token_clip 0.05)."""
+    opsd_fkl adds OPSD with the updated official code's loss (forward KL, token_clip 0.05); each support beyond
+    full adds OPSD and Purified on it (<method>_topk: the recipe's topk; <method>_sampled: reverse KL's
+    sampled-token estimator)."""
     variants = [("opsd", ["method=opsd"])]
     if opsd_fkl:
         variants.append(("opsd_fkl", ["method=opsd", "divergence=forward_kl", "token_clip=0.05"]))
+    for support in supports:
+        if support != "full":
+            variants += [(f"{m}_{support}", [f"method={m}", *SUPPORT_ARGS[support]]) for m in ("opsd", "purified")]
     for c, b in purified_settings(clips, betas, grid):
         clip = "none" if c is None else f"{c:g}"
         name = "purified" if (c, b) == (10.0, 1.0) else f"purified_c{clip}_b{b:g}"
@@ -436,9 +444,12 @@ def print_gates(world, measured: dict, console=None):
 
 
 def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console,
-            grid: str = "product", opsd_fkl: bool = False):
+            grid: str = "product", opsd_fkl: bool = False, supports=("full",)):
     import plots
-    per_job = PER_JOB + (FKL_KEYS if opsd_fkl else ())
+    unknown = [s for s in supports if s not in ("full", *SUPPORT_ARGS)]
+    if unknown:
+        raise ValueError(f"--support {unknown[0]!r}: one of full, {', '.join(SUPPORT_ARGS)}")
+    per_job = PER_JOB + (FKL_KEYS if opsd_fkl else ()) + (("support", "divergence") if {*supports} - {"full"} else ())
     clash = [o for o in overrides if o.split("=", 1)[0].strip() in per_job]
     if clash:
         raise ValueError(f"override {clash[0]!r}: compare sets {', '.join(per_job)} for each run itself (use "
@@ -450,7 +461,7 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     measured = world.measure_base(model, tok, gate_samples)
     gate_rows = print_gates(world, measured, console)
     del model
-    jobs = compare_jobs(world, out, formats, seeds, clips, betas, overrides, grid, opsd_fkl)
+    jobs = compare_jobs(world, out, formats, seeds, clips, betas, overrides, grid, opsd_fkl, supports)
     import popsd
     cfg = popsd.make_config(world.RECIPE, [o for o in overrides])
     console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
@@ -467,7 +478,7 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     add_no_wait(world, jobs, results, measured, gate_samples)
     summary = {"settings": {"command": " ".join(sys.argv), "world": world.NAME, "recipe": world.RECIPE, "overrides": list(overrides),
                             "formats": list(formats), "seeds": seeds, "clips": list(clips), "betas": list(betas),
-                            "grid": grid, "opsd_fkl": opsd_fkl,
+                            "grid": grid, "opsd_fkl": opsd_fkl, "supports": list(supports),
                             "steps": cfg.steps, "eval_every": cfg.eval_every, "eval_samples": cfg.eval_limit,
                             "workers": workers, "machine": f"{platform.processor() or platform.machine()}, "
                             f"{os.cpu_count()} cores", "minutes": round((time.time() - t0) / 60, 2)},
@@ -533,6 +544,8 @@ def main(argv: list[str]):
                        help="every (c, β) pair, or one factor at a time around c = 10, β = 1 (the paper's ablations)")
         p.add_argument("--opsd-fkl", action="store_true",
                        help="also OPSD with the updated official code's loss: forward KL, token_clip 0.05")
+        p.add_argument("--support", default="full", help="loss supports, comma-separated: full, topk, sampled (each "
+                       "beyond full adds OPSD and Purified on it)")
         p.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
         p.add_argument("--gate-samples", type=int, default=400)
         p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
@@ -570,7 +583,7 @@ def main(argv: list[str]):
                 compare(world, Path(args.out or f"runs/{world.NAME}_compare"),
                         [f.strip() for f in args.formats.split(",")], args.seeds, floats(args.clip),
                         floats(args.beta), args.workers, args.gate_samples, args.overrides, args.overwrite, console,
-                        args.grid, args.opsd_fkl)
+                        args.grid, args.opsd_fkl, [x.strip() for x in args.support.split(",") if x.strip()])
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

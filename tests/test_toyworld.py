@@ -292,7 +292,16 @@ def test_the_ablation_grid_one_factor_at_a_time_with_no_clip_and_the_official_op
     assert popsd.make_config(T.RECIPE, by_name["purified_cnone_b1"]).clip is None
     cfg = popsd.make_config(T.RECIPE, by_name["opsd_fkl"])
     assert (cfg.method, cfg.divergence, cfg.token_clip) == ("opsd", "forward_kl", 0.05)
+    jobs = compare.compare_jobs(T, tmp_path, ["sketch"], 2, [10.0], [1.0], [], supports=["full", "topk", "sampled"])
+    by_name = {j.method: j.overrides for j in jobs}
+    assert set(by_name) == {"opsd", "purified", "opsd_topk", "purified_topk", "opsd_sampled", "purified_sampled"}
+    cfg = popsd.make_config(T.RECIPE, by_name["purified_sampled"])
+    assert (cfg.method, cfg.support, cfg.divergence) == ("purified", "sampled", "reverse_kl")
+    cfg = popsd.make_config(T.RECIPE, by_name["opsd_topk"])
+    assert (cfg.method, cfg.support, cfg.topk, cfg.divergence) == ("opsd", "topk", 16, "jsd")  # the toy recipe's k
     from rich.console import Console
+    with pytest.raises(ValueError, match="--support 'top'"):
+        compare.compare(T, tmp_path / "d", ["sketch"], 1, [10.0], [1.0], 1, 16, [], False, Console(), supports=["top"])
     with pytest.raises(ValueError, match="compare sets .*divergence"):
         compare.compare(T, tmp_path / "c", ["sketch"], 1, [10.0], [1.0], 1, 16, ["divergence=jsd"], False, Console(),
                         opsd_fkl=True)
