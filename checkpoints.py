@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import distributed as D
+import ema
 from data import DataStream, PopsdError
 
 MARKER, LOCK = "popsd_run.json", "popsd_run.lock"
@@ -62,7 +63,7 @@ def usual_modes(folder: Path):
 
 def save_adapter(model, weights: dict, folder: Path):
     """An adapter in PEFT format (adapter_config.json + adapter_model.safetensors) for a sampling engine."""
-    model.save_pretrained(folder, state_dict=weights)
+    model.save_pretrained(folder, state_dict=weights, selected_adapters=[model.active_adapter])  # never the EMA's
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not needed by an engine
     usual_modes(folder)
 
@@ -99,6 +100,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     weights = trainable_state(model)
     check_finite(weights)
     optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    teacher = ema.state(model)  # resume state, like the optimizer's ({} without an EMA teacher)
     rng = D.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
     final = out / "checkpoints" / f"step_{step:06d}"
@@ -106,12 +108,13 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            model.save_pretrained(tmp, state_dict=weights)
+            model.save_pretrained(tmp, state_dict=weights, selected_adapters=[model.active_adapter])
             if prompts:
                 save_prompts(tmp, prompts)
             usual_modes(tmp)
             torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                        "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng}, tmp / "state.pt")
+                        "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng,
+                        **({"ema": teacher} if teacher else {})}, tmp / "state.pt")
         except (OSError, RuntimeError) as e:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is never left behind
             raise disk_full(e, out, f"the checkpoint of step {step}") or e
@@ -347,6 +350,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream,
     state = torch.load(path / "state.pt", weights_only=True)  # data only: a checkpoint cannot run code
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
+    if ema.named(model):
+        if "ema" not in state:
+            raise PopsdError(f"{path} holds no EMA teacher (the run was not teacher=ema): resume it with its own teacher")
+        ema.load(model, state["ema"])
     stream.epoch, stream.cursor = state["data"]["epoch"], state["data"]["cursor"]
     if len(state["rng"]) == world:
         rng = state["rng"][rank]

@@ -82,7 +82,8 @@ def purified_settings(clips, betas, grid: str = "product") -> list[tuple]:
     return list(dict.fromkeys(pairs))
 
 
-SUPPORT_ARGS = {"topk": ["support=topk"], "sampled": ["support=sampled", "divergence=reverse_kl"]}
+SUPPORT_ARGS = {"topk": ["support=topk"], "sampled": ["support=sampled", "divergence=reverse_kl"],
+                "full_rkl": ["support=full", "divergence=reverse_kl"]}  # full_rkl: sampled's control, one change apart
 
 
 def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides, grid: str = "product",
@@ -90,7 +91,7 @@ def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides, grid
     """Every (format, method, seed) run of the world's recipe: identical settings except the method.
     opsd_fkl adds OPSD with the updated official code's loss (forward KL, token_clip 0.05); each support beyond
     full adds OPSD and Purified on it (<method>_topk: the recipe's topk; <method>_sampled: reverse KL's
-    sampled-token estimator)."""
+    sampled-token estimator; <method>_full_rkl: reverse KL over the full vocabulary, sampled's control)."""
     variants = [("opsd", ["method=opsd"])]
     if opsd_fkl:
         variants.append(("opsd_fkl", ["method=opsd", "divergence=forward_kl", "token_clip=0.05"]))
@@ -544,8 +545,8 @@ def main(argv: list[str]):
                        help="every (c, β) pair, or one factor at a time around c = 10, β = 1 (the paper's ablations)")
         p.add_argument("--opsd-fkl", action="store_true",
                        help="also OPSD with the updated official code's loss: forward KL, token_clip 0.05")
-        p.add_argument("--support", default="full", help="loss supports, comma-separated: full, topk, sampled (each "
-                       "beyond full adds OPSD and Purified on it)")
+        p.add_argument("--support", default="full", help="loss supports, comma-separated: full, topk, sampled, full_rkl "
+                       "(each beyond full adds OPSD and Purified on it; full_rkl: reverse KL on the full vocabulary)")
         p.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
         p.add_argument("--gate-samples", type=int, default=400)
         p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")

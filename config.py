@@ -71,14 +71,15 @@ class Config:
     sample_gathered: bool = True  # FSDP: gather the weights once per generate call (each GPU holds the whole model)
     # algorithm
     method: str = "purified"  # purified (PMI target) | opsd (target = teacher)
-    teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached)
+    teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached) | ema (an EMA of the LoRA: ema.py)
+    ema_rate: float = 0.05  # teacher=ema: θ_T ← (1 − rate)·θ_T + rate·θ per step (TRL's 0.05; OPSD's decay 0.999 is 0.001)
     divergence: str = "jsd"  # jsd | forward_kl | reverse_kl
     jsd_beta: float = 0.5  # JSD mixture weight of the target
     beta: float = 1.0  # β: KL strength of the PMI target
     clip: float | None = 10.0  # c: soft clip of the centred PMI (none: no clip)
     loss_temperature: float | None = None  # τ dividing all logits in the loss (none: the sampling temperature)
     token_clip: float | None = None  # clamp each (token, vocab) term before the vocab sum (OPSD: 0.05)
-    support: str = "full"  # full (every vocab entry) | topk (the target's top-k) | sampled (the sampled token: reverse_kl)
+    support: str = "full"  # full (every vocab entry) | topk (the target's top-k) | sampled (ŷ_t alone: reverse_kl)
     topk: int = 100  # support=topk: entries per position (TRL's default; the toy recipes 16 of 128)
     topk_tail: bool = False  # support=topk: one more bucket holding the rest of each side's mass (else renormalised)
     diagnostics: bool = True  # also run the reference-only pass under opsd, to log the signal cosines
@@ -118,7 +119,7 @@ class Config:
 
 
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
-           "teacher": ("frozen", "live"), "divergence": L.KINDS, "support": L.SUPPORTS, "lr_schedule": ("constant", "cosine"),
+           "teacher": ("frozen", "live", "ema"), "divergence": L.KINDS, "support": L.SUPPORTS, "lr_schedule": ("constant", "cosine"),
            "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
            "rollout_engine": ENGINES + ("vllm",)}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
@@ -225,6 +226,8 @@ def validate(cfg: Config):
             fail("rollout_server", f"holds {url!r}, not an http(s)://host:port address")
     if not 0 <= cfg.lora_dropout < 1:
         fail("lora_dropout", "must be in [0, 1)")
+    if not 0 < cfg.ema_rate <= 1:
+        fail("ema_rate", "must be in (0, 1]")
     if cfg.support == "sampled" and (cfg.divergence != "reverse_kl" or cfg.token_clip is not None):
         fail("support", "is the sampled-token estimator of reverse KL: it needs divergence=reverse_kl and no "
              f"token_clip (got divergence={cfg.divergence}, token_clip={cfg.token_clip})")

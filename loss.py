@@ -9,7 +9,7 @@ All arithmetic is float32 whatever the input dtype (bf16 log-softmax gives negat
     OPSD target       log P = log π_T                                               opsd_target
     loss per token    D(P ‖ π_θ): generalized JSD, forward KL or reverse KL          divergence
       on a support    full vocabulary; top-k of P (renormalised, or + a tail bucket)  support_logp
-                      or the sampled token: −A_t·log π_θ(ŷ_t), A_t = log P(ŷ_t) − log π_θ(ŷ_t)   sampled_loss
+                      or the sampled token: −A_t·log π_θ(ŷ_t), A_t = log P(ŷ_t) − log π_θ(ŷ_t)  sampled_loss
 
 Departures from the paper: none known; the JSD mixture weight 0.5 and dividing every side's
 logits by the sampling temperature follow the third-party reading (../shared/PAPER.md).

@@ -16,8 +16,8 @@ Each step: sample → score → target → loss → step → log → save.
 Sampling: HF generate on the training model (rollout_engine=dynamic, the default), vLLM in this process
 (rollout_engine=vllm) or a pool of vLLM servers (rollout_server=URL,...); an engine gets each step's
 adapter before it samples again (sampler.sync), so every rollout is on-policy.
-Departures from the paper: teacher=live applies to the teacher and reference-only passes, the clean base
-stays the frozen initial policy.
+Departures from the paper: teacher=live and teacher=ema (ema.py) apply to the teacher and reference-only
+passes, the clean base stays the frozen initial policy.
 """
 import dataclasses
 import hashlib
@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import distributed as D
+import ema
 import eval as E
 import loss as L
 import plots
@@ -133,6 +134,9 @@ def frozen_hidden(model, body, part: Rollout, cfg: Config, pad_id: int):
                 h_teacher, h_refonly = hidden("teacher"), hidden("refonly") if need_refonly else None
         if cfg.teacher == "live":  # current weights, detached
             h_teacher, h_refonly = hidden("teacher"), hidden("refonly") if need_refonly else None
+        if cfg.teacher == "ema":  # the EMA adapter in place of the trained one
+            with ema.active(model):
+                h_teacher, h_refonly = hidden("teacher"), hidden("refonly") if need_refonly else None
     return h_teacher, h_refonly, h_base
 
 
@@ -180,6 +184,8 @@ def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params
     if not skipped:  # a non-finite loss or gradient never reaches the weights
         optimizer.step()
         scheduler.step()
+        if cfg.teacher == "ema":
+            ema.update(model, cfg.ema_rate)
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm, "completion_len": n_tokens / seqs,
             "truncated": truncated / seqs, "tokens": n_tokens, "markers_per_1k": 1000 * markers / n_tokens,
@@ -300,6 +306,8 @@ def train(cfg: Config) -> Path:
             path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
             D.barrier()  # rank 0 builds it, the others load it
         tokenizer, model = load_model(cfg, device, path)  # LoRA initialised from cfg.seed, the same on every rank
+        if cfg.teacher == "ema":
+            ema.add(model)
         if world > 1:
             D.shard_model(model, device, bf16=cfg.dtype == "bf16")
         torch.manual_seed(cfg.seed + rank)  # sampling: each rank its own completions, whatever ran before
@@ -311,6 +319,8 @@ def train(cfg: Config) -> Path:
         benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
         sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,
                                                       "over-long prompts skipped": too_long}
+        if cfg.teacher == "ema":
+            sizes["EMA teacher adapter"] = f"{ema.megabytes(model) * world:.1f} MB (a second LoRA, not trained)"
         print_config(cfg, sizes, console)
         if rank == 0:
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -387,7 +397,7 @@ def train(cfg: Config) -> Path:
         check_finite(weights)
         if rank == 0:
             try:
-                model.save_pretrained(out / "adapter", state_dict=weights)
+                model.save_pretrained(out / "adapter", state_dict=weights, selected_adapters=[model.active_adapter])
                 tokenizer.save_pretrained(out / "adapter")
                 save_prompts(out / "adapter", dataclasses.asdict(cfg))
                 usual_modes(out / "adapter")

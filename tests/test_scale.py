@@ -30,7 +30,7 @@ def rows(path):
 
 def test_torchrun_tiny_recipe_end_to_end_then_resume_on_one_rank(tmp_path, tiny):
     stdout = launch([ROOT / "popsd.py", "--recipe", "tiny", "steps=4", "save_every=2", "eval_every=2", "eval_limit=4",
-                     f"out_dir={tmp_path}"], ranks=2)
+                     "teacher=ema", f"out_dir={tmp_path}"], ranks=2)  # the EMA teacher: sharded like the adapter
     assert stdout.count("step    4/4") == 1 and stdout.count("eval at step 4") == 1  # rank 0 alone prints
     metrics = rows(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]  # rank 0 alone writes
@@ -43,8 +43,12 @@ def test_torchrun_tiny_recipe_end_to_end_then_resume_on_one_rank(tmp_path, tiny)
     assert weights.keys() == load_file(tmp_path / "checkpoints/step_000004/adapter_model.safetensors").keys()
     shapes = {n.replace(".default.", "."): p.shape for n, p in tiny[1].named_parameters() if p.requires_grad}
     assert {k: v.shape for k, v in weights.items()} == shapes  # one whole adapter, not shards
+    teacher = torch.load(tmp_path / "checkpoints/step_000004/state.pt", weights_only=True)["ema"]
+    assert {k.replace(".ema.", "."): v.shape for k, v in teacher.items()} == shapes  # whole, gathered
+    assert not (tmp_path / "adapter/ema").exists() and "EMA teacher adapter" in stdout
     import popsd  # the 2-rank checkpoint, resumed by one process (this one)
-    popsd.train(popsd.make_config("tiny", ["steps=5", "eval_every=0", "resume=true", f"out_dir={tmp_path}"]))
+    popsd.train(popsd.make_config("tiny", ["steps=5", "eval_every=0", "resume=true", "teacher=ema",
+                                           f"out_dir={tmp_path}"]))
     assert [r["step"] for r in rows(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5]
 
 

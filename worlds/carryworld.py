@@ -11,7 +11,7 @@ step is a bijection mod 100: a wrong step left standing always gives a wrong ans
 
 No error is injected. Pre-training has two stages:
   1. direct steps only, all right, in every context, plus procedure practice (`P:47*7` → the sub-steps), until
-     the model's own first tries (temperature 1) are wrong on at most `stage1_error` of held-out steps;
+     the model's own first tries (temperature 1) are wrong on at most `stage1_error` of a probe's steps;
   2. the stage-1 model's own traces: for each step it samples the two result digits itself (temperature 1)
      after the question and the clean trace so far; the checker marks the wrong ones, which are followed by
      "wait", the procedure and the right result (a right step is re-checked the same way 5% of the time). A
@@ -242,8 +242,8 @@ def write_data():
 
 
 PRETRAIN = dict(stage1_steps=3000, stage1_error=0.25, stage1_check_every=25, stage2_steps=1500, stage2_lr=1e-3,
-                stage2_warmup=50, pool=5000, probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4, threads=1, eval_every=500,
-                eval_samples=200)  # stage 1 at most stage1_steps, ended by the probe (docs/carryworld.md)
+                stage2_warmup=50, pool=5000, probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4,
+                threads=1, eval_every=500, eval_samples=200)  # stage 1 ended by the probe (docs/carryworld.md)
 
 
 def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple:
@@ -263,6 +263,8 @@ def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple
 
     def probe(m):
         probes.append(first_try_error(m, tok, probe_questions, seed))
+        common.write_jsonl(out / "stage1_probe.jsonl", [{"check": i + 1, "first_try_error": e}
+                                                       for i, e in enumerate(probes)])
         if not quiet:
             print(f"stage 1 probe: own first tries wrong on {probes[-1]:.3f} of the probe's steps", flush=True)
         return probes[-1] <= s["stage1_error"]
