@@ -61,13 +61,17 @@ def test_own_traces_reflect_exactly_on_their_wrong_steps():
     for _ in range(300):
         q = C.sample_question(rng)
         tries = [c if rng.random() < 0.7 else (c + rng.randrange(1, 100)) % 100 for _, _, c in C.steps_of(q)]
-        pieces = C.reflective(q, tries, random.Random(1))
-        text = C.text_of(pieces)
-        got = C.check(q, text)
-        wrong = [f"{t:02d}" for t, (_, _, c) in zip(tries, C.steps_of(q)) if t != c]
-        assert got.correct and got.errors == len(wrong) == got.caught, (q, tries, text)
-        assert [t for t, trained in pieces if not trained] == wrong  # a wrong first try is read, not learned
-        assert len(text) < C.MAX_NEW_TOKENS
+        for copied in (False, True):
+            pieces = C.reflective(q, tries, random.Random(1), copied)
+            text = C.text_of(pieces)
+            got = C.check(q, text)
+            wrong = [f"{t:02d}" for t, (_, _, c) in zip(tries, C.steps_of(q)) if t != c]
+            assert got.correct and got.errors == len(wrong) == got.caught, (q, tries, text)
+            read = [t for t, trained in pieces if not trained]  # a first try: read, never learned, unless copied
+            assert read == (wrong if copied else [f"{t:02d}" for t in tries])
+            assert len(text) < C.MAX_NEW_TOKENS
+    clean = C.reflective(Q, [29, 61], None, copied=True)
+    assert C.text_of(clean) == C.trace(Q) and all(trained for _, trained in clean)
 
 
 def test_documents_keep_the_style_control_and_the_practice_rate():
@@ -76,21 +80,27 @@ def test_documents_keep_the_style_control_and_the_practice_rate():
     tries = [[(c + 1) % 100 for _, _, c in C.steps_of(q)] for q in pool]  # every first try wrong
     docs = C.reflective_documents(pool, tries, seed=0)(6000)
     kinds = {"Q": [], "QR": [], "R": [], "P": []}
+    learned = {"full": [], "sketch": []}
     for prompt, completion in docs:
-        completion = completion if isinstance(completion, str) else C.text_of(completion)
+        if not isinstance(completion, str):
+            if "\nR:" in prompt or prompt.startswith("R:"):  # a right result is learned only where it is copied
+                fmt = "sketch" if ".." in prompt.split("R:")[1] else "full"
+                learned[fmt] += [trained for text, trained in completion if re.fullmatch(r"\d\d", text)]
+            completion = C.text_of(completion)
         kind = "P" if prompt.startswith("P:") else "QR" if "\nR:" in prompt else prompt[0]
         kinds[kind].append("wait" in completion)
     assert abs(len(kinds["P"]) / len(docs) - C.P_PROCEDURE) < 0.02
     assert sum(kinds["Q"]) == len(kinds["Q"])  # the student's own traces: every wrong step reflected
     for k in ("QR", "R"):  # the same reflective share in both teacher contexts
         assert abs(sum(kinds[k]) / len(kinds[k]) - C.P_TEACHER_REFLECTIVE) < 0.04, k
+    assert not any(learned["sketch"]) and any(learned["full"]) and not all(learned["full"])
     stage1 = [C.direct_document(random.Random(i)) for i in range(2000)]
     assert not any("wait" in c for _, c in stage1)  # stage 1: no reflection anywhere
 
 
 def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them():
     a, b = 99, 9
-    longest = C.text_of(C.reflective("99" + "*9" * C.MAX_OPS, [0] * C.MAX_OPS, random.Random(0)))
+    longest = C.text_of(C.reflective("99" + "*9" * C.MAX_OPS, [0] * C.MAX_OPS, None))
     assert len(longest) + 1 <= C.MAX_NEW_TOKENS <= len(longest) + 2 and C.longest_trace() >= len(longest)
     assert C.step_text(a, b, 0) in longest and longest.count(" wait ") == C.MAX_OPS
     cfg = popsd.make_config("carry")

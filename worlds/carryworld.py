@@ -14,11 +14,12 @@ No error is injected. Pre-training has two stages:
      the model's own first tries (temperature 1) are wrong on at most `stage1_error` of a probe's steps;
   2. the stage-1 model's own traces: for each step it samples the two result digits itself (temperature 1)
      after the question and the clean trace so far; the checker marks the wrong ones, which are followed by
-     "wait", the procedure and the right result (a right step is re-checked the same way 5% of the time). A
-     wrong first try is context, not a target (no loss on it): the model learns when to reflect, not the error.
+     "wait", the procedure and the right result (a right step is re-checked the same way 5% of the time).
      Training continues, at a lower rate, on these traces in the student context and in 20% of the documents
      of both teacher contexts (the style control of the first world: "question ⇒ reflective" is not a
-     difference Δ_it could carry).
+     difference Δ_it could carry). A direct step's result is context, not a target (no loss on it), except a
+     right one copied from the full reference: stage 2 teaches when and how to reflect, and to copy the
+     reference, while the direct step stays as stage 1 left it (the base's errors stay its own).
 The errors the base makes are the ones its own first tries make; its reflections are learned from them.
 With the full reference in context a teacher reads each step's value instead of computing it.
 """
@@ -96,19 +97,18 @@ def references(question: str) -> dict:
     return {"full": trace(question), "sketch": f"{question[:2]}..{answer_of(question)}"}
 
 
-def reflective(question: str, first_tries: list[int], rng: random.Random) -> list[tuple[str, bool]]:
-    """A trace from a model's own first-try results (one per step, after the right operands), as (text, trained)
-    pieces: each wrong one followed by "wait" and the procedure, a right one re-checked with probability
-    P_RECHECK. A wrong result is read, not trained on (False)."""
+def reflective(question: str, first_tries: list[int], rng: random.Random | None, copied: bool = False
+               ) -> list[tuple[str, bool]]:
+    """A trace from first-try results (one per step, after the right operands), as (text, trained) pieces: each
+    wrong one followed by "wait" and the procedure, a right one re-checked with probability P_RECHECK (rng None:
+    never). A first try's result is read, not trained on, unless it is right and `copied` (a context holding the
+    full reference, where the value is read off it): stage 2 teaches when and how to reflect, and to copy, but
+    never the direct step itself, which stays as stage 1 left it."""
     pieces = []
     for k, ((a, b, c), tried) in enumerate(zip(steps_of(question), first_tries)):
-        lead = f"{' ' if k else ''}{a:02d}*{b}="
-        if tried != c:
-            pieces += [(lead, True), (f"{tried:02d}", False), (f" wait {procedure(a, b)}", True)]
-        elif rng.random() < P_RECHECK:
-            pieces.append((f"{lead}{c:02d} wait {procedure(a, b)}", True))
-        else:
-            pieces.append((f"{lead}{c:02d}", True))
+        pieces += [(f"{' ' if k else ''}{a:02d}*{b}=", True), (f"{tried:02d}", copied and tried == c)]
+        if tried != c or (rng is not None and rng.random() < P_RECHECK):
+            pieces.append((f" wait {procedure(a, b)}", True))
     return pieces + [(f" \\boxed{{{answer_of(question)}}}", True)]
 
 
@@ -195,11 +195,11 @@ def first_try_error(model, tok, questions: list[str], seed: int = 0) -> float:
 
 def reflective_documents(questions, tries, seed: int):
     """Stage 2's document source: own traces (student context, and 20% of both teacher contexts), clean direct
-    traces in the other teacher documents, procedure practice."""
+    traces in the other teacher documents, procedure practice; every one as reflective()'s pieces."""
     rng = random.Random(seed)
     pool = list(zip(questions, tries))
 
-    def documents(k: int) -> list[tuple[str, str]]:
+    def documents(k: int) -> list[tuple[str, list]]:
         docs = []
         for _ in range(k):
             if rng.random() < P_PROCEDURE:
@@ -207,14 +207,15 @@ def reflective_documents(questions, tries, seed: int):
                 continue
             question, first = rng.choice(pool)
             kind = rng.random()
-            own = reflective(question, first, rng)
             if kind < 0.5:
-                docs.append((fill_prompt(TEMPLATES["student_template"], question), own))
+                docs.append((fill_prompt(TEMPLATES["student_template"], question), reflective(question, first, rng)))
                 continue
-            reference = references(question)["full" if rng.random() < 0.5 else "sketch"]
+            fmt = "full" if rng.random() < 0.5 else "sketch"
             template = TEMPLATES["teacher_template" if kind < 0.75 else "refonly_template"]
-            docs.append((fill_prompt(template, question, reference),
-                         own if rng.random() < P_TEACHER_REFLECTIVE else trace(question)))  # (own: pieces)
+            own = rng.random() < P_TEACHER_REFLECTIVE
+            docs.append((fill_prompt(template, question, references(question)[fmt]),
+                         reflective(question, first if own else [c for _, _, c in steps_of(question)],
+                                    rng if own else None, copied=fmt == "full")))
         return docs
     return documents
 
