@@ -448,38 +448,38 @@ def ema_at(out, step):
 
 
 def test_ema_teacher_at_rate_1_is_the_live_teacher_and_near_0_the_frozen_one(tmp_path):
-    live = run_tiny(tmp_path / "live", "steps=3", "teacher=live")
-    one = run_tiny(tmp_path / "one", "steps=3", "teacher=ema", "ema_rate=1")
+    live = run_tiny(tmp_path / "live", "steps=2", "teacher=live")
+    one = run_tiny(tmp_path / "one", "steps=2", "teacher=ema", "ema_rate=1")
     assert_same_adapter(adapter(live / "adapter"), adapter(one / "adapter"))
-    frozen = run_tiny(tmp_path / "frozen", "steps=3")
-    still = run_tiny(tmp_path / "still", "steps=3", "teacher=ema", "ema_rate=1e-30")
+    frozen = run_tiny(tmp_path / "frozen", "steps=2")
+    still = run_tiny(tmp_path / "still", "steps=2", "teacher=ema", "ema_rate=1e-30")
     assert_same_adapter(adapter(frozen / "adapter"), adapter(still / "adapter"))
     assert not torch.equal(adapter(live / "adapter")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"],
                            adapter(frozen / "adapter")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
 
 
 def test_ema_teacher_follows_its_recurrence_saves_apart_from_the_adapter_and_resumes_exactly(tmp_path):
-    out = run_tiny(tmp_path / "a", "steps=4", "save_every=1", "keep_checkpoints=4", "teacher=ema", "ema_rate=0.3")
+    out = run_tiny(tmp_path / "a", "steps=3", "save_every=1", "keep_checkpoints=3", "teacher=ema", "ema_rate=0.3")
     first = {k.replace(".ema.", "."): v for k, v in ema_at(out, 1).items()}
     b_keys = [k for k in first if "lora_B" in k]
     for k in b_keys:  # θ_T,0 = θ_0, whose lora_B is 0: after step 1, θ_T's lora_B is 0.3·θ_1's
         torch.testing.assert_close(first[k], 0.3 * adapter_at_step(out, 1)[k], atol=1e-8, rtol=1e-6)
     assert any(torch.count_nonzero(first[k]) for k in b_keys)
     previous = None
-    for step in range(1, 5):  # θ_T,k = 0.7·θ_T,k−1 + 0.3·θ_k, θ_T,0 = θ_0 (lora_B = 0, lora_A its init)
+    for step in range(1, 4):  # θ_T,k = 0.7·θ_T,k−1 + 0.3·θ_k, θ_T,0 = θ_0 (lora_B = 0, lora_A its init)
         theta, got = adapter_at_step(out, step), {k.replace(".ema.", "."): v for k, v in ema_at(out, step).items()}
         assert got.keys() == theta.keys()
         if previous is not None:
             for k in got:
                 torch.testing.assert_close(got[k], torch.lerp(previous[k], theta[k], 0.3), atol=1e-7, rtol=0)
         previous = got
-    for folder in (out / "adapter", out / "checkpoints/step_000004"):  # the adapter alone, in PEFT format
+    for folder in (out / "adapter", out / "checkpoints/step_000003"):  # the adapter alone, in PEFT format
         assert not (folder / "ema").exists() and not any(".ema." in k for k in adapter(folder))
     resumed = tmp_path / "b"
     run_tiny(resumed, "steps=2", "save_every=2", "teacher=ema", "ema_rate=0.3")
-    run_tiny(resumed, "steps=4", "save_every=2", "teacher=ema", "ema_rate=0.3", "resume=true")
+    run_tiny(resumed, "steps=3", "save_every=2", "teacher=ema", "ema_rate=0.3", "resume=true")
     assert_same_adapter(adapter(out / "adapter"), adapter(resumed / "adapter"))
-    assert_same_adapter(ema_at(out, 4), ema_at(resumed, 4))
+    assert_same_adapter(ema_at(out, 3), ema_at(resumed, 3))
 
 
 def adapter_at_step(out, step):
