@@ -11,6 +11,9 @@ key=value arguments override recipe fields, to measure what each choice buys. A 
 loop's: sample (forced to the full length), the three frozen passes (score), the student forward
 and backward through the loss (loss+backward), clip and optimizer step (step). The second of two
 steps is reported (the first warms up): seconds and peak GPU memory, allocated and reserved, per phase.
+--synthetic skips sampling: the completions are random token ids of the given length (scoring and the update
+do not care how the tokens were sampled), so the update phase's memory never waits on sampling; --cap-gib 24
+limits the card to 24 GiB (torch.cuda.set_per_process_memory_fraction), so "fits on 24 GB" is measured.
 Prints a table and one JSON line per row.
 """
 import argparse
@@ -30,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import popsd  # noqa: E402
 import rollout  # noqa: E402
 from data import build_tiny_model  # noqa: E402
-from rollout import Contexts, sample  # noqa: E402
+from rollout import Contexts, Rollout, sample  # noqa: E402
 
 MODELS = ("qwen3_8b", "qwen3_4b", "r1_distill_qwen_7b", "qwen3_1_7b")
 SCALED_DOWN = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -68,6 +71,14 @@ def synthetic_contexts(n: int, prompt_len: int, reference_len: int, vocab: int) 
             for _ in range(n)]
 
 
+def synthetic_rollout(contexts: list[Contexts], length: int, vocab: int) -> Rollout:
+    """Random completions of exactly `length` tokens (no EOS: truncated), as if sampled."""
+    g = torch.Generator().manual_seed(1)
+    completions = torch.randint(10, vocab, (len(contexts), length), generator=g)
+    return Rollout(contexts, completions, torch.ones_like(completions, dtype=torch.bool),
+                   torch.ones(len(contexts), dtype=torch.bool), [""] * len(contexts))
+
+
 class Phases:
     """Seconds and peak memory per phase; a phase entered many times (micro-batches) keeps its max peak."""
 
@@ -91,25 +102,33 @@ class Phases:
         row["s"] += time.time() - t0
 
 
-def measure(path: Path, length: int, args, overrides: list[str]) -> dict:
-    cfg = popsd.make_config("single_gpu", [f"max_new_tokens={length}", f"out_dir={path}_run",
-                                           *(["device=cpu"] if args.cpu_test else []), *overrides])
+def load(path: Path, args, overrides: list[str]):
+    """The single_gpu recipe's model, optimizer and synthetic prompts: loaded once per model, for every length."""
+    cfg = popsd.make_config("single_gpu", [f"out_dir={path}_run", *(["device=cpu"] if args.cpu_test else []),
+                                           *overrides])
     device = popsd.pick_device(cfg.device)
     torch.manual_seed(0)
     tokenizer, model = popsd.load_model(cfg, device, str(path))
-    body, head = popsd.model_parts(model)
-    contexts = synthetic_contexts(args.batch, args.prompt_len, args.reference_len, len(tokenizer))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = popsd.make_optimizer(cfg, params)
+    contexts = synthetic_contexts(args.batch, args.prompt_len, args.reference_len, len(tokenizer))
+    return cfg, device, tokenizer, model, params, popsd.make_optimizer(cfg, params), contexts
+
+
+def measure(path: Path, length: int, args, loaded) -> dict:
+    cfg, device, tokenizer, model, params, optimizer, contexts = loaded
+    body, head = popsd.model_parts(model)
     pad_id = tokenizer.pad_token_id
     for _ in range(args.steps):  # warm-up step(s), then the measured one
         ph = Phases(device)
-        with ph("sample"):
-            rollout = sample(model, tokenizer, contexts, n=1, max_new_tokens=length, min_new_tokens=length,
-                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=[pad_id],
-                             batch_size=cfg.gen_batch_size, device=device)
-            if device.type == "cuda" and not args.keep_cache:
-                torch.cuda.empty_cache()
+        if args.synthetic:
+            rollout = synthetic_rollout(contexts, length, len(tokenizer))
+        else:
+            with ph("sample"):
+                rollout = sample(model, tokenizer, contexts, n=1, max_new_tokens=length, min_new_tokens=length,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=[pad_id],
+                                 batch_size=cfg.gen_batch_size, device=device)
+                if device.type == "cuda" and not args.keep_cache:
+                    torch.cuda.empty_cache()
         n_tokens = int(rollout.mask.sum())
         for i in range(0, len(rollout), cfg.micro_batch_size):
             part = rollout.select(slice(i, i + cfg.micro_batch_size))
@@ -128,7 +147,8 @@ def measure(path: Path, length: int, args, overrides: list[str]) -> dict:
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "settings": {k: getattr(cfg, k) for k in ("load_in_4bit", "gradient_checkpointing", "loss_impl", "optim",
                                                       "micro_batch_size", "gen_batch_size", "lora_r")}
-            | {"keep_cache": args.keep_cache, "prompt_len": args.prompt_len, "reference_len": args.reference_len},
+            | {"keep_cache": args.keep_cache, "prompt_len": args.prompt_len, "reference_len": args.reference_len,
+               "synthetic": args.synthetic, "cap_gib": args.cap_gib},
             "phases": ph.rows, "peak_reserved_gib": peak, "step_s": sum(r["s"] for r in ph.rows.values())}
 
 
@@ -141,6 +161,10 @@ def main(argv):
     p.add_argument("--reference-len", type=int, default=1024, help="reference solution tokens (teacher, ref-only)")
     p.add_argument("--keep-cache", action="store_true", help="skip torch.cuda.empty_cache() after sampling")
     p.add_argument("--cpu-test", action="store_true", help="scaled-down architectures on the CPU")
+    p.add_argument("--synthetic", action="store_true", help="no sampling: random completions of each length "
+                   "(the update phase alone; use --batch 1 or 2: the peak is per micro-batch)")
+    p.add_argument("--cap-gib", type=float, default=0.0, help="cap the card at this many GiB (0: no cap), so a row "
+                   "that fits has fitted in that much")
     p.add_argument("--steps", type=int, default=2, help="steps per row, the last measured (1: no warm-up, faster)")
     p.add_argument("--build-dir", help="keep the built architectures here and reuse them (default: a temporary folder)")
     p.add_argument("--build-only", action="store_true", help="build the architectures into --build-dir, then stop")
@@ -153,6 +177,9 @@ def main(argv):
     device = torch.device("cpu" if args.cpu_test else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU, or use --cpu-test")
+    if args.cap_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory / GiB
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib / total))
     if args.build_only:
         if not args.build_dir:
             p.error("--build-only needs --build-dir")
@@ -170,9 +197,10 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             path = build(name, Path(args.build_dir or tmp), args.cpu_test, device)
+            loaded = load(path, args, overrides)
             for length in map(int, args.lengths.split(",")):
                 try:
-                    row = measure(path, length, args, overrides)
+                    row = measure(path, length, args, loaded)
                 except torch.OutOfMemoryError:
                     row = {"model": name, "length": length, "oom": True}
                     torch.cuda.empty_cache()
@@ -187,6 +215,8 @@ def main(argv):
                                            else "") for r in row["phases"].values()]
                 peak = row["peak_reserved_gib"]
                 table.add_row(name, str(length), *cells, f"{row['step_s']:.1f}", "n/a" if peak is None else f"{peak:.1f}")
+            del loaded
+            gc.collect()
             if not args.build_dir:
                 shutil.rmtree(path)
     Console().print(table)

@@ -102,20 +102,24 @@ def test_tiny_recipe_on_cuda(tmp_path, overrides):
 
 
 def test_gpu_memory_bench_runs_scaled_down_on_cpu():
-    stdout = launch([ROOT / "bench/gpu_memory.py", "--cpu-test", "--models", "qwen3_1_7b,r1_distill_qwen_7b",
-                     "--lengths", "8,12", "--batch", "2", "--prompt-len", "8", "--reference-len", "16",
-                     "loss_impl=reference"], ranks=1)
-    got = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    common = ["--cpu-test", "--lengths", "8,12", "--batch", "2", "--prompt-len", "8", "--reference-len", "16"]
+    stdout = launch([ROOT / "bench/gpu_memory.py", "--models", "qwen3_1_7b", *common, "loss_impl=reference"], ranks=1)
+    synthetic = launch([ROOT / "bench/gpu_memory.py", "--models", "r1_distill_qwen_7b", *common, "--synthetic"],
+                       ranks=1)  # no sampling: random completions, the update phase alone
+    got = [json.loads(line) for line in (stdout + synthetic).splitlines() if line.startswith("{")]
     assert [(r["model"], r["length"]) for r in got] == [("qwen3_1_7b", 8), ("qwen3_1_7b", 12),
                                                         ("r1_distill_qwen_7b", 8), ("r1_distill_qwen_7b", 12)]
     for r in got:
         assert r["completion_tokens"] == 2 * r["length"] and r["sequences"] == 2  # sampling forced to the length
+        made_up = r["model"] == "r1_distill_qwen_7b"
         assert r["settings"] | {"loss_impl": "fused"} == {  # the single_gpu recipe, with the override applied
             "load_in_4bit": True, "gradient_checkpointing": True, "loss_impl": "fused", "optim": "paged_adamw_8bit",
             "micro_batch_size": 1, "gen_batch_size": 16, "lora_r": 64, "keep_cache": False, "prompt_len": 8,
-            "reference_len": 16} and r["settings"]["loss_impl"] == "reference"
+            "reference_len": 16, "synthetic": made_up, "cap_gib": 0.0}
+        assert (r["settings"]["loss_impl"] == "reference") != made_up
         assert list(r["phases"]) == ["sample", "score", "loss+backward", "step"]
-        assert all(p["s"] > 0 and p["alloc_gib"] is None for p in r["phases"].values())
+        assert all((p["s"] > 0) != (made_up and name == "sample") and p["alloc_gib"] is None
+                   for name, p in r["phases"].items())
     assert "peak reserved GiB" in stdout
 
 
@@ -176,7 +180,7 @@ def test_gpu_check_dry_run_finds_every_command_and_its_arguments(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert [line.split()[1] for line in out.stdout.splitlines()] == ["cuda-tests:", "loss-bf16:", "build:",
-                                                                     "rollout-nf4:", "gpu-memory:"]
+                                                                     "memory-update:", "rollout-nf4:", "gpu-memory:"]
     assert all(line.startswith("ok") for line in out.stdout.splitlines())
     bad = subprocess.run([sys.executable, str(ROOT / "bench/rollout.py"), "--engines", "warp", "--check-args"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
