@@ -119,8 +119,8 @@ class Config:
 
 
 CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
-           "teacher": ("frozen", "live", "ema"), "divergence": L.KINDS, "support": L.SUPPORTS, "lr_schedule": ("constant", "cosine"),
-           "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
+           "teacher": ("frozen", "live", "ema"), "divergence": L.KINDS, "support": L.SUPPORTS,
+           "lr_schedule": ("constant", "cosine"), "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
            "rollout_engine": ENGINES + ("vllm",)}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

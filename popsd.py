@@ -320,7 +320,7 @@ def train(cfg: Config) -> Path:
         sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,
                                                       "over-long prompts skipped": too_long}
         if cfg.teacher == "ema":
-            sizes["EMA teacher adapter"] = f"{ema.megabytes(model) * world:.1f} MB (a second LoRA, not trained)"
+            sizes["EMA teacher adapter"] = f"{ema.megabytes(model):.1f} MB (a second LoRA, not trained; FSDP: sharded)"
         print_config(cfg, sizes, console)
         if rank == 0:
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
