@@ -334,9 +334,13 @@ ABLATIONS = {"clip": (lambda c, b: b == 1.0, 0), "beta": (lambda c, b: c == 10.0
 ABLATION_KEYS = ("accuracy", "accuracy_no_wait", "markers_per_1k", "caught_frac")
 
 
+def _last(methods: dict, method: str, key: str) -> list[float]:
+    return [pts[-1][key] for pts in methods.get(method, {}).values() if pts and pts[-1].get(key) is not None]
+
+
 def ablation_series(results: dict, name: str) -> dict:
     """What an ablation's figure draws, per reference format: the settings on its axis (c or β, the other at the
-    paper's value), each seed's last-step value per key, and the baselines' means (base, OPSD, ...)."""
+    paper's value), each seed's last-step value per key for Purified, and the baselines' means (base, OPSD, ...)."""
     member, axis = ABLATIONS[name]
     series = {}
     for fmt, methods in results.items():
@@ -344,13 +348,29 @@ def ablation_series(results: dict, name: str) -> dict:
                       key=lambda x: float("inf") if x[0][axis] is None else x[0][axis])
         if len(runs) < 2:
             continue
-        last = lambda m: [pts[-1] for pts in methods[m].values() if pts]  # noqa: E731
         series[fmt] = {
             "x": ["none" if s[axis] is None else f"{s[axis]:g}" for s, _ in runs],
-            "values": {k: [[p[k] for p in last(m) if p.get(k) is not None] for _, m in runs] for k in ABLATION_KEYS},
-            "lines": {m: {k: statistics.fmean(v) for k in ABLATION_KEYS
-                          if (v := [p[k] for p in last(m) if p.get(k) is not None])}
+            "series": {"Purified": {k: [_last(methods, m, k) for _, m in runs] for k in ABLATION_KEYS}},
+            "lines": {m: {k: statistics.fmean(v) for k in ABLATION_KEYS if (v := _last(methods, m, k))}
                       for m in methods if setting_of(m) is None}}
+    return series
+
+
+SUPPORTS = ("full", "topk", "sampled", "full_rkl")
+
+
+def support_series(results: dict) -> dict:
+    """The supports' figure, per reference format: OPSD and Purified on each support run (x), each seed's
+    last-step value per key, and the base's mean."""
+    series = {}
+    for fmt, methods in results.items():
+        x = [s for s in SUPPORTS if s == "full" or f"opsd_{s}" in methods or f"purified_{s}" in methods]
+        if len(x) < 2:
+            continue
+        name = lambda m, s: m if s == "full" else f"{m}_{s}"  # noqa: E731
+        series[fmt] = {"x": x, "series": {label: {k: [_last(methods, name(m, s), k) for s in x] for k in ABLATION_KEYS}
+                                          for label, m in (("OPSD", "opsd"), ("Purified", "purified"))},
+                       "lines": {"base": {k: statistics.fmean(v) for k in ABLATION_KEYS if (v := _last(methods, "base", k))}}}
     return series
 
 
@@ -493,12 +513,16 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     (out / "summary.md").write_text(markdown_table(results))
     plots.plot_compare(summary, out / "summary.png")
     if any(setting_of(m) not in (None, (10.0, 1.0)) for methods in results.values() for m in methods):
-        (out / "ablation.md").write_text(ablation_markdown(results))
+        (out / "ablation.md").write_text(ablation_markdown(results))  # every method and setting, with supports
         for name in ABLATIONS:
             series = ablation_series(results, name)
             if series:
                 plots.plot_ablation(series, "c (soft clip)" if name == "clip" else "β", f"{world.NAME}: Purified's "
                                     f"{name} ablation", out / f"ablation_{name}.png")
+    if any(support_series(results).values()):
+        (out / "ablation.md").write_text(ablation_markdown(results))
+        plots.plot_ablation(support_series(results), "loss support", f"{world.NAME}: OPSD and Purified on each loss "
+                            "support (sampled and full_rkl: reverse KL)", out / "supports.png")
     for table in compare_table(results, console.width, world.NAME):
         console.print(table)
     for v in summary["verdicts"]:

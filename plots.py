@@ -159,34 +159,40 @@ def plot_compare(summary: dict, out: Path) -> Path:
 
 
 def plot_ablation(series: dict, xlabel: str, title: str, out: Path) -> Path:
-    """One ablation of Purified (compare.ablation_series): per reference format a row, per metric a panel; each
-    seed's last-step value as a dot, the mean as a line over the settings, the baselines' means as flat lines."""
+    """An ablation (compare.ablation_series, support_series): per reference format a row, per metric a panel; for
+    each series each seed's last-step value as a dot and the mean as a line over the settings (x), the
+    baselines' means as flat lines."""
     plt = _pyplot()
-    keys = list(next(iter(series.values()))["values"])
+    first = next(iter(series.values()))
+    keys = list(next(iter(first["series"].values())))
     fig, axes = plt.subplots(len(series), len(keys), figsize=(3.3 * len(keys), 2.9 * len(series)), squeeze=False)
     styles = {"base": dict(color="grey", ls=":"), "opsd": dict(color="tab:red", ls="--"),
               "opsd_fkl": dict(color="tab:purple", ls="-.")}
+    colours = {"Purified": "tab:blue", "OPSD": "tab:red"}
     for row, (fmt, data) in zip(axes, series.items()):
-        x = range(len(data["x"]))
+        x = list(range(len(data["x"])))
         for ax, key in zip(row, keys):
-            values = data["values"][key]
-            for i, seeds in enumerate(values):
-                ax.scatter([i + 0.06 * (j - (len(seeds) - 1) / 2) for j in range(len(seeds))], seeds, s=12,
-                           color="tab:blue", alpha=0.6, lw=0)
-            means = [statistics.fmean(v) if v else math.nan for v in values]
-            ax.plot(list(x), means, color="tab:blue", marker="o", ms=4, lw=1.5, label="Purified (mean; dots: seeds)")
+            for k, (label, values) in enumerate(data["series"].items()):
+                shift = 0.12 * (k - (len(data["series"]) - 1) / 2)  # series side by side at each setting
+                colour = colours.get(label, f"C{k}")
+                for i, seeds in enumerate(values[key]):
+                    ax.scatter([i + shift + 0.04 * (j - (len(seeds) - 1) / 2) for j in range(len(seeds))], seeds,
+                               s=12, color=colour, alpha=0.6, lw=0)
+                means = [statistics.fmean(v) if v else math.nan for v in values[key]]
+                ax.plot([i + shift for i in x], means, color=colour, marker="o", ms=4, lw=1.5,
+                        label=f"{label} (mean; dots: seeds)")
             for method, line in data["lines"].items():
                 if key in line:
                     ax.axhline(line[key], lw=1.2, label=method, **styles.get(method, dict(color="black", ls="-")))
-            ax.set_xticks(list(x), data["x"])
+            ax.set_xticks(x, data["x"])
             ax.set_title(f"{fmt} reference: {TITLES.get(key, key)}", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, frameon=False)
+    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.97))
     fig.suptitle(title, fontsize=10, y=0.995, x=0.01, ha="left")
-    return save(plt, fig, out, rect=(0, 0, 1, 0.93))
+    return save(plt, fig, out, rect=(0, 0, 1, 0.92))
 
 
 def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) -> Path:

@@ -323,7 +323,7 @@ def test_the_ablation_table_and_figures_from_synthetic_results(tmp_path):
     clip = compare.ablation_series(results, "clip")
     assert clip["full"]["x"] == ["5", "10", "20", "none"] and set(clip["full"]["lines"]) == {"base", "opsd", "opsd_fkl"}
     assert compare.ablation_series(results, "beta")["sketch"]["x"] == ["0.5", "1", "2"]
-    assert len(clip["sketch"]["values"]["accuracy"][3]) == 3  # every seed's last point
+    assert len(clip["sketch"]["series"]["Purified"]["accuracy"][3]) == 3  # every seed's last point
     table = compare.ablation_markdown(results).splitlines()
     assert len(table) == 2 + 2 * len(methods)
     row = next(r for r in table if "| sketch | purified_cnone_b1 |" in r)
@@ -331,3 +331,10 @@ def test_the_ablation_table_and_figures_from_synthetic_results(tmp_path):
     for name in compare.ABLATIONS:
         png = plots.plot_ablation(compare.ablation_series(results, name), name, name, tmp_path / f"{name}.png")
         assert png.stat().st_size > 20_000
+    for fmt in results:
+        for m in ("opsd", "purified"):
+            results[fmt][f"{m}_topk"] = results[fmt]["purified_c5_b1"]
+    supports = compare.support_series(results)
+    assert supports["full"]["x"] == ["full", "topk"] and set(supports["full"]["series"]) == {"OPSD", "Purified"}
+    assert supports["full"]["series"]["OPSD"]["accuracy"][0] == [p[-1]["accuracy"] for p in results["full"]["opsd"].values()]
+    assert plots.plot_ablation(supports, "support", "s", tmp_path / "s.png").stat().st_size > 20_000
