@@ -352,7 +352,7 @@ def ablation_series(results: dict, name: str) -> dict:
             "x": ["none" if s[axis] is None else f"{s[axis]:g}" for s, _ in runs],
             "series": {"Purified": {k: [_last(methods, m, k) for _, m in runs] for k in ABLATION_KEYS}},
             "lines": {m: {k: statistics.fmean(v) for k in ABLATION_KEYS if (v := _last(methods, m, k))}
-                      for m in methods if setting_of(m) is None}}
+                      for m in ("base", "opsd", "opsd_fkl") if m in methods}}  # the support runs: supports.png
     return series
 
 
