@@ -1,17 +1,20 @@
 """carryworld: a second toy world, where the base's errors are its own and reflection pays.
 
-A question is a two-digit start and 3-5 multiplications by 3, 7 or 9, all mod 100:
-    Q:47*7*9*3            (47·7 mod 100 = 29, 29·9 → 61, 61·3 → 83): the answer is 83
-A direct step writes the product's last two digits in one go (`47*7=29`): the tens digit needs two digit
-products and a carry at once, more than a 0.9M-parameter model does reliably in one token. After "wait" the
-model re-derives the step in single-digit sub-steps it does reliably, then restates it:
-    47*7=39 wait 7*7=49 4*7=28 4+8=2 47*7=29 29*9=61 61*3=83 \\boxed{83}
-(units: 7·7 = 49 → 9; tens: 4 (carried) + 8 (of 4·7) = 12 → 2.) The multipliers are coprime to 10, so every
-step is a bijection mod 100: a wrong step left standing always gives a wrong answer.
+A question is a two-digit start and 3-5 multiplications, all mod 100, each by 3, 7 or 9 (an easy step) or, a
+third of the time, by a two-digit number ending in 1, 3, 7 or 9 (a hard step):
+    Q:47*7*23*3           (47·7 mod 100 = 29, 29·23 → 67, 67·3 → 01): the answer is 01
+A direct step writes the product's last two digits in one go (`29*23=67`). For an easy step the tens digit is
+two digit products and a carry, which a 0.9M-parameter model learns; for a hard one it is three products, a
+carry and two sums at once, which it does not (its first tries there are mostly wrong). After "wait" the model
+re-derives the step in single-digit sub-steps it does reliably, then restates it:
+    47*7=39 wait 7*7=49 4*7=28 4+8=2 47*7=29 29*23=47 wait 9*3=27 2*3=06 9*2=18 2+6=8 8+8=6 29*23=67 ...
+(29·23: units 9·3 = 27 → 7; tens 2 (carried) + 6 (of 2·3) + 8 (of 9·2) = 16 → 6.) The multipliers are coprime
+to 10, so every step is a bijection mod 100: a wrong step left standing always gives a wrong answer.
 
 No error is injected. Pre-training has two stages:
-  1. direct steps only, all right, in every context, plus procedure practice (`P:47*7` → the sub-steps), until
-     the model's own first tries (temperature 1) are wrong on at most `stage1_error` of a probe's steps;
+  1. direct steps only, all right, in every context, plus procedure practice (`P:47*7` → the sub-steps), for a
+     fixed number of steps (or, optionally, until its own first tries are wrong on at most `stage1_error` of a
+     probe's steps);
   2. the stage-1 model's own traces: for each step it samples the two result digits itself (temperature 1)
      after the question and the clean trace so far; the checker marks the wrong ones, which are followed by
      "wait", the procedure and the right result (a right step is re-checked the same way 5% of the time).
@@ -41,7 +44,9 @@ BASE = DATA / "base"
 TEMPLATES = {"student_template": "Q:{question}", "teacher_template": "Q:{question}\nR:{reference}",
              "refonly_template": "R:{reference}"}
 NUMBERS = [n for n in range(11, 100) if n % 10]  # starts: two digits, neither 0
-FACTORS = [3, 7, 9]  # multipliers: one digit, coprime to 10 (every step a bijection mod 100)
+FACTORS = [3, 7, 9]  # easy multipliers: one digit, coprime to 10 (every step a bijection mod 100)
+HARD = [10 * t + u for t in range(1, 10) for u in (1, 3, 7, 9)]  # hard ones: two digits, coprime to 10
+P_HARD = 1 / 3  # the share of hard steps
 MIN_OPS, MAX_OPS = 3, 5
 P_PROCEDURE = 0.1  # procedure practice documents
 P_RECHECK = 0.05  # a right step of an own trace re-checked with the procedure
@@ -52,7 +57,7 @@ CHANCE = 0.01  # a hundred possible answers
 def steps_of(question: str) -> list[tuple[int, int, int]]:
     """The true steps (a, b, c = a·b mod 100) of a question such as '47*7*9*3'."""
     value, steps = int(question[:2]), []
-    for b in re.findall(r"\*(\d)", question):
+    for b in re.findall(r"\*(\d+)", question):
         steps.append((value, int(b), value * int(b) % 100))
         value = steps[-1][2]
     return steps
@@ -67,9 +72,13 @@ def is_test(question: str) -> bool:
     return zlib.crc32(question.encode()) % 10 == 0
 
 
+def multiplier(rng: random.Random) -> int:
+    return rng.choice(HARD) if rng.random() < P_HARD else rng.choice(FACTORS)
+
+
 def sample_question(rng: random.Random, split: str = "train") -> str:
     while True:
-        question = f"{rng.choice(NUMBERS)}" + "".join(f"*{rng.choice(FACTORS)}"
+        question = f"{rng.choice(NUMBERS)}" + "".join(f"*{multiplier(rng)}"
                                                        for _ in range(rng.randint(MIN_OPS, MAX_OPS)))
         if is_test(question) == (split == "test"):
             return question
@@ -80,11 +89,18 @@ def step_text(a: int, b: int, c: int) -> str:
 
 
 def procedure(a: int, b: int) -> str:
-    """The reliable way: the two single-digit products, the digit sum for the tens, then the step restated."""
-    a1, a0 = divmod(a, 10)
-    p, r = a0 * b, a1 * b
-    tens = (p // 10 + r % 10) % 10
-    return f"{a0}*{b}={p:02d} {a1}*{b}={r:02d} {p // 10}+{r % 10}={tens} {step_text(a, b, a * b % 100)}"
+    """The reliable way: single-digit products (units·units, tens·units, and for a two-digit multiplier
+    units·tens), the tens digit as one-digit sums mod 10 (the carry first), then the step restated."""
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    p, r = a0 * b0, a1 * b0
+    t = (p // 10 + r % 10) % 10
+    text = f"{a0}*{b0}={p:02d} {a1}*{b0}={r:02d} "
+    if b1:
+        s = a0 * b1
+        text += f"{a0}*{b1}={s:02d} {p // 10}+{r % 10}={t} {t}+{s % 10}={(t + s) % 10} "
+    else:
+        text += f"{p // 10}+{r % 10}={t} "
+    return text + step_text(a, b, a * b % 100)
 
 
 def trace(question: str) -> str:
@@ -118,8 +134,8 @@ def text_of(pieces: list[tuple[str, bool]]) -> str:
 
 def longest_trace() -> int:
     """Characters of the longest trace a document can hold: every step of the longest question reflected."""
-    a, b = 99, max(FACTORS)
-    return MAX_OPS * (len(f"{step_text(a, b, 1)} wait {procedure(a, b)} ")) + len("\\boxed{00}")
+    step = max(len(f"{step_text(a, b, 1)} wait {procedure(a, b)} ") for a in range(100) for b in FACTORS + HARD)
+    return MAX_OPS * step + len("\\boxed{00}")
 
 
 MAX_NEW_TOKENS = longest_trace() + 1  # characters are tokens; + EOS
@@ -127,11 +143,11 @@ MAX_NEW_TOKENS = longest_trace() + 1  # characters are tokens; + EOS
 
 # ----------------------------------------------------------------------------- the checker
 
-ITEM = re.compile(r"(?<!\d)(?P<a>\d\d)\*(?P<b>\d)=(?P<c>\d\d)(?!\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
+ITEM = re.compile(r"(?<!\d)(?P<a>\d\d)\*(?P<b>\d\d?)=(?P<c>\d\d)(?!\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
 
 
 def check(question: str, completion: str) -> common.Check:
-    """Direct steps (`aa*b=cc`, two-digit a and c) are the attempts; the procedure's single-digit sub-steps are not (a
+    """Direct steps (`aa*b=cc`, two-digit a and c, b the multiplier) are the attempts; the procedure's single-digit sub-steps are not (a
     restated step after them is the retry). Locally wrong: not from the carried value, not the question's next
     multiplier, or a wrong product."""
     truth = steps_of(question)
@@ -143,7 +159,7 @@ def check(question: str, completion: str) -> common.Check:
 
 def practice(rng: random.Random) -> tuple[str, str]:
     """A procedure practice document: `P:47*7` → the sub-steps."""
-    a, b = rng.randrange(100), rng.choice(FACTORS)
+    a, b = rng.randrange(100), multiplier(rng)
     return f"P:{a:02d}*{b}", procedure(a, b)
 
 
@@ -186,11 +202,13 @@ def own_first_tries(model, tok, questions: list[str], seed: int, batch_size: int
     return tries
 
 
-def first_try_error(model, tok, questions: list[str], seed: int = 0) -> float:
-    """The fraction of steps whose own first try (as own_first_tries samples it) is wrong."""
+def first_try_error(model, tok, questions: list[str], seed: int = 0, hard: bool | None = None) -> float:
+    """The fraction of steps whose own first try (as own_first_tries samples it) is wrong; hard True / False:
+    of the hard / easy steps only."""
     tries = own_first_tries(model, tok, questions, seed)
-    pairs = [(t, c) for q, ts in zip(questions, tries) for t, (_, _, c) in zip(ts, steps_of(q))]
-    return sum(t != c for t, c in pairs) / len(pairs)
+    pairs = [(t, c) for q, ts in zip(questions, tries) for t, (_, b, c) in zip(ts, steps_of(q))
+             if hard is None or (b > 9) == hard]
+    return sum(t != c for t, c in pairs) / max(len(pairs), 1)
 
 
 def reflective_documents(questions, tries, seed: int):
@@ -242,15 +260,16 @@ def write_data():
     common.write_data(sys.modules[__name__])
 
 
-PRETRAIN = dict(stage1_steps=3000, stage1_error=0.25, stage1_check_every=25, stage2_steps=1500, stage2_lr=1e-3,
+PRETRAIN = dict(stage1_steps=800, stage1_error=0.25, stage1_check_every=0, stage2_steps=1500, stage2_lr=1e-3,
                 stage2_warmup=50, pool=5000, probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4,
-                threads=1, eval_every=500, eval_samples=200)  # stage 1 ended by the probe (docs/carryworld.md)
+                threads=1, eval_every=500, eval_samples=200)  # stage1_check_every 0: no probe stop (docs/carryworld.md)
 
 
 def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple:
     """Both stages from scratch; the log (loss, world metrics on held-out questions, the stage-1 probe) in
-    out/pretrain_log.jsonl. Stage 1 ends when the own first tries on `probe` training questions (checked every
-    stage1_check_every steps) are wrong on at most stage1_error of their steps."""
+    out/pretrain_log.jsonl. Stage 1 runs stage1_steps, or (stage1_check_every > 0) ends when the own first tries
+    on `probe` training questions (checked every stage1_check_every steps) are wrong on at most stage1_error of
+    their steps."""
     s = PRETRAIN | settings
     rng = random.Random(seed)
     tok = common.build_tokenizer()
@@ -274,11 +293,13 @@ def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple
         return {"student": common.measure(world, m, tok, questions),
                 "student_no_wait": common.measure(world, m, tok, questions, forbid="wait"),
                 "teacher_full": common.measure(world, m, tok, questions[:len(questions) // 2], "teacher", "full"),
-                "first_try_error": first_try_error(m, tok, probe_questions, seed)}
+                "first_try_error": first_try_error(m, tok, probe_questions, seed),
+                "first_try_error_easy": first_try_error(m, tok, probe_questions, seed, hard=False),
+                "first_try_error_hard": first_try_error(m, tok, probe_questions, seed, hard=True)}
     log = common.train_lm(model, tok, lambda k: [direct_document(rng) for _ in range(k)], out, s["stage1_steps"],
                           batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
-                          eval_every=s["eval_every"], label="stage 1", quiet=quiet, stop=probe,
-                          stop_every=s["stage1_check_every"])
+                          eval_every=s["eval_every"], label="stage 1", quiet=quiet,
+                          stop=probe if s["stage1_check_every"] else None, stop_every=max(s["stage1_check_every"], 1))
     pool_rng = random.Random(seed + 1)
     pool = [sample_question(pool_rng) for _ in range(s["pool"])]
     tries = own_first_tries(model.eval(), tok, pool, seed)
