@@ -2,8 +2,9 @@
 
 Hardware: any CPU (2 cores).   Command: python popsd.py --recipe carry
 The base (data/carryworld/base, 0.9M parameters, pre-trained in two stages by `python compare.py pretrain --world
-carryworld`) multiplies a two-digit number by 3, 7 or 9 mod 100 in one go (`47*7=29`), gets some of those steps
-wrong by itself, and after "wait" re-derives the step in single-digit sub-steps. Every setting is the toy recipe's
+carryworld`) multiplies a two-digit number mod 100 in one go by 3, 7 or 9 (`47*7=29`) or by a two-digit number
+(`29*23=67`, a hard step), gets some of those steps wrong by itself (most hard ones), and after "wait" re-derives
+the step in single-digit sub-steps. Every setting is the toy recipe's
 (recipes/toy.py, read below) except the world's files and the lengths, which follow from the world's longest
 reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS).
 `reference_field=sketch` gives the teachers only the start and the answer; `method=opsd` runs the baseline.
@@ -19,5 +20,5 @@ model = "data/carryworld/base"
 data = "data/carryworld/train.jsonl"
 eval_bench = "data/carryworld/test.jsonl"
 eval_grader = "carryworld"
-max_new_tokens = 216  # worlds.carryworld.MAX_NEW_TOKENS (tests/test_carryworld.py checks it)
-eval_max_new_tokens = 216
+max_new_tokens = 291  # worlds.carryworld.MAX_NEW_TOKENS (tests/test_carryworld.py checks it)
+eval_max_new_tokens = 291

@@ -24,19 +24,25 @@ def test_world_arithmetic_references_and_split():
     assert not train & test and all(C.is_test(q) for q in test)
     assert {len(C.steps_of(q)) for q in train} == set(range(C.MIN_OPS, C.MAX_OPS + 1))
     assert C.answer_of("05*3") == "15" and C.steps_of("99*9")[0][2] == 91  # 891
+    assert C.steps_of("47*7*23*3") == [(47, 7, 29), (29, 23, 67), (67, 3, 1)] and C.answer_of("47*7*23*3") == "01"
+    multipliers = [b for q in train for _, b, _ in C.steps_of(q)]
+    assert set(multipliers) <= set(C.FACTORS + C.HARD) and set(C.HARD) <= set(multipliers)
+    assert abs(sum(b > 9 for b in multipliers) / len(multipliers) - C.P_HARD) < 0.03
 
 
 def test_the_procedure_is_right_for_every_step():
     for a in range(100):
-        for b in C.FACTORS:
+        for b in C.FACTORS + C.HARD:
             text = C.procedure(a, b)
             for x, y, z in re.findall(r"(?<!\d)(\d)\*(\d)=(\d\d)", text):
                 assert int(x) * int(y) == int(z), text
             for x, y, z in re.findall(r"(\d)\+(\d)=(\d)", text):
                 assert (int(x) + int(y)) % 10 == int(z), text
             assert text.endswith(C.step_text(a, b, a * b % 100)), text
+            assert len(re.findall(r"(?<!\d)\d\*\d=", text)) == (3 if b > 9 else 2), text  # one-digit products only
     assert C.procedure(47, 7) == FIX.split(" wait ")[1]
-    for b in C.FACTORS:  # coprime to 10: every step a bijection, so a wrong value left standing is a wrong answer
+    assert C.procedure(29, 23) == "9*3=27 2*3=06 9*2=18 2+6=8 8+8=6 29*23=67"  # tens: 2 + 6 + 8 = 16 → 6
+    for b in C.FACTORS + C.HARD:  # coprime to 10: every step a bijection, so a wrong value left standing is a wrong answer
         assert len({a * b % 100 for a in range(100)}) == 100
 
 
@@ -49,9 +55,12 @@ def test_the_procedure_is_right_for_every_step():
      dict(correct=True, errors=0, false_reflections=1, right_reflected=1)),  # a re-check of a right step
     ("47*3=41 29*9=61 \\boxed{61}", dict(steps=2, errors=2, correct=True)),  # wrong operand; the next from 41
     ("47*7=29 29*9=61", dict(correct=False)),  # no answer
+    ("47*7=29 29*23=47 wait " + C.procedure(29, 23) + " 67*3=01 \\boxed{01}",
+     dict(correct=True, steps=3, errors=1, caught=1, false_reflections=0, right_attempts=3)),  # a hard step fixed
+    ("47*7=29 29*2=58 58*3=74 \\boxed{74}", dict(correct=False, steps=3, errors=1)),  # 2 is not 23; the rest from 58, locally right
 ])
 def test_checker_on_hand_made_traces(completion, expected):
-    got = C.check(Q, completion)
+    got = C.check("47*7*23*3" if "*3=01" in completion or "*2=" in completion else Q, completion)
     for k, v in expected.items():
         assert getattr(got, k) == v, (k, got)
 
@@ -99,10 +108,13 @@ def test_documents_keep_the_style_control_and_the_practice_rate():
 
 
 def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them():
-    a, b = 99, 9
-    longest = C.text_of(C.reflective("99" + "*9" * C.MAX_OPS, [0] * C.MAX_OPS, None))
-    assert len(longest) + 1 <= C.MAX_NEW_TOKENS <= len(longest) + 2 and C.longest_trace() >= len(longest)
-    assert C.step_text(a, b, 0) in longest and longest.count(" wait ") == C.MAX_OPS
+    def reflected(q):  # every step wrong, so every step reflected
+        return C.text_of(C.reflective(q, [(c + 1) % 100 for _, _, c in C.steps_of(q)], None))
+    rng = random.Random(0)
+    sampled = max((reflected(C.sample_question(rng)) for _ in range(3000)), key=len)
+    worst = max((reflected(f"{a:02d}" + f"*{b}" * C.MAX_OPS) for a in (19, 59, 99) for b in C.HARD), key=len)
+    assert len(sampled) <= len(worst) <= C.longest_trace() < C.MAX_NEW_TOKENS == C.longest_trace() + 1
+    assert worst.count(" wait ") == C.MAX_OPS and C.longest_trace() - len(worst) <= 2 * C.MAX_OPS
     cfg = popsd.make_config("carry")
     toy = popsd.make_config("toy")
     assert cfg.max_new_tokens == cfg.eval_max_new_tokens == C.MAX_NEW_TOKENS
