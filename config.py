@@ -85,6 +85,7 @@ class Config:
     diagnostics: bool = True  # also run the reference-only pass under opsd, to log the signal cosines
     loss_impl: str = "fused"  # fused (chunked, memory flat in N) | reference (materialised logits, readable)
     loss_chunk_mb: int = 512  # fused: memory for one chunk's [tokens, V] float32 buffers
+    loss_compile: str = "auto"  # fused, support=full: torch.compile each chunk's elementwise chain (auto: on CUDA only)
     # optimisation
     steps: int = 200  # optimizer steps
     batch_size: int = 32  # prompts per optimizer step
@@ -118,7 +119,7 @@ class Config:
     report_to: str = "none"  # none | tensorboard | wandb (comma-separated for both): metrics also to a tracker
 
 
-CHOICES = {"loss_impl": ("fused", "reference"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
+CHOICES = {"loss_impl": ("fused", "reference"), "loss_compile": ("auto", "on", "off"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
            "teacher": ("frozen", "live", "ema"), "divergence": L.KINDS, "support": L.SUPPORTS,
            "lr_schedule": ("constant", "cosine"), "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
            "rollout_engine": ENGINES + ("vllm",)}

@@ -150,7 +150,8 @@ def student_loss(model, body, head, part: Rollout, frozen, cfg: Config, pad_id: 
                   token_clip=cfg.token_clip, temperature=cfg.loss_temperature or cfg.temperature, tokens=tokens,
                   support=cfg.support, topk=cfg.topk, topk_tail=cfg.topk_tail)
     if cfg.loss_impl == "fused":
-        loss_sum, stats = L.fused_loss(h_student, *frozen, head, chunk_mb=cfg.loss_chunk_mb, **kwargs)
+        loss_sum, stats = L.fused_loss(h_student, *frozen, head, chunk_mb=cfg.loss_chunk_mb, compile=cfg.loss_compile,
+                                       **kwargs)
     else:
         loss_sum, stats = L.reference_loss(h_student, *frozen, head, **kwargs)
     if part.logprobs is not None:  # rollout/trainer mismatch: the engine's raw log-probs against the student's, τ = 1

@@ -5,8 +5,9 @@
 
 Each case runs in its own subprocess, so its peak memory is its own: peak resident memory (CPU,
 VmHWM after a reset) or peak allocated CUDA memory, above the baseline taken once the inputs exist.
-Cases: reference (materialised logits; skipped where it would not fit), fused (popsd.loss.fused_loss; -topk:
-support=topk, k = 100; -sampled: support=sampled, reverse KL on the sampled token),
+Cases: reference (materialised logits; skipped where it would not fit), fused (popsd.loss.fused_loss, the
+eager in-place chunk; -compiled: compile="on", the chunk's elementwise chain torch.compile'd, the default on
+CUDA; -topk: support=topk, k = 100; -sampled: support=sampled, reverse KL on the sampled token),
 trl (trl.kernels.chunked_divergence.ChunkedDivergenceFunction, 2-distribution JSD, pure-torch path
 on CPU), floor (only the matmuls the method needs: 2 or 4 projections + 1 gradient product).
 Prints a table and one JSON line per row.
@@ -20,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ["floor-opsd", "floor-purified", "reference-opsd", "reference-purified", "fused-opsd", "fused-purified", "trl-opsd",
-         "fused-opsd-topk", "fused-purified-topk", "fused-opsd-sampled", "fused-purified-sampled"]
+         "fused-opsd-topk", "fused-purified-topk", "fused-opsd-sampled", "fused-purified-sampled",
+         "fused-opsd-compiled", "fused-purified-compiled"]
 
 
 def rss_mb(field):
@@ -37,7 +39,9 @@ def run_case(case, n, h, v, dtype_name, device, chunk_mb):
     torch.manual_seed(0)
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
     impl, method, *support = case.split("-")
-    support = dict(support=support[0], divergence="reverse_kl" if support[0] == "sampled" else "jsd") if support else {}
+    compiled = support == ["compiled"]
+    support = dict(support=support[0], divergence="reverse_kl" if support[0] == "sampled" else "jsd") \
+        if support and not compiled else {}
     n_ctx = 4 if method == "purified" else 2
     w = (torch.randn(v, h, device=device) / h ** 0.5 * 4).to(dtype)
     hs = [torch.randn(n, h, device=device).to(dtype) for _ in range(n_ctx)]
@@ -70,7 +74,8 @@ def run_case(case, n, h, v, dtype_name, device, chunk_mb):
         elif impl == "fused":
             kw = {} if not support else dict(support=support["support"], kind=support["divergence"], topk=100,
                                              tokens=torch.randint(0, v, (k,), device=device))
-            loss_sum, _ = L.fused_loss(student_k, *rest, w, method=method, chunk_mb=chunk_mb, **kw)
+            loss_sum, _ = L.fused_loss(student_k, *rest, w, method=method, chunk_mb=chunk_mb,
+                                       compile="on" if compiled else "off", **kw)
         else:
             loss_sum, _ = L.reference_loss(student_k, *rest, w, method=method)
         loss_sum.backward()

@@ -267,6 +267,43 @@ def test_fused_chunk_size_from_memory_budget():
         L.fused_loss(hs, ht, None, None, w)
 
 
+@pytest.mark.parametrize("method,kind,token_clip,clip,diag", [
+    ("purified", "jsd", None, 10.0, True), ("purified", "forward_kl", 0.05, None, True),
+    ("opsd", "reverse_kl", None, 10.0, True), ("opsd", "jsd", 0.02, 10.0, False)])
+def test_the_compiled_chunk_equals_the_eager_chain_and_the_reference(method, kind, token_clip, clip, diag):
+    """compile='on' (torch.compile of _chunk, which also runs on CPU) against the eager in-place chain: values,
+    gradients and stats within 1e-5 relative in fp32; both against the readable reference path; a ragged last
+    chunk (13 rows in chunks of 5) exercises the dynamic shape; the sampled token's log-prob stays eager."""
+    w, (hs, ht, hr, hb) = fused_inputs(13)
+    hr = hr if diag else None
+    tokens = torch.randint(0, w.shape[0], (13,), generator=torch.Generator().manual_seed(1))
+    kw = dict(method=method, kind=kind, jsd_beta=0.3, beta=0.7, clip=clip, temperature=1.1, token_clip=token_clip,
+              tokens=tokens)
+    got = {}
+    for mode in ("off", "on"):
+        h = hs.clone().requires_grad_()
+        loss, stats = L.fused_loss(h, ht, hr, hb, w, chunk_size=5, compile=mode, **kw)
+        loss.backward()
+        got[mode] = loss, h.grad, stats
+    (eager, g_eager, s_eager), (comp, g_comp, s_comp) = got["off"], got["on"]
+    assert comp.item() == pytest.approx(eager.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(g_comp, g_eager, atol=1e-5 * g_eager.abs().max().item(), rtol=1e-5)
+    assert s_comp.keys() == s_eager.keys()
+    for k in s_eager:
+        torch.testing.assert_close(s_comp[k], s_eager[k], atol=1e-5, rtol=1e-5)
+    ref, _ = L.reference_loss(hs, ht, hr, hb, w, **kw)
+    assert comp.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+
+
+def test_compile_auto_is_eager_on_cpu_and_other_supports_stay_eager(monkeypatch):
+    w, (hs, ht, hr, hb) = fused_inputs(6)
+    monkeypatch.setattr(L, "_compiled_chunk", lambda **kw: pytest.fail("compiled on CPU under auto"))
+    L.fused_loss(hs, ht, hr, hb, w, compile="auto")
+    L.fused_loss(hs, ht, hr, hb, w, compile="on", support="topk", topk=4)  # topk/sampled: the eager chain
+    with pytest.raises(ValueError, match="compile 'yes'"):
+        L.fused_loss(hs, ht, hr, hb, w, compile="yes")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it)")
 @pytest.mark.parametrize("method", ["purified", "opsd"])
 def test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size(method):
@@ -277,13 +314,15 @@ def test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size(method):
     kw = dict(method=method, kind="jsd", clip=10.0, temperature=1.1)
     ref_h = hs[0].float().clone().requires_grad_()
     ref_loss, _ = L.reference_loss(ref_h, *(h.float() for h in hs[1:]), w.float(), **kw)
-    fused_h = hs[0].clone().requires_grad_()
-    loss, _ = L.fused_loss(fused_h, *hs[1:], w, **kw)
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3)
     ref_loss.backward()
-    loss.backward()
-    assert fused_h.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(fused_h.grad.float(), ref_h.grad, atol=2e-2 * ref_h.grad.abs().max().item(), rtol=2e-2)
+    for mode in ("auto", "off"):  # auto: the compiled chunk on CUDA
+        fused_h = hs[0].clone().requires_grad_()
+        loss, _ = L.fused_loss(fused_h, *hs[1:], w, compile=mode, **kw)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3), mode
+        loss.backward()
+        assert fused_h.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(fused_h.grad.float(), ref_h.grad, atol=2e-2 * ref_h.grad.abs().max().item(),
+                                   rtol=2e-2)
 
 
 # ---- supports: top-k (renormalised or with a tail bucket) and the sampled token, float64 brute force

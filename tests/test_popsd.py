@@ -245,9 +245,13 @@ def test_micro_batching_does_not_change_the_update(tmp_path):
 def test_fused_and_reference_losses_give_the_same_update(tmp_path):
     fused = run_tiny(tmp_path / "a", "steps=2", "loss_impl=fused", "loss_chunk_mb=0")  # one token per chunk
     reference = run_tiny(tmp_path / "b", "steps=2", "loss_impl=reference")
+    compiled = run_tiny(tmp_path / "c", "steps=2", "loss_impl=fused", "loss_compile=on")  # the CUDA default, on CPU
     assert_same_adapter(adapter(fused / "adapter"), adapter(reference / "adapter"), atol=0.02 * 1e-3)
-    rows = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (fused, reference)]
-    for a, b in zip(*rows):
+    assert_same_adapter(adapter(compiled / "adapter"), adapter(reference / "adapter"), atol=0.02 * 1e-3)
+    rows = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            for out in (fused, reference, compiled)]
+    for a, b, c in zip(*rows):
+        assert c["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["cos_total_it"] == pytest.approx(b["cos_total_it"], abs=1e-4)
 
 

@@ -182,6 +182,7 @@ def test_gpu_check_dry_run_finds_every_command_and_its_arguments(tmp_path):
     assert [line.split()[1] for line in out.stdout.splitlines()] == ["cuda-tests:", "loss-bf16:", "build:",
                                                                      "memory-update:", "rollout-nf4:", "gpu-memory:"]
     assert all(line.startswith("ok") for line in out.stdout.splitlines())
+    assert "fused-purified-compiled" in (ROOT / "bench/gpu_check.sh").read_text()  # the compiled loss is measured
     bad = subprocess.run([sys.executable, str(ROOT / "bench/rollout.py"), "--engines", "warp", "--check-args"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown engine" in bad.stderr  # what --dry-run would report as FAILED
