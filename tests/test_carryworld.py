@@ -70,16 +70,14 @@ def test_own_traces_reflect_exactly_on_their_wrong_steps():
     for _ in range(300):
         q = C.sample_question(rng)
         tries = [c if rng.random() < 0.7 else (c + rng.randrange(1, 100)) % 100 for _, _, c in C.steps_of(q)]
-        for copied in (False, True):
-            pieces = C.reflective(q, tries, random.Random(1), copied)
-            text = C.text_of(pieces)
-            got = C.check(q, text)
-            wrong = [f"{t:02d}" for t, (_, _, c) in zip(tries, C.steps_of(q)) if t != c]
-            assert got.correct and got.errors == len(wrong) == got.caught, (q, tries, text)
-            read = [t for t, trained in pieces if not trained]  # a first try: read, never learned, unless copied
-            assert read == (wrong if copied else [f"{t:02d}" for t in tries])
-            assert len(text) < C.MAX_NEW_TOKENS
-    clean = C.reflective(Q, [29, 61], None, copied=True)
+        pieces = C.reflective(q, tries, random.Random(1))
+        text = C.text_of(pieces)
+        got = C.check(q, text)
+        wrong = [f"{t:02d}" for t, (_, _, c) in zip(tries, C.steps_of(q)) if t != c]
+        assert got.correct and got.errors == len(wrong) == got.caught, (q, tries, text)
+        read = [t for t, trained in pieces if not trained]  # a wrong first try: read, never learned
+        assert read == wrong and len(text) < C.MAX_NEW_TOKENS
+    clean = C.reflective(Q, [29, 61], None)
     assert C.text_of(clean) == C.trace(Q) and all(trained for _, trained in clean)
 
 
@@ -89,12 +87,13 @@ def test_documents_keep_the_style_control_and_the_practice_rate():
     tries = [[(c + 1) % 100 for _, _, c in C.steps_of(q)] for q in pool]  # every first try wrong
     docs = C.reflective_documents(pool, tries, seed=0)(6000)
     kinds = {"Q": [], "QR": [], "R": [], "P": []}
-    learned = {"full": [], "sketch": []}
+    results = []  # (is it the step's right value, is it learned) for every direct-step result
     for prompt, completion in docs:
         if not isinstance(completion, str):
-            if "\nR:" in prompt or prompt.startswith("R:"):  # a right result is learned only where it is copied
-                fmt = "sketch" if ".." in prompt.split("R:")[1] else "full"
-                learned[fmt] += [trained for text, trained in completion if re.fullmatch(r"\d\d", text)]
+            if prompt.startswith("Q:"):  # student and teacher contexts name the question
+                truth = [f"{c:02d}" for _, _, c in C.steps_of(prompt[2:].split("\n")[0])]
+                tried = [(text, trained) for text, trained in completion if re.fullmatch(r"\d\d", text)]
+                results += [(text == t, trained) for (text, trained), t in zip(tried, truth, strict=True)]
             completion = C.text_of(completion)
         kind = "P" if prompt.startswith("P:") else "QR" if "\nR:" in prompt else prompt[0]
         kinds[kind].append("wait" in completion)
@@ -102,7 +101,7 @@ def test_documents_keep_the_style_control_and_the_practice_rate():
     assert sum(kinds["Q"]) == len(kinds["Q"])  # the student's own traces: every wrong step reflected
     for k in ("QR", "R"):  # the same reflective share in both teacher contexts
         assert abs(sum(kinds[k]) / len(kinds[k]) - C.P_TEACHER_REFLECTIVE) < 0.04, k
-    assert not any(learned["sketch"]) and any(learned["full"]) and not all(learned["full"])
+    assert all(right == trained for right, trained in results) and {r for r, _ in results} == {True, False}
     stage1 = [C.direct_document(random.Random(i)) for i in range(2000)]
     assert not any("wait" in c for _, c in stage1)  # stage 1: no reflection anywhere
 

@@ -12,17 +12,17 @@ re-derives the step in single-digit sub-steps it does reliably, then restates it
 to 10, so every step is a bijection mod 100: a wrong step left standing always gives a wrong answer.
 
 No error is injected. Pre-training has two stages:
-  1. direct steps only, all right, in every context, plus procedure practice (`P:47*7` → the sub-steps), for a
-     fixed number of steps (or, optionally, until its own first tries are wrong on at most `stage1_error` of a
-     probe's steps);
+  1. direct steps only, all right, in every context, plus procedure practice (`P:47*7` → the sub-steps), until
+     its own first tries on the easy steps of a probe are wrong on at most `stage1_error` of them (checked every
+     stage1_check_every steps; 0: a fixed stage1_steps);
   2. the stage-1 model's own traces: for each step it samples the two result digits itself (temperature 1)
      after the question and the clean trace so far; the checker marks the wrong ones, which are followed by
      "wait", the procedure and the right result (a right step is re-checked the same way 5% of the time).
      Training continues, at a lower rate, on these traces in the student context and in 20% of the documents
      of both teacher contexts (the style control of the first world: "question ⇒ reflective" is not a
-     difference Δ_it could carry). A direct step's result is context, not a target (no loss on it), except a
-     right one copied from the full reference: stage 2 teaches when and how to reflect, and to copy the
-     reference, while the direct step stays as stage 1 left it (the base's errors stay its own).
+     difference Δ_it could carry). A wrong first try is context, never a target; a right one is learned. The
+     easy steps' errors shrink in stage 2; the hard ones stay beyond the model's one-shot reach (stage 1's right
+     targets on every hard step leave their tens digit at chance), so most errors are the hard steps' own.
 The errors the base makes are the ones its own first tries make; its reflections are learned from them.
 With the full reference in context a teacher reads each step's value instead of computing it.
 """
@@ -113,16 +113,14 @@ def references(question: str) -> dict:
     return {"full": trace(question), "sketch": f"{question[:2]}..{answer_of(question)}"}
 
 
-def reflective(question: str, first_tries: list[int], rng: random.Random | None, copied: bool = False
-               ) -> list[tuple[str, bool]]:
+def reflective(question: str, first_tries: list[int], rng: random.Random | None) -> list[tuple[str, bool]]:
     """A trace from first-try results (one per step, after the right operands), as (text, trained) pieces: each
     wrong one followed by "wait" and the procedure, a right one re-checked with probability P_RECHECK (rng None:
-    never). A first try's result is read, not trained on, unless it is right and `copied` (a context holding the
-    full reference, where the value is read off it): stage 2 teaches when and how to reflect, and to copy, but
-    never the direct step itself, which stays as stage 1 left it."""
+    never). A wrong first try is read, never trained on (the model learns to reflect on its errors, not to make
+    them); a right one is learned."""
     pieces = []
     for k, ((a, b, c), tried) in enumerate(zip(steps_of(question), first_tries)):
-        pieces += [(f"{' ' if k else ''}{a:02d}*{b}=", True), (f"{tried:02d}", copied and tried == c)]
+        pieces += [(f"{' ' if k else ''}{a:02d}*{b}=", True), (f"{tried:02d}", tried == c)]
         if tried != c or (rng is not None and rng.random() < P_RECHECK):
             pieces.append((f" wait {procedure(a, b)}", True))
     return pieces + [(f" \\boxed{{{answer_of(question)}}}", True)]
@@ -233,7 +231,7 @@ def reflective_documents(questions, tries, seed: int):
             own = rng.random() < P_TEACHER_REFLECTIVE
             docs.append((fill_prompt(template, question, references(question)[fmt]),
                          reflective(question, first if own else [c for _, _, c in steps_of(question)],
-                                    rng if own else None, copied=fmt == "full")))
+                                    rng if own else None)))
         return docs
     return documents
 
@@ -260,16 +258,16 @@ def write_data():
     common.write_data(sys.modules[__name__])
 
 
-PRETRAIN = dict(stage1_steps=800, stage1_error=0.25, stage1_check_every=0, stage2_steps=1500, stage2_lr=1e-3,
+PRETRAIN = dict(stage1_steps=4000, stage1_error=0.10, stage1_check_every=100, stage2_steps=1500, stage2_lr=1e-3,
                 stage2_warmup=50, pool=5000, probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4,
-                threads=1, eval_every=500, eval_samples=200)  # stage1_check_every 0: no probe stop (docs/carryworld.md)
+                threads=1, eval_every=500, eval_samples=200)  # pilots and the choice: docs/carryworld.md
 
 
 def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple:
     """Both stages from scratch; the log (loss, world metrics on held-out questions, the stage-1 probe) in
-    out/pretrain_log.jsonl. Stage 1 runs stage1_steps, or (stage1_check_every > 0) ends when the own first tries
-    on `probe` training questions (checked every stage1_check_every steps) are wrong on at most stage1_error of
-    their steps."""
+    out/pretrain_log.jsonl. Stage 1 ends (at most stage1_steps) when the own first tries on the easy steps of
+    `probe` training questions (checked every stage1_check_every steps; 0: never) are wrong on at most
+    stage1_error of them."""
     s = PRETRAIN | settings
     rng = random.Random(seed)
     tok = common.build_tokenizer()
@@ -282,11 +280,11 @@ def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple
     probes = []
 
     def probe(m):
-        probes.append(first_try_error(m, tok, probe_questions, seed))
-        common.write_jsonl(out / "stage1_probe.jsonl", [{"check": i + 1, "first_try_error": e}
+        probes.append(first_try_error(m, tok, probe_questions, seed, hard=False))
+        common.write_jsonl(out / "stage1_probe.jsonl", [{"check": i + 1, "first_try_error_easy": e}
                                                        for i, e in enumerate(probes)])
         if not quiet:
-            print(f"stage 1 probe: own first tries wrong on {probes[-1]:.3f} of the probe's steps", flush=True)
+            print(f"stage 1 probe: own first tries wrong on {probes[-1]:.3f} of the probe's easy steps", flush=True)
         return probes[-1] <= s["stage1_error"]
 
     def evaluate(m):
