@@ -62,6 +62,9 @@ class Config:
     top_k: int = 20  # top-k sampling (0: off)
     gen_batch_size: int = 32  # sequences per generate call
     rollout_engine: str = "dynamic"  # dynamic | static: HF generate, KV cache grown | preallocated; vllm: vLLM in this process
+    # graph: a static KV cache and the decoding step replayed as a CUDA graph (graph_engine.py; one process)
+    graph_keep_rows: bool = True  # graph: step every row to the end (seeded samples = dynamic's); false: halve the batch as rows finish
+    graph_kv_gb: float = 0.0  # graph: GiB its KV caches may hold (0: 25% of the GPU's free memory at start-up; 8 on a CPU)
     rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (server_pool.py; docs/engines.md has the command)
     rollout_adapter_dir: str = ""  # folder the servers read each step's adapter from ("": <out_dir>/rollout_adapters)
     rollout_concurrency: int = 16  # requests in flight per rollout server
@@ -122,7 +125,7 @@ class Config:
 CHOICES = {"loss_impl": ("fused", "reference"), "loss_compile": ("auto", "on", "off"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
            "teacher": ("frozen", "live", "ema"), "divergence": L.KINDS, "support": L.SUPPORTS,
            "lr_schedule": ("constant", "cosine"), "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
-           "rollout_engine": ENGINES + ("vllm",)}
+           "rollout_engine": ENGINES + ("graph", "vllm")}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -220,8 +223,10 @@ def validate(cfg: Config):
             fail(key, "must be in (0, 1]")
     if not 0 < cfg.vllm_gpu_memory <= 1:
         fail("vllm_gpu_memory", "must be in (0, 1]")
-    if cfg.rollout_server and cfg.rollout_engine == "vllm":
-        fail("rollout_server", "and rollout_engine=vllm both name the sampler: keep one")
+    if cfg.rollout_server and cfg.rollout_engine in ("vllm", "graph"):
+        fail("rollout_server", f"and rollout_engine={cfg.rollout_engine} both name the sampler: keep one")
+    if cfg.graph_kv_gb < 0:
+        fail("graph_kv_gb", "must be ≥ 0 (0: a quarter of the GPU's free memory)")
     for url in filter(None, (u.strip() for u in cfg.rollout_server.split(","))):
         if not re.match(r"^https?://[^/\s]+", url):
             fail("rollout_server", f"holds {url!r}, not an http(s)://host:port address")

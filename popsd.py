@@ -260,6 +260,9 @@ def make_sampler(cfg: Config, model, tokenizer, path: str, eos, device, out: Pat
         return server_pool.ServerPool(cfg.rollout_server, tokenizer, eos, Path(cfg.rollout_adapter_dir or
                                       out / "rollout_adapters"), cfg.rollout_concurrency, run_id, rank,
                                       warn=warn)
+    if cfg.rollout_engine == "graph" and world > 1:
+        raise PopsdError("rollout_engine=graph samples from one process's whole weights: under torchrun sample with "
+                         "rollout_engine=dynamic (sample_gathered) or rollout_server=URL,...")
     if cfg.rollout_engine == "vllm":
         if world > 1:
             raise PopsdError("rollout_engine=vllm runs in one process: under torchrun sample with rollout_server=URL,...")
@@ -267,8 +270,22 @@ def make_sampler(cfg: Config, model, tokenizer, path: str, eos, device, out: Pat
         longest = cfg.max_prompt_len + max(cfg.max_new_tokens, cfg.eval_max_new_tokens if cfg.eval_every else 0)
         return vllm_engine.VLLMEngine(cfg, path, tokenizer, eos, device,
                                       max_model_len=min(longest, model_positions(model)))
+    if cfg.rollout_engine == "graph":
+        import graph_engine
+        return graph_engine.GraphSampler(model, tokenizer, batch_size=graph_rows(cfg, model, device)[0], device=device,
+                                         eos_ids=eos, keep_rows=cfg.graph_keep_rows)
     return HFSampler(model, tokenizer, engine=cfg.rollout_engine, batch_size=cfg.gen_batch_size, device=device,
                      eos_ids=eos, gather=cfg.sample_gathered)
+
+
+def graph_rows(cfg: Config, model, device) -> tuple[int, str]:
+    """rollout_engine=graph: rows per batch whose static KV caches fit graph_kv_gb (0: a quarter of the GPU's
+    free memory, 8 GiB on a CPU), and the start-up table's line."""
+    import graph_engine
+    longest = cfg.max_prompt_len + max(cfg.max_new_tokens, cfg.eval_max_new_tokens if cfg.eval_every else 0)
+    budget = cfg.graph_kv_gb * 2 ** 30 if cfg.graph_kv_gb else \
+        0.25 * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2 ** 30
+    return graph_engine.plan(model, cfg.gen_batch_size, longest, budget, cfg.graph_keep_rows)
 
 
 def sample_student(sampler, batch, cfg: Config, step: int, rank: int, world: int) -> Rollout:
@@ -322,6 +339,8 @@ def train(cfg: Config) -> Path:
                                                       "over-long prompts skipped": too_long}
         if cfg.teacher == "ema":
             sizes["EMA teacher adapter"] = f"{ema.megabytes(model):.1f} MB (a second LoRA, not trained; FSDP: sharded)"
+        if cfg.rollout_engine == "graph" and not cfg.rollout_server:
+            sizes["graph KV cache"] = graph_rows(cfg, model, device)[1]
         print_config(cfg, sizes, console)
         if rank == 0:
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

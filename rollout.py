@@ -136,6 +136,7 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]):
 
 
 ENGINES = ("dynamic", "static")  # HF generate's KV cache: grown step by step | preallocated (bench/rollout.py)
+# beyond HF generate (config.py adds them to rollout_engine's choices): graph (graph_engine.py), vllm (vllm_engine.py)
 
 
 @torch.no_grad()

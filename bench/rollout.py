@@ -9,6 +9,8 @@ Engines, each with a LoRA adapter active on all linear layers (r64 as single_gpu
   dynamic     rollout.generate as the loop runs it: HF generate, a KV cache grown step by step, one static batch
   static      rollout.generate(engine="static"): HF's preallocated KV cache (cache_implementation="static")
   compile     static + torch.compile of the forward (GPU only: compiling on a CPU takes minutes)
+  graph       rollout_engine=graph (graph_engine.py): a static cache, each decoding step a replayed CUDA graph
+              (on a CPU the same loop, eager); graph-drop: graph_keep_rows=false, the batch halved as rows finish
   continuous  transformers' continuous batching (paged KV cache, a finished sequence frees its slot at once)
   vllm        vLLM in this process with the same adapter as a LoRARequest (rollout_engine=vllm; measured last:
               on a CPU it binds this process's threads); on a CPU its attention needs head_dim >= 32, so
@@ -40,7 +42,8 @@ sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HER
 import rollout  # noqa: E402
 from models import kv_bytes_per_token, quantization_config  # noqa: E402
 
-ENGINES = ("dynamic", "static", "compile", "continuous", "vllm")
+ENGINES = ("dynamic", "static", "compile", "continuous", "graph", "graph-drop", "vllm")
+GRAPH = {}  # (engine, rows) → its GraphSampler, kept across calls (caches and graphs are made once per shape)
 
 
 class ForceLengths:
@@ -155,8 +158,20 @@ class VLLM:
         return tokens, logprobs
 
 
-def run(engine, model, tok, prompts, lengths, eos, device, greedy=False, logits=False, ctx=None):
-    """Completions (token lists) of `prompts` with the given lengths; optionally the per-step raw logits."""
+def run(engine, model, tok, prompts, lengths, eos, device, greedy=False, logits=False, ctx=None, horizon=None):
+    """Completions (token lists) of `prompts` with the given lengths; optionally the per-step raw logits (graph:
+    the raw log-probs of its tokens). horizon: the graph engines' cache length in new tokens (default the
+    longest length), so a short warm-up builds the caches and graphs the timed run uses."""
+    if engine.startswith("graph"):
+        import graph_engine
+        key = (engine, len(prompts))
+        if key not in GRAPH:
+            GRAPH[key] = graph_engine.GraphSampler(model, tok, batch_size=len(prompts), device=device, eos_ids=[eos],
+                                                   keep_rows=engine == "graph")
+        out = GRAPH[key].generate(prompts, n=1, max_new_tokens=horizon or max(lengths),
+                                     temperature=0 if greedy else 1.0, top_p=1.0, top_k=0, lengths=lengths)
+        completions, mask, lp = out[0], out[1], out[4]
+        return [c[m].tolist() for c, m in zip(completions, mask)], [x[m].tolist() for x, m in zip(lp, mask)]
     if engine == "continuous":
         return continuous(model, prompts, lengths, eos, greedy), None
     if engine == "vllm":
@@ -207,6 +222,14 @@ def exactness(engine, model, tok, prompts, eos, device, reference, ctx=None) -> 
     """'' when the engine samples what dynamic samples (compare_greedy); else what differs. vLLM: its greedy tokens
     before the forced EOS, and the raw log-probs it reports for them against dynamic's."""
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    if engine.startswith("graph"):  # its tokens, and the raw log-probs it reports, against dynamic's
+        tokens, lp = run(engine, model, tok, prompts, [len(t) for t in reference[0]], eos, device, greedy=True)
+        problem = compare_greedy(tokens, None, *reference, eos, tol)
+        ref_lp = torch.log_softmax(reference[1], -1)  # [B, T, V]; the forced last step (ForceLengths wrote
+        worst = max((abs(v - ref_lp[i, t, tok_id].item()) for i, (ts, vs) in enumerate(zip(tokens, lp))  # into it)
+                     for t, (tok_id, v) in enumerate(zip(ts[:-1], vs)) if ts[:t + 1] == reference[0][i][:t + 1]),
+                    default=0.0)  # is left out
+        return problem or (f"log-probs differ by {worst:.2g} (tolerance {tol})" if worst > tol else "")
     if engine == "vllm":
         tokens, lp = run(engine, model, tok, prompts, [len(t) - 1 for t in reference[0]], eos, device, greedy=True,
                          ctx=ctx)
@@ -243,7 +266,9 @@ def compare_greedy(tokens, logits, ref_tokens, ref_logits, eos: int, tol: float)
 
 
 def measure(engine, model, tok, prompts, lengths, eos, device, ctx=None) -> tuple[float, float | None]:
-    run(engine, model, tok, prompts, [4] * len(prompts), eos, device, ctx=ctx)  # warm-up at the measured batch
+    # warm-up at the measured batch (graph-drop: rows ending one by one, so every halved batch is made)
+    warm = list(range(2, len(prompts) + 2)) if engine == "graph-drop" else [4] * len(prompts)
+    run(engine, model, tok, prompts, warm, eos, device, ctx=ctx, horizon=max(lengths))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)

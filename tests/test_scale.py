@@ -127,7 +127,7 @@ def test_rollout_bench_checks_every_engine_then_times_it_on_cpu(tmp_path):
     out = tmp_path / "rollout.jsonl"
     stdout = launch([ROOT / "bench/rollout.py", "--cpu-test", "--max-new-tokens", "24", "--out", out], ranks=1)
     got = rows(out)
-    engines = ("dynamic", "static", "compile", "continuous", "vllm")
+    engines = ("dynamic", "static", "compile", "continuous", "graph", "graph-drop", "vllm")
     assert [(r["engine"], r["workload"]) for r in got] == [(e, w) for e in engines for w in ("fixed", "longtail")]
     for r in got:
         if r["engine"] == "compile":
@@ -180,7 +180,8 @@ def test_gpu_check_dry_run_finds_every_command_and_its_arguments(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert [line.split()[1] for line in out.stdout.splitlines()] == ["cuda-tests:", "loss-bf16:", "build:",
-                                                                     "memory-update:", "rollout-nf4:", "gpu-memory:"]
+                                                                     "rollout-nf4:", "rollout-bf16:", "memory-update:",
+                                                                     "gpu-memory:"]
     assert all(line.startswith("ok") for line in out.stdout.splitlines())
     assert "fused-purified-compiled" in (ROOT / "bench/gpu_check.sh").read_text()  # the compiled loss is measured
     bad = subprocess.run([sys.executable, str(ROOT / "bench/rollout.py"), "--engines", "warp", "--check-args"],

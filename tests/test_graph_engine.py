@@ -1,0 +1,147 @@
+"""graph_engine.py (rollout_engine=graph): on a CPU the same loop runs without capture. Against rollout.generate:
+seeded samples identical when every row is kept, greedy equality and exact per-token log-probs when finished rows
+are dropped; weights read in place after an optimizer step, recaptured when replaced; the loop's wiring."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import graph_engine as G
+import popsd
+import rollout
+from data import PopsdError
+from worlds import common, toyworld
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The toy base with a random (non-zero) LoRA on every linear layer, and 12 prompts of mixed widths."""
+    tok, base = common.load_base(toyworld)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                            init_lora_weights=False)).eval()
+    qs = common.held_out(toyworld, 12)
+    prompts = [rollout.chat_ids(tok, f"Q:{q}", False) for q in qs[:8]] + \
+        [rollout.chat_ids(tok, f"Q:{q}", False)[:4] for q in qs[8:]]  # 4-token prompts: wide left padding
+    return tok, model, prompts
+
+
+def both(tok, model, prompts, keep_rows=True, batch_size=8, device="cpu", **kw):
+    kw = dict(n=2, max_new_tokens=60, temperature=1.0, top_p=1.0, top_k=0) | kw
+    torch.manual_seed(1)
+    want = rollout.generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=batch_size,
+                            device=torch.device(device), **kw)
+    sampler = G.GraphSampler(model, tok, batch_size=batch_size, device=device, eos_ids=[tok.eos_token_id],
+                             keep_rows=keep_rows)
+    torch.manual_seed(1)
+    return want, sampler.generate(prompts, **kw), sampler
+
+
+def teacher_forced_logprobs(model, prompts, n, completions, mask, pad):
+    """log π(ŷ_t) of each completion token by one full forward of prompt + completion (float32, τ = 1)."""
+    rows = [p for p in prompts for _ in range(n)]
+    out = torch.zeros(completions.shape)
+    for i, (p, c, m) in enumerate(zip(rows, completions, mask)):
+        ids = torch.tensor([p + c[m].tolist()])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(p) - 1:-1].float()
+        out[i, :int(m.sum())] = torch.log_softmax(logits, -1).gather(-1, c[m][:, None])[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_keeping_every_row_gives_the_very_same_samples_as_rollout_generate(toy, kw):
+    tok, model, prompts = toy
+    (c, m, tr, texts), (c2, m2, tr2, texts2, lp), _ = both(tok, model, prompts, **kw)
+    assert torch.equal(c, c2) and torch.equal(m, m2) and torch.equal(tr, tr2) and texts == texts2
+    assert len(set(texts)) > 4  # not one degenerate completion
+    want = teacher_forced_logprobs(model, prompts, 2, c2, m2, tok.pad_token_id)
+    torch.testing.assert_close(lp, want, atol=1e-4, rtol=0)  # the raw log-prob of each sampled token
+
+
+def test_dropping_finished_rows_keeps_greedy_tokens_and_the_log_probs(toy):
+    tok, model, prompts = toy
+    (c, m, _, texts), (c2, m2, _, texts2, _), sampler = both(tok, model, prompts, keep_rows=False, temperature=0,
+                                                            batch_size=24)
+    assert torch.equal(c, c2) and texts == texts2 and len(sampler.steps) > 1  # the batch was halved
+    _, (c3, m3, _, texts3, lp), sampler = both(tok, model, prompts, keep_rows=False, batch_size=24)
+    assert len(sampler.steps) > 1 and m3.sum(1).min() > 0
+    want = teacher_forced_logprobs(model, prompts, 2, c3, m3, tok.pad_token_id)
+    torch.testing.assert_close(lp, want, atol=1e-4, rtol=0)  # each row continued its own cache after the moves
+
+
+def test_weights_are_read_in_place_and_a_replaced_one_is_recaptured(toy):
+    tok, model, prompts = toy
+    sampler = G.GraphSampler(model, tok, batch_size=8, device="cpu", eos_ids=[tok.eos_token_id])
+    kw = dict(n=1, max_new_tokens=30, temperature=0, top_p=1.0, top_k=0)
+    sampler.generate(prompts, **kw)
+    shapes = dict(sampler.steps)
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    saved = [p.detach().clone() for p in lora]
+    for p in lora:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(lora, lr=5.0)  # a step large enough to change greedy completions
+    model.train()
+    loss = model(input_ids=torch.tensor([prompts[0]]), labels=torch.tensor([prompts[0]])).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    after, _, _, texts = rollout.generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=8, device=CPU,
+                                          **kw)
+    got = sampler.generate(prompts, **kw)
+    assert sampler.steps == shapes  # updated in place: the same caches (and, on CUDA, the same graphs)
+    assert torch.equal(got[0], after) and got[3] == texts  # ... reading the new weights
+    lora[0].data = lora[0].data.clone()  # a replaced tensor (a new address): what a graph could not see
+    sampler.generate(prompts, **kw)
+    assert all(sampler.steps[k] is not shapes[k] for k in sampler.steps)  # dropped and rebuilt
+    with torch.no_grad():
+        for p, s in zip(lora, saved):
+            p.copy_(s)
+    model.eval()
+
+
+def test_plan_fits_the_budget_and_counts_the_halves():
+    tok, model = common.load_base(toyworld)
+    rows, line = G.plan(model, 400, 300, 2 ** 30, keep_rows=True)
+    per_row = 2 * 4 * model.config.num_key_value_heads * model.config.head_dim * 4 * 320  # 300 → 320 (ROUND 64)
+    assert rows == 400 and "320 tokens" in line
+    few, _ = G.plan(model, 400, 300, 10 * per_row, keep_rows=True)
+    halves, line = G.plan(model, 400, 300, 10 * per_row, keep_rows=False)
+    assert few < 10 and halves <= few // 2 + 1 and "halves" in line
+
+
+def test_the_loop_takes_the_graph_engine_and_refuses_it_where_it_cannot_work(tmp_path, tiny_dir):
+    cfg = popsd.make_config("tiny", ["rollout_engine=graph", f"out_dir={tmp_path}"])
+    tok, model = popsd.load_model(cfg, CPU, str(tiny_dir))
+    sampler = popsd.make_sampler(cfg, model, tok, str(tiny_dir), [tok.eos_token_id], CPU, tmp_path, 0, 1)
+    assert isinstance(sampler, G.GraphSampler) and sampler.reports_logprobs
+    with pytest.raises(PopsdError, match="rollout_engine=graph samples from one process"):
+        popsd.make_sampler(cfg, model, tok, str(tiny_dir), [tok.eos_token_id], CPU, tmp_path, 0, 2)
+    with pytest.raises(PopsdError, match="rollout_engine=graph both name the sampler"):
+        popsd.make_config("tiny", ["rollout_engine=graph", "rollout_server=http://127.0.0.1:1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it)")
+def test_cuda_graph_replay_equals_eager_before_and_after_an_update(toy):
+    """On CUDA each step is a captured graph: its samples equal rollout.generate's, and still do after an
+    in-place update of the weights (the graph reads them by address)."""
+    tok, model, prompts = toy
+    model.cuda()
+    try:
+        (c, _, _, _), (c2, _, _, _, _), sampler = both(tok, model, prompts, device="cuda", temperature=0)
+        assert sampler.captures > 0 and torch.equal(c, c2)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(3.0)
+        kw = dict(n=2, max_new_tokens=60, temperature=0, top_p=1.0, top_k=0)
+        want = rollout.generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=8,
+                                device=torch.device("cuda"), **kw)[0]
+        assert torch.equal(sampler.generate(prompts, **kw)[0], want) and not torch.equal(want, c)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.div_(3.0)
+        model.cpu()
