@@ -259,12 +259,15 @@ def test_fused_and_reference_losses_give_the_same_update(tmp_path):
                                        ["method=opsd", "diagnostics=false"],
                                        ["teacher=live", "divergence=reverse_kl", "n_samples=2"],
                                        ["support=topk", "topk=8", "topk_tail=true"],
-                                       ["method=opsd", "support=sampled", "divergence=reverse_kl"]])
+                                       ["method=opsd", "support=sampled", "divergence=reverse_kl"],
+                                       ["rollout_engine=graph", "graph_keep_rows=false"]])
 def test_variants_run(tmp_path, overrides):
     out = run_tiny(tmp_path, "steps=2", "batch_size=2", *overrides)
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 2 and ("cos_total_ref" in row) == ("diagnostics=false" not in overrides)
     assert row["grad_norm"] > 0 and math.isfinite(row["loss"]) and "logprob" not in row
+    if "rollout_engine=graph" in overrides:  # it reports log-probs: the sampler-trainer gap is logged
+        assert row["sampler_logprob_gap"] < 1e-4
 
 
 def test_topk_above_the_vocabulary_is_a_config_error(tmp_path):
