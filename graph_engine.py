@@ -151,6 +151,7 @@ class GraphSampler:
         self.batch_size, self.keep_rows = batch_size, keep_rows
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.steps: dict[tuple[int, int], _Step] = {}
+        self.used: set[tuple[int, int]] = set()  # the shapes the current call uses
         self.addresses = None
         self.captures = 0  # graphs recorded so far (a test watches this)
 
@@ -164,6 +165,7 @@ class GraphSampler:
             self.addresses = now
 
     def _step(self, rows: int, length: int) -> _Step:
+        self.used.add((rows, length))
         if (rows, length) not in self.steps:
             self.steps[(rows, length)] = _Step(self.model, rows, length, self.device, self.capture)
         return self.steps[(rows, length)]
@@ -177,8 +179,11 @@ class GraphSampler:
                  lengths=None):
         """n completions per prompt: (completions [B, T] padded after EOS, mask [B, T], truncated [B], texts [B],
         log-probs [B, T]); rows in batches of batch_size, as rollout.generate. lengths [B] (benchmarks: a fixed
-        workload): row i ends exactly at lengths[i] tokens, EOS banned before and forced there."""
+        workload): row i ends exactly at lengths[i] tokens, EOS banned before and forced there. seeds: unused, as
+        in HFSampler (torch's generator, seeded per run). Caches of shapes this call did not use are freed after
+        it, so at most one call's caches are held (what plan() budgets)."""
         self._check_addresses()
+        self.used = set()
         do_sample = temperature != 0
         if not do_sample:  # greedy, as rollout.generate
             temperature, top_p, top_k = 1.0, 1.0, 0
@@ -191,6 +196,8 @@ class GraphSampler:
                                       None if lengths is None else lengths[i:i + self.batch_size]))
             if on_batch:
                 on_batch(len(chunks[-1][0]))
+        for key in set(self.steps) - self.used:  # e.g. the training batch's caches during an evaluation
+            del self.steps[key]
         pad = self.tokenizer.pad_token_id
         width = max(c.shape[1] for c, _ in chunks)
         completions = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad) for c, _ in chunks])

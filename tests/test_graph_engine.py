@@ -95,6 +95,8 @@ def test_weights_are_read_in_place_and_a_replaced_one_is_recaptured(toy):
     lora[0].data = lora[0].data.clone()  # a replaced tensor (a new address): what a graph could not see
     sampler.generate(prompts, **kw)
     assert all(sampler.steps[k] is not shapes[k] for k in sampler.steps)  # dropped and rebuilt
+    sampler.generate(prompts[:3], **kw)  # another shape: the previous call's caches are freed
+    assert list(sampler.steps) == [(3, 64)]
     with torch.no_grad():
         for p, s in zip(lora, saved):
             p.copy_(s)
