@@ -225,11 +225,13 @@ def test_adapter_changes_only_lora_and_base_stays_frozen(tmp_path, tiny_dir):
     assert all(torch.equal(built[k], again[k]) for k in built)
 
 
-@pytest.mark.parametrize("optim", ["adamw", "paged_adamw_8bit"])
-def test_resume_gives_the_same_adapter_as_a_straight_run(tmp_path, optim):
-    straight = run_tiny(tmp_path / "a", "steps=4", "save_every=2", f"optim={optim}")
-    run_tiny(tmp_path / "b", "steps=2", "save_every=2", f"optim={optim}")
-    resumed = run_tiny(tmp_path / "b", "steps=4", "save_every=2", "resume=true", f"optim={optim}")
+@pytest.mark.parametrize("optim, extra", [("adamw", ()), ("paged_adamw_8bit", ()), ("adamw", ("support=topk", "topk=8")),
+                                         ("adamw", ("method=opsd", "support=sampled", "divergence=reverse_kl")),
+                                         ("adamw", ("rollout_engine=graph",))])
+def test_resume_gives_the_same_adapter_as_a_straight_run(tmp_path, optim, extra):
+    straight = run_tiny(tmp_path / "a", "steps=4", "save_every=2", f"optim={optim}", *extra)
+    run_tiny(tmp_path / "b", "steps=2", "save_every=2", f"optim={optim}", *extra)
+    resumed = run_tiny(tmp_path / "b", "steps=4", "save_every=2", "resume=true", f"optim={optim}", *extra)
     assert_same_adapter(adapter(straight / "adapter"), adapter(resumed / "adapter"))
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
