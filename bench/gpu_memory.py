@@ -14,6 +14,8 @@ steps is reported (the first warms up): seconds and peak GPU memory, allocated a
 --synthetic skips sampling: the completions are random token ids of the given length (scoring and the update
 do not care how the tokens were sampled), so the update phase's memory never waits on sampling; --cap-gib 24
 limits the card to 24 GiB (torch.cuda.set_per_process_memory_fraction), so "fits on 24 GB" is measured.
+--estimate computes instead of measuring (no GPU, no model): the update phase's peak allocated memory from the
+architecture's config values and the recipe's sizes, term by term (estimate()); its rows are labelled computed.
 Prints a table and one JSON line per row.
 """
 import argparse
@@ -152,6 +154,61 @@ def measure(path: Path, length: int, args, loaded) -> dict:
             "phases": ph.rows, "peak_reserved_gib": peak, "step_s": sum(r["s"] for r in ph.rows.values())}
 
 
+def estimate(config: dict, length: int, prompt_len: int, reference_len: int, lora_r: int = 64, gen_batch: int = 16,
+             chunk_mb: int = 512) -> dict:
+    """GiB of the single_gpu recipe's update phase (one sequence: micro-batch 1) and of its sampling KV cache,
+    computed from the config alone. Terms (the assumptions, each a rounded model, not a measurement):
+      weights       linear layers in nf4 with double quantisation (0.5 + ~0.016 bytes a parameter), embeddings
+                    and the untied head in bf16 (bitsandbytes leaves them unquantised)
+      lora          LoRA r on every linear layer: fp32 weights + fp32 grads + 8-bit Adam's two states
+      checkpoints   gradient checkpointing keeps each layer's input [T, H] in bf16 for the student pass
+      recompute     one layer's forward activations and their grads during its backward: T × (4H + 3I), bf16, × 2
+      loss          the fused loss's chunk buffers (loss_chunk_mb) and five [N, H] float32 tensors (four contexts'
+                    hidden states and the student's gradient)
+      frozen pass   the widest frozen pass (the teacher: prompt + reference + completion), one layer's activations
+      sample_kv     gen_batch sequences of prompt + completion in the bf16 KV cache (the sampling phase; freed
+                    before the update)"""
+    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv, d, v = (config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"]),
+                       config.get("head_dim") or h // config["num_attention_heads"], config["vocab_size"])
+    shapes = [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
+    linear = n * sum(a * b for a, b in shapes)
+    lora = n * sum(lora_r * (a + b) for a, b in shapes)
+    student, teacher = prompt_len + length, prompt_len + reference_len + length
+    out = {"weights": linear * (0.5 + 1 / 64) + v * h * 2 * (1 if config.get("tie_word_embeddings") else 2),
+           "lora": lora * (4 + 4 + 2),
+           "checkpoints": n * student * h * 2,
+           "recompute": student * (4 * h + 3 * i) * 2 * 2,
+           "loss": (chunk_mb << 20) + 5 * length * h * 4,
+           "frozen pass": teacher * (4 * h + 3 * i) * 2}
+    out = {k: x / GiB for k, x in out.items()}
+    out["update total"] = out["weights"] + out["lora"] + out["checkpoints"] + out["loss"] + max(
+        out["recompute"], out["frozen pass"])
+    out["sample_kv"] = gen_batch * student * 2 * n * kv * d * 2 / GiB
+    return out
+
+
+def print_estimates(models, lengths, args):
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"computed, not measured: the single_gpu update phase, GiB (prompt {args.prompt_len}, "
+                        f"reference {args.reference_len}; sampling KV for {args.batch} sequences)")
+    for c in ("model", "tokens", "weights", "LoRA+Adam", "activations", "loss", "update", "sampling KV", "≤ 22?"):
+        table.add_column(c, justify="right")
+    for name in models:
+        config = json.loads((ROOT / "bench/configs" / f"{name}.json").read_text())
+        for length in lengths:
+            e = estimate(config, length, args.prompt_len, args.reference_len, gen_batch=args.batch)
+            row = {"bench": "gpu_memory", "computed": True, "model": name, "length": length,
+                   **{k: round(x, 2) for k, x in e.items()}, "fits_22_gib": e["update total"] <= 22}
+            print(json.dumps(row))
+            act = e["checkpoints"] + max(e["recompute"], e["frozen pass"])
+            table.add_row(name, f"{length:,}", *(f"{x:.2f}" for x in (e["weights"], e["lora"], act, e["loss"],
+                                                                     e["update total"], e["sample_kv"])),
+                          "yes" if row["fits_22_gib"] else "no")
+    Console().print(table)
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -169,7 +226,11 @@ def main(argv):
     p.add_argument("--build-dir", help="keep the built architectures here and reuse them (default: a temporary folder)")
     p.add_argument("--build-only", action="store_true", help="build the architectures into --build-dir, then stop")
     p.add_argument("--check-args", action="store_true", help="parse the arguments, print them, stop (gpu_check.sh --dry-run)")
+    p.add_argument("--estimate", action="store_true", help="compute the update phase's memory from the configs "
+                   "(no GPU, no model): rows labelled computed")
     args, overrides = p.parse_known_args(argv)
+    if args.estimate:
+        return print_estimates(args.models.split(","), [int(x) for x in args.lengths.split(",")], args)
     if args.check_args:  # the overrides are recipe fields: checked by popsd's own config
         popsd.make_config("single_gpu", [*overrides, "out_dir=unused"])
         print(f"arguments ok: {vars(args)} {overrides}")

@@ -123,6 +123,27 @@ def test_gpu_memory_bench_runs_scaled_down_on_cpu():
     assert "peak reserved GiB" in stdout
 
 
+def test_the_computed_memory_table_adds_up_its_terms_from_the_published_configs():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_gpu_memory", ROOT / "bench/gpu_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = json.loads((ROOT / "bench/configs/qwen3_8b.json").read_text())
+    e = bench.estimate(config, 1024, 256, 1024)
+    linear = 36 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 12288)  # Qwen3-8B's 6.95B linear weights
+    assert e["weights"] == pytest.approx((linear * (0.5 + 1 / 64) + 2 * 151936 * 4096 * 2) / 2 ** 30)
+    assert 5.5 < e["weights"] < 5.8  # the recipe's "about 5.5 GB of weights"
+    assert e["update total"] == pytest.approx(e["weights"] + e["lora"] + e["checkpoints"] + e["loss"] +
+                                              max(e["recompute"], e["frozen pass"]))
+    longer = bench.estimate(config, 4096, 256, 1024)
+    assert all(longer[k] > e[k] for k in ("checkpoints", "recompute", "loss", "frozen pass", "sample_kv"))
+    assert longer["weights"] == e["weights"] and longer["lora"] == e["lora"]
+    out = subprocess.run([sys.executable, str(ROOT / "bench/gpu_memory.py"), "--estimate", "--models", "qwen3_8b",
+                          "--lengths", "1024"], capture_output=True, text=True, timeout=120)
+    row = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+    assert out.returncode == 0 and row["computed"] and "computed, not measured" in out.stdout
+
+
 def test_rollout_bench_checks_every_engine_then_times_it_on_cpu(tmp_path):
     out = tmp_path / "rollout.jsonl"
     stdout = launch([ROOT / "bench/rollout.py", "--cpu-test", "--max-new-tokens", "24", "--out", out], ranks=1)
