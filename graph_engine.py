@@ -22,8 +22,11 @@ caches are sized from the batch and the longest sequence (rounded up to ROUND to
 widths reuse the graph): `kv_bytes` says what they hold. Under torchrun (FSDP's sharded weights) it is refused:
 a graph cannot hold an all-gather of weights that are freed between steps.
 """
+import inspect
+
 import torch
 
+from data import PopsdError
 from rollout import completion_mask, pad_left
 
 ROUND = 64  # cache length rounded up to a multiple of this: one graph serves prompts of many widths
@@ -56,11 +59,16 @@ class _Step:
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [b, 1] its position id
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)  # [1] its slot in the cache
         self.graph, self.logits = None, None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        self.cache_key = "cache" if "cache" in params else "past_key_values"  # transformers renames it by 5.40
+        self.takes_position = "cache_position" in params  # older releases read it; 5.24 writes at the cache's offset
 
     def forward(self, ids, position, cache_position):
-        """Logits [b, V] float32 of the last position of ids [b, s], written into the cache at cache_position."""
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=position, past_key_values=self.cache,
-                         cache_position=cache_position, use_cache=True, logits_to_keep=1)
+        """Logits [b, V] float32 of the last position of ids [b, s]; the cache appends their keys and values."""
+        extra = {"cache_position": cache_position} if self.takes_position else {}
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=position, use_cache=True,
+                         logits_to_keep=1, **{self.cache_key: self.cache}, **extra)
         return out.logits[:, -1].float()
 
     def prefill(self, ids, attn):
@@ -150,6 +158,13 @@ class GraphSampler:
         self.model, self.tokenizer, self.device, self.eos_ids = model, tokenizer, torch.device(device), eos_ids
         self.batch_size, self.keep_rows = batch_size, keep_rows
         self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture:  # what a CUDA graph cannot hold: a host sync in the mask (flash-attention's), a RoPE that
+            attn = getattr(model.config, "_attn_implementation", "sdpa")  # branches on the sequence length
+            rope = (getattr(model.config, "rope_scaling", None) or {}).get("rope_type", "default")
+            if attn not in ("sdpa", "eager") or rope == "dynamic":
+                raise PopsdError(f"rollout_engine=graph captures the decoding step, which needs sdpa or eager attention "
+                                 f"and a non-dynamic RoPE (this model: attention {attn!r}, RoPE {rope!r}): use "
+                                 "rollout_engine=dynamic or static")
         self.steps: dict[tuple[int, int], _Step] = {}
         self.used: set[tuple[int, int]] = set()  # the shapes the current call uses
         self.addresses = None
@@ -159,8 +174,12 @@ class GraphSampler:
         pass  # the training model's own weights: updated in place, read by address (checked in generate)
 
     def _check_addresses(self):
-        now = [p.data_ptr() for p in self.model.parameters()]
-        if now != self.addresses:  # a weight was replaced, not updated in place: recapture
+        """A replayed graph runs the weights and the adapter choice it was captured with: a replaced tensor, another
+        active adapter (peft chooses in Python) or disabled adapters drop the graphs, and the next call recaptures."""
+        lora = next((m for m in self.model.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")), None)
+        now = ([p.data_ptr() for p in self.model.parameters()], tuple(getattr(self.model, "active_adapters", ())),
+               lora is not None and lora.disable_adapters)
+        if now != self.addresses:
             self.steps.clear()
             self.addresses = now
 

@@ -97,10 +97,26 @@ def test_weights_are_read_in_place_and_a_replaced_one_is_recaptured(toy):
     assert all(sampler.steps[k] is not shapes[k] for k in sampler.steps)  # dropped and rebuilt
     sampler.generate(prompts[:3], **kw)  # another shape: the previous call's caches are freed
     assert list(sampler.steps) == [(3, 64)]
+    kept = sampler.steps[(3, 64)]
+    with model.disable_adapter():  # peft picks adapters in Python: a graph would replay the old choice
+        sampler.generate(prompts[:3], **kw)
+    assert sampler.steps[(3, 64)] is not kept
     with torch.no_grad():
         for p, s in zip(lora, saved):
             p.copy_(s)
     model.eval()
+
+
+def test_capture_is_refused_where_a_graph_cannot_hold_the_step(toy):
+    tok, model, _ = toy
+    attn = model.config._attn_implementation
+    try:
+        model.config._attn_implementation = "flash_attention_2"  # its mask checks attention_mask.all(): a host sync
+        with pytest.raises(PopsdError, match="needs sdpa or eager attention"):
+            G.GraphSampler(model, tok, batch_size=4, device="cpu", eos_ids=[tok.eos_token_id], capture=True)
+    finally:
+        model.config._attn_implementation = attn
+    G.GraphSampler(model, tok, batch_size=4, device="cpu", eos_ids=[tok.eos_token_id], capture=True)  # sdpa: fine
 
 
 def test_plan_fits_the_budget_and_counts_the_halves():
