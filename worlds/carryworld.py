@@ -145,9 +145,9 @@ ITEM = re.compile(r"(?<!\d)(?P<a>\d\d)\*(?P<b>\d\d?)=(?P<c>\d\d)(?!\d)|\b(?P<wai
 
 
 def check(question: str, completion: str) -> common.Check:
-    """Direct steps (`aa*b=cc`, two-digit a and c, b the multiplier) are the attempts; the procedure's single-digit sub-steps are not (a
-    restated step after them is the retry). Locally wrong: not from the carried value, not the question's next
-    multiplier, or a wrong product."""
+    """Direct steps (`aa*b=cc`, two-digit a and c, b the multiplier) are the attempts; the procedure's
+    single-digit sub-steps are not (a restated step after them is the retry). Locally wrong: not from the carried
+    value, not the question's next multiplier, or a wrong product."""
     truth = steps_of(question)
     return common.check_trace(ITEM, completion, truth[0][0], len(truth), answer_of(question), lambda i, m: int(
         m["b"]) != truth[i][1] or int(m["c"]) != int(m["a"]) * int(m["b"]) % 100)
