@@ -27,7 +27,7 @@ import inspect
 import torch
 
 from data import PopsdError
-from rollout import completion_mask, pad_left
+from rollout import join, pad_left
 
 ROUND = 64  # cache length rounded up to a multiple of this: one graph serves prompts of many widths
 
@@ -217,14 +217,9 @@ class GraphSampler:
                 on_batch(len(chunks[-1][0]))
         for key in set(self.steps) - self.used:  # e.g. the training batch's caches during an evaluation
             del self.steps[key]
-        pad = self.tokenizer.pad_token_id
-        width = max(c.shape[1] for c, _ in chunks)
-        completions = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad) for c, _ in chunks])
-        logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for _, lp in chunks])
-        mask, truncated = completion_mask(completions, self.eos_ids)  # [B, T], [B]
-        completions = completions.masked_fill(~mask, pad)
-        texts = self.tokenizer.batch_decode([c[m].tolist() for c, m in zip(completions, mask)],
-                                            skip_special_tokens=True)
+        completions, mask, truncated, texts = join([c for c, _ in chunks], self.tokenizer, self.eos_ids)
+        width = completions.shape[1]
+        logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for _, lp in chunks])  # [B, T]
         return completions, mask, truncated, texts, logprobs.masked_fill(~mask, 0.0)
 
     def _batch(self, prompts, max_new_tokens, warp, do_sample, lengths=None):

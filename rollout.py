@@ -169,6 +169,12 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
             chunks.append(out[:, ids.shape[1]:].cpu())  # [b, T_i]
             if on_batch:
                 on_batch(len(ids))  # progress: sequences done
+    return join(chunks, tokenizer, eos_ids)
+
+
+def join(chunks: list[torch.Tensor], tokenizer, eos_ids: list[int]):
+    """Batches of completions [b_i, T_i] → (completions [B, T] padded after EOS, mask [B, T], truncated [B], texts)."""
+    pad_id = tokenizer.pad_token_id
     width = max(c.shape[1] for c in chunks)
     completions = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id)
                              for c in chunks])  # [B, T]

@@ -219,29 +219,30 @@ def continuous(model, prompts, lengths, eos, greedy):
 
 
 def exactness(engine, model, tok, prompts, eos, device, reference, ctx=None) -> str:
-    """'' when the engine samples what dynamic samples (compare_greedy); else what differs. vLLM: its greedy tokens
-    before the forced EOS, and the raw log-probs it reports for them against dynamic's."""
+    """'' when the engine samples what dynamic samples (compare_greedy); else what differs. vLLM and graph (they
+    report log-probs): their greedy tokens before the forced EOS and those log-probs against dynamic's (reported)."""
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
-    if engine.startswith("graph"):  # its tokens, and the raw log-probs it reports, against dynamic's
+    if engine.startswith("graph"):  # the forced EOS left out (ForceLengths overwrote dynamic's logits there)
         tokens, lp = run(engine, model, tok, prompts, [len(t) for t in reference[0]], eos, device, greedy=True)
-        problem = compare_greedy(tokens, None, *reference, eos, tol)
-        ref_lp = torch.log_softmax(reference[1], -1)  # [B, T, V]; the forced last step (ForceLengths wrote
-        worst = max((abs(v - ref_lp[i, t, tok_id].item()) for i, (ts, vs) in enumerate(zip(tokens, lp))  # into it)
-                     for t, (tok_id, v) in enumerate(zip(ts[:-1], vs)) if ts[:t + 1] == reference[0][i][:t + 1]),
-                    default=0.0)  # is left out
-        return problem or (f"log-probs differ by {worst:.2g} (tolerance {tol})" if worst > tol else "")
-    if engine == "vllm":
+        return reported([t[:-1] for t in tokens], [v[:-1] for v in lp], reference, eos, tol)
+    if engine == "vllm":  # EOS banned: it stops just before the forced EOS
         tokens, lp = run(engine, model, tok, prompts, [len(t) - 1 for t in reference[0]], eos, device, greedy=True,
                          ctx=ctx)
-        ref_tokens = [t[:-1] for t in reference[0]]
-        problem = compare_greedy(tokens, None, ref_tokens, reference[1], eos, tol)
-        ref_lp = torch.log_softmax(reference[1], -1)  # [B, T, V]
-        worst = max((abs(v - ref_lp[i, t, tok_id].item()) for i, (ts, vs) in enumerate(zip(tokens, lp))
-                     for t, (tok_id, v) in enumerate(zip(ts, vs)) if ts[:t + 1] == ref_tokens[i][:t + 1]), default=0.0)
-        return problem or (f"log-probs differ by {worst:.2g} (tolerance {tol})" if worst > tol else "")
+        return reported(tokens, lp, reference, eos, tol)
     tokens, logits = run(engine, model, tok, prompts, [len(t) for t in reference[0]], eos, device, greedy=True,
                          logits=engine != "continuous")
     return compare_greedy(tokens, logits, *reference, eos, tol)
+
+
+def reported(tokens, logprobs, reference, eos: int, tol: float) -> str:
+    """An engine that reports log-probs: its greedy tokens before the forced EOS against dynamic's (compare_greedy),
+    and its raw log-probs against dynamic's wherever the two rows still agree."""
+    ref_tokens = [t[:-1] for t in reference[0]]
+    problem = compare_greedy(tokens, None, ref_tokens, reference[1], eos, tol)
+    ref_lp = torch.log_softmax(reference[1], -1)  # [B, T, V]
+    worst = max((abs(v - ref_lp[i, t, tok_id].item()) for i, (ts, vs) in enumerate(zip(tokens, logprobs))
+                 for t, (tok_id, v) in enumerate(zip(ts, vs)) if ts[:t + 1] == ref_tokens[i][:t + 1]), default=0.0)
+    return problem or (f"log-probs differ by {worst:.2g} (tolerance {tol})" if worst > tol else "")
 
 
 def compare_greedy(tokens, logits, ref_tokens, ref_logits, eos: int, tol: float) -> str:
