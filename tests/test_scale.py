@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,7 +205,10 @@ def test_gpu_check_dry_run_finds_every_command_and_its_arguments(tmp_path):
                                                                      "rollout-nf4:", "rollout-bf16:", "memory-update:",
                                                                      "gpu-memory:"]
     assert all(line.startswith("ok") for line in out.stdout.splitlines())
-    assert "fused-purified-compiled" in (ROOT / "bench/gpu_check.sh").read_text()  # the compiled loss is measured
+    script = (ROOT / "bench/gpu_check.sh").read_text()
+    assert "fused-purified-compiled" in script  # the compiled loss is measured
+    limits = re.findall(r'^  "[\w-]+\|(\d+)\|', script, flags=re.M)
+    assert len(limits) == 6 and sum(map(int, limits)) <= 300  # the default check fits 5 minutes (gpu-memory: --long)
     bad = subprocess.run([sys.executable, str(ROOT / "bench/rollout.py"), "--engines", "warp", "--check-args"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown engine" in bad.stderr  # what --dry-run would report as FAILED
