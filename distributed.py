@@ -85,5 +85,8 @@ def barrier():
 
 
 def finish():
+    """Every rank reaches the end (rank 0 writes the adapter and plots meanwhile) before gloo/nccl are torn down:
+    a rank leaving early could close connections a peer still reads (gloo: "terminate called ...")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
