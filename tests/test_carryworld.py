@@ -1,13 +1,17 @@
 """worlds/carryworld.py: the arithmetic and the procedure, the checker on hand-made traces, own-trace documents,
 the reflection ban, the gates, the recipe's derived lengths, the shipped base."""
+import json
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import popsd
 from conftest import ROOT
+from rollout import build_contexts
 from worlds import carryworld as C
 from worlds import common
 
@@ -121,6 +125,15 @@ def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them
             "eval_limit", "eval_every", "divergence", "seed"}
     assert {k: getattr(cfg, k) for k in same} == {k: getattr(toy, k) for k in same}  # world one's settings
     assert {k: getattr(cfg, k) for k in C.TEMPLATES} == C.TEMPLATES
+    positions = json.loads((C.BASE / "config.json").read_text())["max_position_embeddings"] if C.BASE.is_dir() else 512
+    assert cfg.max_prompt_len + cfg.max_new_tokens == positions  # fit_new_tokens cuts nothing
+    tok = common.build_tokenizer()
+    rows = [json.loads(x) for f in ("train", "test") for x in (C.DATA / f"{f}.jsonl").read_text().splitlines()]
+    contexts = [build_contexts(tok, r["question"], r["full"], student_thinking=False, teacher_thinking=False,
+                               templates=(cfg.student_template, cfg.teacher_template, cfg.refonly_template))
+                for r in rows[::25]]  # the full reference: the longer one
+    longest = max(max(len(c.student), len(c.teacher), len(c.refonly)) for c in contexts)
+    assert longest < cfg.max_prompt_len / 2  # no row is skipped as too long
 
 
 def test_forbid_keeps_the_word_from_starting():
