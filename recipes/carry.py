@@ -9,8 +9,9 @@ the step in single-digit sub-steps. Every setting is the toy recipe's
 reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS), and
 the prompt bound, the base's 512 positions less that length (toy.py's 256 would cut the completions to 256).
 `reference_field=sketch` gives the teachers only the start and the answer; `method=opsd` runs the baseline.
-Expected time and result: not measured yet; the comparison pre-registered in docs/carryworld.md will give both
-(until the base ships in data/carryworld/base this recipe stops at loading the model).
+The base's gates (400 held-out questions, docs/carryworld.md): accuracy 0.838, 0.375 with "wait" forbidden,
+84% of first-try errors caught, the teacher with the full reference 0.990.
+Expected time and result: the comparison pre-registered in docs/carryworld.md measures both.
 """
 import runpy as _runpy
 from pathlib import Path as _Path

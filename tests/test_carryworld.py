@@ -233,3 +233,28 @@ def test_pretraining_curves_of_two_stages_mark_the_stage_and_the_ban(tmp_path):
     assert {r["stage"] for r in log} == {"stage 1", "stage 2"} and all("student_no_wait" in r for r in log)
     out = plots.plot_pretrain(log, [(n, t) for n, _, t in C.GATES if t <= 1], tmp_path / "p.png")
     assert out.stat().st_size > 30_000
+
+
+def test_the_shipped_base_loads_and_reflection_pays_on_it():
+    tok, model = common.load_base(C)
+    assert type(model).__name__ == "Qwen3ForCausalLM" and sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert sum(f.stat().st_size for f in C.BASE.iterdir()) < 8_000_000  # a few MB
+    qs = common.held_out(C, 64)
+    with_wait, banned = common.measure(C, model, tok, qs), common.measure(C, model, tok, qs, forbid="wait")
+    assert with_wait["accuracy"] > 0.5 and with_wait["accuracy"] - banned["accuracy"] > 0.1  # coarse: the gates
+    gates = (C.BASE / "gates.txt").read_text()  # are measured on 400 questions (docs/carryworld.md)
+    assert gates.count("pass") == len(C.GATES) and "FAIL" not in gates
+
+
+def test_the_carry_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", "carry", f"out_dir={out}", "steps=1", "eval_every=1",
+           "eval_limit=8", "batch_size=4", "micro_batch_size=4", "reference_field=sketch"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/test/caught_frac" in r] == [0, 1]
+    recs = [json.loads(x) for x in (out / "eval/step_000001/samples.jsonl").read_text().splitlines()]
+    for r in recs:  # every stored verdict is carryworld's checker's verdict on the stored completion
+        s = r["samples"][0]
+        assert s["check"] == C.check(r["question"], s["completion"]).__dict__ and s["correct"] == s["check"]["correct"]

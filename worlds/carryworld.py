@@ -258,7 +258,7 @@ def write_data():
     common.write_data(sys.modules[__name__])
 
 
-PRETRAIN = dict(stage1_steps=4000, stage1_error=0.10, stage1_check_every=100, stage2_steps=1500, stage2_lr=1e-3,
+PRETRAIN = dict(stage1_steps=4000, stage1_error=0.10, stage1_check_every=100, stage2_steps=8000, stage2_lr=1e-3,
                 stage2_warmup=50, pool=5000, probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4,
                 threads=1, eval_every=500, eval_samples=200)  # pilots and the choice: docs/carryworld.md
 
