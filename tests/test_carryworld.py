@@ -125,7 +125,7 @@ def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them
             "eval_limit", "eval_every", "divergence", "seed"}
     assert {k: getattr(cfg, k) for k in same} == {k: getattr(toy, k) for k in same}  # world one's settings
     assert {k: getattr(cfg, k) for k in C.TEMPLATES} == C.TEMPLATES
-    positions = json.loads((C.BASE / "config.json").read_text())["max_position_embeddings"] if C.BASE.is_dir() else 512
+    positions = json.loads((C.BASE / "config.json").read_text())["max_position_embeddings"]  # the shipped base
     assert cfg.max_prompt_len + cfg.max_new_tokens == positions  # fit_new_tokens cuts nothing
     tok = common.build_tokenizer()
     rows = [json.loads(x) for f in ("train", "test") for x in (C.DATA / f"{f}.jsonl").read_text().splitlines()]
