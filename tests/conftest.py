@@ -55,6 +55,23 @@ def run_main(main, args, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), "")
 
 
+def train_world_recipe(recipe: str, out: Path, check, steps: int, eval_limit: int) -> subprocess.CompletedProcess:
+    """A world's recipe for a few steps on the sketch reference, evaluated at 0 and `steps`; asserts that it ran and
+    that every stored verdict is the world's checker's verdict on the stored completion."""
+    cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", recipe, f"out_dir={out}", f"steps={steps}",
+           f"eval_every={steps}", f"eval_limit={eval_limit}", "batch_size=4", "micro_batch_size=4",
+           "reference_field=sketch"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/test/caught_frac" in r] == [0, steps]
+    recs = [json.loads(x) for x in (out / f"eval/step_{steps:06d}/samples.jsonl").read_text().splitlines()]
+    for r in recs:
+        s = r["samples"][0]
+        assert s["check"] == check(r["question"], s["completion"]).__dict__ and s["correct"] == s["check"]["correct"]
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,14 +3,12 @@ the reflection ban, the gates, the recipe's derived lengths, the shipped base.""
 import json
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import popsd
-from conftest import ROOT
+from conftest import ROOT, train_world_recipe
 from rollout import build_contexts
 from worlds import carryworld as C
 from worlds import common
@@ -247,14 +245,4 @@ def test_the_shipped_base_loads_and_reflection_pays_on_it():
 
 
 def test_the_carry_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", "carry", f"out_dir={out}", "steps=1", "eval_every=1",
-           "eval_limit=8", "batch_size=4", "micro_batch_size=4", "reference_field=sketch"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval/test/caught_frac" in r] == [0, 1]
-    recs = [json.loads(x) for x in (out / "eval/step_000001/samples.jsonl").read_text().splitlines()]
-    for r in recs:  # every stored verdict is carryworld's checker's verdict on the stored completion
-        s = r["samples"][0]
-        assert s["check"] == C.check(r["question"], s["completion"]).__dict__ and s["correct"] == s["check"]["correct"]
+    train_world_recipe("carry", tmp_path / "run", C.check, steps=1, eval_limit=8)

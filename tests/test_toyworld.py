@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import compare
-from conftest import ROOT
+from conftest import ROOT, train_world_recipe
 from worlds import common
 from worlds import toyworld as T
 
@@ -222,16 +222,7 @@ def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
     cfg = popsd.make_config("toy")
     assert {k: getattr(cfg, k) for k in T.TEMPLATES} == T.TEMPLATES  # the prompts the base was pre-trained on
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", "toy", f"out_dir={out}", "steps=2", "eval_every=2",
-           "eval_limit=16", "batch_size=4", "micro_batch_size=4", "reference_field=sketch"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval/test/caught_frac" in r] == [0, 2]
-    recs = [json.loads(x) for x in (out / "eval/step_000002/samples.jsonl").read_text().splitlines()]
-    for r in recs:  # every stored verdict is the checker's verdict on the stored completion
-        s = r["samples"][0]
-        assert s["check"] == T.check(r["question"], s["completion"]).__dict__ and s["correct"] == s["check"]["correct"]
+    train_world_recipe("toy", out, T.check, steps=2, eval_limit=16)
     assert (out / "plots.png").stat().st_size > 30_000
     cli = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--adapter", str(out / "adapter"), "--bench",
                           "data/toyworld/test.jsonl", "--question-field", "question", "--grader", "toyworld", "--n", "1",
