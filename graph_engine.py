@@ -177,7 +177,8 @@ class GraphSampler:
         """A replayed graph runs the weights and the adapter choice it was captured with: a replaced tensor, another
         active adapter (peft chooses in Python) or disabled adapters drop the graphs, and the next call recaptures."""
         lora = next((m for m in self.model.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")), None)
-        now = ([p.data_ptr() for p in self.model.parameters()], tuple(getattr(self.model, "active_adapters", ())),
+        active = getattr(self.model, "active_adapters", ())  # a peft model's list; a plain model's is a method
+        now = ([p.data_ptr() for p in self.model.parameters()], tuple(active) if isinstance(active, list) else (),
                lora is not None and lora.disable_adapters)
         if now != self.addresses:
             self.steps.clear()

@@ -60,6 +60,12 @@ def test_keeping_every_row_gives_the_very_same_samples_as_rollout_generate(toy, 
     torch.testing.assert_close(lp, want, atol=1e-4, rtol=0)  # the raw log-prob of each sampled token
 
 
+def test_a_plain_model_without_adapters_samples_as_rollout_generate(toy):
+    tok, _, prompts = toy  # transformers' active_adapters is a method there, not peft's list
+    (c, _, _, texts), (c2, _, _, texts2, _), _ = both(tok, common.load_base(toyworld)[1].eval(), prompts)
+    assert torch.equal(c, c2) and texts == texts2
+
+
 def test_dropping_finished_rows_keeps_greedy_tokens_and_the_log_probs(toy):
     tok, model, prompts = toy
     (c, m, _, texts), (c2, m2, _, texts2, _), sampler = both(tok, model, prompts, keep_rows=False, temperature=0,
