@@ -53,6 +53,7 @@ class ForceLengths:
         self.lengths, self.width, self.eos = torch.tensor(lengths), prompt_width, eos
 
     def __call__(self, input_ids, scores):  # scores [B, V]
+        scores = scores.clone()  # HF's output_logits holds this very tensor: keep it raw (a trained model's EOS mass)
         t = input_ids.shape[1] - self.width  # tokens generated so far
         scores[:, self.eos] = float("-inf")
         last = (self.lengths.to(scores.device) - 1 == t)  # [B] rows whose next token is their last
@@ -222,7 +223,7 @@ def exactness(engine, model, tok, prompts, eos, device, reference, ctx=None) -> 
     """'' when the engine samples what dynamic samples (compare_greedy); else what differs. vLLM and graph (they
     report log-probs): their greedy tokens before the forced EOS and those log-probs against dynamic's (reported)."""
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
-    if engine.startswith("graph"):  # the forced EOS left out (ForceLengths overwrote dynamic's logits there)
+    if engine.startswith("graph"):  # the forced EOS left out (not a greedy choice)
         tokens, lp = run(engine, model, tok, prompts, [len(t) for t in reference[0]], eos, device, greedy=True)
         return reported([t[:-1] for t in tokens], [v[:-1] for v in lp], reference, eos, tol)
     if engine == "vllm":  # EOS banned: it stops just before the forced EOS

@@ -218,13 +218,14 @@ def test_compare_writes_summary_and_figure(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["toyworld", "carryworld"])
-def test_the_recipes_static_cache_samples_what_dynamic_samples(name):
-    """recipes/toy.py (and carry.py) sample and evaluate with rollout_engine=static for speed: the same samples."""
+def test_a_static_cache_samples_what_dynamic_samples(name):
+    """recipes/carry.py samples and evaluates with rollout_engine=static (toy.py: dynamic), and the worlds measure
+    their bases with it, for speed: the very same samples."""
     import popsd
     import rollout
     from worlds import get
     world = get(name)
-    assert popsd.make_config(world.RECIPE).rollout_engine == "static"
+    assert popsd.make_config(world.RECIPE).rollout_engine == {"toy": "dynamic", "carry": "static"}[world.RECIPE]
     tok, model = common.load_base(world)
     ids = [rollout.chat_ids(tok, common.fill_prompt(world.TEMPLATES["student_template"], q), False)
            for q in common.held_out(world, 48)]

@@ -194,7 +194,7 @@ class Forbid:
         self.ids = tok(" " + word, add_special_tokens=False)["input_ids"]
 
     def __call__(self, input_ids, scores):
-        for i, row in enumerate(input_ids.tolist()):
+        for i, row in enumerate(input_ids[:, 1 - len(self.ids):].tolist()):  # the tail a prefix can end in
             for k in range(1, len(self.ids)):  # the row ends with the first k tokens of " word"
                 if row[-k:] == self.ids[:k]:
                     scores[i, self.ids[k]] = -float("inf")
