@@ -188,6 +188,20 @@ def test_engine_check_lets_greedy_tokens_part_only_at_a_near_tie():
     assert "log-probs differ" in bench.compare_greedy(parted, off, ref, tied, 10, 0.1)
 
 
+def test_forced_lengths_leave_the_raw_logits_raw():
+    """HF's output_logits holds the tensor a processor gets: ForceLengths must not write into it (a trained model's
+    EOS mass, overwritten there, once made an exact engine look 5.9 apart in log-prob)."""
+    spec = importlib.util.spec_from_file_location("bench_rollout", ROOT / "bench/rollout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    force = bench.ForceLengths([3, 5], prompt_width=4, eos=10)
+    raw = torch.randn(2, 11)
+    kept = raw.clone()
+    scores = force(torch.zeros(2, 4 + 2, dtype=torch.long), raw)  # 2 tokens so far: row 0's next is its last
+    assert torch.equal(raw, kept)
+    assert scores[0].argmax() == 10 and scores[1, 10] == float("-inf")
+
+
 def test_sampling_gathers_sharded_weights_once_with_the_same_tokens(tmp_path):
     out = tmp_path / "fsdp.jsonl"
     stdout = launch([ROOT / "bench/fsdp_generate.py", "--tokens", "16", "--repeats", "1", "--out", out], ranks=2)
