@@ -202,8 +202,10 @@ class Forbid:
 
 
 def sample_texts(world, model, tok, prompts: list[str], seed: int = 0, batch_size: int = 256,
-                 max_new_tokens: int | None = None, forbid: str | None = None) -> tuple[list[str], int]:
-    """One completion per prompt at temperature 1: (texts, completion tokens in all)."""
+                 max_new_tokens: int | None = None, forbid: str | None = None, engine: str = "static"
+                 ) -> tuple[list[str], int]:
+    """One completion per prompt at temperature 1: (texts, completion tokens in all). engine: rollout.generate's;
+    static gives dynamic's very samples here, faster (tests/test_toyworld.py)."""
     from transformers import LogitsProcessorList
     from rollout import chat_ids, generate
     ids = [chat_ids(tok, p, False) for p in prompts]
@@ -213,7 +215,7 @@ def sample_texts(world, model, tok, prompts: list[str], seed: int = 0, batch_siz
         _, mask, _, texts = generate(model, tok, ids, n=1, max_new_tokens=max_new_tokens or world.MAX_NEW_TOKENS,
                                      temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id],
                                      batch_size=batch_size, device=next(model.parameters()).device,
-                                     logits_processor=processors, engine="static")  # dynamic's samples, faster
+                                     logits_processor=processors, engine=engine)
     return texts, int(mask.sum())
 
 
