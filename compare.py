@@ -548,6 +548,14 @@ def pretrain_settings(world, pairs: list[str]) -> dict:
     return out
 
 
+def floats(flag: str, text: str, none: bool = False) -> list:
+    """A comma-separated list of numbers (with none: "none" too, no clip) → floats; anything else names the flag."""
+    try:
+        return [None if none and x.strip() == "none" else float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: numbers, comma-separated{' (or none)' if none else ''}") from None
+
+
 def main(argv: list[str]):
     import argparse
     import torch
@@ -603,11 +611,11 @@ def main(argv: list[str]):
             tok, model = common.load_base(world, out)
             print_gates(world, world.measure_base(model, tok), console)
         else:
-            floats = lambda s: [None if x.strip() == "none" else float(x) for x in s.split(",") if x.strip()]  # noqa
+            clips, betas = floats("--clip", args.clip, none=True), floats("--beta", args.beta)
             for world in map(worlds.get, names):
                 compare(world, Path(args.out or f"runs/{world.NAME}_compare"),
-                        [f.strip() for f in args.formats.split(",")], args.seeds, floats(args.clip),
-                        floats(args.beta), args.workers, args.gate_samples, args.overrides, args.overwrite, console,
+                        [f.strip() for f in args.formats.split(",")], args.seeds, clips,
+                        betas, args.workers, args.gate_samples, args.overrides, args.overwrite, console,
                         args.grid, args.opsd_fkl, [x.strip() for x in args.support.split(",") if x.strip()])
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)

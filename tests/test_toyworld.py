@@ -273,6 +273,15 @@ def test_compare_refuses_per_run_overrides_and_folders_it_did_not_write(tmp_path
     assert sorted(p.name for p in done.iterdir()) == ["notes.txt", "popsd_compare.json"]
 
 
+def test_the_ablation_grid_flags_take_numbers_and_none_and_name_themselves_otherwise():
+    assert compare.floats("--clip", "5, 20,none", none=True) == [5.0, 20.0, None]
+    with pytest.raises(ValueError, match="--beta 'none'"):
+        compare.floats("--beta", "none")  # β has no "none"
+    bad = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--clip", "5,abc"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--clip '5,abc': numbers, comma-separated (or none)" in bad.stdout
+
+
 def test_the_decision_rule_pairs_by_seed_and_needs_two_standard_errors_and_two_signs():
     def results(base, opsd):
         return {"full": {"base": {str(s): [{"accuracy": a, "markers_per_1k": 10.0}] for s, a in enumerate(base)},
