@@ -63,7 +63,7 @@ class Config:
     gen_batch_size: int = 32  # sequences per generate call
     rollout_engine: str = "dynamic"  # dynamic | static: HF generate, KV cache grown | preallocated; vllm: vLLM in this process
     # graph: a static KV cache and the decoding step replayed as a CUDA graph (graph_engine.py; one process)
-    graph_keep_rows: bool = True  # graph: step every row to the end (seeded samples = dynamic's); false: halve the batch as rows finish
+    graph_keep_rows: bool = True  # graph: step every row to the end (seeded samples = dynamic's); false: halve the batch as rows finish (eager: grow its cache)
     graph_kv_gb: float = 0.0  # graph: GiB its KV caches may hold (0: 25% of the GPU's free memory at start-up; 8 on a CPU)
     rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (server_pool.py; docs/engines.md has the command)
     rollout_adapter_dir: str = ""  # folder the servers read each step's adapter from ("": <out_dir>/rollout_adapters)

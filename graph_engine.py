@@ -13,8 +13,9 @@ graph, so:
   keep_rows=True   every row steps until the last one is done: with a seed, the very same samples as
                    rollout.generate (tests/test_graph_engine.py)
   keep_rows=False  when half the rows are done the live ones move to a batch half the size (its own cache and
-                   graph): a long tail stops holding the batch; the random stream then differs, so this mode is
-                   checked by greedy equality and the per-token log-probs
+                   graph): a long tail stops holding the batch; run eagerly, the cache also grows ROUND slots at
+                   a time (attention reads only what is written). The random stream then differs, so this mode
+                   is checked by greedy equality and the per-token log-probs
 A replayed graph reads the weights at the addresses it was captured with. Training changes them in place
 (optimizer steps, the EMA teacher's lerp, a resume's load_state_dict copies into them); before every call the
 sampler compares the parameters' addresses with those it captured and drops its graphs if any moved. The
@@ -116,15 +117,17 @@ class _Step:
 
     def take(self, other: "_Step", rows: torch.Tensor):
         """Continue other's rows [k] (k ≤ self.rows) here: their cache, mask and positions; the rows beyond k
-        repeat the first (they are finished and stay so)."""
+        repeat the first (they are finished and stay so). This cache may be longer than other's (growing)."""
         idx = torch.cat([rows, rows[:1].expand(self.rows - len(rows))])
+        n = other.length
         for mine, theirs in zip(self._layers(), other._layers()):
             if not mine.is_initialized:
                 mine.lazy_initialization(theirs.keys[idx], theirs.values[idx])
-            mine.keys.copy_(theirs.keys[idx])
-            mine.values.copy_(theirs.values[idx])
+            mine.keys[:, :, :n].copy_(theirs.keys[idx])
+            mine.values[:, :, :n].copy_(theirs.values[idx])
             mine.cumulative_length.copy_(theirs.cumulative_length)
-        self.mask.copy_(other.mask[idx])
+        self.mask[:, :n].copy_(other.mask[idx])
+        self.mask[:, n:] = 1  # slots not written yet: the causal mask keeps them out until they are
         self.position.copy_(other.position[idx])
         self.cache_position.copy_(other.cache_position)
         return idx
@@ -169,6 +172,7 @@ class GraphSampler:
         self.used: set[tuple[int, int]] = set()  # the shapes the current call uses
         self.addresses = None
         self.captures = 0  # graphs recorded so far (a test watches this)
+        self.trail: list[tuple[int, int]] = []  # the shapes (rows, length) the last call moved through, in order
 
     def sync(self, model, step: int):
         pass  # the training model's own weights: updated in place, read by address (checked in generate)
@@ -186,9 +190,17 @@ class GraphSampler:
 
     def _step(self, rows: int, length: int) -> _Step:
         self.used.add((rows, length))
+        self.trail.append((rows, length))
         if (rows, length) not in self.steps:
             self.steps[(rows, length)] = _Step(self.model, rows, length, self.device, self.capture)
         return self.steps[(rows, length)]
+
+    def _leave(self, old: _Step, new: _Step, free: bool) -> _Step:
+        """Move on to new; with free (eager: no graph holds its addresses) old's cache is dropped now."""
+        if free:
+            self.steps.pop((old.rows, old.length), None)
+            self.used.discard((old.rows, old.length))
+        return new
 
     def kv_bytes(self) -> int:
         """Bytes the preallocated KV caches hold now."""
@@ -203,7 +215,7 @@ class GraphSampler:
         in HFSampler (torch's generator, seeded per run). Caches of shapes this call did not use are freed after
         it, so at most one call's caches are held (what plan() budgets)."""
         self._check_addresses()
-        self.used = set()
+        self.used, self.trail = set(), []
         do_sample = temperature != 0
         if not do_sample:  # greedy, as rollout.generate
             temperature, top_p, top_k = 1.0, 1.0, 0
@@ -230,8 +242,9 @@ class GraphSampler:
         ids, attn = pad_left(prompts, pad)  # [b, P]
         ids, attn = ids.to(self.device), attn.to(self.device)
         b, p = ids.shape
-        length = -(-(p + max_new_tokens) // ROUND) * ROUND
-        step = self._step(b, length)
+        final = -(-(p + max_new_tokens) // ROUND) * ROUND
+        grow = not (self.keep_rows or self.capture)  # eager and compacting: the cache also grows ROUND at a time
+        step = self._step(b, -(-(p + 1) // ROUND) * ROUND if grow else final)
         logits = step.prefill(ids, attn)  # [b, V]
         eos = torch.tensor(self.eos_ids, device=self.device)
         out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=self.device)  # [b, T]
@@ -261,12 +274,16 @@ class GraphSampler:
                 break
             if not self.keep_rows and step.rows > 1 and int(unfinished.sum()) <= step.rows // 2:
                 keep = unfinished.nonzero()[:, 0]  # [k] live slots
-                smaller = self._step(step.rows // 2, length)
+                smaller = self._step(step.rows // 2, step.length)
                 idx = smaller.take(step, keep)  # [b'/2] slots of the old batch, padded with repeats
                 where, token = where[idx], token[idx]
                 unfinished = torch.zeros(smaller.rows, dtype=torch.long, device=self.device)
                 unfinished[:len(keep)] = 1
-                step = smaller
+                step = self._leave(step, smaller, grow)
+            if grow and p + t >= step.length:  # the next token's slot is past the cache: one ROUND longer
+                longer = self._step(step.rows, min(step.length + ROUND, final))
+                longer.take(step, torch.arange(step.rows, device=self.device))
+                step = self._leave(step, longer, grow)
             logits = step.decode(token)
         self.captures = sum(s.graph is not None for s in self.steps.values())
         return out[:, :t + 1].cpu(), out_lp[:, :t + 1].cpu()  # the steps run, as HF generate returns

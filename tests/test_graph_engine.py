@@ -66,13 +66,18 @@ def test_a_plain_model_without_adapters_samples_as_rollout_generate(toy):
     assert torch.equal(c, c2) and texts == texts2
 
 
-def test_dropping_finished_rows_keeps_greedy_tokens_and_the_log_probs(toy):
+def test_dropping_finished_rows_keeps_greedy_tokens_and_the_log_probs(toy, monkeypatch):
     tok, model, prompts = toy
+    monkeypatch.setattr(G, "ROUND", 8)  # toy completions fit one 64-slot cache: 8 makes it grow several times
     (c, m, _, texts), (c2, m2, _, texts2, _), sampler = both(tok, model, prompts, keep_rows=False, temperature=0,
                                                             batch_size=24)
-    assert torch.equal(c, c2) and texts == texts2 and len(sampler.steps) > 1  # the batch was halved
+    rows, lengths = zip(*sampler.trail)
+    assert torch.equal(c, c2) and texts == texts2
+    assert min(rows) < max(rows) and min(lengths) < max(lengths)  # the batch was halved and its cache grew
+    assert len(sampler.steps) == 1  # eager: each cache left behind was freed at once
     _, (c3, m3, _, texts3, lp), sampler = both(tok, model, prompts, keep_rows=False, batch_size=24)
-    assert len(sampler.steps) > 1 and m3.sum(1).min() > 0
+    rows, lengths = zip(*sampler.trail)
+    assert min(rows) < max(rows) and min(lengths) < max(lengths) and m3.sum(1).min() > 0
     want = teacher_forced_logprobs(model, prompts, 2, c3, m3, tok.pad_token_id)
     torch.testing.assert_close(lp, want, atol=1e-4, rtol=0)  # each row continued its own cache after the moves
 
