@@ -29,5 +29,4 @@ eval_bench = "data/carryworld/test.jsonl"
 eval_grader = "carryworld"
 max_new_tokens = 291  # worlds.carryworld.MAX_NEW_TOKENS (tests/test_carryworld.py checks it)
 eval_max_new_tokens = 291
-rollout_engine = "static"  # a preallocated KV cache: toy.py's dynamic samples (a test checks), faster at 291 tokens
 max_prompt_len = 221  # the base's 512 positions − 291: a scored context fits whole (the longest prompt: 80 tokens)

@@ -219,12 +219,13 @@ def test_compare_writes_summary_and_figure(tmp_path):
 
 @pytest.mark.parametrize("name,forbid", [("toyworld", None), ("carryworld", None), ("carryworld", "wait")])
 def test_a_static_cache_samples_what_dynamic_samples(name, forbid):
-    """recipes/carry.py samples and evaluates with rollout_engine=static (toy.py: dynamic), and the worlds measure
-    their bases with it, for speed: the very same samples."""
+    """The worlds measure their bases (gates, "wait" forbidden) with rollout_engine=static, for speed: the very same
+    samples as dynamic. (The recipes sample with graph_engine.py, batch halved: tests/test_graph_engine.py.)"""
     import popsd
     from worlds import get
     world = get(name)
-    assert popsd.make_config(world.RECIPE).rollout_engine == {"toy": "dynamic", "carry": "static"}[world.RECIPE]
+    cfg = popsd.make_config(world.RECIPE)
+    assert (cfg.rollout_engine, cfg.graph_keep_rows) == ("graph", False)
     tok, model = common.load_base(world)
     prompts = [common.fill_prompt(world.TEMPLATES["student_template"], q) for q in common.held_out(world, 48)]
     out = {e: common.sample_texts(world, model, tok, prompts, seed=3, batch_size=48, forbid=forbid, engine=e)
