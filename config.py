@@ -66,6 +66,7 @@ class Config:
     graph_keep_rows: bool = True  # graph: step every row to the end (seeded samples = dynamic's); false: halve the batch as rows finish (eager: grow its cache)
     graph_kv_gb: float = 0.0  # graph: GiB its KV caches may hold (0: 25% of the GPU's free memory at start-up; 8 on a CPU)
     rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (server_pool.py; docs/engines.md has the command)
+    # (on the command line it replaces a recipe's rollout_engine=graph or vllm; both given there are an error)
     rollout_adapter_dir: str = ""  # folder the servers read each step's adapter from ("": <out_dir>/rollout_adapters)
     rollout_concurrency: int = 16  # requests in flight per rollout server
     vllm_gpu_memory: float = 0.3  # rollout_engine=vllm on a GPU: fraction of the card vLLM may take while it samples
@@ -184,6 +185,8 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
             raise PopsdError(f"config key {key.strip()!r} is given twice: which one did you mean?")
         seen.add(key.strip())
         set_field(cfg, key.strip(), value, text=True)
+    if "rollout_server" in seen and "rollout_engine" not in seen and cfg.rollout_engine in ("vllm", "graph"):
+        cfg.rollout_engine = Config.rollout_engine  # servers asked for here replace the recipe's in-process sampler
     validate(cfg)
     return cfg
 

@@ -139,13 +139,14 @@ class _Step:
 
 def plan(model, batch_size: int, seq_len: int, budget_bytes: float, keep_rows: bool) -> tuple[int, str]:
     """Rows per batch whose static caches fit budget_bytes at seq_len tokens (rounded up to ROUND): one cache of
-    the batch with keep_rows, and with its halves (≤ 2× the rows) without. Returns (rows, a line for the log)."""
+    the batch with keep_rows; without, 2× the rows (its halves, or, eager, a growing cache and the copy it moves
+    into). Returns (rows, a line for the log)."""
     from models import generation_batch, kv_bytes_per_token
     length = -(-seq_len // ROUND) * ROUND
     rows, _ = generation_batch(model, length, budget_bytes / (1 if keep_rows else 2), cap=batch_size)
     wide = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
     per_row = kv_bytes_per_token(model.config, 2 if wide else 4) * length
-    held = per_row * (rows if keep_rows else 2 * rows - 1)
+    held = per_row * (rows if keep_rows else 2 * rows)
     return rows, (f"{rows} rows × {length:,} tokens{'' if keep_rows else ' (and the halves)'}: "
                   f"{held / 2 ** 30:.2f} GiB of {budget_bytes / 2 ** 30:.1f} GiB")
 

@@ -106,6 +106,10 @@ def test_engine_config_errors_are_clear():
     from data import PopsdError
     with pytest.raises(PopsdError, match="rollout_server.*rollout_engine=vllm both name the sampler"):
         popsd.make_config("toy", ["rollout_engine=vllm", "rollout_server=http://127.0.0.1:1"])
+    with pytest.raises(PopsdError, match="rollout_engine=graph both name the sampler"):
+        popsd.make_config("", ["rollout_engine=graph", "rollout_server=http://127.0.0.1:1"])
+    assert popsd.make_config("toy").rollout_engine == "graph"  # the recipe's sampler, which servers asked for replace:
+    assert popsd.make_config("toy", ["rollout_server=http://127.0.0.1:1"]).rollout_engine == "dynamic"
     with pytest.raises(PopsdError, match="not an http"):
         popsd.make_config("toy", ["rollout_server=localhost:8000"])
     with pytest.raises(PopsdError, match="no rollout server answered.*could not reach"):

@@ -1,6 +1,8 @@
 """graph_engine.py (rollout_engine=graph): on a CPU the same loop runs without capture. Against rollout.generate:
 seeded samples identical when every row is kept, greedy equality and exact per-token log-probs when finished rows
 are dropped; weights read in place after an optimizer step, recaptured when replaced; the loop's wiring."""
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -138,6 +140,9 @@ def test_plan_fits_the_budget_and_counts_the_halves():
     few, _ = G.plan(model, 400, 300, 10 * per_row, keep_rows=True)
     halves, line = G.plan(model, 400, 300, 10 * per_row, keep_rows=False)
     assert few < 10 and halves <= few // 2 + 1 and "halves" in line
+    rows, line = G.plan(model, 10 ** 6, 300, 2 ** 30, keep_rows=False)  # the budget binds: 2 × rows caches
+    held, _ = (float(x) for x in re.findall(r"([0-9.]+) GiB", line))
+    assert 2 * rows * per_row <= 2 ** 30 < 2 * (rows + 1) * per_row and held == round(2 * rows * per_row / 2 ** 30, 2)
 
 
 def test_the_loop_takes_the_graph_engine_and_refuses_it_where_it_cannot_work(tmp_path, tiny_dir):
