@@ -6,17 +6,14 @@ carryworld`) multiplies a two-digit number mod 100 in one go by 3, 7 or 9 (`47*7
 (`29*23=67`, a hard step), gets some of those steps wrong by itself (most hard ones), and after "wait" re-derives
 the step in single-digit sub-steps. Every setting is the toy recipe's
 (recipes/toy.py, read below) except the world's files and the lengths, which follow from the world's longest
-reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS), the
-prompt bound, the base's 512 positions less that length (toy.py's 256 would cut the completions to 256), and
-HF's static KV cache: the same samples as dynamic, one run 168 s against 192 side by side (2026-12-02), and 400
-rows of 291 tokens 11.7 s against 32.6 (`bench/rollout.py --model toy --batch 400 --prompt-len 24
---max-new-tokens 291 --lora-r 16 --workloads longtail`, the toy base: the same architecture).
+reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS), and the
+prompt bound, the base's 512 positions less that length (toy.py's 256 would cut the completions to 256).
 `reference_field=sketch` gives the teachers only the start and the answer; `method=opsd` runs the baseline.
 The base's gates (400 held-out questions, docs/carryworld.md): accuracy 0.838, 0.375 with "wait" forbidden,
 84% of first-try errors caught, the teacher with the full reference 0.990.
-Expected time: 3-5 min on one core (the 12 runs of the comparison in docs/carryworld.md: 3.1-5.1 min each, two
-side by side). Expected result (that comparison, 3 seeds): accuracy 0.85 → 0.83 (full) and 0.82 (sketch), markers
-kept; method=opsd with the sketch: 0.52, the markers 13.1 → 8.1 per 1k.
+Expected time: about 2 min (129 s alone on the 2-core Xeon, 2026-12-03; the comparison's 12 runs, two side
+by side, took 13.4 min). Expected result (docs/carryworld.md, 3 seeds): accuracy 0.85 → 0.84 (full) and 0.81
+(sketch), markers kept; method=opsd with the sketch: 0.52, the markers 13.1 → 8.1 per 1k.
 """
 import runpy as _runpy
 from pathlib import Path as _Path
