@@ -33,6 +33,10 @@ from rollout import join, pad_left
 ROUND = 64  # cache length rounded up to a multiple of this: one graph serves prompts of many widths
 
 
+def _rounded(tokens: int) -> int:
+    return -(-tokens // ROUND) * ROUND
+
+
 def _warpers(temperature: float, top_k: int, top_p: float):
     """HF generate's sampling warpers, in its order (transformers' own classes, so the samples are its samples)."""
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
@@ -142,7 +146,7 @@ def plan(model, batch_size: int, seq_len: int, budget_bytes: float, keep_rows: b
     the batch with keep_rows; without, 2× the rows (its halves, or, eager, a growing cache and the copy it moves
     into). Returns (rows, a line for the log)."""
     from models import generation_batch, kv_bytes_per_token
-    length = -(-seq_len // ROUND) * ROUND
+    length = _rounded(seq_len)
     rows, _ = generation_batch(model, length, budget_bytes / (1 if keep_rows else 2), cap=batch_size)
     wide = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
     per_row = kv_bytes_per_token(model.config, 2 if wide else 4) * length
@@ -196,9 +200,9 @@ class GraphSampler:
             self.steps[(rows, length)] = _Step(self.model, rows, length, self.device, self.capture)
         return self.steps[(rows, length)]
 
-    def _leave(self, old: _Step, new: _Step, free: bool) -> _Step:
-        """Move on to new; with free (eager: no graph holds its addresses) old's cache is dropped now."""
-        if free:
+    def _leave(self, old: _Step, new: _Step) -> _Step:
+        """Move on to new; eager (no graph holds its addresses), old's cache is dropped now."""
+        if not self.capture:
             self.steps.pop((old.rows, old.length), None)
             self.used.discard((old.rows, old.length))
         return new
@@ -243,9 +247,9 @@ class GraphSampler:
         ids, attn = pad_left(prompts, pad)  # [b, P]
         ids, attn = ids.to(self.device), attn.to(self.device)
         b, p = ids.shape
-        final = -(-(p + max_new_tokens) // ROUND) * ROUND
+        final = _rounded(p + max_new_tokens)
         grow = not (self.keep_rows or self.capture)  # eager and compacting: the cache also grows ROUND at a time
-        step = self._step(b, -(-(p + 1) // ROUND) * ROUND if grow else final)
+        step = self._step(b, _rounded(p + 1) if grow else final)
         logits = step.prefill(ids, attn)  # [b, V]
         eos = torch.tensor(self.eos_ids, device=self.device)
         out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=self.device)  # [b, T]
@@ -280,11 +284,11 @@ class GraphSampler:
                 where, token = where[idx], token[idx]
                 unfinished = torch.zeros(smaller.rows, dtype=torch.long, device=self.device)
                 unfinished[:len(keep)] = 1
-                step = self._leave(step, smaller, grow)
+                step = self._leave(step, smaller)
             if grow and p + t >= step.length:  # the next token's slot is past the cache: one ROUND longer
                 longer = self._step(step.rows, min(step.length + ROUND, final))
                 longer.take(step, torch.arange(step.rows, device=self.device))
-                step = self._leave(step, longer, grow)
+                step = self._leave(step, longer)
             logits = step.decode(token)
         self.captures = sum(s.graph is not None for s in self.steps.values())
         return out[:, :t + 1].cpu(), out_lp[:, :t + 1].cpu()  # the steps run, as HF generate returns
