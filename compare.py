@@ -599,7 +599,8 @@ def main(argv: list[str]):
         names = [w.strip() for w in args.world.split(",") if w.strip()]
         if len(names) != 1 and (command != "compare" or args.out):
             raise ValueError(f"--world {args.world}: one world for {command}" + (" with --out" if args.out else ""))
-        world = worlds.get(names[0])
+        chosen = [worlds.get(name) for name in names]  # every name checked before the first world's runs start
+        world = chosen[0]
         if command == "data":
             world.write_data()
         elif command == "gates":
@@ -616,7 +617,7 @@ def main(argv: list[str]):
             print_gates(world, world.measure_base(model, tok), console)
         else:
             clips, betas = floats("--clip", args.clip, none=True), floats("--beta", args.beta)
-            for world in map(worlds.get, names):
+            for world in chosen:
                 compare(world, Path(args.out or f"runs/{world.NAME}_compare"),
                         [f.strip() for f in args.formats.split(",")], args.seeds, clips,
                         betas, args.workers, args.gate_samples, args.overrides, args.overwrite, console,

@@ -3,6 +3,8 @@ the reflection ban, the gates, the recipe's derived lengths, the shipped base.""
 import json
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,6 +224,13 @@ def test_the_world_is_found_by_name_and_data_ship_with_a_held_out_split():
     test = {r.split('"')[3] for r in (C.DATA / "test.jsonl").read_text().splitlines()}
     assert len(train) == 2000 and len(test) == 500 and not train & test and all(C.is_test(q) for q in test)
     assert (ROOT / "data/carryworld").is_dir()
+
+
+def test_a_misspelled_world_stops_compare_before_any_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--world", "toyworld,nope", "--seeds", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no world 'nope'" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # not after the first world's comparison
 
 
 def test_pretraining_curves_of_two_stages_mark_the_stage_and_the_ban(tmp_path):
