@@ -158,7 +158,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
     model.eval()  # gradient checkpointing only acts in train mode, so the KV cache stays on
     extra = {"cache_implementation": "static"} if engine == "static" else {}
     chunks = []
-    with D.gathered(model) if gather else contextlib.nullcontext():  # FSDP: all-gather once, not every step
+    # FSDP: the weights all-gathered once, not at every step; no model-folder sampling setting applies
+    with D.gathered(model) if gather else contextlib.nullcontext(), neutral_generation_config(model):
         for i in range(0, len(rows), batch_size):
             ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
             out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=do_sample,
@@ -170,6 +171,21 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
             if on_batch:
                 on_batch(len(ids))  # progress: sequences done
     return join(chunks, tokenizer, eos_ids)
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model):
+    """HF generate fills every setting a call leaves unset from the model folder's generation_config.json
+    (repetition_penalty, no_repeat_ngram_size, min_p, bad words, ...), which no other engine reads. For the
+    call, the model's config holds only its EOS and pad ids: generate samples from exactly the distribution
+    the arguments describe (temperature, top-p, top-k), as the graph engine and vLLM do."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shipped = causal.generation_config
+    causal.generation_config = type(shipped)(eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id)
+    try:
+        yield
+    finally:
+        causal.generation_config = shipped
 
 
 def join(chunks: list[torch.Tensor], tokenizer, eos_ids: list[int]):

@@ -179,3 +179,21 @@ def test_cuda_graph_replay_equals_eager_before_and_after_an_update(toy):
                 if "lora_B" in n:
                     p.div_(3.0)
         model.cpu()
+
+
+def test_a_model_folders_generation_config_changes_no_engines_samples(toy, tmp_path):
+    """HF generate fills every sampling setting a call leaves unset from the model folder's generation_config.json
+    (repetition penalty, n-gram bans, min-p, bad words...), which the graph engine and vLLM (generation_config=
+    "vllm") never read: popsd's HF path must sample from exactly the distribution its config describes."""
+    tok, model, prompts = toy
+    base = model.get_base_model()
+    shipped = base.generation_config
+    try:
+        base.generation_config = shipped.from_dict(shipped.to_dict() | dict(  # as a folder's json would set them
+            repetition_penalty=1.3, min_p=0.2, no_repeat_ngram_size=2, bad_words_ids=[[tok.convert_tokens_to_ids("7")]]))
+        for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)):
+            (c, m, _, texts), (c2, m2, _, texts2, _), _ = both(tok, model, prompts, **kw)
+            assert torch.equal(c, c2) and texts == texts2
+        assert any("7" in t for t in texts)  # the banned token is sampled: the folder's ban did not apply
+    finally:
+        base.generation_config = shipped
