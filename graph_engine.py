@@ -20,7 +20,9 @@ A replayed graph reads the weights at the addresses it was captured with. Traini
 (optimizer steps, the EMA teacher's lerp, a resume's load_state_dict copies into them); before every call the
 sampler compares the parameters' addresses with those it captured and drops its graphs if any moved. The
 caches are sized from the batch and the longest sequence (rounded up to ROUND tokens, so prompts of other
-widths reuse the graph): `kv_bytes` says what they hold. Under torchrun (FSDP's sharded weights) it is refused:
+widths reuse the graph): `kv_bytes` says what they hold. Sliding-window layers (Olmo-3's) are sampled exactly when run
+eagerly (their caches are moved with the count of tokens they hold); their decoding step cannot be captured (the
+count is a Python int their mask and writes branch on), so capture refuses such a model. Under torchrun (FSDP's sharded weights) it is refused:
 a graph cannot hold an all-gather of weights that are freed between steps.
 """
 import inspect
@@ -127,9 +129,12 @@ class _Step:
         for mine, theirs in zip(self._layers(), other._layers()):
             if not mine.is_initialized:
                 mine.lazy_initialization(theirs.keys[idx], theirs.values[idx])
-            mine.keys[:, :, :n].copy_(theirs.keys[idx])
-            mine.values[:, :, :n].copy_(theirs.values[idx])
+            held = theirs.keys.shape[2]  # a sliding-window layer holds min(window, length) slots, rolled when full
+            mine.keys[:, :, :held].copy_(theirs.keys[idx])
+            mine.values[:, :, :held].copy_(theirs.values[idx])
             mine.cumulative_length.copy_(theirs.cumulative_length)
+            if hasattr(theirs, "cumulative_length_int"):  # ... and counts its tokens in Python (its branches)
+                mine.cumulative_length_int = theirs.cumulative_length_int
         self.mask[:, :n].copy_(other.mask[idx])
         self.mask[:, n:] = 1  # slots not written yet: the causal mask keeps them out until they are
         self.position.copy_(other.position[idx])
@@ -173,6 +178,13 @@ class GraphSampler:
                 raise PopsdError(f"rollout_engine=graph captures the decoding step, which needs sdpa or eager attention "
                                  f"and a non-dynamic RoPE (this model: attention {attn!r}, RoPE {rope!r}): use "
                                  "rollout_engine=dynamic or static")
+            # a sliding-window layer counts its tokens in a Python int and its mask and writes branch on it: a
+            # graph would replay the count it was captured at (eager sampling, on a CPU, supports such layers)
+            from transformers import StaticCache
+            if any(layer.is_sliding for layer in StaticCache(config=model.config, max_cache_len=1).layers):
+                raise PopsdError("rollout_engine=graph cannot capture this model's decoding step: its sliding-window "
+                                 "layers branch in Python on how many tokens they hold, which a CUDA graph would fix at "
+                                 "capture; use rollout_engine=dynamic, static or vllm")
         self.steps: dict[tuple[int, int], _Step] = {}
         self.used: set[tuple[int, int]] = set()  # the shapes the current call uses
         self.addresses = None

@@ -197,3 +197,36 @@ def test_a_model_folders_generation_config_changes_no_engines_samples(toy, tmp_p
         assert any("7" in t for t in texts)  # the banned token is sampled: the folder's ban did not apply
     finally:
         base.generation_config = shipped
+
+
+@pytest.fixture(scope="module")
+def sliding():
+    """A random Qwen3 whose first and last layers attend within a window of 8 (as Olmo-3's sliding layers do), so
+    every toy completion outgrows the window; toy tokenizer and prompts."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    tok = common.build_tokenizer()
+    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         use_sliding_window=True, sliding_window=8, initializer_range=0.4,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prompts = [rollout.chat_ids(tok, f"Q:{q}", False) for q in common.held_out(toyworld, 6)]
+    return tok, model, prompts
+
+
+def test_sliding_window_layers_sample_exactly_in_both_modes_and_capture_is_refused(sliding, monkeypatch):
+    tok, model, prompts = sliding
+    (c, m, _, texts), (c2, m2, _, texts2, lp), _ = both(tok, model, prompts, max_new_tokens=40)
+    assert torch.equal(c, c2) and texts == texts2 and m.sum(1).max() > 8  # beyond the window
+    torch.testing.assert_close(lp, teacher_forced_logprobs(model, prompts, 2, c2, m2, tok.pad_token_id), atol=1e-4,
+                               rtol=0)
+    monkeypatch.setattr(G, "ROUND", 8)  # the cache grows (and the window layers roll) several times
+    (c, *_), (c2, *_), sampler = both(tok, model, prompts, keep_rows=False, temperature=0, max_new_tokens=40)
+    assert torch.equal(c, c2) and len({length for _, length in sampler.trail}) > 2
+    _, (c3, m3, _, _, lp), _ = both(tok, model, prompts, keep_rows=False, max_new_tokens=40)
+    torch.testing.assert_close(lp, teacher_forced_logprobs(model, prompts, 2, c3, m3, tok.pad_token_id), atol=1e-4,
+                               rtol=0)
+    with pytest.raises(PopsdError, match="sliding-window layers branch in Python"):
+        G.GraphSampler(model, tok, batch_size=4, device="cpu", eos_ids=[tok.eos_token_id], capture=True)
