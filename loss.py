@@ -382,7 +382,12 @@ def _compiled_chunk(**opts):
     """_chunk with these options, compiled once per process and option set (dynamic in the chunk's rows)."""
     key = tuple(sorted(opts.items()))
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(lambda xs, xt, xr, x0: _chunk(xs, xt, xr, x0, **opts), dynamic=True)
+        def chunk(xs, xt, xr, x0):
+            return _chunk(xs, xt, xr, x0, **opts)
+        # dynamo keeps compiled graphs, and its limit of 8 recompiles (past it: eager, silently), per code object,
+        # which every closure of `chunk` shares: a copy of the code per option set gives each its own cache
+        chunk.__code__ = chunk.__code__.replace()
+        _COMPILED[key] = torch.compile(chunk, dynamic=True)
     return _COMPILED[key]
 
 

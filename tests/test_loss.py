@@ -304,6 +304,24 @@ def test_compile_auto_is_eager_on_cpu_and_other_supports_stay_eager(monkeypatch)
         L.fused_loss(hs, ht, hr, hb, w, compile="yes")
 
 
+def test_every_option_set_keeps_its_own_compiled_chunk_past_dynamos_recompile_limit(monkeypatch):
+    """dynamo keeps 8 graphs per code object and then runs eager without a word: twelve option sets in one process
+    (a sweep, a test session) must each stay compiled. Traced with the eager backend (no kernels to build)."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", **kw))
+    monkeypatch.setattr(L, "_COMPILED", {})
+    x = [torch.randn(3, 11) for _ in range(4)]
+    sets = [dict(purified=p, kind=k, b=0.5, beta=1.0, clip=c, token_clip=t) for p in (True, False) for k in L.KINDS
+            for c, t in ((10.0, None), (None, 0.05))]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # past the limit: an error, not eager
+        for opts in sets:
+            got = L._compiled_chunk(**opts)(*x)
+            want = L._chunk(*x, **opts)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w)
+    assert len(L._COMPILED) == len(sets) == 12
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it)")
 @pytest.mark.parametrize("method", ["purified", "opsd"])
 def test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size(method):
