@@ -41,7 +41,7 @@ MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluatio
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
     "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
     "rollout_server", "rollout_adapter_dir", "rollout_concurrency", "vllm_gpu_memory", "vllm_kv_cache_gb",
-    "vllm_enforce_eager", "report_to",
+    "vllm_enforce_eager", "report_to", "sampler_gap_warn", "sampler_gap_stop",
     "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature",
     "eval_top_p", "eval_grader"}
 

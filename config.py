@@ -73,6 +73,8 @@ class Config:
     vllm_kv_cache_gb: float = 0.0  # vLLM's KV cache in GiB (0: from vllm_gpu_memory on a GPU, 1 GiB on a CPU)
     vllm_enforce_eager: bool = False  # vLLM on a GPU without CUDA graphs (starts faster; a CPU is always eager)
     sample_gathered: bool = True  # FSDP: gather the weights once per generate call (each GPU holds the whole model)
+    sampler_gap_warn: float = 0.05  # engines: a mean |log p_engine − log p_student| per token above it warns each step
+    sampler_gap_stop: float = 0.5  # ... above it the run stops: the engine is not sampling from the student
     # algorithm
     method: str = "purified"  # purified (PMI target) | opsd (target = teacher)
     teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached) | ema (an EMA of the LoRA: ema.py)
@@ -191,7 +193,8 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
     return cfg
 
 
-POSITIVE = ("lr", "temperature", "beta", "max_grad_norm", "lora_alpha", "eval_temperature")  # > 0, or nothing trains
+POSITIVE = ("lr", "temperature", "beta", "max_grad_norm", "lora_alpha", "eval_temperature", "sampler_gap_warn",
+            "sampler_gap_stop")  # > 0, or nothing trains
 AT_LEAST_1 = ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "gen_batch_size",
               "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints", "rollout_concurrency",
               "topk")
@@ -224,6 +227,8 @@ def validate(cfg: Config):
     for key in ("top_p", "eval_top_p"):
         if not 0 < getattr(cfg, key) <= 1:
             fail(key, "must be in (0, 1]")
+    if cfg.sampler_gap_stop < cfg.sampler_gap_warn:
+        fail("sampler_gap_stop", f"must be at least sampler_gap_warn ({cfg.sampler_gap_warn})")
     if not 0 < cfg.vllm_gpu_memory <= 1:
         fail("vllm_gpu_memory", "must be in (0, 1]")
     if cfg.rollout_server and cfg.rollout_engine in ("vllm", "graph"):

@@ -194,9 +194,6 @@ def update(model, body, head, rollout: Rollout, cfg: Config, pad_id: int, params
             "skipped": skipped, **{k: v / n_tokens for k, v in zip(keys, stat_sums)}}
 
 
-MAX_SKIPS = 3  # non-finite steps in a row before the run stops
-
-
 @torch.no_grad()
 def check_outputs(model, body, head, rollout: Rollout, pad_id: int, step: int):
     """Before a checkpoint is saved: the updated student's logits on one of the step's sequences are finite
@@ -208,29 +205,76 @@ def check_outputs(model, body, head, rollout: Rollout, pad_id: int, step: int):
                          "is not saved; lower lr or max_grad_norm and resume from the last checkpoint")
 
 
-def health(row: dict, skips: int, vocab: int, cfg: Config) -> tuple[int, str | None]:
-    """(consecutive skipped steps, a warning): a skipped step is counted (MAX_SKIPS in a row stop the run).
-    A collapsed student is a warning on screen and `collapse` in metrics: entropy near ln V (uniform), no
-    gradient at all, or a JSD near its ceiling H(b) (student and target almost disjoint: no gradient left)."""
-    skips = skips + 1 if row["skipped"] else 0
+MAX_SKIPS = 3  # steps in a row that changed nothing (a non-finite or an exactly zero gradient) before the run stops
+
+
+def extreme_settings(cfg: Config) -> list[str]:
+    """The settings that saturate or flatten every softmax: what a run that cannot learn is most likely set to."""
+    tau, found = cfg.loss_temperature or cfg.temperature, []
+    if tau < 0.05:
+        found.append(f"τ={tau:g} (loss_temperature, else temperature) makes every softmax one-hot, with no gradient")
+    if cfg.temperature > 2:
+        found.append(f"temperature={cfg.temperature:g} samples near-uniform text")
+    if cfg.method == "purified" and cfg.beta < 0.05:
+        found.append(f"beta={cfg.beta:g} makes the target one-hot on the largest Δ̃ (log P = log π_0 + Δ̃/β)")
+    return found
+
+
+def health(row: dict, stalls: int, vocab: int, cfg: Config) -> tuple[int, list[str], str | None]:
+    """(steps in a row that changed nothing, warnings for this step, why the run must stop or None).
+
+    A step changes nothing when its loss or gradient is not finite (the update is skipped) or its gradient is
+    exactly zero; MAX_SKIPS in a row stop the run, naming the settings likely to blame. A collapsed student is
+    warned and marked `collapse` in metrics: entropy near ln V (uniform), a zero gradient with a loss left, or a
+    JSD near its ceiling H(b) (student and target almost disjoint: no gradient left); so is degenerate
+    repetition (`repetition`). The sampler's log-prob gap (engines) above sampler_gap_warn is warned, above
+    sampler_gap_stop the run stops: the engine is not sampling from the student."""
+    step, warnings, stop = row["step"], [], None
+    settings = extreme_settings(cfg)
+    blame = ": " + "; ".join(settings) if settings else ""
+    stalls = stalls + 1 if row["skipped"] or row["grad_norm"] == 0 else 0
     if row["skipped"]:
-        return skips, f"step {row['step']}: non-finite loss or gradient, update skipped ({skips} in a row)"
+        warnings.append(f"step {step}: non-finite loss or gradient, update skipped ({stalls} in a row)")
+        if stalls >= MAX_SKIPS:
+            stop = (f"{stalls} steps in a row had a non-finite loss or gradient (step {step}, lr {row['lr']:.2g}): the "
+                    "run is diverging; lower lr or max_grad_norm and resume from the last checkpoint, which holds "
+                    "finite weights")
+    elif row["grad_norm"] == 0:
+        warnings.append(f"step {step}: the gradient is exactly zero, this step taught nothing ({stalls} in a row)"
+                        + blame)
+        if stalls >= MAX_SKIPS:
+            stop = (f"{stalls} steps in a row had no gradient at all (loss {row['loss']:.2g}): this run cannot learn"
+                    + (blame or " (the student equals its target, or every softmax it compares is saturated)"))
     b = cfg.jsd_beta
     ceiling = -b * math.log(b) - (1 - b) * math.log(1 - b) if cfg.divergence == "jsd" else math.inf
     why = [w for w, bad in ((f"entropy {row.get('entropy', 0):.2f} of at most {math.log(vocab):.2f}",
                              row.get("entropy", 0) > 0.95 * math.log(vocab)),
                             ("a zero gradient", row["grad_norm"] == 0 and row["loss"] > 0),
                             (f"JSD {row['loss']:.3f} near its ceiling {ceiling:.3f}", row["loss"] > 0.9 * ceiling)) if bad]
-    if why:
+    if why and not row["skipped"]:
         row["collapse"] = True
-        hint = "lower lr?" if cfg.temperature <= 2 else f"temperature={cfg.temperature:g} samples near-uniform text"
-        return skips, f"step {row['step']}: the student looks collapsed ({', '.join(why)}): {hint}"
+        warnings.append(f"step {step}: the student looks collapsed ({', '.join(why)})" + (blame or ": lower lr?"))
+    if any(not math.isfinite(row[k]) for k in ("cos_total_ref", "cos_total_it", "norm_ratio") if k in row):
+        warnings.append(f"step {step}: the Δ diagnostics are not finite (every softmax saturated?)" + blame)
     if row.get("repeated_4grams", 0) > 0.5 and row.get("truncated", 0) > 0.5:  # R1-Distill's failure under OPSD
         row["repetition"] = True
-        return skips, (f"step {row['step']}: the student repeats itself ({100 * row['repeated_4grams']:.0f}% of its "
-                       f"4-grams seen before in the same completion, {100 * row['truncated']:.0f}% of completions cut "
-                       "at max_new_tokens): degenerate repetition; lower lr, or compare method=purified")
-    return skips, None
+        warnings.append(f"step {step}: the student repeats itself ({100 * row['repeated_4grams']:.0f}% of its "
+                        f"4-grams seen before in the same completion, {100 * row['truncated']:.0f}% of completions cut "
+                        "at max_new_tokens): degenerate repetition; lower lr, or compare method=purified")
+    gap = row.get("sampler_logprob_gap")
+    if gap is not None and not gap <= cfg.sampler_gap_warn:  # NaN too
+        said = (f"the sampler's log-probs of its tokens differ from the student's by {gap:.2g} nats per token on "
+                "average")
+        causes = ("likely causes: an adapter on the engine other than this step's (a stale or another run's), a "
+                  "sampling setting the trainer does not know (the server's logprobs mode must be raw_logprobs), "
+                  "or another model or dtype on the engine than the trainer's")
+        if not gap <= cfg.sampler_gap_stop:
+            stop = (f"step {step}: {said} (sampler_gap_stop={cfg.sampler_gap_stop:g}): the engine is not sampling "
+                    f"from the student; {causes}")
+        else:
+            warnings.append(f"step {step}: {said} (above sampler_gap_warn={cfg.sampler_gap_warn:g}; engine precision "
+                            f"is ~1e-6 in fp32): {causes}")
+    return stalls, warnings, stop
 
 
 def open_run_folder(cfg: Config, out: Path, rank: int) -> tuple[Path | None, RunLock | None]:
@@ -363,7 +407,7 @@ def train(cfg: Config) -> Path:
         tracker = Trackers(cfg.report_to if rank == 0 else "none", out, dataclasses.asdict(cfg), start)
         eos, pad_id = eos_ids(model, tokenizer), tokenizer.pad_token_id
         sampler = make_sampler(cfg, model, tokenizer, path, eos, device, out, rank, world)
-        stop, skips = StopRequest(), 0
+        stop, stalls = StopRequest(), 0
         sampler.sync(model, start)  # the engine samples from this run's adapter (a resumed one: the checkpoint's)
         with progress() as bar, open(metrics_path if rank == 0 else os.devnull, "a") as metrics_file:
             task = bar.add_task("training", total=cfg.steps, completed=start)
@@ -386,7 +430,7 @@ def train(cfg: Config) -> Path:
                 t_sync = time.time()
                 sampler.sync(model, step)  # the updated adapter reaches the engine before it samples again
                 row |= {"time_sync": time.time() - t_sync, "time_step": time.time() - t0}
-                skips, warning = health(row, skips, head.shape[0], cfg)
+                stalls, warnings, stop_why = health(row, stalls, head.shape[0], cfg)
                 if benches and (step % cfg.eval_every == 0 or step == cfg.steps):
                     row |= E.in_training(step, sampler, tokenizer, benches, cfg, out, bar, rank, world)
                 # 6. log (rank 0)
@@ -395,12 +439,10 @@ def train(cfg: Config) -> Path:
                 tracker.log(row)
                 pace = (time.time() - t_run) / (step - start)  # seconds per step, this process so far
                 console.print(step_line(row, cfg.steps, pace), soft_wrap=True)
-                if warning:
+                for warning in warnings:
                     console.print(f"[bold yellow]{warning}[/]", soft_wrap=True)
-                if skips >= MAX_SKIPS:
-                    raise PopsdError(f"{skips} steps in a row had a non-finite loss or gradient (step {step}, lr "
-                                     f"{row['lr']:.2g}): the run is diverging; lower lr or max_grad_norm and resume "
-                                     "from the last checkpoint, which holds finite weights")
+                if stop_why:  # after the row is logged: the record says why
+                    raise PopsdError(stop_why)
                 if rank == 0:
                     write_samples(out / "samples.txt", step, rollout, tokenizer, cfg.samples_per_step)
                 bar.advance(task)

@@ -7,8 +7,9 @@
 
 After every optimizer step rank 0 writes the student's adapter to rollout_adapter_dir/popsd-RUN-step-N (a
 folder the servers can read: by default inside the run folder, right when they share this disk), loads
-it on every server (/v1/load_lora_adapter) and unloads the previous one. Each prompt goes as token ids
-to /v1/completions naming popsd-RUN-step-N (RUN: a hash of the run folder), with every sampling parameter explicit (a server fills what a
+it on every server (/v1/load_lora_adapter) and unloads the previous one. RUN is a hash of the run folder
+and a nonce of the session: no name is ever used for two adapters. Each prompt goes as token ids to
+/v1/completions naming the step's adapter, with every sampling parameter explicit (a server fills what a
 request leaves out from the model's generation_config: Qwen3 ships top_k 20) and its own seed per sample;
 requests are spread over the servers, `rollout_concurrency` in flight per server, and a request that
 fails on one server is retried on the others. A reply must name the step's adapter and carry the
@@ -16,6 +17,7 @@ completion's token ids and raw log-probs, or the step stops with a clear error.
 """
 import concurrent.futures
 import json
+import secrets
 import shutil
 import threading
 import time
@@ -135,7 +137,11 @@ class ServerPool:
         self.tokenizer, self.eos_ids, self.rank, self.concurrency = tokenizer, eos_ids, rank, concurrency
         self.warn = warn
         self.adapter_dir, self.name, self.lock = Path(adapter_dir).resolve(), None, threading.Lock()
-        self.run = run_id  # in every adapter name: runs sharing a server never answer with each other's adapter
+        # in every adapter name: a hash of the run folder (runs sharing a server never answer with each other's
+        # adapter) and a nonce of this session, rank 0's on every rank: vLLM keys its prefix cache on the adapter's
+        # name and path, and unloading an adapter keeps its blocks, so a rerun into the same folder would otherwise
+        # be answered from KV computed by the previous run's adapter of the same step
+        self.run = f"{run_id}-{D.gather(secrets.token_hex(4))[0]}"
         problems = []
         for s in self.servers:  # a clear error now rather than after the first step's work
             try:

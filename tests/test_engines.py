@@ -62,7 +62,8 @@ def server(tmp_path_factory):
            "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "512", "--kv-cache-memory-bytes", str(256 << 20), "--enable-lora", "--max-lora-rank",
            "16", "--max-loras", "1", "--logprobs-mode", "raw_logprobs", "--seed", "0",
-           "--no-enable-chunked-prefill"]  # CPU: seeded requests + chunked prefill crash vLLM 0.32
+           "--no-enable-chunked-prefill",  # CPU: seeded requests + chunked prefill crash vLLM 0.32
+           "--block-size", "32"]  # prompts of a few 32-token blocks are prefix-cached (test_a_rerun_...)
     with serving(cmd, ENV | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, port, base.parent / "server.log",
                  "the vLLM server") as url:
         yield url
@@ -153,6 +154,33 @@ def test_server_pool_trains_on_policy_and_resumes_exactly(server, tmp_path):
 
 
 @ENGINE_FIXTURES
+def test_a_rerun_into_the_same_folder_is_never_answered_from_the_previous_runs_adapter(server, tmp_path):
+    """vLLM keys its prefix cache on the adapter's name and path and keeps the blocks after an unload: a rerun
+    (overwrite=true, same seed, so the same prompts at every step) naming its adapters as the first run did would be
+    answered from KV its predecessor's adapters computed. Prompts here span three of the server's 32-token blocks
+    (a toy question alone fits in one, where nothing is cached and this could not fail)."""
+    template = "Each step takes the last digit of its result to the next one; answer in a box at the end. Q:{question}"
+    assert len(template) > 96  # characters are tokens here
+    for lr in ("1e-2", "3e-2"):  # the second run's adapters differ from the first's after step 1
+        code, output = here(popsd.main, "--recipe", "toy", f"rollout_server={server}", "eval_every=0", "threads=1",
+                            f"lr={lr}", "method=opsd", "steps=3", f"student_template={template}", "overwrite=true",
+                            f"out_dir={tmp_path / 'run'}")
+        assert code == 0, output[-3000:]
+    gaps = [m["sampler_logprob_gap"] for m in rows(tmp_path / "run/metrics.jsonl")]
+    assert len(gaps) == 3 and max(gaps) < GAP, gaps
+
+
+@ENGINE_FIXTURES
+def test_an_engine_serving_another_base_stops_the_run_at_the_first_step(server, tmp_path):
+    """The second world's base (the toy base's shape, other weights) trained against a server of the toy base: the
+    adapter loads there, and the samples come from another model. The gap says so, and the run stops."""
+    code, output = here(popsd.main, "--recipe", "carry", f"rollout_server={server}", "eval_every=0", "threads=1",
+                        "steps=3", f"out_dir={tmp_path / 'run'}")
+    assert code == 2 and "not sampling from the student" in output and "another model" in output, output[-3000:]
+    assert [m["step"] for m in rows(tmp_path / "run/metrics.jsonl")] == [1]  # logged, then stopped
+
+
+@ENGINE_FIXTURES
 def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_adapter):
     """A pool with a server that is gone (a closed port): its requests go to the live one, with a warning."""
     import server_pool
@@ -171,8 +199,9 @@ def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_a
     comp, mask, truncated, texts, lp = pool.generate(prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=1.0,
                                                      top_k=0, seeds=[1, 2])
     assert comp.shape[0] == 6 and lp.shape == comp.shape and pool.alive == pool.servers[1:]
+    name = pool.name
     pool.close()
-    assert "popsd-t-step-0" not in served(server)
+    assert name.startswith("popsd-t-") and name.endswith("-step-0") and name not in served(server)
 
 
 @ENGINE_FIXTURES

@@ -149,19 +149,46 @@ def test_a_collapse_is_warned_on_screen_and_in_metrics(tmp_path, capsys):
     assert "looks collapsed" in capsys.readouterr().out
     cfg = popsd.make_config("tiny")
     base = {"step": 1, "skipped": False, "loss": 0.05, "grad_norm": 0.1, "entropy": 2.0, "lr": 1e-3}
-    assert popsd.health(dict(base), 0, 512, cfg) == (0, None)
+    said = lambda row, c=cfg, stalls=0: " ".join(popsd.health(row, stalls, 512, c)[1])  # noqa: E731
+    assert popsd.health(dict(base), 0, 512, cfg) == (0, [], None)
     for change in ({"entropy": 6.2}, {"grad_norm": 0.0}, {"loss": 0.66}):
-        assert "collapsed" in popsd.health(dict(base, **change), 0, 512, cfg)[1]
+        assert "collapsed" in said(dict(base, **change)) and "lower lr?" in said(dict(base, **change))
     assert popsd.health(dict(base, skipped=True), 1, 512, cfg)[0] == 2
     assert popsd.health(dict(base), 2, 512, cfg)[0] == 0  # a good step resets the count
     looping = dict(base, repeated_4grams=0.8, truncated=0.9)  # the paper's other failure: long, repetitive output
-    assert "repeats itself (80% of its 4-grams" in popsd.health(looping, 0, 512, cfg)[1] and looping["repetition"]
-    assert popsd.health(dict(base, repeated_4grams=0.8, truncated=0.1), 0, 512, cfg)[1] is None  # short: not flagged
+    assert "repeats itself (80% of its 4-grams" in said(looping) and looping["repetition"]
+    assert popsd.health(dict(base, repeated_4grams=0.8, truncated=0.1), 0, 512, cfg)[1] == []  # short: not flagged
     hot = popsd.make_config("tiny", ["temperature=50"])
-    assert "temperature=50 samples near-uniform" in popsd.health(dict(base, entropy=6.2), 0, 512, hot)[1]
+    assert "temperature=50 samples near-uniform" in said(dict(base, entropy=6.2), hot)
+    flat = popsd.make_config("tiny", ["beta=1e-30"])  # the target, not the student, is what is off: name its knob
+    assert "beta=1e-30 makes the target one-hot" in said(dict(base, loss=0.66), flat) and "lower lr" not in \
+        said(dict(base, loss=0.66), flat)
     ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 9], [5, 6, 7, 8, 9, 0, 0, 0, 0]])
     mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
     assert popsd.repeated_ngrams(ids, mask) == (1, 6 + 2)  # (1,2,3,4) seen twice; the padding not counted
+
+
+def test_a_run_that_cannot_learn_stops_and_names_the_setting(tmp_path):
+    """temperature=1e-30 makes every softmax one-hot: loss 0, gradient exactly 0, NaN cosines. It was a silent no-op
+    (exit code 0); now each such step is warned and three in a row stop the run, naming τ."""
+    out = cli("--recipe", "toy", f"out_dir={tmp_path}", "eval_every=0", "steps=6", "temperature=1e-30")
+    assert out.returncode == 2 and "Traceback" not in out.stdout, out.stdout[-2000:]
+    assert "3 steps in a row had no gradient at all" in out.stdout and "τ=1e-30" in out.stdout
+    assert "the gradient is exactly zero" in out.stdout and "the Δ diagnostics are not finite" in out.stdout
+    assert [json.loads(x)["grad_norm"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.0] * 3
+
+
+def test_the_sampler_gap_warns_then_stops_the_run():
+    cfg = popsd.make_config("toy")
+    base = {"step": 4, "skipped": False, "loss": 0.05, "grad_norm": 0.1, "entropy": 2.0, "lr": 1e-3}
+    assert popsd.health(dict(base, sampler_logprob_gap=1e-6), 0, 128, cfg) == (0, [], None)
+    _, warned, stop = popsd.health(dict(base, sampler_logprob_gap=0.2), 0, 128, cfg)
+    assert stop is None and "differ from the student's by 0.2 nats" in warned[0] and "sampler_gap_warn=0.05" in warned[0]
+    for gap in (12.0, float("nan")):  # a server's garbage log-probs; a NaN is never below a bound
+        _, _, stop = popsd.health(dict(base, sampler_logprob_gap=gap), 0, 128, cfg)
+        assert "not sampling from the student" in stop and "raw_logprobs" in stop and "stale" in stop
+    with pytest.raises(PopsdError, match="sampler_gap_stop.*at least sampler_gap_warn"):
+        popsd.make_config("toy", ["sampler_gap_warn=1", "sampler_gap_stop=0.5"])
 
 
 def test_lr_1e30_stops_with_a_clear_error_and_saves_no_broken_state(tmp_path):
