@@ -12,11 +12,15 @@ engine sleeps (weights offloaded, KV cache freed) while the scoring passes and t
 Completions come back as token ids with the engine's raw log-prob of each sampled token, one request
 per prompt with n samples and a seed per prompt (vLLM gives sample j the seed + j).
 """
+import contextlib
 import os
+import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from checkpoints import save_adapter, trainable_state
 from data import PopsdError
@@ -35,6 +39,24 @@ def ram_folder() -> Path:
     """A fresh folder in RAM (/dev/shm where it exists), for adapters that live one step."""
     shm = Path("/dev/shm")
     return Path(tempfile.mkdtemp(prefix="popsd-adapters-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+
+
+@contextlib.contextmanager
+def kept_rng():
+    """The global random states (Python, NumPy, torch CPU and CUDA) as they were before the block: vLLM's engine
+    calls set_random_seed(seed) as it starts, which would undo what a resumed checkpoint restored (LoRA dropout,
+    HF sampling in evaluations and anything else drawing from them would then differ from a straight run)."""
+    import numpy as np
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state(), \
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3]:
+            torch.cuda.set_rng_state_all(states[3])
 
 
 class VLLMEngine:
@@ -61,8 +83,9 @@ class VLLMEngine:
             kwargs["quantization"] = "bitsandbytes"  # in-flight nf4 of the same base weights
         t0 = time.time()
         try:
-            self.llm = LLM(**kwargs)
-            self.llm.generate([{"prompt_token_ids": [eos_ids[0]]}], use_tqdm=False)  # what fails at the first
+            with kept_rng():  # LLM() seeds the global generators: a resumed run's restored states must survive it
+                self.llm = LLM(**kwargs)
+                self.llm.generate([{"prompt_token_ids": [eos_ids[0]]}], use_tqdm=False)  # what fails at the first
         except Exception as e:  # forward (vLLM's CPU attention refuses head_dim 16) fails here, said plainly
             raise PopsdError(f"vLLM could not start on {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
                              ) from e

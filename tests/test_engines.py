@@ -92,15 +92,23 @@ def test_in_process_engine_is_hf_peft_and_follows_every_update(trained_adapter):
     assert r["adapters_in_ram"] == ["popsd-step-8"]  # the previous step's adapter was removed
 
 
-def test_toy_recipe_trains_end_to_end_with_the_vllm_engine(tmp_path):
-    out = tmp_path / "run"
-    code, output = cli("popsd.py", "--recipe", "toy", "rollout_engine=vllm", "vllm_kv_cache_gb=0.25", "steps=2",
-                       "eval_every=2", "eval_limit=16", "threads=1", f"out_dir={out}")
-    assert code == 0, output[-3000:]
-    metrics = rows(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [0, 1, 2] and "eval/test/avg@1" in metrics[2]
-    assert all(m["sampler_logprob_gap"] < GAP for m in metrics[1:]) and "gap " in output
-    assert (out / "adapter/adapter_model.safetensors").exists()
+def test_toy_recipe_trains_end_to_end_with_the_vllm_engine_and_resumes_exactly(tmp_path):
+    """2 steps, then resume to 3, against 3 straight, with LoRA dropout (it draws from torch's generator, which the
+    engine's start-up reseeds: the states a checkpoint restored must survive it)."""
+    common = ["popsd.py", "--recipe", "toy", "rollout_engine=vllm", "vllm_kv_cache_gb=0.25", "eval_every=2",
+              "eval_limit=16", "threads=1", "lora_dropout=0.1", "save_every=2"]
+    for out, extra in ((tmp_path / "straight", ["steps=3"]), (tmp_path / "resumed", ["steps=2"]),
+                       (tmp_path / "resumed", ["steps=3", "resume=true"])):
+        code, output = cli(*common, *extra, f"out_dir={out}")
+        assert code == 0, output[-3000:]
+    assert "gap " in output and "resumed from" in output
+    straight, resumed = rows(tmp_path / "straight/metrics.jsonl"), rows(tmp_path / "resumed/metrics.jsonl")
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3] and "eval/test/avg@1" in resumed[2]
+    assert all(m["sampler_logprob_gap"] < GAP for m in resumed[1:])
+    for a, b in zip(straight, resumed):
+        assert {k: v for k, v in a.items() if not k.startswith("time")} == \
+            {k: v for k, v in b.items() if not k.startswith("time")}
+    assert (tmp_path / "resumed/adapter/adapter_model.safetensors").exists()
 
 
 def test_engine_config_errors_are_clear():
