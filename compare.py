@@ -14,7 +14,8 @@ Minutes measured on this project's 2-core Xeon (2026-12-03; docs/toyworld.md and
 
 Each run is `python popsd.py --recipe <the world's recipe>` with only the method, the reference format and the
 seed set (and the same overrides for all), `--workers` side by side with one torch thread each; a finished run
-of the same config from the same base is reused. The base row is each seed's step-0 evaluation (the same in
+is reused when its config, the base's weights, the data files, the code and the library versions are all the
+same (run_key), and a run redone says what changed. The base row is each seed's step-0 evaluation (the same in
 every run of that seed: checked). Per evaluated step the world metrics come from the held-out evaluation, the
 Δ diagnostics from the training steps since the previous evaluation. Each trained student is also measured
 with "wait" forbidden, and the hypotheses of docs/carryworld.md are judged by their decision rule. Writes
@@ -47,34 +48,81 @@ class Job:
     out: Path
     command: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # what the command passes to popsd.py after the recipe
+    key: dict = field(default_factory=dict)  # everything that decides its result (run_key), taken before it runs
 
     @property
     def log(self) -> Path:  # next to the run folder: popsd writes only into a new or empty one
         return self.out.with_name(self.out.name + ".log")
 
     @property
-    def record(self) -> Path:  # written when the run finished: its resolved config and the base it started from
+    def record(self) -> Path:  # written when the run finished: its key, as taken before it started
         return self.out.with_name(self.out.name + ".done.json")
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def base_sha(world) -> str:
-    return hashlib.sha256((world.BASE / "model.safetensors").read_bytes()).hexdigest()
+    return sha256(world.BASE / "model.safetensors")
 
 
-def run_key(world, job: Job) -> dict:
-    """What makes a run the same run: its resolved config (popsd.make_config) and the base's checksum."""
+SOURCE_SKIP = ("tests", "bench", "docs", "data", "runs")  # not code a run executes (data is keyed by content)
+
+
+def sources_sha() -> str:
+    """One checksum of every Python file a run executes (popsd, its engines, worlds and recipes): a change to the
+    code that trains or measures a run makes it another run."""
+    files = sorted(p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] not in SOURCE_SKIP)
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(f"{p.relative_to(ROOT)}\0".encode() + p.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def run_key(world, overrides: list[str]) -> dict:
+    """Everything that decides a run's result: its resolved config (popsd.make_config), the checksums of the base's
+    weights and of the data files it trains and is evaluated on, of the code, and the library versions."""
     import popsd
-    cfg = popsd.make_config(world.RECIPE, job.overrides)
-    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}, "base": base_sha(world)}
+    from data import resolve_local
+    cfg = popsd.make_config(world.RECIPE, overrides)
+    files = [cfg.data, *cfg.eval_bench.split(",")]
+    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}, "base": base_sha(world),
+            "data": {f: sha256(resolve_local(f)) for f in files if resolve_local(f) is not None},
+            "code": sources_sha(), "versions": versions()}
 
 
-def cached(world, job: Job) -> bool:
-    """A finished run of the same config from the same base: reused, not rerun."""
+def why_redo(job: Job) -> str | None:
+    """None when a finished run with this job's key is there to reuse, else what is missing or changed."""
+    if not ((job.out / "adapter").is_dir() and (job.out / "metrics.jsonl").is_file()):
+        return "no finished run"
     try:
         done = json.loads(job.record.read_text())
     except (OSError, ValueError):
-        return False
-    return done == run_key(world, job) and (job.out / "adapter").is_dir() and (job.out / "metrics.jsonl").is_file()
+        return f"no readable record {job.record.name}"
+    changed = []
+    for part, now in job.key.items():
+        then = done.get(part) if isinstance(done, dict) else None
+        if then == now:
+            continue
+        if isinstance(now, dict) and isinstance(then, dict):
+            keys = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+            changed.append(f"{part} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+        else:
+            changed.append({"base": "the base's weights", "code": "the code"}.get(part, part))
+    return "changed: " + "; ".join(changed) if changed else None
+
+
+def cached(job: Job) -> bool:
+    return why_redo(job) is None
 
 
 def purified_settings(clips, betas, grid: str = "product") -> list[tuple]:
@@ -113,7 +161,7 @@ def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides, grid
                 run = out / fmt / name / f"seed_{seed}"
                 args = [f"out_dir={run}", f"reference_field={fmt}", f"seed={seed}", "threads=1", *extra, *overrides]
                 jobs.append(Job(fmt, name, seed, run, [sys.executable, str(ROOT / "popsd.py"), "--recipe",
-                                                       world.RECIPE, *args], args))
+                                                       world.RECIPE, *args], args, run_key(world, args)))
     return jobs
 
 
@@ -145,7 +193,7 @@ def run_jobs(world, jobs: list[Job], workers: int, total_steps: int, console):
                     tail = job.log.read_text()[-3000:]
                     raise RuntimeError(f"run {job.out} failed (rc {proc.returncode}); its log ends:\n{tail}")
                 done += 1
-                job.record.write_text(json.dumps(run_key(world, job)) + "\n")
+                job.record.write_text(json.dumps(job.key) + "\n")  # as it was when the run started
                 bar.console.print(f"{done}/{len(jobs)} runs done ({time.time() - t0:.0f} s): {job.out}")  # pipes too
             logged = sum(len(_lines(job.out / "metrics.jsonl")) for job, _, _ in running)
             bar.update(task, completed=done * total_steps + logged)
@@ -492,9 +540,13 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
                   f"{cfg.eval_limit} held-out questions), runs in {out}/<reference>/<method>/seed_<n>/, their logs "
                   "beside them (seed_<n>.log)")
-    todo = [job for job in jobs if not cached(world, job)]
-    console.print(f"{len(jobs) - len(todo)} runs reused (same config, same base: {out}/.../seed_<n>.done.json), "
-                  f"{len(todo)} to run")
+    redo = {id(job): why_redo(job) for job in jobs}
+    todo = [job for job in jobs if redo[id(job)]]
+    console.print(f"{len(jobs) - len(todo)} runs reused (the same config, base, data, code and libraries: "
+                  f"{out}/.../seed_<n>.done.json), {len(todo)} to run")
+    for job in todo:
+        if redo[id(job)] != "no finished run":
+            console.print(f"redone, {redo[id(job)]}: {job.out}", soft_wrap=True)
     for job in todo:  # an unfinished or different earlier run in this comparison's folder: compare's own, redone
         remove_entries(job.out.parent, [job.out.name, job.record.name])
     run_jobs(world, todo, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)  # training rows + step-0 row

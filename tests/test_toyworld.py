@@ -3,6 +3,7 @@ the shipped base, compare.py."""
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -186,10 +187,11 @@ def test_shipped_base_loads_and_solves_the_world():
 # ---- compare and plots, on a tiny budget
 
 def test_compare_writes_summary_and_figure(tmp_path):
-    out = tmp_path / "cmp"
+    out, train = tmp_path / "cmp", tmp_path / "train.jsonl"
+    shutil.copy(T.DATA / "train.jsonl", train)  # a copy this test may change
     cmd = [sys.executable, str(ROOT / "compare.py"), "--out", str(out), "--seeds", "1", "--formats",
            "sketch", "--gate-samples", "16", "steps=2", "eval_every=1", "eval_limit=8", "batch_size=4",
-           "micro_batch_size=4"]  # one format: the suite's time (docs/toyworld.md's comparison runs both)
+           "micro_batch_size=4", f"data={train}"]  # one format: the suite's time (docs/toyworld.md's runs both)
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # what a pipe gets: rich's 80 columns
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -214,9 +216,25 @@ def test_compare_writes_summary_and_figure(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "2 runs reused" in again.stdout and "0 to run" in again.stdout, again.stdout
     assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]  # the same runs, read again
-    jobs = compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], cmd[cmd.index("steps=2"):])
-    assert all(compare.cached(T, j) for j in jobs)
-    assert not compare.cached(T, compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], ["steps=3"])[0])
+    overrides = cmd[cmd.index("steps=2"):]
+    assert all(compare.cached(j) for j in compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], overrides))
+    other = compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], ["steps=3", *overrides[1:]])
+    assert compare.why_redo(other[0]) == "changed: config steps"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:50]))  # the same file, other contents
+    for job in compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], overrides):
+        assert compare.why_redo(job) == f"changed: data {train}"
+
+
+def test_the_compare_cache_keys_on_the_code_and_the_libraries(tmp_path, monkeypatch):
+    job = compare.compare_jobs(T, tmp_path, ["sketch"], 1, [10.0], [1.0], [])[0]
+    (job.out / "adapter").mkdir(parents=True)
+    (job.out / "metrics.jsonl").write_text("")
+    job.record.write_text(json.dumps(job.key))
+    assert compare.why_redo(job) is None
+    monkeypatch.setattr(compare, "sources_sha", lambda: "another")
+    monkeypatch.setattr(compare, "versions", lambda: {**job.key["versions"], "torch": "0.1"})
+    again = compare.compare_jobs(T, tmp_path, ["sketch"], 1, [10.0], [1.0], [])[0]
+    assert compare.why_redo(again) == "changed: the code; versions torch"
 
 
 @pytest.mark.parametrize("name,forbid", [("toyworld", None), ("carryworld", None), ("carryworld", "wait")])
