@@ -35,8 +35,8 @@ def save_prompts(folder: Path, config: dict):
     (folder / PROMPTS_FILE).write_text(json.dumps({k: config[k] for k in PROMPT_KEYS if k in config}, indent=1) + "\n")
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapter", "checkpoints", "eval",
-             "tiny_model", "rollout_adapters", "tensorboard", "wandb")  # what a run writes: all overwrite=true removes
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapter", "adapter.tmp", "checkpoints",
+             "eval", "tiny_model", "rollout_adapters", "tensorboard", "wandb")  # what a run writes: overwrite removes
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
     "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
@@ -87,6 +87,24 @@ def disk_full(e: BaseException, folder: Path, what: str) -> PopsdError | None:
                       "was kept and the checkpoints before it are intact; free some space, then resume=true")
 
 
+def save_final_adapter(out: Path, model, tokenizer, weights: dict, config: dict):
+    """out/adapter: the trained adapter in PEFT format with the tokenizer and the prompt settings, written to
+    adapter.tmp and renamed, so a failed write (a full disk) leaves no partial adapter behind."""
+    final = out / "adapter"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, state_dict=weights, selected_adapters=[model.active_adapter])
+        tokenizer.save_pretrained(tmp)
+        save_prompts(tmp, config)
+        usual_modes(tmp)
+    except Exception as e:  # tokenizers reports a full disk as a bare Exception
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full(e, out, "the final adapter") or e
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0,
                     prompts: dict | None = None):
     """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then renamed.
@@ -115,7 +133,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
             torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
                         "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng,
                         **({"ema": teacher} if teacher else {})}, tmp / "state.pt")
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # OSError, torch's RuntimeError, tokenizers' bare Exception
             shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is never left behind
             raise disk_full(e, out, f"the checkpoint of step {step}") or e
         shutil.rmtree(final, ignore_errors=True)

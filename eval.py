@@ -348,7 +348,8 @@ def evaluate_server(args, tokenizer, benches: dict, template: str, thinking: boo
             server, tokenizer, benches, prompts, n=args.n, seed=args.seed, params=params, out=out, settings=settings,
             grade=lambda samples, q, gold: grade(samples, q, gold, args.grader, thinking),
             concurrency=args.concurrency, progress=bar)
-    return {name: records_metrics(recs) for name, recs in records.items()}, records
+    left = list(remote.VLLM_FIELDS) if server.openai_only else []  # what the server sampled with is then its own
+    return {name: records_metrics(recs) for name, recs in records.items()}, records, left
 
 
 def default_out(args, benches: dict) -> Path:
@@ -393,7 +394,8 @@ def swap_adapter(model, path: Path):
         raise PopsdError(f"{path}: the adapter does not match the first checkpoint's ({missing[0]} missing)")
 
 
-NOT_SETTINGS = ("seconds", "generation_batch", "out")  # recorded, not compared: how long, how it ran, where
+NOT_SETTINGS = ("seconds", "generation_batch", "out", "left_to_the_server", "max_new_tokens_run")  # recorded, not
+# compared: how long, how it ran (what a server did not take; the budget cut to the model's positions), where
 
 
 def saved_results(out: Path, settings: dict) -> dict | None:
@@ -549,16 +551,19 @@ def main(argv: list[str]):
                 raise PopsdError("--server evaluates the one model the server serves: evaluate each checkpoint "
                                  "with its own --served-model, or sweep the folder without --server")
             tokenizer = load_tokenizer(model_path, first, args.trust_remote_code)
-            metrics, records = evaluate_server(args, tokenizer, benches, template, thinking, out,
-                                               {k: v for k, v in settings.items() if k != "concurrency"})
+            metrics, records, left = evaluate_server(args, tokenizer, benches, template, thinking, out,
+                                                     {k: v for k, v in settings.items() if k != "concurrency"})
+            if left:
+                settings["left_to_the_server"] = left  # not sent: the server's defaults (its generation_config)
         else:
             device = pick_device(args.device)
             tokenizer, model = load_for_eval(model_path, first, args.dtype, args.load_in_4bit, device,
                                              args.trust_remote_code)
             longest = max(len(chat_ids(tokenizer, fill(template, question=q), thinking))
                           for rows in benches.values() for q, _ in rows)
-            args.max_new_tokens = fit_new_tokens(model, longest, args.max_new_tokens, "--max-new-tokens",
-                                                 lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
+            settings["max_new_tokens_run"] = args.max_new_tokens = fit_new_tokens(
+                model, longest, args.max_new_tokens, "--max-new-tokens",
+                lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
             batch = args.batch_size
             if not batch:
                 batch, why = generation_batch(model, longest + args.max_new_tokens,

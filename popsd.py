@@ -40,8 +40,8 @@ import ema
 import eval as E
 import loss as L
 import plots
-from checkpoints import (RunLock, check_finite, disk_full, latest_checkpoint, load_checkpoint, prepare_run_folder,
-                         save_checkpoint, save_prompts, trainable_state, usual_modes)
+from checkpoints import (RunLock, check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder, save_checkpoint,
+                         save_final_adapter, trainable_state)
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from models import eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, model_positions, pick_device
@@ -458,13 +458,7 @@ def train(cfg: Config) -> Path:
         weights = trainable_state(model)
         check_finite(weights)
         if rank == 0:
-            try:
-                model.save_pretrained(out / "adapter", state_dict=weights, selected_adapters=[model.active_adapter])
-                tokenizer.save_pretrained(out / "adapter")
-                save_prompts(out / "adapter", dataclasses.asdict(cfg))
-                usual_modes(out / "adapter")
-            except (OSError, RuntimeError) as e:
-                raise disk_full(e, out, "the final adapter") or e
+            save_final_adapter(out, model, tokenizer, weights, dataclasses.asdict(cfg))
             plots.plot_runs([out], out / "plots.png")
     finally:
         if stop is not None:

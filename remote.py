@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from data import PopsdError
-from server_pool import Server, ServerError  # noqa: F401  (the client; eval.py reaches it through here)
+from rollout import request_seed
+from server_pool import VLLM_FIELDS, Server, ServerError  # noqa: F401  (the client; eval.py reaches it here)
 
 
 def read_partial(partial: Path, benches: dict, grade, warn) -> dict:
@@ -62,7 +63,8 @@ def evaluate_remote(server: Server, tokenizer, benches: dict, prompts: dict, *, 
     task = progress.add_task("server", total=len(todo) * n)
     with open(partial, "a") as log, concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         futures = {pool.submit(server.complete, prompts[name][i], tokenizer.decode(prompts[name][i]),
-                               seed + 1000 * i + j, params): (name, i, j) for name, i in todo for j in range(n)}
+                               request_seed(seed, f"eval:{name}", i) + j, params): (name, i, j)
+                   for name, i in todo for j in range(n)}  # eval.evaluate's seeds: engines sample the same
         got = {}
         try:
             for fut in concurrent.futures.as_completed(futures):

@@ -60,6 +60,8 @@ def test_server_route_grades_what_the_server_generated(server, tiny_dir, tmp_pat
     assert len({s["completion"] for s in flat}) > 3  # sampled, one seed per sample
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["results"]["five_questions"]["samples"] == 15 and summary["settings"]["server"] == url
+    # transformers serve refuses vLLM's fields: what it sampled with is then its own, and the record says so
+    assert summary["settings"]["left_to_the_server"] == ["top_k", "min_p", "repetition_penalty"]
     assert not (tmp_path / "partial.jsonl").exists()  # complete: the progress file is gone
 
 
@@ -93,3 +95,31 @@ def test_server_errors_are_clear(server, tiny_dir, tmp_path):
     assert code == 2 and "does not serve 'no-such-model'" in output and name in output
     code, output = eval_run("--server", f"http://127.0.0.1:{free_port()}", "--served-model", name, *common)
     assert code == 2 and "could not reach the server" in output and "Traceback" not in output
+
+
+def test_every_sample_of_a_server_evaluation_has_its_own_seed_the_engines_seed(tmp_path):
+    """Seeds per sample were seed + 1000·question + sample: with n > 1000 two samples shared one. They are now
+    eval.evaluate's (rollout.request_seed per question, + sample), so a server samples what an engine would."""
+    import threading
+    import remote
+    from rich.progress import Progress
+    from rollout import request_seed
+
+    class Recorder:  # stands where a Server would: the seeds evaluate_remote asks for, nothing else
+        url, openai_only, prompt_mismatch, lock, seeds = "recorder", False, 0, threading.Lock(), []
+
+        def complete(self, ids, text, seed, params):
+            with self.lock:
+                self.seeds.append(seed)
+            return {"text": "\\boxed{1}", "tokens": 3, "truncated": False}
+
+    class Words:
+        def decode(self, ids):
+            return ""
+    benches = {"b": [("q0", "1"), ("q1", "1")]}
+    server = Recorder()
+    with Progress(disable=True) as bar:
+        remote.evaluate_remote(server, Words(), benches, {"b": [[1], [2]]}, n=1001, seed=0, params={}, out=tmp_path,
+                               settings={}, grade=lambda samples, q, gold: None, concurrency=4, progress=bar)
+    assert len(server.seeds) == len(set(server.seeds)) == 2002
+    assert sorted(server.seeds) == sorted(request_seed(0, "eval:b", i) + j for i in range(2) for j in range(1001))

@@ -499,6 +499,17 @@ def test_a_full_disk_is_said_plainly_and_resume_still_works(small_disk, tiny_dir
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_a_full_disk_at_the_final_adapter_leaves_no_partial_adapter(small_disk, tiny_dir):
+    out = small_disk / "run"  # the last checkpoint fits, the adapter and tokenizer after it do not
+    with pytest.raises(PopsdError, match="while writing the final adapter: nothing of it was kept"):
+        run_tiny(out, "steps=1", "save_every=0", f"model={tiny_dir}")
+    assert not (out / "adapter").exists() and not (out / "adapter.tmp").exists()
+    assert checkpoints.checkpoint_problem(out / "checkpoints/step_000001") is None
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    run_tiny(out, "steps=1", "save_every=0", f"model={tiny_dir}", "resume=true")  # the adapter, now
+    assert (out / "adapter/adapter_model.safetensors").exists() and (out / "adapter/tokenizer.json").exists()
+
+
 def test_out_dir_tilde_is_the_home_folder_named_in_full(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".bashrc").write_text("mine")
@@ -580,6 +591,8 @@ def test_max_new_tokens_beyond_the_models_positions_is_cut_with_a_warning(tmp_pa
                            "--question-field", "question", "--grader", "toyworld", "--n", "1", "--limit", "2",
                            "--dtype", "fp32", "--out", tmp_path / "e"])  # the default 32768 against 512 positions
     assert ev.returncode == 0 and "exceeds the model's 512 positions: cut to" in ev.stdout, ev.stdout[-2000:]
+    settings = json.loads((tmp_path / "e/summary.json").read_text())["settings"]
+    assert settings["max_new_tokens"] == 32768 and settings["max_new_tokens_run"] < 512  # asked, and what ran
 
 
 def test_a_crafted_adapter_config_is_a_clear_error(tmp_path, tiny_dir):
