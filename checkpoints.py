@@ -25,18 +25,38 @@ import distributed as D
 import ema
 from data import DataStream, PopsdError
 
-MARKER, LOCK = "popsd_run.json", "popsd_run.lock"
+MARKER, LOCK, SESSIONS = "popsd_run.json", "popsd_run.lock", "sessions.jsonl"
 PROMPTS_FILE = "popsd_prompts.json"  # in every adapter popsd saves (and a model folder may ship one): how to prompt it
 PROMPT_KEYS = ("student_template", "student_thinking", "teacher_template", "refonly_template", "teacher_thinking")
 
 
+BASE_FILE = "popsd_base.json"  # in every adapter and checkpoint: the base it was trained from, by its checksum
+
+
 def save_prompts(folder: Path, config: dict):
-    """The prompt settings an adapter was trained with, next to it: eval.py reads them wherever it is copied."""
+    """The prompt settings an adapter was trained with, next to it: eval.py reads them wherever it is copied; and
+    the base it was trained from (its path and weights' checksum, when the config holds one: base_sha256)."""
     (folder / PROMPTS_FILE).write_text(json.dumps({k: config[k] for k in PROMPT_KEYS if k in config}, indent=1) + "\n")
+    if config.get("base_sha256"):
+        (folder / BASE_FILE).write_text(json.dumps({"model": config["model"], "sha256": config["base_sha256"]}) + "\n")
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "samples.txt", "plots.png", "adapter", "adapter.tmp", "checkpoints",
-             "eval", "tiny_model", "rollout_adapters", "tensorboard", "wandb")  # what a run writes: overwrite removes
+def check_base(ckpt: Path, sha: str | None):
+    """Resuming from another base than the one a checkpoint was trained from is an error (a checkpoint written
+    before popsd recorded bases has no record: nothing to compare)."""
+    try:
+        saved = json.loads((ckpt / BASE_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if sha and saved.get("sha256") != sha:
+        raise PopsdError(f"resume=true: {ckpt} was trained from a base whose weights' checksum is "
+                         f"{str(saved.get('sha256'))[:12]}…, and {saved.get('model')} now holds {sha[:12]}…: the base "
+                         "changed since (replaced in place?). Resume with the base the run started from, or start a new "
+                         "run in another out_dir")
+
+
+RUN_FILES = ("config.json", SESSIONS, "metrics.jsonl", "samples.txt", "plots.png", "adapter", "adapter.tmp",
+             "checkpoints", "eval", "tiny_model", "rollout_adapters", "tensorboard", "wandb")  # all overwrite removes
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
     "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
@@ -44,6 +64,29 @@ MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluatio
     "vllm_enforce_eager", "report_to", "sampler_gap_warn", "sampler_gap_stop",
     "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature",
     "eval_top_p", "eval_grader"}
+
+
+def record_session(out: Path, config: dict, start: int):
+    """config.json: the config of the session now running (the base's checksum included); sessions.jsonl: one
+    line per session (where it started, what it changed against the session before, its sampler, the base, the
+    library versions), so a resumed run's history is true whatever each session ran with."""
+    import peft
+    import transformers
+    before = {}
+    if start and (out / "config.json").is_file():
+        try:
+            before = json.loads((out / "config.json").read_text())
+        except ValueError:
+            pass
+    changed = {k: [before[k], v] for k, v in config.items()
+               if k in before and before[k] != v and k not in ("resume", "overwrite")}
+    line = {"from_step": start, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(),
+            "sampler": config.get("rollout_server") or config.get("rollout_engine"), "changed": changed,
+            "base_sha256": config.get("base_sha256"),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
+    with open(out / SESSIONS, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def trainable_state(model) -> dict:
@@ -106,7 +149,7 @@ def save_final_adapter(out: Path, model, tokenizer, weights: dict, config: dict)
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0,
-                    prompts: dict | None = None):
+                    config: dict | None = None):
     """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then renamed.
 
     Every checkpoint keeps its adapter (the paper reports the best of several steps); the resume state
@@ -127,8 +170,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             model.save_pretrained(tmp, state_dict=weights, selected_adapters=[model.active_adapter])
-            if prompts:
-                save_prompts(tmp, prompts)
+            if config:
+                save_prompts(tmp, config)
             usual_modes(tmp)
             torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
                         "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng,
@@ -185,7 +228,7 @@ def folder_kind(out: Path, fields) -> str:
         return "run"
     try:
         saved = json.loads((out / "config.json").read_text())
-        if isinstance(saved, dict) and {"model", "method", "out_dir"} <= set(saved) <= set(fields) and \
+        if isinstance(saved, dict) and {"model", "method", "out_dir"} <= set(saved) <= {*fields, "base_sha256"} and \
                 (out / "metrics.jsonl").is_file():
             return "run"
     except (OSError, ValueError):

@@ -5,7 +5,8 @@ each world's base: its gates, its pre-training, its data files.
     python compare.py --world carryworld                # the second world, docs/carryworld.md (13 min)
     python compare.py --world toyworld,carryworld       # both worlds' default comparisons (19 min)
     python compare.py gates --world carryworld          # a shipped base's gates, measured and printed (~1 min)
-    python compare.py pretrain --world carryworld       # rebuild a shipped base from scratch (its docs say how long)
+    python compare.py pretrain --world carryworld --out runs/carry_base   # pre-train a base from scratch (--replace:
+                                                        # over the shipped one; its docs say how long)
     python compare.py data --world carryworld           # rewrite a world's train.jsonl and test.jsonl
 
 The paper's ablations, after the default comparison (18 more runs, 21 min; world one's with the supports: 17 min):
@@ -64,7 +65,8 @@ def sha256(path: Path) -> str:
 
 
 def base_sha(world) -> str:
-    return sha256(world.BASE / "model.safetensors")
+    from models import base_fingerprint
+    return base_fingerprint(str(world.BASE))
 
 
 SOURCE_SKIP = ("tests", "bench", "docs", "data", "runs")  # not code a run executes (data is keyed by content)
@@ -643,7 +645,8 @@ def main(argv: list[str]):
         p.add_argument("--samples", type=int, default=400)
         p.add_argument("--base", default=None, help="default: the world's shipped base")
     elif command == "pretrain":
-        p.add_argument("--out", default=None, help="default: the world's shipped base folder")
+        p.add_argument("--out", default=None, help="default: the world's shipped base folder (with --replace)")
+        p.add_argument("--replace", action="store_true", help="write over a base already in --out (or the shipped one)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("settings", nargs="*", help="key=value over the world's PRETRAIN (a pilot's settings)")
     args = p.parse_args(argv)
@@ -663,6 +666,11 @@ def main(argv: list[str]):
             import plots
             torch.set_num_threads(world.PRETRAIN["threads"])
             out = Path(args.out or world.BASE)
+            if (out / "config.json").exists() and not args.replace:  # every run, checkpoint and evaluation made
+                shipped = " (the shipped base, tracked by git)" if out.resolve() == world.BASE.resolve() else ""
+                raise ValueError(f"{out} already holds a base{shipped}: pre-training would write over it. Pre-train "
+                                 "into a new folder with --out DIR (then train on it with model=DIR), or pass "
+                                 "--replace to overwrite it")
             _, _, log = world.pretrain(out, seed=args.seed, **pretrain_settings(world, args.settings))
             plots.plot_pretrain(log, [(name, t) for name, _, t in world.GATES if t <= 1], out / "pretrain.png")
             tok, model = common.load_base(world, out)

@@ -32,8 +32,8 @@ import worlds
 from grading import grade, pass_at_k
 from data import PopsdError, model_load_error, read_rows, resolve_local
 from checkpoints import PROMPT_KEYS, PROMPTS_FILE
-from models import (eos_ids, fit_new_tokens, generation_batch, memory_budget, merge_adapter, pick_device,
-                    quantization_config)
+from models import (base_fingerprint, eos_ids, fit_new_tokens, generation_batch, memory_budget, merge_adapter,
+                    pick_device, quantization_config)
 from distributed import gather
 from rollout import STUDENT_TEMPLATE, HFSampler, chat_ids, fill, marker_counts, request_seed
 from worlds.common import Check, summarize
@@ -228,16 +228,17 @@ def held_out_benches(cfg, train_rows) -> dict:
     return benches
 
 
-def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, bar, rank: int = 0, world: int = 1):
+def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, bar, rank: int = 0, world: int = 1,
+                base_sha: str | None = None):
     """Evaluate the student (adapters on) with the run's sampler (HF generate or its engine); results in
-    out/eval/step_N/, metrics as eval/<bench>/<name>."""
+    out/eval/step_N/ (with the step and the base's checksum), metrics as eval/<bench>/<name>."""
     metrics, records = evaluate(
         None, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
         temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=sampler.eos_ids, batch_size=0,
         device=getattr(sampler, "device", "cpu"), template=cfg.student_template, thinking=cfg.student_thinking,
         seed=cfg.seed, progress=bar, rank=rank, world=world, grader=cfg.eval_grader, sampler=sampler)
     if rank == 0:
-        write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step})
+        write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step, "model_sha256": base_sha})
     console.print(results_table(metrics, f"eval at step {step}"))
     return {f"eval/{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
 
@@ -541,7 +542,8 @@ def main(argv: list[str]):
             raise PopsdError(f"--template {template!r} has no {{question}} field")
         out = Path(args.out or default_out(args, benches))
         settings = vars(args) | {"model": model_path, "thinking": thinking, "questions_sha": fingerprint(benches),
-                                 "adapter_sha": adapter_sha(first)}
+                                 "adapter_sha": adapter_sha(first),  # and the base's: a base replaced in its
+                                 "model_sha256": base_fingerprint(model_path, console.print)}  # folder is another
         if not folders and (saved := saved_results(out, settings)) is not None:
             console.print(results_table(saved, f"{model_path}" + (f" + {args.adapter}" if args.adapter else "")))
             return

@@ -2,7 +2,9 @@
 
 Shared by popsd.py (training), eval.py (evaluation) and bench/: imports go one way, to here.
 """
+import hashlib
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -60,6 +62,40 @@ def load_model(cfg, device: torch.device, path: str):
         raise PopsdError(f"config key 'lora_targets' {cfg.lora_targets!r}: {str(e).splitlines()[0]} (its linear "
                          f"layers: {', '.join(names)}; or all-linear)") from None
     return tokenizer, model
+
+
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")  # what a model folder keeps its weights in
+
+
+def base_fingerprint(path: str, say=None) -> str | None:
+    """A checksum of a base model's weights: sha256 over its weight files (name and contents), so a run, a
+    checkpoint or an evaluation names the very base it used and a base replaced in the same folder is noticed.
+    A hub model's files in the Hugging Face cache are links to blobs named by their sha256: read, not recomputed.
+    None when the weights are nowhere on this machine (a hub id not downloaded yet). say(msg): progress."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not a hub id, or not in the cache
+            return None
+    files = sorted({f for pattern in WEIGHTS for f in folder.glob(pattern) if f.is_file()})
+    if not files:
+        return None
+    big = sum(f.stat().st_size for f in files if not re.fullmatch(r"[0-9a-f]{64}", f.resolve().name))
+    if say and big > 2 << 30:
+        say(f"checksumming the base's weights ({big / 2 ** 30:.1f} GiB, once per run) ...")
+    digest = hashlib.sha256()
+    for f in files:
+        blob = f.resolve().name
+        if not re.fullmatch(r"[0-9a-f]{64}", blob):  # a plain file: its contents, a MiB at a time
+            file_hash = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    file_hash.update(chunk)
+            blob = file_hash.hexdigest()
+        digest.update(f"{f.name}:{blob}\n".encode())
+    return digest.hexdigest()
 
 
 def model_positions(model) -> int:

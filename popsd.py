@@ -40,11 +40,12 @@ import ema
 import eval as E
 import loss as L
 import plots
-from checkpoints import (RunLock, check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder, save_checkpoint,
-                         save_final_adapter, trainable_state)
+from checkpoints import (RunLock, check_base, check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder,
+                         record_session, save_checkpoint, save_final_adapter, trainable_state)
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
-from models import eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, model_positions, pick_device
+from models import (base_fingerprint, eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, model_positions,
+                    pick_device)
 from rollout import (HFSampler, Rollout, build_contexts, completion_hidden, marker_counts, repeated_ngrams,
                      request_seed, control_tokens)
 from trackers import Trackers
@@ -368,6 +369,10 @@ def train(cfg: Config) -> Path:
             path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
             D.barrier()  # rank 0 builds it, the others load it
         tokenizer, model = load_model(cfg, device, path)  # LoRA initialised from cfg.seed, the same on every rank
+        base = base_fingerprint(path, console.print)  # the base's checksum: in config.json, checkpoints, evaluations
+        run_record = dataclasses.asdict(cfg) | {"base_sha256": base}
+        if ckpt is not None:
+            check_base(ckpt, base)  # a base replaced in its folder since: refused before anything here changes
         if cfg.teacher == "ema":
             ema.add(model)
         if world > 1:
@@ -386,9 +391,7 @@ def train(cfg: Config) -> Path:
         if cfg.rollout_engine == "graph" and not cfg.rollout_server:
             sizes["graph KV cache"] = graph_rows(cfg, model, device)[1]
         print_config(cfg, sizes, console)
-        if rank == 0:
-            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        for key in ("max_new_tokens", "eval_max_new_tokens"):  # after config.json: the config as given is the run's
+        for key in ("max_new_tokens", "eval_max_new_tokens"):  # after run_record: the config as given is the run's
             setattr(cfg, key, fit_new_tokens(model, cfg.max_prompt_len, getattr(cfg, key), key, warn))
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -401,6 +404,7 @@ def train(cfg: Config) -> Path:
             console.print(f"resumed from {ckpt} at step {start}")
         metrics_path = out / "metrics.jsonl"
         if rank == 0:
+            record_session(out, run_record, start)  # the config as given (before any cut below) is the run's
             kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and start else [])
                     if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
@@ -412,7 +416,7 @@ def train(cfg: Config) -> Path:
         with progress() as bar, open(metrics_path if rank == 0 else os.devnull, "a") as metrics_file:
             task = bar.add_task("training", total=cfg.steps, completed=start)
             if benches and start == 0:  # the baseline: the initial policy before any update
-                row = {"step": 0, **E.in_training(0, sampler, tokenizer, benches, cfg, out, bar, rank, world)}
+                row = {"step": 0, **E.in_training(0, sampler, tokenizer, benches, cfg, out, bar, rank, world, base)}
                 metrics_file.write(json.dumps(row) + "\n")
                 tracker.log(row)
             t_run = time.time()
@@ -432,7 +436,7 @@ def train(cfg: Config) -> Path:
                 row |= {"time_sync": time.time() - t_sync, "time_step": time.time() - t0}
                 stalls, warnings, stop_why = health(row, stalls, head.shape[0], cfg)
                 if benches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    row |= E.in_training(step, sampler, tokenizer, benches, cfg, out, bar, rank, world)
+                    row |= E.in_training(step, sampler, tokenizer, benches, cfg, out, bar, rank, world, base)
                 # 6. log (rank 0)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -451,14 +455,14 @@ def train(cfg: Config) -> Path:
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
                     check_outputs(model, body, head, rollout, pad_id, step)
                     save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg.keep_checkpoints, rank,
-                                    dataclasses.asdict(cfg))
+                                    run_record)
                 if stopping:
                     console.print(f"[yellow]checkpoint saved at step {step} in {out}; resume with resume=true[/]")
                     sys.exit(128 + (stop.signum or signal.SIGTERM))
         weights = trainable_state(model)
         check_finite(weights)
         if rank == 0:
-            save_final_adapter(out, model, tokenizer, weights, dataclasses.asdict(cfg))
+            save_final_adapter(out, model, tokenizer, weights, run_record)
             plots.plot_runs([out], out / "plots.png")
     finally:
         if stop is not None:

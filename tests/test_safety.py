@@ -510,6 +510,51 @@ def test_a_full_disk_at_the_final_adapter_leaves_no_partial_adapter(small_disk, 
     assert (out / "adapter/adapter_model.safetensors").exists() and (out / "adapter/tokenizer.json").exists()
 
 
+def test_a_base_replaced_in_its_folder_is_noticed_by_resume_and_by_the_eval_cache(tmp_path):
+    """compare.py pretrain used to write over the shipped base in place: resume then trained on, and eval.py's cache
+    answered for the old base. The base is fingerprinted (its weights' checksum) in config.json, every checkpoint
+    and every evaluation record: both now refuse."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    base = tmp_path / "base"
+    shutil.copytree(ROOT / "data/toyworld/base", base)
+    run = tmp_path / "run"
+    common = ["--recipe", "toy", f"model={base}", f"out_dir={run}", "eval_every=0", "save_every=1"]
+    assert cli(*common, "steps=1").returncode == 0
+    saved = json.loads((run / "config.json").read_text())["base_sha256"]
+    assert json.loads((run / "checkpoints/step_000001/popsd_base.json").read_text())["sha256"] == saved
+    assert json.loads((run / "adapter/popsd_base.json").read_text())["sha256"] == saved
+    ev = ["--adapter", run / "adapter", "--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question",
+          "--grader", "toyworld", "--n", "1", "--limit", "4", "--max-new-tokens", "32", "--dtype", "fp32",
+          "--out", tmp_path / "eval"]
+    assert run_main(E.main, ev).returncode == 0
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    again = cli(*common, "steps=2", "resume=true")
+    assert again.returncode == 2 and "the base changed since" in again.stdout, again.stdout[-2000:]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]  # untouched
+    cached = run_main(E.main, ev)
+    assert cached.returncode == 2 and "other settings" in cached.stdout and "already evaluated" not in cached.stdout
+
+
+def test_pretraining_never_writes_over_a_base_unless_told():
+    import compare
+    for world in ("toyworld", "carryworld"):
+        done = run_main(compare.main, ["pretrain", "--world", world])
+        assert done.returncode == 2 and "already holds a base (the shipped base" in done.stdout, done.stdout
+        assert "--replace" in done.stdout and f"data/{world}/base" in done.stdout
+
+
+def test_each_session_of_a_resumed_run_is_recorded_with_its_sampler(tmp_path):
+    run_tiny(tmp_path, "steps=1", "save_every=1")
+    run_tiny(tmp_path, "steps=2", "save_every=1", "resume=true", "rollout_engine=static")
+    sessions = [json.loads(x) for x in (tmp_path / "sessions.jsonl").read_text().splitlines()]
+    assert [(s["from_step"], s["sampler"]) for s in sessions] == [(0, "dynamic"), (1, "static")]
+    assert sessions[1]["changed"] == {"steps": [1, 2], "rollout_engine": ["dynamic", "static"]}
+    assert sessions[0]["base_sha256"] == sessions[1]["base_sha256"] == \
+        json.loads((tmp_path / "config.json").read_text())["base_sha256"]
+
+
 def test_out_dir_tilde_is_the_home_folder_named_in_full(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".bashrc").write_text("mine")
