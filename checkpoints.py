@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -61,7 +62,7 @@ MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluatio
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
     "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
     "rollout_server", "rollout_adapter_dir", "rollout_concurrency", "vllm_gpu_memory", "vllm_kv_cache_gb",
-    "vllm_enforce_eager", "report_to", "sampler_gap_warn", "sampler_gap_stop",
+    "vllm_enforce_eager", "report_to", "sampler_gap_warn", "sampler_gap_stop", "server_timeout",
     "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature",
     "eval_top_p", "eval_grader"}
 
@@ -87,6 +88,31 @@ def record_session(out: Path, config: dict, start: int):
     with open(out / SESSIONS, "a") as f:
         f.write(json.dumps(line) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def trim_logs(out: Path, start: int, warn=print):
+    """metrics.jsonl and samples.txt as they stood at the checkpoint of step `start` (0: empty): what a run logged
+    after it is redone by the resumed run, so every step is logged once. A torn last line (what kill -9 can leave)
+    is dropped with a warning; a damaged line before it is an error naming it."""
+    metrics, kept = out / "metrics.jsonl", []
+    lines = metrics.read_text().splitlines() if start and metrics.exists() else []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines):
+                warn(f"warning: {metrics} line {i} is cut short (an interrupted write): dropped")
+                break
+            raise PopsdError(f"{metrics} line {i} is not JSON: the run's log is damaged; repair or remove the line, "
+                             "then resume again") from None
+        if row.get("step", 0) <= start:
+            kept.append(line)
+    metrics.write_text("".join(line + "\n" for line in kept))
+    samples = out / "samples.txt"
+    if samples.exists():  # blocks start with "===== step N sample i"
+        blocks = re.split(r"(?m)^(?====== step \d+ sample \d+$)", samples.read_text()) if start else []
+        steps = [re.match(r"===== step (\d+)", b) for b in blocks]
+        samples.write_text("".join(b for b, m in zip(blocks, steps) if m is None or int(m[1]) <= start))
 
 
 def trainable_state(model) -> dict:
@@ -197,8 +223,13 @@ def latest_checkpoint(out: Path, warn=print) -> Path | None:
             return path
         warn(f"warning: skipping the damaged checkpoint {path} ({problem}); it is left there for inspection")
     if found:
-        raise PopsdError(f"every checkpoint in {out / 'checkpoints'} is damaged (see the warnings above): start "
-                         "afresh with overwrite=true, or another out_dir")
+        older = sorted(p.name for p in (out / "checkpoints").glob("step_??????") if not (p / "state.pt").exists())
+        kept = (f"; the adapters of {', '.join(older)} are kept but hold no resume state (keep_checkpoints pruned "
+                "it): eval.py --adapter evaluates them") if older else ""
+        names = ", ".join(p.name for p in found)
+        raise PopsdError(f"every checkpoint in {out / 'checkpoints'} that holds resume state ({names}) is damaged "
+                         f"(see the warnings above){kept}. To train on, start afresh with overwrite=true, or use "
+                         "another out_dir")
     return None
 
 
@@ -327,6 +358,40 @@ def present(folder: Path, names) -> list[str]:
     return [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
 
 
+OWNED = {"eval": r"step_\d{6}", "checkpoints": r"step_\d{6}(\.tmp)?", "rollout_adapters": r"popsd-.+"}  # what popsd
+# writes inside these folders: overwrite=true removes only that, and the folder once empty
+
+
+def remove_run_files(out: Path, names, warn=print) -> list[str]:
+    """Removes a run's entries of `out`, a link as a link; of the folders in OWNED only what popsd wrote there:
+    anything else in them (a user's notes in eval/) stays, with its folder, and is named in a warning. Returns
+    what was removed."""
+    removed = []
+    for name in present(out, names):
+        path = out / name
+        if name in OWNED and path.is_dir() and not path.is_symlink():
+            remove_entries(path, [c.name for c in path.iterdir() if re.fullmatch(OWNED[name], c.name)])
+            if left := sorted(c.name for c in path.iterdir()):
+                warn(f"kept {', '.join(f'{name}/{c}' for c in left)} in {out}: popsd did not write it")
+                removed.append(f"{name}/ (popsd's entries)")
+                continue
+            path.rmdir()
+        else:
+            remove_entries(out, [name])
+        removed.append(name)
+    return removed
+
+
+def logged_nothing(out: Path) -> bool:
+    """A run that stopped before its first step (a sampler that would not start, a wrong setting found late): no
+    metrics row, checkpoint, adapter or evaluation. Nothing of value: a plain rerun may replace it."""
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        return False
+    return not any((out / n).exists() for n in ("adapter", "eval", "tensorboard", "wandb")) and \
+        not any((out / "checkpoints").glob("step_*"))
+
+
 def remove_entries(folder: Path, names) -> list[str]:
     """Removes the named entries of folder, a link as a link (never what it points to); returns those removed."""
     gone = present(folder, names)
@@ -370,7 +435,11 @@ def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: boo
             warn(f"resume=true: {out} holds no run, starting afresh")
         return None
     if overwrite and not resume:
-        warn(f"overwrite=true: removed the previous run's {', '.join(remove_entries(out, held))} from {out}")
+        warn(f"overwrite=true: removed the previous run's {', '.join(remove_run_files(out, held, warn))} from {out}")
+        return None
+    if not resume and logged_nothing(out) and not links_in(out):
+        warn(f"replacing the run in {out}, which stopped before its first step ({', '.join(held)})")
+        remove_run_files(out, held, warn)
         return None
     if links := links_in(out):
         raise PopsdError(f"{links[0]} is a symbolic link: a run writes only inside its folder; remove the link "

@@ -69,6 +69,8 @@ class Config:
     # (on the command line it replaces a recipe's rollout_engine=graph or vllm; both given there are an error)
     rollout_adapter_dir: str = ""  # folder the servers read each step's adapter from ("": <out_dir>/rollout_adapters)
     rollout_concurrency: int = 16  # requests in flight per rollout server
+    server_timeout: float = 30.0  # seconds a rollout server may leave a connection, /v1/models, /health or an adapter
+    # load unanswered before popsd gives up on it (a completion may take longer: /health is probed meanwhile)
     vllm_gpu_memory: float = 0.3  # rollout_engine=vllm on a GPU: fraction of the card vLLM may take while it samples
     vllm_kv_cache_gb: float = 0.0  # vLLM's KV cache in GiB (0: from vllm_gpu_memory on a GPU, 1 GiB on a CPU)
     vllm_enforce_eager: bool = False  # vLLM on a GPU without CUDA graphs (starts faster; a CPU is always eager)
@@ -194,7 +196,7 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
 
 
 POSITIVE = ("lr", "temperature", "beta", "max_grad_norm", "lora_alpha", "eval_temperature", "sampler_gap_warn",
-            "sampler_gap_stop")  # > 0, or nothing trains
+            "sampler_gap_stop", "server_timeout")  # > 0, or nothing trains
 AT_LEAST_1 = ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "gen_batch_size",
               "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints", "rollout_concurrency",
               "topk")

@@ -41,7 +41,7 @@ import eval as E
 import loss as L
 import plots
 from checkpoints import (RunLock, check_base, check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder,
-                         record_session, save_checkpoint, save_final_adapter, trainable_state)
+                         record_session, save_checkpoint, save_final_adapter, trainable_state, trim_logs)
 from config import Config, derived_sizes, field_docs, make_config, print_config, recipe_list
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from models import (base_fingerprint, eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, model_positions,
@@ -97,7 +97,8 @@ class StopRequest:
 
     def handle(self, signum, frame):
         self.signum = signum
-        console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint[/]")
+        console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step (a step still sampling is "
+                      "dropped), then saving a checkpoint; a second one stops at once[/]")
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -304,7 +305,7 @@ def make_sampler(cfg: Config, model, tokenizer, path: str, eos, device, out: Pat
         run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
         return server_pool.ServerPool(cfg.rollout_server, tokenizer, eos, Path(cfg.rollout_adapter_dir or
                                       out / "rollout_adapters"), cfg.rollout_concurrency, run_id, rank,
-                                      warn=warn)
+                                      warn=warn, probe_timeout=cfg.server_timeout)
     if cfg.rollout_engine == "graph" and world > 1:
         raise PopsdError("rollout_engine=graph samples from one process's whole weights: under torchrun sample with "
                          "rollout_engine=dynamic (sample_gathered) or rollout_server=URL,...")
@@ -333,13 +334,42 @@ def graph_rows(cfg: Config, model, device) -> tuple[int, str]:
     return graph_engine.plan(model, cfg.gen_batch_size, longest, budget, cfg.graph_keep_rows)
 
 
-def sample_student(sampler, batch, cfg: Config, step: int, rank: int, world: int) -> Rollout:
+def check_batch(cfg: Config, available: int, what: str):
+    """A step that samples more prompts than the data holds repeats prompts within the step: almost always a
+    typo (batch_size=100000 on 2,000 rows once sampled for minutes before anything showed)."""
+    if cfg.batch_size > available:
+        raise PopsdError(f"config key 'batch_size' asks for {cfg.batch_size} prompts per step, but {cfg.data} holds "
+                         f"{available} {what}: a step would repeat prompts; lower batch_size (n_samples gives "
+                         "several completions per prompt)")
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a step was still sampling: the step is dropped, not finished."""
+
+
+def position(stream: DataStream) -> dict:
+    """Where the run stands before a step: the data position and every random state (restored if it is dropped)."""
+    return {"data": (stream.epoch, stream.cursor), "python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def go_back(stream: DataStream, saved: dict):
+    stream.epoch, stream.cursor = saved["data"]
+    random.setstate(saved["python"])
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"]:
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def sample_student(sampler, batch, cfg: Config, step: int, rank: int, world: int, on_batch=None) -> Rollout:
     """n completions per prompt from the student's context; one seed per prompt from (seed, step, its place in
-    the step's batch). A student whose probabilities overflowed is a clear error."""
+    the step's batch); on_batch(k) after every k sequences (progress). A student whose probabilities overflowed
+    is a clear error."""
     seeds = [request_seed(cfg.seed, step, rank + k * world) for k in range(len(batch))]
     try:
         out = sampler.generate([c.student for c in batch], n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seeds=seeds)
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seeds=seeds,
+                               on_batch=on_batch)
     except RuntimeError as e:
         if "probability tensor contains" not in str(e):
             raise
@@ -358,10 +388,14 @@ def train(cfg: Config) -> Path:
         raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({world})")
     if world > 1 and cfg.load_in_4bit:
         raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights (load_in_4bit=false)")
+    if cfg.rollout_engine == "vllm" and not cfg.rollout_server:
+        import vllm_engine
+        vllm_engine.require_vllm()  # before the run folder is touched
     ckpt, lock = open_run_folder(cfg, out, rank)  # rank 0 holds the folder's lock until the run ends
     sampler = stop = tracker = None
     try:
         rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
+        check_batch(cfg, len(rows), "rows")  # before the model loads
         local = resolve_local(cfg.model)
         path = str(local.resolve()) if local is not None else cfg.model  # absolute: adapters name their base wherever
         if cfg.model == "tiny":
@@ -383,6 +417,7 @@ def train(cfg: Config) -> Path:
             raise PopsdError(f"config key 'topk' must be at most the model's vocabulary size {head.shape[0]} "
                              f"(support=topk), got {cfg.topk}")
         examples, too_long = prepare_contexts(rows, tokenizer, cfg)
+        check_batch(cfg, len(examples), "prompts that fit max_prompt_len")
         benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
         sizes = derived_sizes(cfg, len(examples)) | {"ranks": world, "bad rows skipped": bad,
                                                       "over-long prompts skipped": too_long}
@@ -405,9 +440,7 @@ def train(cfg: Config) -> Path:
         metrics_path = out / "metrics.jsonl"
         if rank == 0:
             record_session(out, run_record, start)  # the config as given (before any cut below) is the run's
-            kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and start else [])
-                    if json.loads(ln)["step"] <= start]  # drop rows logged after the checkpoint
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            trim_logs(out, start, warn)  # rows and samples logged after the checkpoint go: they are redone
         tracker = Trackers(cfg.report_to if rank == 0 else "none", out, dataclasses.asdict(cfg), start)
         eos, pad_id = eos_ids(model, tokenizer), tokenizer.pad_token_id
         sampler = make_sampler(cfg, model, tokenizer, path, eos, device, out, rank, world)
@@ -421,10 +454,26 @@ def train(cfg: Config) -> Path:
                 tracker.log(row)
             t_run = time.time()
             for step in range(start + 1, cfg.steps + 1):
-                t0 = time.time()
+                t0, before = time.time(), position(stream)
                 batch = [examples[i] for i in stream.take(cfg.batch_size)][rank::world]  # this rank's share
                 # 1. sample: the student completes each question from its own context
-                rollout = sample_student(sampler, batch, cfg, step, rank, world)
+                sampling = bar.add_task(f"step {step}: sampling", total=len(batch) * cfg.n_samples)
+
+                def sampled(k):  # progress; a stop asked for now ends the sampling (one process: no collective)
+                    E.advance(bar, sampling, k, end_line=False)
+                    if stop.signum and world == 1:
+                        raise SamplingStopped
+                try:
+                    rollout = sample_student(sampler, batch, cfg, step, rank, world, sampled)
+                except SamplingStopped:  # the step is dropped: the run stands where it stood before it
+                    go_back(stream, before)
+                    save_checkpoint(out, step - 1, model, optimizer, scheduler, stream, cfg.keep_checkpoints, rank,
+                                    run_record)
+                    console.print(f"[yellow]stopped while sampling step {step}: checkpoint of step {step - 1} saved "
+                                  f"in {out}; resume with resume=true[/]")
+                    sys.exit(128 + (stop.signum or signal.SIGTERM))
+                finally:
+                    bar.remove_task(sampling)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
                 t_sample = time.time() - t0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data import PopsdError
 from rollout import request_seed
-from server_pool import VLLM_FIELDS, Server, ServerError  # noqa: F401  (the client; eval.py reaches it here)
+from server_pool import VLLM_FIELDS, Server, ServerError, watched  # noqa: F401  (the client; eval.py reaches it here)
 
 
 def read_partial(partial: Path, benches: dict, grade, warn) -> dict:
@@ -61,7 +61,7 @@ def evaluate_remote(server: Server, tokenizer, benches: dict, prompts: dict, *, 
     saved.write_text(json.dumps(settings))
     todo = [(name, i) for name, rows in benches.items() for i in range(len(rows)) if (name, i) not in done]
     task = progress.add_task("server", total=len(todo) * n)
-    with open(partial, "a") as log, concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+    with open(partial, "a") as log, concurrent.futures.ThreadPoolExecutor(concurrency) as pool, watched([server]):
         futures = {pool.submit(server.complete, prompts[name][i], tokenizer.decode(prompts[name][i]),
                                request_seed(seed, f"eval:{name}", i) + j, params): (name, i, j)
                    for name, i in todo for j in range(n)}  # eval.evaluate's seeds: engines sample the same
@@ -87,8 +87,9 @@ def evaluate_remote(server: Server, tokenizer, benches: dict, prompts: dict, *, 
                     done[(name, i)] = {"bench": name, "index": i, "question": q, "gold": gold, "samples": samples}
                     log.write(json.dumps(done[(name, i)]) + "\n")
                     log.flush()
-        except BaseException:  # Ctrl-C or an error: stop sending, keep what is done
+        except BaseException:  # Ctrl-C or an error: stop sending, end the requests in flight, keep what is done
             pool.shutdown(wait=False, cancel_futures=True)
+            server.abort("the evaluation was stopped")
             raise
     progress.remove_task(task)
     if server.openai_only:

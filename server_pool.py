@@ -16,13 +16,15 @@ fails on one server is retried on the others. A reply must name the step's adapt
 completion's token ids and raw log-probs, or the step stops with a clear error.
 """
 import concurrent.futures
+import contextlib
+import http.client
 import json
 import secrets
 import shutil
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 
 import distributed as D
@@ -37,6 +39,10 @@ def base_url(url: str) -> str:
     return url[:-3].rstrip("/") if url.endswith("/v1") else url
 
 
+class Unavailable(PopsdError):
+    """A server that did not answer: unreachable, silent past its bound, or aborted by the watchdog."""
+
+
 class ServerError(Exception):
     def __init__(self, code: int, detail: str):
         super().__init__(f"HTTP {code}: {detail}")
@@ -44,40 +50,111 @@ class ServerError(Exception):
 
 
 class Server:
-    """A thin client of one server's /v1 API, standard library only."""
+    """A thin client of one server's /v1 API, standard library only. Bounds keep a dead or wedged server from
+    hanging popsd: a connection must open within connect_timeout seconds and a probe (/v1/models, /health, an
+    adapter load) be answered within probe_timeout; a completion, sent whole when it is done, may take up to
+    request_timeout, while `watched` probes /health meanwhile and aborts the requests of a server that stops
+    answering (a process that accepts connections but never replies: stopped, wedged, swapping)."""
 
-    def __init__(self, url: str, model: str | None = None, retries: int = 5, timeout: float = 3600):
-        self.url, self.model, self.retries, self.timeout = base_url(url), model, retries, timeout
+    def __init__(self, url: str, model: str | None = None, retries: int = 5, probe_timeout: float = 30.0,
+                 request_timeout: float = 3600.0, connect_timeout: float = 10.0):
+        self.url, self.model, self.retries = base_url(url), model, retries
+        self.probe_timeout, self.request_timeout = probe_timeout, request_timeout
+        self.connect_timeout = min(connect_timeout, probe_timeout)
         self.send_ids = True  # token-id prompts until the server says it takes text only
         self.openai_only = False  # a server that refuses vLLM's sampling fields (transformers serve)
         self.prompt_mismatch = 0  # text prompts the server tokenized differently from popsd
+        self.lock, self.open, self.gone = threading.Lock(), set(), None  # connections in flight; why aborted
 
-    def request(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
-        """GET (no body) or POST JSON; connection errors and 5xx answers are retried with exponential backoff."""
+    def _send(self, method: str, path: str, data: bytes | None, timeout: float) -> tuple[int, bytes]:
+        """One HTTP exchange: (status, body). Raises ConnectionError when no connection opens (or it breaks),
+        TimeoutError when the server stays silent for `timeout` seconds, ConnectionAbortedError once aborted."""
+        parts = urllib.parse.urlsplit(self.url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = kind(parts.hostname, parts.port, timeout=self.connect_timeout)
+        try:
+            try:
+                conn.connect()
+            except OSError as e:
+                raise ConnectionError(getattr(e, "strerror", None) or str(e) or type(e).__name__) from None
+            conn.sock.settimeout(timeout)
+            with self.lock:
+                if self.gone:
+                    raise ConnectionAbortedError(self.gone)
+                self.open.add(conn)
+            try:
+                conn.request(method, parts.path + path, body=data, headers={"Content-Type": "application/json"})
+                reply = conn.getresponse()
+                return reply.status, reply.read()
+            except TimeoutError:
+                raise
+            except OSError as e:  # reset, refused mid-way, or shut down by abort()
+                with self.lock:
+                    if self.gone:
+                        raise ConnectionAbortedError(self.gone) from None
+                raise ConnectionError(str(e) or type(e).__name__) from None
+            except http.client.HTTPException as e:  # the server closed the connection without a reply
+                raise ConnectionError(str(e) or type(e).__name__) from None
+        finally:
+            with self.lock:
+                self.open.discard(conn)
+            conn.close()
+
+    def request(self, path: str, body: dict | None = None, retries: int | None = None,
+                timeout: float | None = None) -> dict:
+        """GET (no body) or POST JSON, answered within `timeout` (default request_timeout); a connection that does
+        not open and 5xx answers are retried with exponential backoff, a server that stays silent is not."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         tries = self.retries if retries is None else retries
+        wait = self.request_timeout if timeout is None else timeout
         for attempt in range(tries):
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    raw = r.read()
-                    return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else {"text": raw.decode()}
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:500]
-                if e.code < 500 or attempt == tries - 1:
-                    raise ServerError(e.code, detail) from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+                status, raw = self._send("GET" if data is None else "POST", path, data, wait)
+            except ConnectionAbortedError as e:
+                raise Unavailable(str(e)) from None
+            except TimeoutError:
+                raise Unavailable(f"the server at {self.url} accepted the connection but answered nothing to {path} "
+                                 f"within {wait:.0f} s: is it hung, or still starting?") from None
+            except ConnectionError as e:
                 if attempt == tries - 1:
-                    raise PopsdError(f"could not reach the server at {self.url} ({getattr(e, 'reason', e)}): is it "
-                                     "running, and is this its address (e.g. http://localhost:8000)?") from None
+                    raise Unavailable(f"could not reach the server at {self.url} ({e}): is it running, and is this "
+                                     "its address (e.g. http://localhost:8000)?") from None
+            else:
+                if status < 400:
+                    return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else {"text": raw.decode()}
+                if status < 500 or attempt == tries - 1:
+                    raise ServerError(status, raw.decode(errors="replace")[:500])
             time.sleep(min(2 ** attempt, 30))
 
+    def probe(self, path: str, body: dict | None = None, retries: int = 2) -> dict:
+        """A request a live server answers at once (a model list, a health check, an adapter load)."""
+        return self.request(path, body, retries=retries, timeout=self.probe_timeout)
+
+    def abort(self, why: str):
+        """Every request in flight fails now, and later ones at once, with `why`; revive() undoes it."""
+        with self.lock:
+            self.gone = why
+            for conn in self.open:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def revive(self):
+        self.gone = None
+
+
     def served(self) -> list[str]:
+        hint = "is it an OpenAI-compatible server, and is this its address (e.g. http://localhost:8000)?"
         try:
-            return [m["id"] for m in self.request("/v1/models", retries=2).get("data", [])]
+            listed = self.probe("/v1/models")
         except ServerError as e:
-            raise PopsdError(f"the server at {self.url} failed to list its models at /v1/models ({e}); is it an "
-                             "OpenAI-compatible server, and is this its address (e.g. http://localhost:8000)?") from None
+            raise PopsdError(f"the server at {self.url} failed to list its models at /v1/models ({e}); {hint}") from None
+        models = listed.get("data") if isinstance(listed, dict) else None
+        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+            raise PopsdError(f"the server at {self.url} answered /v1/models with {str(listed)[:120]!r}, not OpenAI's "
+                             f"{{\"data\": [{{\"id\": ...}}]}}; {hint}")
+        return [m["id"] for m in models]
 
     def check_model(self):
         """A clear error, before any work, when the server is unreachable or does not serve --served-model."""
@@ -116,6 +193,30 @@ class Server:
                 "truncated": choice.get("finish_reason") == "length"}
 
 
+@contextlib.contextmanager
+def watched(servers: list[Server]):
+    """While the block runs, every server with requests in flight must answer /health within its probe_timeout
+    (checked every half of it, at most every 15 s); one that does not has its requests aborted with a message
+    naming it. An HTTP error is an answer: only silence counts."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(min(15.0, max(0.5, min(s.probe_timeout for s in servers) / 2))):
+            for s in servers:
+                if s.open and not s.gone:
+                    try:
+                        s.probe("/health", retries=1)
+                    except Unavailable as e:
+                        s.abort(f"the server at {s.url} stopped answering: {e}")
+                    except (PopsdError, ServerError):  # it answered, if with an error
+                        pass
+    threading.Thread(target=loop, daemon=True, name="popsd-watchdog").start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 VLLM_FIELDS = ("top_k", "min_p", "repetition_penalty")  # not OpenAI's; vLLM and SGLang take them
 
 
@@ -132,8 +233,8 @@ class ServerPool:
     reports_logprobs = True
 
     def __init__(self, urls: str, tokenizer, eos_ids: list[int], adapter_dir: Path, concurrency: int,
-                 run_id: str, rank: int = 0, retries: int = 2, warn=print):
-        self.servers = [Server(u, retries=retries) for u in urls.split(",") if u.strip()]
+                 run_id: str, rank: int = 0, retries: int = 2, warn=print, probe_timeout: float = 30.0):
+        self.servers = [Server(u, retries=retries, probe_timeout=probe_timeout) for u in urls.split(",") if u.strip()]
         self.tokenizer, self.eos_ids, self.rank, self.concurrency = tokenizer, eos_ids, rank, concurrency
         self.warn = warn
         self.adapter_dir, self.name, self.lock = Path(adapter_dir).resolve(), None, threading.Lock()
@@ -165,11 +266,10 @@ class ServerPool:
             shutil.rmtree(folder, ignore_errors=True)
             save_adapter(model, weights, folder)
             for s in self.servers:
+                s.revive()  # a server dropped last step is asked again: it may be back
                 try:
                     self.load(s, name, folder)
-                except PopsdError as e:
-                    if "could not reach" not in str(e):
-                        raise
+                except Unavailable as e:
                     self.warn(f"warning: step {step}: {e}; sampling on the others")
                     alive.remove(s)
             if not alive:
@@ -181,8 +281,8 @@ class ServerPool:
 
     def load(self, server: Server, name: str, folder: Path):
         try:
-            server.request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder),
-                                                     "load_inplace": True})  # a crashed try's leftover is replaced
+            server.probe("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder),
+                                                   "load_inplace": True})  # a crashed try's leftover is replaced
         except ServerError as e:
             hint = (" (start it with --enable-lora, --max-lora-rank >= lora_r and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True;"
                     f" it must be able to read {folder})")
@@ -199,7 +299,7 @@ class ServerPool:
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
         results = {}
         workers = max(1, self.concurrency * len(self.servers))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool, watched(self.alive):
             futures = {pool.submit(self.complete, k, body | {"prompt": prompts[i], "seed": seeds[i] + j}): (i, j)
                        for k, (i, j) in enumerate(jobs)}
             try:
@@ -207,8 +307,10 @@ class ServerPool:
                     results[futures[fut]] = fut.result()
                     if on_batch:
                         on_batch(1)
-            except BaseException:
+            except BaseException:  # an error, Ctrl-C or SIGTERM: stop sending and end the requests in flight
                 pool.shutdown(wait=False, cancel_futures=True)
+                for s in self.servers:
+                    s.abort("sampling was stopped")  # sync() revives them
                 raise
         tokens = [results[job][0] for job in jobs]
         return pack(tokens, [results[job][1] for job in jobs], self.tokenizer, self.eos_ids)
@@ -232,6 +334,7 @@ class ServerPool:
                 with self.lock:
                     if server in self.alive:
                         self.alive.remove(server)
+                        self.warn(f"warning: {e}; its requests go to the other servers for the rest of this step")
                 continue
             return parse_completion(out, body["model"], server.url)
 
@@ -239,7 +342,7 @@ class ServerPool:
         """An adapter off every server (one that restarted or died no longer has it) and off the disk."""
         for s in self.servers:
             try:
-                s.request("/v1/unload_lora_adapter", {"lora_name": name}, retries=1)
+                s.probe("/v1/unload_lora_adapter", {"lora_name": name}, retries=1)
             except (ServerError, PopsdError):
                 pass
         shutil.rmtree(self.adapter_dir / name, ignore_errors=True)

@@ -104,3 +104,70 @@ def serving(cmd: list[str], env: dict, port: int, log: Path, name: str, wait_s: 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class StallingProxy:
+    """A TCP proxy on loopback in front of a real server: it forwards every byte until `stall_after` requests to
+    /v1/completions have gone through it, then goes silent as a stopped or wedged server does: connections still
+    accepted (the kernel does that), nothing forwarded either way, also on the connections already open. upstream
+    None: silent from the start. Use as a context manager; its url is what popsd is given."""
+
+    def __init__(self, upstream: str | None = None, stall_after: int = 0):
+        import threading
+        import urllib.parse
+        self.upstream = urllib.parse.urlsplit(upstream) if upstream else None
+        self.stall_after = stall_after
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.completions, self.held, self.stalled, self.closing = 0, [], threading.Event(), False
+        if upstream is None:
+            self.stalled.set()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.closing = True
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+    def _accept(self):
+        import threading
+        while not self.closing:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(client)
+            if self.stalled.is_set():
+                continue  # held: never read, never answered
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        import threading
+        try:
+            first = client.recv(65536)  # the request line comes first
+        except OSError:
+            return
+        if b"/v1/completions" in first.split(b"\r\n", 1)[0]:
+            self.completions += 1
+            if self.completions > self.stall_after:
+                self.stalled.set()
+        if self.stalled.is_set():
+            return
+        upstream = socket.create_connection((self.upstream.hostname, self.upstream.port))
+        self.held.append(upstream)
+        upstream.sendall(first)
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        self._pump(client, upstream)
+
+    def _pump(self, src, dst):
+        try:
+            while not self.stalled.is_set() and (data := src.recv(65536)):
+                if not self.stalled.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass

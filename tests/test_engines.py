@@ -213,6 +213,24 @@ def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_a
 
 
 @ENGINE_FIXTURES
+def test_a_server_that_stops_answering_mid_run_is_dropped_and_its_requests_go_to_the_next(server, tmp_path):
+    """A pool of two: the real server behind a proxy that goes silent during step 2 (as a stopped or wedged server
+    does: connections accepted, nothing answered) and the real server itself. /health goes unanswered, the
+    silent one's requests are aborted and resent to the other, the next step's adapter load skips it: the run
+    ends, every step on-policy, with warnings naming it."""
+    from conftest import StallingProxy
+    with StallingProxy(server, stall_after=12) as proxy:  # half of 16 requests a step: silent in step 2
+        code, output = cli("popsd.py", "--recipe", "toy", f"rollout_server={proxy.url},{server}", "server_timeout=2",
+                           "eval_every=0", "threads=1", "steps=3", f"out_dir={tmp_path / 'run'}", timeout=300)
+        assert proxy.stalled.is_set()
+    assert code == 0, output[-3000:]
+    assert f"the server at {proxy.url} stopped answering" in output  # in flight, aborted: sent to the other
+    assert f"the server at {proxy.url} accepted the connection but answered nothing" in output  # step 3's load
+    metrics = rows(tmp_path / "run/metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["sampler_logprob_gap"] < GAP for m in metrics)
+
+
+@ENGINE_FIXTURES
 def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(server, tmp_path):
     """eval.py --server URL and URL/v1 give the same completions (a seed per sample); top_k 0 is sent as "off",
     so the served model's own top_k 1 (greedy) does not apply: the samples of a question differ."""

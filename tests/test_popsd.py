@@ -392,6 +392,38 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == step + 1
 
 
+def test_sigterm_while_sampling_drops_the_step_at_once_and_resume_gives_the_straight_run(tmp_path):
+    """A step's sampling can take long (64 generate calls here, hours on a real model): a stop asked for then ends
+    it after the current batch, the step is dropped, the checkpoint of the step before is saved with the data
+    position and random states the step started from, and resuming gives the run that was never stopped."""
+    args = ["--recipe", "tiny", "steps=2", "save_every=0", "eval_every=0", "batch_size=64", "gen_batch_size=1"]
+    straight = popsd_cli(*args, f"out_dir={tmp_path / 'straight'}")
+    proc = popsd_cli(*args, f"out_dir={tmp_path / 'stopped'}")
+    metrics = tmp_path / "stopped/metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    time.sleep(1.0)  # step 1 logged and saved: step 2 is sampling (~4 s of it)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped while sampling step 2" in output, output[-2000:]
+    assert time.time() - sent < 3  # one generate call, not the step's 64
+    assert latest_checkpoint(tmp_path / "stopped").name == "step_000001"
+    assert straight.communicate(timeout=120) and straight.returncode == 0
+    run_tiny(tmp_path / "stopped", "steps=2", "save_every=0", "batch_size=64", "gen_batch_size=1", "resume=true")
+    rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("straight", "stopped")]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]] and len(rows[1]) == 2
+    a, b = (load_file(tmp_path / d / "adapter/adapter_model.safetensors") for d in ("straight", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_larger_than_the_data_is_refused_naming_both_numbers(tmp_path):
+    out = run_main(popsd.main, ["--recipe", "toy", "batch_size=100000", f"out_dir={tmp_path}"])
+    assert out.returncode == 2 and "asks for 100000 prompts per step" in out.stdout and "holds 2000 rows" in out.stdout
+
+
 def test_plots_draw_a_comparison_folder_and_name_each_runs_questions(tmp_path):
     import shutil
     import plots

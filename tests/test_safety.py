@@ -1,8 +1,10 @@
 """Nothing lost, nothing run that should not be: run folders, resume checks, damaged and malicious checkpoints,
 same seed same result, the divergence guard, clear errors for bad input (fuzzed)."""
+import importlib.util
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -96,6 +98,50 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoints/step_000001/state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PopsdError, match="every checkpoint .* is damaged"):
         run_tiny(tmp_path, "steps=2", "resume=true")
+
+
+def test_a_damaged_newest_state_says_which_older_adapters_are_intact(tmp_path):
+    run_tiny(tmp_path, "steps=3", "save_every=1", "keep_checkpoints=1")  # steps 1 and 2 keep their adapters only
+    (tmp_path / "checkpoints/step_000003/state.pt").write_bytes(b"torn")
+    with pytest.raises(PopsdError, match=r"that holds resume state \(step_000003\) is damaged .*the adapters of "
+                                         r"step_000001, step_000002 are kept but hold no resume state"):
+        run_tiny(tmp_path, "steps=4", "save_every=1", "keep_checkpoints=1", "resume=true")
+
+
+def test_after_kill_9_a_torn_metrics_line_and_samples_past_the_checkpoint_are_dropped(tmp_path, capsys):
+    """kill -9 can leave half a line in metrics.jsonl (resume crashed on it) and samples of steps after the
+    checkpoint in samples.txt (they were kept, then written again by the resumed run, with other samples)."""
+    run_tiny(tmp_path, "steps=4", "save_every=2", "samples_per_step=1")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.0')  # torn
+    (tmp_path / "checkpoints/step_000004").rename(tmp_path / "gone")  # as if killed after step 4, saved at 2
+    run_tiny(tmp_path, "steps=4", "save_every=2", "samples_per_step=1", "resume=true")
+    assert "line 5 is cut short" in capsys.readouterr().out
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    headers = re.findall(r"(?m)^===== step (\d+) sample 0$", (tmp_path / "samples.txt").read_text())
+    assert steps == [1, 2, 3, 4] and headers == ["1", "2", "3", "4"]
+
+
+def test_overwrite_keeps_a_users_file_inside_the_runs_folders(tmp_path):
+    run_tiny(tmp_path, "steps=1", "eval_every=1", "eval_limit=2")
+    (tmp_path / "eval/my_notes.txt").write_text("mine")
+    run_tiny(tmp_path, "steps=1", "overwrite=true")
+    assert (tmp_path / "eval/my_notes.txt").read_text() == "mine" and not (tmp_path / "eval/step_000000").exists()
+
+
+def test_a_run_that_stopped_before_its_first_step_does_not_block_the_plain_rerun(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(PopsdError, match="vLLM is not installed"):
+        run_tiny(tmp_path, "steps=1", "rollout_engine=vllm")
+    assert not any(tmp_path.iterdir())  # refused before the folder was touched
+    monkeypatch.undo()
+    from conftest import free_port
+    with pytest.raises(PopsdError, match="no rollout server answered"):  # a sampler found missing at start-up
+        run_tiny(tmp_path, "steps=1", f"rollout_server=http://127.0.0.1:{free_port()}")
+    assert (tmp_path / "config.json").exists()  # a run that never logged a step
+    run_tiny(tmp_path, "steps=1")  # the plain rerun replaces it, saying so
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 # ---- 6. a checkpoint is data, never code
@@ -653,3 +699,17 @@ def test_a_crafted_adapter_config_is_a_clear_error(tmp_path, tiny_dir):
         out = run_main(E.main, ["--adapter", bad, "--model", tiny_dir, "--bench", five, "--n", "1", "--limit", "1",
                                 "--max-new-tokens", "4", "--dtype", "fp32", "--out", bad / "eval"])
         assert out.returncode == 2 and message in out.stdout and "Traceback" not in out.stdout, (change, out.stdout)
+
+
+def test_a_server_that_accepts_but_never_answers_is_named_in_bounded_time(tmp_path):
+    """It used to hang eval.py --server and rollout_server with no output (up to an hour per request)."""
+    from conftest import StallingProxy
+    with StallingProxy() as hung:  # accepts every connection, answers nothing
+        ev = run_main(E.main, ["--server", hung.url, "--served-model", "m", "--model", ROOT / "data/toyworld/base",
+                               "--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question",
+                               "--server-timeout", "2", "--out", tmp_path / "e"])
+        assert ev.returncode == 2 and f"the server at {hung.url} accepted the connection but answered nothing to " \
+            "/v1/models within 2 s" in ev.stdout, ev.stdout[-2000:]
+        run = cli("--recipe", "toy", f"rollout_server={hung.url}", "server_timeout=2", f"out_dir={tmp_path / 'r'}")
+        assert run.returncode == 2 and "no rollout server answered" in run.stdout and "answered nothing" in \
+            run.stdout, run.stdout[-2000:]
