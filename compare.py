@@ -25,6 +25,7 @@ summary.json, summary.md (the table) and summary.png, and prints the table and t
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import worlds
 from checkpoints import remove_entries
+from data import PopsdError
 from worlds import common
 
 ROOT = Path(__file__).resolve().parent
@@ -518,9 +520,17 @@ def print_gates(world, measured: dict, console=None):
     return result
 
 
-def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console,
-            grid: str = "product", opsd_fkl: bool = False, supports=("full",)):
-    import plots
+def planned_jobs(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, grid="product",
+                 opsd_fkl=False, supports=("full",)) -> list[Job]:
+    """Every argument checked, and every run's config resolved (popsd.make_config validates each), before any work:
+    the jobs of the comparison, or a ValueError / PopsdError naming what is wrong."""
+    if workers < 1 or seeds < 1 or gate_samples < 1:
+        raise ValueError(f"--workers, --seeds and --gate-samples must be at least 1 (got {workers}, {seeds}, "
+                         f"{gate_samples})")
+    for flag, values in (("--clip", clips), ("--beta", betas)):
+        if not values or any(v is not None and not (v > 0 and math.isfinite(v)) for v in values):
+            raise ValueError(f"{flag} {','.join('none' if v is None else f'{v:g}' for v in values)}: one or more "
+                             "finite numbers > 0" + (" (or none: no clip)" if flag == "--clip" else ""))
     unknown = [s for s in supports if s not in ("full", *SUPPORT_ARGS)]
     if unknown:
         raise ValueError(f"--support {unknown[0]!r}: one of full, {', '.join(SUPPORT_ARGS)}")
@@ -529,14 +539,22 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     if clash:
         raise ValueError(f"override {clash[0]!r}: compare sets {', '.join(per_job)} for each run itself (use "
                          "--formats, --seeds, --clip, --beta, --out); an override would make every run the same")
+    common.held_out(world, gate_samples)  # enough held-out questions for the gates
+    return compare_jobs(world, out.resolve(), formats, seeds, clips, betas, overrides, grid, opsd_fkl, supports)
+
+
+def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console,
+            grid: str = "product", opsd_fkl: bool = False, supports=("full",)):
+    import plots
     out = out.resolve()  # one folder for the runs and for reading them back, whatever the working directory
+    jobs = planned_jobs(world, out, formats, seeds, clips, betas, workers, gate_samples, overrides, grid, opsd_fkl,
+                        supports)
     prepare_out(out, formats, overwrite)
     t0 = time.time()
     tok, model = common.load_base(world)
     measured = world.measure_base(model, tok, gate_samples)
     gate_rows = print_gates(world, measured, console)
     del model
-    jobs = compare_jobs(world, out, formats, seeds, clips, betas, overrides, grid, opsd_fkl, supports)
     import popsd
     cfg = popsd.make_config(world.RECIPE, [o for o in overrides])
     console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
@@ -677,12 +695,16 @@ def main(argv: list[str]):
             print_gates(world, world.measure_base(model, tok), console)
         else:
             clips, betas = floats("--clip", args.clip, none=True), floats("--beta", args.beta)
+            formats = [f.strip() for f in args.formats.split(",")]
+            supports = [x.strip() for x in args.support.split(",") if x.strip()]
+            for world in chosen:  # every world's arguments and runs checked before the first one starts
+                planned_jobs(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds, clips, betas,
+                             args.workers, args.gate_samples, args.overrides, args.grid, args.opsd_fkl, supports)
             for world in chosen:
-                compare(world, Path(args.out or f"runs/{world.NAME}_compare"),
-                        [f.strip() for f in args.formats.split(",")], args.seeds, clips,
-                        betas, args.workers, args.gate_samples, args.overrides, args.overwrite, console,
-                        args.grid, args.opsd_fkl, [x.strip() for x in args.support.split(",") if x.strip()])
-    except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
+                compare(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds, clips, betas,
+                        args.workers, args.gate_samples, args.overrides, args.overwrite, console, args.grid,
+                        args.opsd_fkl, supports)
+    except (FileExistsError, FileNotFoundError, RuntimeError, ValueError, PopsdError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
 

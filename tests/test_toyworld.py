@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compare
-from conftest import ROOT, train_world_recipe
+from conftest import ROOT, run_main, train_world_recipe
 from worlds import common
 from worlds import toyworld as T
 
@@ -375,3 +375,17 @@ def test_the_ablation_table_and_figures_from_synthetic_results(tmp_path):
     assert supports["full"]["x"] == ["full", "topk"] and set(supports["full"]["series"]) == {"OPSD", "Purified"}
     assert supports["full"]["series"]["OPSD"]["accuracy"][0] == [p[-1]["accuracy"] for p in results["full"]["opsd"].values()]
     assert plots.plot_ablation(supports, "support", "s", tmp_path / "s.png").stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workers", "0"], "--workers, --seeds and --gate-samples must be at least 1"),  # it hung after "12 to run"
+    (["--seeds", "0"], "--workers, --seeds and --gate-samples must be at least 1"),
+    (["--clip", "-5"], "--clip -5: one or more finite numbers > 0"), (["--clip", "nan"], "--clip nan"),
+    (["--beta", "0"], "--beta 0: one or more finite numbers > 0"), (["lr=abc"], "config key 'lr' expects float"),
+    (["--world", "toyworld,carryworld", "max_new_tokens=0"], "'max_new_tokens' must be at least 1")])
+def test_every_compare_argument_and_override_is_checked_before_any_work(tmp_path, args, message):
+    """They were refused only after ~75 s of gate measurement (or never: --workers 0)."""
+    out = tmp_path / "cmp"
+    done = run_main(compare.main, ["--out", out, *args] if "--world" not in args else args)
+    assert done.returncode == 2 and message in done.stdout and "Traceback" not in done.stdout, done.stdout
+    assert not out.exists()
