@@ -53,6 +53,7 @@ def load_model(cfg, device: torch.device, path: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    check_lora_fits(model, targets, cfg.lora_r, device, ema=cfg.teacher == "ema")
     torch.manual_seed(cfg.seed)  # LoRA init: from the config alone, whatever consumed the RNG before
     try:
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -96,6 +97,39 @@ def base_fingerprint(path: str, say=None) -> str | None:
             blob = file_hash.hexdigest()
         digest.update(f"{f.name}:{blob}\n".encode())
     return digest.hexdigest()
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on the device: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62  # unknown: no bound
+
+
+def check_lora_fits(model, targets, r: int, device: torch.device, ema: bool = False):
+    """Before any LoRA weight is allocated: the rank must not exceed the dimensions of the layers it adapts (a
+    rank-r update of an m×n layer with r > min(m, n) adds nothing), and the adapter with its gradient and AdamW's
+    two states (fp32: 16 bytes a weight, 20 with the EMA teacher) must fit in what the device has free."""
+    head = model.get_output_embeddings()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head and
+              (targets == "all-linear" or n.rsplit(".", 1)[-1] in targets)]
+    if not layers:
+        return  # peft names the targets it cannot find
+    name, layer = min(layers, key=lambda x: min(x[1].in_features, x[1].out_features))
+    rank = min(layer.in_features, layer.out_features)
+    if r > rank:
+        raise PopsdError(f"config key 'lora_r' is {r}, beyond the dimensions of the layers it adapts ({name}: "
+                         f"{layer.in_features} → {layer.out_features}): a rank above {rank} adds nothing; choose "
+                         "lora_r at most that")
+    need = sum(r * (m.in_features + m.out_features) for _, m in layers) * (20 if ema else 16)
+    free = free_memory(device)
+    if need > free:
+        size = lambda b: f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
+        raise PopsdError(f"config key 'lora_r'={r}: the adapter, its gradient and AdamW's states need {size(need)}, "
+                         f"and {device} has {size(free)} free: lower lora_r or lora_targets")
 
 
 def model_positions(model) -> int:

@@ -277,6 +277,17 @@ def test_topk_above_the_vocabulary_is_a_config_error(tmp_path):
         run_tiny(tmp_path, "steps=1", "support=topk", "topk=100000")
 
 
+def test_a_lora_rank_beyond_the_layers_or_the_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    """lora_r=100000 was accepted: the process grew to 22.8 GB and the kernel killed it."""
+    import models
+    with pytest.raises(PopsdError, match="'lora_r' is 100000, beyond the dimensions .*k_proj: 64 → 32.* above 32"):
+        run_tiny(tmp_path / "a", "steps=1", "lora_r=100000")
+    monkeypatch.setattr(models, "free_memory", lambda device: 1 << 20)  # a machine with 1 MiB left
+    with pytest.raises(PopsdError, match=r"'lora_r'=32: the adapter, its gradient and AdamW's states need [0-9.]+ "
+                                         r"MiB, and cpu has 1\.0 MiB free"):
+        run_tiny(tmp_path / "b", "steps=1", "lora_r=32")
+
+
 def test_qlora_4bit_gradients_survive_an_eval_forward(tiny_dir):
     # sampling runs in eval mode first; the student's 4-bit backward must still reach the first layer
     cfg = popsd.make_config("tiny", ["load_in_4bit=true", "dtype=bf16", "out_dir=unused"])
