@@ -383,12 +383,13 @@ def remove_run_files(out: Path, names, warn=print) -> list[str]:
 
 
 def logged_nothing(out: Path) -> bool:
-    """A run that stopped before its first step (a sampler that would not start, a wrong setting found late): no
-    metrics row, checkpoint, adapter or evaluation. Nothing of value: a plain rerun may replace it."""
+    """A run that stopped before its first step (a sampler or a tracker that would not start, a wrong setting found
+    late): no metrics row, checkpoint, adapter or evaluation. Nothing of value (a tracker holds only what
+    metrics.jsonl holds): a plain rerun may replace it."""
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.read_text().strip():
         return False
-    return not any((out / n).exists() for n in ("adapter", "eval", "tensorboard", "wandb")) and \
+    return not any((out / n).exists() for n in ("adapter", "eval")) and \
         not any((out / "checkpoints").glob("step_*"))
 
 

@@ -16,6 +16,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.table import Table
 
 import loss as L
@@ -235,6 +236,11 @@ def validate(cfg: Config):
         fail("vllm_gpu_memory", "must be in (0, 1]")
     if cfg.rollout_server and cfg.rollout_engine in ("vllm", "graph"):
         fail("rollout_server", f"and rollout_engine={cfg.rollout_engine} both name the sampler: keep one")
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except RuntimeError:
+            fail("device", "must be auto, cpu, cuda or cuda:N")
     if cfg.graph_kv_gb < 0:
         fail("graph_kv_gb", "must be ≥ 0 (0: a quarter of the GPU's free memory)")
     for url in filter(None, (u.strip() for u in cfg.rollout_server.split(","))):

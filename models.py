@@ -15,6 +15,11 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # op
 
 
 def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise PopsdError(f"device {name!r} is not a device: auto, cpu, cuda or cuda:N") from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PopsdError(f"device={name}: this machine has no CUDA GPU (torch {torch.__version__}); the GPU recipes "
                          "need one. On a CPU: --recipe toy (or device=cpu with a small model)")

@@ -1,7 +1,7 @@
 """plots.py: curves of popsd runs against the step, read from their metrics.jsonl; the toy comparison figure.
 
     python plots.py runs/toy                          # → runs/toy/plots.png
-    python plots.py runs/a runs/b --out ab.png        # several runs overlaid, one colour each
+    python plots.py runs/a runs/b --out ab.png        # several runs overlaid, one colour each (default: runs/plots.png)
 
 Panels: loss, the three Δ diagnostics, markers per 1k, completion length, entropy, then every evaluation
 metric (eval/<bench>/<name>). popsd.py writes plots.png into each run folder at the end of training.
@@ -42,7 +42,6 @@ def _pyplot():
 
 def save(plt, fig, out: Path, rect=(0, 0, 1, 1)) -> Path:
     fig.tight_layout(rect=rect)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -252,17 +251,22 @@ def plot_sweep(summary: dict, out: Path) -> Path:
 def main(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="popsd run folders (each with a metrics.jsonl)")
-    p.add_argument("--out", help="PNG to write (default: plots.png in the run folder, or plots.png here for several)")
+    p.add_argument("--out", help="PNG to write (default: plots.png in the run folder; for several runs, plots.png "
+                                 "in the folder that holds them all)")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
-    if len(runs) == 1 and (runs[0] / "summary.json").is_file() and not (runs[0] / "metrics.jsonl").exists():
-        summary = json.loads((runs[0] / "summary.json").read_text())  # a comparison (compare.py)
-        if "results" in summary and "gates" in summary:
-            print(plot_compare(summary, Path(args.out) if args.out else runs[0] / "summary.png"))
-            return
-    out = Path(args.out) if args.out else (runs[0] / "plots.png" if len(runs) == 1 else Path("plots.png"))
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.suffix.lower() != ".png" or not out.parent.is_dir() or out.is_dir()):
+        p.error(f"--out {out}: a .png file in a folder that exists" + ("" if out.parent.is_dir() else
+                                                                       f" ({out.parent} does not)"))
     try:
-        print(plot_runs(runs, out))
+        if len(runs) == 1 and (runs[0] / "summary.json").is_file() and not (runs[0] / "metrics.jsonl").exists():
+            summary = json.loads((runs[0] / "summary.json").read_text())  # a comparison (compare.py)
+            if "results" in summary and "gates" in summary:
+                print(plot_compare(summary, out or runs[0] / "summary.png"))
+                return
+        shared = Path(os.path.commonpath([str(r.resolve()) for r in runs]))
+        print(plot_runs(runs, out or (runs[0] if len(runs) == 1 else shared) / "plots.png"))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -587,6 +587,10 @@ def main(argv: list[str]):
     except PopsdError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before the loop (start-up), or a second one in it: no traceback
+        console.print("[yellow]interrupted: stopped at once; the run folder keeps what its last checkpoint saved "
+                      "(resume=true continues from it)[/]")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,13 @@ class Trackers:
             except ImportError as e:
                 self.close()
                 raise PopsdError(f"report_to={name} needs its package ({e}): {INSTALL[name]}") from None
+            except Exception as e:  # W&B: no login, no network, a refused project
+                if name != "wandb" or not isinstance(e, __import__("wandb").errors.Error):
+                    raise
+                self.close()
+                raise PopsdError(f"report_to=wandb could not start a W&B run ({str(e).splitlines()[0]}): log in "
+                                 "with `wandb login`, or set WANDB_MODE=offline to log without a login or a "
+                                 "network (`wandb sync` sends it later)") from None
 
     def log(self, row: dict):
         scalars = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))

@@ -483,6 +483,17 @@ def test_wandb_offline_logs_the_run_and_resume_continues_the_same_run(tmp_path, 
     assert not (out / "wandb").exists()
 
 
+def test_wandb_without_a_login_is_one_line_naming_offline_mode_and_leaves_nothing_in_the_way(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")} | {
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config")}  # its own process: W&B keeps its settings per process
+    proc = popsd_cli("--recipe", "tiny", "steps=1", "eval_every=0", "report_to=wandb", f"out_dir={tmp_path / 'run'}",
+                     env=env)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "could not start a W&B run" in output and "WANDB_MODE=offline" in output, output
+    assert "Traceback" not in output
+    run_tiny(tmp_path / "run", "steps=1")  # the half-made run does not block the plain rerun
+
+
 def test_trackers_are_imported_only_when_asked_and_a_missing_one_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)

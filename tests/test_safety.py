@@ -7,6 +7,7 @@ import pickle
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -713,3 +714,54 @@ def test_a_server_that_accepts_but_never_answers_is_named_in_bounded_time(tmp_pa
         run = cli("--recipe", "toy", f"rollout_server={hung.url}", "server_timeout=2", f"out_dir={tmp_path / 'r'}")
         assert run.returncode == 2 and "no rollout server answered" in run.stdout and "answered nothing" in \
             run.stdout, run.stdout[-2000:]
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    import signal
+    proc = subprocess.Popen([sys.executable, str(ROOT / "popsd.py"), "--recipe", "toy", f"out_dir={tmp_path}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    while "popsd config" not in seen and proc.poll() is None:  # the start-up table: the model is loaded
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in seen + rest and "KeyboardInterrupt" not in seen + rest, rest
+
+
+def test_bad_devices_a_malformed_server_and_plot_paths_are_one_line(tmp_path):
+    import http.server
+    import threading
+    import plots
+    assert "must be auto, cpu, cuda or cuda:N" in cli("--recipe", "tiny", "device=nosuch").stdout
+    ev = run_main(E.main, ["--model", ROOT / "data/toyworld/base", "--bench", ROOT / "data/toyworld/test.jsonl",
+                           "--question-field", "question", "--device", "nosuch", "--out", tmp_path / "e"])
+    assert ev.returncode == 2 and "device 'nosuch' is not a device" in ev.stdout
+    assert "--top-k must be >= 0" in run_main(E.main, ["--model", "x", "--top-k", "-5"]).stdout
+
+    class ListModels(http.server.BaseHTTPRequestHandler):  # /v1/models answers a JSON list, not OpenAI's object
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'["toy"]')
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), ListModels)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}"
+        ev = run_main(E.main, ["--server", url, "--served-model", "toy", "--model", ROOT / "data/toyworld/base",
+                               "--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question",
+                               "--out", tmp_path / "s"])
+        assert ev.returncode == 2 and "answered /v1/models with \"['toy']\"" in ev.stdout and "Traceback" not in \
+            ev.stdout, ev.stdout[-2000:]
+    finally:
+        httpd.shutdown()
+    run_tiny(tmp_path / "run", "steps=1")
+    for out in ("README.md", "/nonexistent_dir/x.png"):
+        done = run_main(plots.main, [tmp_path / "run", "--out", out])
+        assert done.returncode == 2 and "a .png file in a folder that exists" in done.stdout + done.stderr
+    assert not Path("/nonexistent_dir").exists()
+    run_tiny(tmp_path / "other", "steps=1")
+    assert run_main(plots.main, [tmp_path / "run", tmp_path / "other"]).returncode == 0
+    assert (tmp_path / "plots.png").exists()  # the folder holding both runs, not the working directory
