@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -270,6 +271,33 @@ def run_settings(adapter: str | None, model_path: str | None = None) -> dict:
     return read(local / PROMPTS_FILE) if local is not None and local.is_dir() else {}
 
 
+SAMPLING_KEYS = ("rollout_engine", "graph_keep_rows", "gen_batch_size", "threads")
+ENGINES = ("dynamic", "static", "graph")  # HF generate's caches, graph_engine.py (vLLM: --server)
+
+
+def run_sampling(adapter: str | None) -> dict:
+    """How the training run above an adapter sampled (its config.json: engine, graph_keep_rows, batch, threads):
+    eval.py samples the same way by default, so checking a result takes what the run's own evaluation took, and
+    gives the run's own evaluation, sample for sample, with the same questions, seed and settings."""
+    for d in [Path(adapter), *Path(adapter).resolve().parents][:4] if adapter else []:
+        try:
+            got = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(got, dict) and "rollout_engine" in got:
+            return {k: got[k] for k in SAMPLING_KEYS if k in got}
+    return {}
+
+
+def eval_sampler(engine: str, model, tokenizer, rows: int, device, eos: list[int], keep_rows: bool):
+    """The sampler for --engine: HF generate (dynamic | static) or the graph sampler, on the evaluated model."""
+    if engine == "graph":
+        import graph_engine
+        return graph_engine.GraphSampler(model, tokenizer, batch_size=rows, device=device, eos_ids=eos,
+                                         keep_rows=keep_rows)
+    return HFSampler(model, tokenizer, engine=engine, batch_size=rows, device=device, eos_ids=eos)
+
+
 def thinking_mode(flag: str | None, run: dict) -> bool:
     """--thinking on|off, else the training run's student_thinking, else on (the paper's models think), said aloud."""
     if flag is not None:
@@ -401,7 +429,7 @@ def swap_adapter(model, path: Path):
 
 
 NOT_SETTINGS = ("seconds", "generation_batch", "out", "left_to_the_server", "max_new_tokens_run", "concurrency",
-                "server_timeout")  # recorded, not compared: how long, how it ran (what a server did not take, the
+                "server_timeout", "threads")  # recorded, not compared: how long, how it ran (what a server did not take, the
 # budget cut to the model's positions, how many requests at once, how long one may stay silent), where
 
 
@@ -485,6 +513,12 @@ def parse_args(argv):
                         "allows in --memory-gb)")
     p.add_argument("--memory-gb", type=float, default=0,
                    help="memory generation may use (0: 90%% of the GPU's free memory; 8 on a CPU)")
+    p.add_argument("--engine", choices=ENGINES, help="the sampler: HF generate's dynamic or static KV cache, or\n"
+                   "graph_engine.py (default: the training run's rollout_engine, else dynamic)")
+    p.add_argument("--graph-keep-rows", choices=("on", "off"),
+                   help="--engine graph: step every row to the end (on), or halve the batch as rows finish (off)\n"
+                        "(default: the training run's graph_keep_rows, else on)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default; default: the training run's)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--load-in-4bit", action="store_true", help="nf4 weights (bitsandbytes)")
     p.add_argument("--device", default="auto")
@@ -509,6 +543,8 @@ def parse_args(argv):
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if not (args.temperature >= 0 and math.isfinite(args.temperature)) or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 (0: greedy) and --top-p in (0, 1]")
+    if args.threads is not None and not 0 <= args.threads <= (os.cpu_count() or 1):
+        p.error(f"--threads must be between 0 (torch's default) and this machine's {os.cpu_count()} cores")
     if args.top_k < 0:
         p.error("--top-k must be >= 0 (0: off)")
     if not (args.server_timeout > 0 and math.isfinite(args.server_timeout)) or args.concurrency < 1:
@@ -523,6 +559,12 @@ def merge_main(argv: list[str]):
     p = argparse.ArgumentParser(prog="eval.py merge", description=merge_main.__doc__)
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--engine", choices=ENGINES, help="the sampler: HF generate's dynamic or static KV cache, or\n"
+                   "graph_engine.py (default: the training run's rollout_engine, else dynamic)")
+    p.add_argument("--graph-keep-rows", choices=("on", "off"),
+                   help="--engine graph: step every row to the end (on), or halve the batch as rows finish (off)\n"
+                        "(default: the training run's graph_keep_rows, else on)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default; default: the training run's)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
@@ -546,7 +588,12 @@ def main(argv: list[str]):
         model_path = args.model or base_model_of(first)
         if model_path is None:
             raise PopsdError("--model is required (or --adapter with an adapter_config.json naming its base model)")
-        run = run_settings(first, model_path)
+        run, sampling = run_settings(first, model_path), run_sampling(first)
+        engine = args.engine or (sampling.get("rollout_engine") if sampling.get("rollout_engine") in ENGINES else
+                                 "dynamic")
+        keep_rows = sampling.get("graph_keep_rows", True) if args.graph_keep_rows is None else \
+            args.graph_keep_rows == "on"
+        threads = sampling.get("threads", 0) if args.threads is None else args.threads
         specs = [s.strip() for s in args.bench.split(",") if s.strip()]
         benches = named_benches((s, load_bench(s, args.question_field, args.answer_field, args.limit)) for s in specs)
         thinking = thinking_mode(args.thinking, run)
@@ -555,6 +602,7 @@ def main(argv: list[str]):
             raise PopsdError(f"--template {template!r} has no {{question}} field")
         out = Path(args.out or default_out(args, benches))
         settings = vars(args) | {"model": model_path, "thinking": thinking, "questions_sha": fingerprint(benches),
+                                 "engine": engine, "graph_keep_rows": keep_rows, "threads": threads,
                                  "adapter_sha": adapter_sha(first),  # and the base's: a base replaced in its
                                  "model_sha256": base_fingerprint(model_path, console.print)}  # folder is another
         if not folders and (saved := saved_results(out, settings)) is not None:
@@ -572,6 +620,8 @@ def main(argv: list[str]):
                 settings["left_to_the_server"] = left  # not sent: the server's defaults (its generation_config)
         else:
             device = pick_device(args.device)
+            if threads:
+                torch.set_num_threads(threads)
             tokenizer, model = load_for_eval(model_path, first, args.dtype, args.load_in_4bit, device,
                                              args.trust_remote_code)
             longest = max(len(chat_ids(tokenizer, fill(template, question=q), thinking))
@@ -579,15 +629,22 @@ def main(argv: list[str]):
             settings["max_new_tokens_run"] = args.max_new_tokens = fit_new_tokens(
                 model, longest, args.max_new_tokens, "--max-new-tokens",
                 lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
-            batch = args.batch_size
+            budget = memory_budget(device, args.memory_gb)
+            batch = args.batch_size or (sampling.get("gen_batch_size", 0) if engine == sampling.get(
+                "rollout_engine") else 0)  # the run's own batch: with graph_keep_rows=false it shapes the samples
             if not batch:
-                batch, why = generation_batch(model, longest + args.max_new_tokens,
-                                              memory_budget(device, args.memory_gb))
+                batch, why = generation_batch(model, longest + args.max_new_tokens, budget)
                 console.print(why)
-            settings["generation_batch"] = batch  # what ran (--batch-size 0: the budget's choice)
+            if engine == "graph":
+                import graph_engine
+                batch, why = graph_engine.plan(model, batch, longest + args.max_new_tokens, budget, keep_rows)
+                console.print(f"graph sampler: {why}")
+            settings["generation_batch"] = batch  # what ran (--batch-size 0: the run's or the budget's choice)
+            eos = eos_ids(model, tokenizer)
             kwargs = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, eos_ids=eos_ids(model, tokenizer), batch_size=batch,
-                          device=device, template=template, thinking=thinking, seed=args.seed, grader=args.grader)
+                          top_p=args.top_p, top_k=args.top_k, eos_ids=eos, batch_size=batch, device=device,
+                          template=template, thinking=thinking, seed=args.seed, grader=args.grader,
+                          sampler=eval_sampler(engine, model, tokenizer, batch, device, eos, keep_rows))
             if folders:
                 sweep(model, tokenizer, folders, benches, out, settings, **kwargs)
                 return

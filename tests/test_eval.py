@@ -299,7 +299,8 @@ def test_cli_evaluates_every_checkpoint_resumes_and_names_the_best(tmp_path):
               "--temperature", "1.0", "--out", str(tmp_path / "sweep")]
     out = eval_cli("--adapter", str(run / "checkpoints"), *common)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "generation batch" in out.stdout  # chosen from the memory budget
+    settings = json.loads((tmp_path / "sweep/step_000001/summary.json").read_text())["settings"]
+    assert (settings["engine"], settings["generation_batch"]) == ("dynamic", 8)  # as the run sampled: its batch
     sweep = json.loads((tmp_path / "sweep/sweep.json").read_text())
     assert sorted(sweep["steps"], key=int) == ["1", "2", "3"] and sweep["metric"] == "avg@2"
     assert sweep["best_mean"] == max(sweep["mean"].values()) and f"best step {sweep['best_step']}" in out.stdout

@@ -267,8 +267,11 @@ def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
                           "--dtype", "fp32", "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["results"]["test"]
-    assert {"avg@1", "caught_frac", "false_reflections", "first_try_errors"} <= set(summary)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert {"avg@1", "caught_frac", "false_reflections", "first_try_errors"} <= set(summary["results"]["test"])
+    # the README's command samples as the run did (its engine, batch and threads): the run's own evaluation
+    assert (summary["settings"]["engine"], summary["settings"]["graph_keep_rows"]) == ("graph", False)
+    assert (tmp_path / "eval/samples.jsonl").read_text() == (out / "eval/step_000002/samples.jsonl").read_text()
 
 
 def test_compare_refuses_per_run_overrides_and_folders_it_did_not_write(tmp_path):
