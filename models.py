@@ -11,7 +11,8 @@ import torch
 
 from data import PopsdError, model_load_error
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional hub kernel, not needed
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):  # an optional hub kernel for bitsandbytes on a CPU, not
+    logging.getLogger(_name).setLevel(logging.ERROR)  # needed: its "failed to load" lines are noise, not errors
 
 
 def pick_device(name: str) -> torch.device:

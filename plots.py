@@ -72,6 +72,21 @@ def panel_keys(rows: list[list[dict]]) -> list[str]:
 
 
 FRACTIONS = ("accuracy", "caught_frac", "false_reflections", "truncated", "unclosed_reasoning")
+MIN_SPAN = {"markers_per_1k": 5.0, "cos_total_ref": 0.2, "cos_total_it": 0.2, "norm_ratio": 0.2}  # the least range
+# an axis shows for quantities whose small changes are noise
+
+
+def least_range(lo: float, hi: float, name: str, fraction: bool) -> tuple[float, float]:
+    """The y-range of a panel, widened to at least 0.1 for a fraction and to MIN_SPAN for the counts named there
+    (centred, never below 0, a fraction never above 1): a change of 2 questions in 400, or of 0.2 markers per 1k,
+    is not drawn as a swing."""
+    span = 0.1 if fraction else MIN_SPAN.get(name)
+    if not span or hi - lo >= span:
+        return lo, hi
+    low = max(0.0, (lo + hi) / 2 - span / 2)
+    if fraction:
+        low = min(low, 1.0 - span)
+    return low, low + span
 
 
 def questions_note(rows: list[dict]) -> str:
@@ -102,11 +117,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
                     se = [(p * (1 - p) / n) ** 0.5 for (_, p), n in zip(pts, samples)]  # binomial standard error
                     ax.fill_between([x for x, _ in pts], [p - e for (_, p), e in zip(pts, se)],
                                     [p + e for (_, p), e in zip(pts, se)], color=line.get_color(), alpha=0.15, lw=0)
-        if fraction:  # a change of 2 questions in 400 is not drawn as a V: at least 0.1 of the axis
-            lo, hi = ax.get_ylim()
-            mid = (lo + hi) / 2
-            if hi - lo < 0.1:
-                ax.set_ylim(max(0.0, mid - 0.05), min(1.0, max(0.0, mid - 0.05) + 0.1))
+        ax.set_ylim(*least_range(*ax.get_ylim(), name, fraction))
         ax.set_title(("eval " + key.split("/")[1] + ": " if key.startswith("eval/") else "") + TITLES.get(name, name),
                      fontsize=9)
         ax.set_xlabel("step", fontsize=8)

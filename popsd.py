@@ -1,6 +1,6 @@
 """popsd.py: Purified OPSD (arXiv 2607.02234) in one training loop.
 
-    python popsd.py --recipe toy                      # CPU, ~2 min: the toy world's pre-trained reasoner
+    python popsd.py --recipe toy                      # CPU, ~1 min: the toy world's pre-trained reasoner
     python popsd.py --recipe single_gpu               # one 24 GB card, 4-bit QLoRA
     python popsd.py --recipe toy steps=30 method=opsd # key=value overrides any Config field (config.py)
 
@@ -13,9 +13,10 @@ Each step: sample → score → target → loss → step → log → save.
   3. the target is the Purified PMI target (or π_T for method=opsd), see loss.py;
   4. the loss is the per-token divergence summed over tokens, divided by the number of valid
      completion tokens of the whole optimizer step, so micro-batching does not change the update.
-Sampling: HF generate on the training model (rollout_engine=dynamic, the default), vLLM in this process
-(rollout_engine=vllm) or a pool of vLLM servers (rollout_server=URL,...); an engine gets each step's
-adapter before it samples again (sampler.sync), so every rollout is on-policy.
+Sampling: HF generate on the training model (rollout_engine=dynamic, the Config default; static), the graph
+sampler on the training model (rollout_engine=graph, the toy recipe's), vLLM in this process (rollout_engine=vllm)
+or a pool of vLLM servers (rollout_server=URL,...); an engine gets each step's adapter before it samples again
+(sampler.sync), so every rollout is on-policy.
 Departures from the paper: teacher=live and teacher=ema (ema.py) apply to the teacher and reference-only
 passes, the clean base stays the frozen initial policy.
 """

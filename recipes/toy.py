@@ -1,14 +1,14 @@
 """toy: Purified OPSD on the shipped toy base (worlds/toyworld.py): watch it work on a laptop CPU.
 
-Hardware: any CPU (2 cores).   Command: python popsd.py --recipe toy   Expected time: about 1 min (57 s on 2026-12-03).
+Hardware: any CPU (2 cores).   Command: python popsd.py --recipe toy   Expected time: about 1 min (65 s on 2026-12-07).
 The base (data/toyworld/base, 0.9M parameters, pre-trained from scratch by `python compare.py pretrain`)
 solves last-digit arithmetic with a reflective chain of thought: `3+4=7 7*2=5 wait 7*2=4 ... \\boxed{6}`.
 The teachers see the full worked reference (the paper's format); `reference_field=sketch` gives them only
 the start and the answer; `method=opsd` runs the baseline. At steps 0, 20, 40 and 60 the student is
 evaluated on 400 held-out questions by the world's exact checker.
 Expected result (measured, docs/toyworld.md): with the full reference Purified has almost nothing to learn (both
-teacher contexts copy the same trace, so Δ_it ≈ 0): the loss stays near 1e-4 and held-out accuracy near
-the base's 0.90, with ~18 markers per 1,000 tokens and ~82% of first-try errors caught. reference_field=sketch:
+teacher contexts copy the same trace, so Δ_it ≈ 0): the loss stays between 1e-5 and 1e-4 and held-out accuracy
+near the base's 0.90, with ~19.5 markers per 1,000 tokens and ~83% of first-try errors caught. reference_field=sketch:
 accuracy ~0.93, markers ~13. method=opsd: accuracy ~0.97, markers ~4 (the markers collapse).
 Each step prints the loss and the Δ diagnostics; runs/toy/plots.png holds the curves.
 These settings were fixed before any OPSD-vs-Purified comparison was run; compare changes only the method.

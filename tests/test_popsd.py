@@ -377,6 +377,12 @@ def test_plots_panels_cover_training_and_eval_metrics(tmp_path):
     assert plots.plot_runs([tmp_path], tmp_path / "p.png").stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
         plots.plot_runs([tmp_path / "nope"], tmp_path / "q.png")
+    # a small change is not drawn as a swing: markers span at least 5 per 1k, fractions 0.1 (in [0, 1])
+    assert plots.least_range(18.6, 18.8, "markers_per_1k", False) == pytest.approx((16.2, 21.2))
+    assert plots.least_range(0.0, 1.0, "markers_per_1k", False) == (0.0, 5.0)
+    assert plots.least_range(0.99, 1.0, "accuracy", True) == pytest.approx((0.9, 1.0))
+    assert plots.least_range(0.3, 0.9, "accuracy", True) == (0.3, 0.9)  # wide enough: untouched
+    assert plots.least_range(1e-5, 2e-5, "loss", False) == (1e-5, 2e-5)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
