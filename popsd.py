@@ -470,7 +470,7 @@ def train(cfg: Config) -> Path:
                     go_back(stream, before)
                     save_checkpoint(out, step - 1, model, optimizer, scheduler, stream, cfg.keep_checkpoints, rank,
                                     run_record)
-                    console.print(f"[yellow]stopped while sampling step {step}: checkpoint of step {step - 1} saved "
+                    console.print(f"[yellow]stopped while sampling step {step}: checkpoint saved at step {step - 1} "
                                   f"in {out}; resume with resume=true[/]")
                     sys.exit(128 + (stop.signum or signal.SIGTERM))
                 finally:
