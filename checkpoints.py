@@ -281,14 +281,14 @@ def links_in(out: Path) -> list[Path]:
     return [p for p in found if home not in Path(os.path.realpath(p)).parents]
 
 
-def check_out_dir(out: Path, inputs: list[Path]):
-    """out_dir must not be, or hold, the model or the data: a run writes config.json and more into it."""
+def check_out_dir(out: Path, inputs: list[Path], key: str = "out_dir", who: str = "run"):
+    """An output folder must not be, or hold, the model or the data: a run writes config.json and more into it."""
     here = out.resolve()
     for path in inputs:
         there = path.resolve()
         if there == here or here in there.parents:
-            raise PopsdError(f"out_dir {out} {'is' if there == here else 'holds'} {path}, which this run reads: "
-                             "write the run to another folder")
+            raise PopsdError(f"{key} {out} {'is' if there == here else 'holds'} {path}, which this {who} reads: "
+                             f"write the {who} to another folder")
 
 
 def process_start(pid: int) -> str | None:

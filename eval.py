@@ -32,7 +32,7 @@ from rich.table import Table
 import worlds
 from grading import grade, pass_at_k
 from data import PopsdError, model_load_error, read_rows, resolve_local
-from checkpoints import PROMPT_KEYS, PROMPTS_FILE
+from checkpoints import MARKER, PROMPT_KEYS, PROMPTS_FILE, check_out_dir
 from models import (base_fingerprint, eos_ids, fit_new_tokens, generation_batch, memory_budget, merge_adapter,
                     pick_device, quantization_config)
 from distributed import gather
@@ -155,8 +155,36 @@ def records_metrics(recs: list[dict]) -> dict:
     return out
 
 
+EVAL_MARKER = "popsd_eval.json"  # in every folder eval.py writes: a later --out there is an evaluation's
+
+
+def check_eval_out(out: Path, reads: list[Path]):
+    """eval.py writes only into a new or empty folder or one of its own evaluations (its marker, or, from before
+    the marker, a summary.json with settings or a server route's partial.jsonl), checked before any work: never
+    over a file, into a training run, the model's or the adapter's folder, or someone's folder (`.`)."""
+    check_out_dir(out, reads, key="--out", who="evaluation")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PopsdError(f"--out {out} is a file: eval.py writes a folder (summary.json, samples.jsonl); choose "
+                         "another --out")
+    if (out / MARKER).exists() or (out / "adapter_config.json").exists() or (out / "config.json").exists():
+        raise PopsdError(f"--out {out} is a training run, a model or an adapter: write the evaluation elsewhere "
+                         "(by default it goes to runs/eval/<what is evaluated>)")
+    if (out / EVAL_MARKER).is_file() or (out / "partial_settings.json").is_file() or not any(out.iterdir()):
+        return
+    try:
+        legacy = "settings" in json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError, TypeError):
+        legacy = False
+    if not legacy:
+        raise PopsdError(f"--out {out} is not empty and holds no evaluation of eval.py's (no {EVAL_MARKER}): eval.py "
+                         "writes only into a new or empty folder or one of its own; choose another --out")
+
+
 def write_results(out: Path, metrics: dict, records: dict, settings: dict):
     out.mkdir(parents=True, exist_ok=True)
+    (out / EVAL_MARKER).write_text(json.dumps({"popsd": "evaluation"}) + "\n")
     (out / "summary.json").write_text(json.dumps({"settings": settings, "results": metrics}, indent=2) + "\n")
     with (out / "samples.jsonl").open("w") as f:
         for recs in records.values():
@@ -456,6 +484,8 @@ def sweep(model, tokenizer, folders: list[Path], benches: dict, out: Path, setti
     """Evaluates every checkpoint in step order into out/step_N/; a checkpoint already evaluated with the same
     settings is read back instead (an interrupted sweep resumes). Writes sweep.json, sweep.png, the best step."""
     import plots
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVAL_MARKER).write_text(json.dumps({"popsd": "evaluation sweep"}) + "\n")
     results = {}
     for path in folders:
         step = int(path.name.split("_")[-1])
@@ -601,6 +631,7 @@ def main(argv: list[str]):
         if "{question}" not in template:
             raise PopsdError(f"--template {template!r} has no {{question}} field")
         out = Path(args.out or default_out(args, benches))
+        check_eval_out(out, [Path(p) for p in (model_path, first, *specs) if p and Path(p).exists()])
         settings = vars(args) | {"model": model_path, "thinking": thinking, "questions_sha": fingerprint(benches),
                                  "engine": engine, "graph_keep_rows": keep_rows, "threads": threads,
                                  "adapter_sha": adapter_sha(first),  # and the base's: a base replaced in its

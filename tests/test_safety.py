@@ -765,3 +765,23 @@ def test_bad_devices_a_malformed_server_and_plot_paths_are_one_line(tmp_path):
     run_tiny(tmp_path / "other", "steps=1")
     assert run_main(plots.main, [tmp_path / "run", tmp_path / "other"]).returncode == 0
     assert (tmp_path / "plots.png").exists()  # the folder holding both runs, not the working directory
+
+
+def test_eval_py_writes_only_into_its_own_folders_checked_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    run_tiny(run, "steps=1")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "samples.jsonl").write_text("someone's\n")
+    common = ["--adapter", run / "adapter", "--bench", ROOT / "data/toy_math_test.jsonl", "--n", "1", "--limit", "2",
+              "--max-new-tokens", "4", "--dtype", "fp32"]
+    for out, said in ((theirs, "holds no evaluation of eval.py's"), (ROOT / "README.md", "is a file"),
+                      (run, "which this evaluation reads"), (run / "adapter", "which this evaluation reads"),
+                      (ROOT / "data/toyworld/base", "is a training run, a model"), (ROOT, "which this evaluation reads")):
+        done = run_main(E.main, [*common, "--out", out])
+        assert done.returncode == 2 and said in done.stdout and "Traceback" not in done.stdout, (out, done.stdout)
+        assert "eval " not in done.stdout  # refused before any sampling
+    assert (theirs / "samples.jsonl").read_text() == "someone's\n"
+    mine = tmp_path / "mine"
+    assert run_main(E.main, [*common, "--out", mine]).returncode == 0 and (mine / "popsd_eval.json").exists()
+    assert "already evaluated" in run_main(E.main, [*common, "--out", mine]).stdout
