@@ -38,8 +38,9 @@ from data import build_tiny_model  # noqa: E402
 from rollout import Contexts, Rollout, sample  # noqa: E402
 
 MODELS = ("qwen3_8b", "qwen3_4b", "r1_distill_qwen_7b", "qwen3_1_7b")
-SCALED_DOWN = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "head_dim": 16}  # --cpu-test: same code paths, tiny sizes
+SCALED_DOWN = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
+               "num_key_value_heads": 4, "head_dim": 16}  # --cpu-test: same code paths, tiny sizes (each layer at
+# least 64 wide: the recipe's LoRA rank 64 must fit every layer it adapts)
 PHASES = ("sample", "score", "loss+backward", "step")
 GiB = 2 ** 30
 

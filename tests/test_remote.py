@@ -107,6 +107,10 @@ def test_every_sample_of_a_server_evaluation_has_its_own_seed_the_engines_seed(t
 
     class Recorder:  # stands where a Server would: the seeds evaluate_remote asks for, nothing else
         url, openai_only, prompt_mismatch, lock, seeds = "recorder", False, 0, threading.Lock(), []
+        probe_timeout, open, gone = 30.0, set(), None  # what the watchdog reads: nothing in flight to probe
+
+        def abort(self, why):
+            pass
 
         def complete(self, ids, text, seed, params):
             with self.lock:
