@@ -145,19 +145,19 @@ SUPPORT_ARGS = {"topk": ["support=topk"], "sampled": ["support=sampled", "diverg
 def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides, grid: str = "product",
                  opsd_fkl: bool = False, supports=("full",)) -> list[Job]:
     """Every (format, method, seed) run of the world's recipe: identical settings except the method.
-    opsd_fkl adds OPSD with the updated official code's loss (forward KL, token_clip 0.05); each support beyond
+    opsd_fkl adds OPSD with the updated official code's loss (forward KL, term_clamp 0.05); each support beyond
     full adds OPSD and Purified on it (<method>_topk: the recipe's topk; <method>_sampled: reverse KL's
     sampled-token estimator; <method>_full_rkl: reverse KL over the full vocabulary, sampled's control)."""
     variants = [("opsd", ["method=opsd"])]
     if opsd_fkl:
-        variants.append(("opsd_fkl", ["method=opsd", "divergence=forward_kl", "token_clip=0.05"]))
+        variants.append(("opsd_fkl", ["method=opsd", "divergence=forward_kl", "term_clamp=0.05"]))
     for support in supports:
         if support != "full":
             variants += [(f"{m}_{support}", [f"method={m}", *SUPPORT_ARGS[support]]) for m in ("opsd", "purified")]
     for c, b in purified_settings(clips, betas, grid):
         clip = "none" if c is None else f"{c:g}"
         name = "purified" if (c, b) == (10.0, 1.0) else f"purified_c{clip}_b{b:g}"
-        variants.append((name, ["method=purified", f"clip={clip}", f"beta={b:g}"]))
+        variants.append((name, ["method=purified", f"pmi_clip={clip}", f"beta={b:g}"]))
     jobs = []
     for fmt in formats:
         for name, extra in variants:
@@ -462,8 +462,8 @@ def ablation_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PER_JOB = ("method", "seed", "reference_field", "clip", "beta", "out_dir", "threads")  # set for each run
-FKL_KEYS = ("divergence", "token_clip")  # set for each run too under --opsd-fkl
+PER_JOB = ("method", "seed", "reference_field", "pmi_clip", "beta", "out_dir", "threads")  # set for each run
+FKL_KEYS = ("divergence", "term_clamp")  # set for each run too under --opsd-fkl
 MARKER = "popsd_compare.json"  # written when a comparison folder is created: what --overwrite may remove
 
 
@@ -652,7 +652,7 @@ def main(argv: list[str]):
         p.add_argument("--grid", choices=("product", "one-at-a-time"), default="product",
                        help="every (c, β) pair, or one factor at a time around c = 10, β = 1 (the paper's ablations)")
         p.add_argument("--opsd-fkl", action="store_true",
-                       help="also OPSD with the updated official code's loss: forward KL, token_clip 0.05")
+                       help="also OPSD with the updated official code's loss: forward KL, term_clamp 0.05")
         p.add_argument("--support", default="full", help="loss supports, comma-separated: full, topk, sampled, full_rkl "
                        "(each beyond full adds OPSD and Purified on it; full_rkl: reverse KL on the full vocabulary)")
         p.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import runpy
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import loss as L
 import trackers
 import worlds
 from data import PopsdError
-from rollout import ENGINES, PROMPTS, check_templates
+from rollout import PROMPTS, check_templates
 
 ROOT = Path(__file__).resolve().parent
 
@@ -62,8 +63,8 @@ class Config:
     top_p: float = 0.95  # nucleus sampling
     top_k: int = 20  # top-k sampling (0: off)
     gen_batch_size: int = 32  # sequences per generate call
-    rollout_engine: str = "dynamic"  # dynamic | static: HF generate, KV cache grown | preallocated; vllm: vLLM in this process
-    # graph: a static KV cache and the decoding step replayed as a CUDA graph (graph_engine.py; one process)
+    rollout_engine: str = "dynamic"  # dynamic | static: HF generate, KV cache grown | preallocated; vllm: vLLM in
+    # this process; graph: a static KV cache, the decoding step replayed as a CUDA graph (engines/: the table)
     graph_keep_rows: bool = True  # graph: step every row to the end (seeded samples = dynamic's); false: halve the batch as rows finish (eager: grow its cache)
     graph_kv_gb: float = 0.0  # graph: GiB its KV caches may hold (0: 25% of the GPU's free memory at start-up; 8 on a CPU)
     rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (server_pool.py; docs/engines.md has the command)
@@ -83,11 +84,11 @@ class Config:
     teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached) | ema (an EMA of the LoRA: ema.py)
     ema_rate: float = 0.05  # teacher=ema: θ_T ← (1 − rate)·θ_T + rate·θ per step (TRL's 0.05; OPSD's decay 0.999 is 0.001)
     divergence: str = "jsd"  # jsd | forward_kl | reverse_kl
-    jsd_beta: float = 0.5  # JSD mixture weight of the target
+    jsd_mix: float = 0.5  # b: the generalized JSD's mixture weight of the target, M = b·P + (1 − b)·π_θ
     beta: float = 1.0  # β: KL strength of the PMI target
-    clip: float | None = 10.0  # c: soft clip of the centred PMI (none: no clip)
+    pmi_clip: float | None = 10.0  # c: soft clip c·tanh(·/c) of the centred PMI Δ_it (none: no clip)
     loss_temperature: float | None = None  # τ dividing all logits in the loss (none: the sampling temperature)
-    token_clip: float | None = None  # clamp each (token, vocab) term before the vocab sum (OPSD: 0.05)
+    term_clamp: float | None = None  # cap each (token, vocab entry) term of D before the vocab sum (OPSD: 0.05)
     support: str = "full"  # full (every vocab entry) | topk (the target's top-k) | sampled (ŷ_t alone: reverse_kl)
     topk: int = 100  # support=topk: entries per position (TRL's default; the toy recipes 16 of 128)
     topk_tail: bool = False  # support=topk: one more bucket holding the rest of each side's mass (else renormalised)
@@ -131,7 +132,7 @@ class Config:
 CHOICES = {"loss_impl": ("fused", "reference"), "loss_compile": ("auto", "on", "off"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
            "teacher": ("frozen", "live", "ema"), "divergence": L.KINDS, "support": L.SUPPORTS,
            "lr_schedule": ("constant", "cosine"), "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
-           "rollout_engine": ENGINES + ("graph", "vllm")}
+           "rollout_engine": ("dynamic", "static", "graph", "vllm")}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -160,7 +161,19 @@ def coerce(key: str, value, typ, text: bool):
         raise PopsdError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
 
 
+RENAMED = {"jsd_beta": "jsd_mix", "clip": "pmi_clip", "token_clip": "term_clamp"}  # old name: new (2026-12): no
+# two knobs share a name (β of the PMI target; the JSD's b; c, the per-term cap and max_grad_norm were three clips)
+
+
+def current_name(key: str) -> str:
+    """A renamed key's new name, with a one-line note (the old name keeps working for now)."""
+    if key in RENAMED:
+        print(f"note: config key {key!r} is now {RENAMED[key]!r} (the old name still works, for now)", file=sys.stderr)
+    return RENAMED.get(key, key)
+
+
 def set_field(cfg: Config, key: str, value, text: bool = False):
+    key = current_name(key)
     if key not in FIELDS:
         near = difflib.get_close_matches(key, FIELDS, n=1)
         raise PopsdError(f"unknown config key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
@@ -186,9 +199,9 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
         key, eq, value = item.partition("=")
         if not eq:
             raise PopsdError(f"expected key=value, got {item!r}")
-        if key.strip() in seen:
+        if RENAMED.get(key.strip(), key.strip()) in seen:
             raise PopsdError(f"config key {key.strip()!r} is given twice: which one did you mean?")
-        seen.add(key.strip())
+        seen.add(RENAMED.get(key.strip(), key.strip()))
         set_field(cfg, key.strip(), value, text=True)
     if "rollout_server" in seen and "rollout_engine" not in seen and cfg.rollout_engine in ("vllm", "graph"):
         cfg.rollout_engine = Config.rollout_engine  # servers asked for here replace the recipe's in-process sampler
@@ -203,7 +216,7 @@ AT_LEAST_1 = ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_t
               "topk")
 NOT_NEGATIVE = ("top_k", "warmup_steps", "weight_decay", "save_every", "eval_every", "eval_limit",
                 "samples_per_step", "threads", "loss_chunk_mb", "vllm_kv_cache_gb")  # loss_chunk_mb=0: one token per chunk
-POSITIVE_OR_NONE = ("clip", "loss_temperature", "token_clip")
+POSITIVE_OR_NONE = ("pmi_clip", "loss_temperature", "term_clamp")
 
 
 def validate(cfg: Config):
@@ -250,11 +263,11 @@ def validate(cfg: Config):
         fail("lora_dropout", "must be in [0, 1)")
     if not 0 < cfg.ema_rate <= 1:
         fail("ema_rate", "must be in (0, 1]")
-    if cfg.support == "sampled" and (cfg.divergence != "reverse_kl" or cfg.token_clip is not None):
+    if cfg.support == "sampled" and (cfg.divergence != "reverse_kl" or cfg.term_clamp is not None):
         fail("support", "is the sampled-token estimator of reverse KL: it needs divergence=reverse_kl and no "
-             f"token_clip (got divergence={cfg.divergence}, token_clip={cfg.token_clip})")
-    if cfg.divergence == "jsd" and not 0 < cfg.jsd_beta < 1:
-        fail("jsd_beta", "must be in (0, 1) for divergence=jsd: at 0 or 1 the JSD is 0 and nothing trains "
+             f"term_clamp (got divergence={cfg.divergence}, term_clamp={cfg.term_clamp})")
+    if cfg.divergence == "jsd" and not 0 < cfg.jsd_mix < 1:
+        fail("jsd_mix", "must be in (0, 1) for divergence=jsd: at 0 or 1 the JSD is 0 and nothing trains "
              "(use divergence=forward_kl for KL(target||student) or divergence=reverse_kl for KL(student||target))")
     for key in ("model", "data", "question_field", "reference_field", "lora_targets"):
         if not getattr(cfg, key).strip():

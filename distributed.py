@@ -70,6 +70,12 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_sum_named(values: dict) -> dict:
+    """all_sum of named numbers: {name: sum over ranks}."""
+    names = list(values)
+    return dict(zip(names, all_sum([values[k] for k in names])))
+
+
 def gather(obj) -> list:
     """Every rank's object, in rank order, on every rank."""
     if not dist.is_initialized():

@@ -11,7 +11,7 @@ popsd_prompts.json (the toy base ships one); with none, popsd's template and thi
 Each completion is graded by
 grading.grade: the last \\boxed{} after the reasoning block against the gold answer with math-verify.
 Writes summary.json and samples.jsonl (every completion, the answer extracted from it and its verdict)
-to --out. popsd.py calls `evaluate` during training (eval_every).
+to --out. During training (eval_every) session.py calls `in_training`, which runs `evaluate` with the run's sampler.
 """
 import argparse
 import contextlib
@@ -36,7 +36,11 @@ from checkpoints import MARKER, PROMPT_KEYS, PROMPTS_FILE, check_out_dir
 from models import (base_fingerprint, eos_ids, fit_new_tokens, generation_batch, memory_budget, merge_adapter,
                     pick_device, quantization_config)
 from distributed import gather
-from rollout import STUDENT_TEMPLATE, HFSampler, chat_ids, fill, marker_counts, request_seed
+from engines import request_seed
+from engines.client import VLLM_FIELDS, Server
+from engines.graph import GraphSampler, plan as graph_plan
+from engines.hf import HFSampler
+from rollout import STUDENT_TEMPLATE, chat_ids, fill, marker_counts
 from worlds.common import Check, summarize
 
 console = Console()
@@ -67,6 +71,11 @@ def load_bench(spec: str, question_field: str = "problem", answer_field: str = "
                          ".jsonl/.json/.parquet file (with --question-field/--answer-field)")
     rows, _ = read_rows(source, split, (q_field, a_field), advice=advice)
     return name, rows[:limit] if limit else rows
+
+
+def checker_of(grader: str):
+    """--grader / eval_grader: None for math-verify, else the named world's exact checker (looked up by name)."""
+    return None if grader == "math" else worlds.get(grader).check
 
 
 def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: list[bool], markers: int) -> dict:
@@ -100,7 +109,7 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
              sampler=None):
     """Sample n completions per question of each benchmark, grade them; returns (metrics, records) per bench.
 
-    sampler: who generates (rollout.py's samplers; during training, the run's own, so an engine evaluates
+    sampler: who generates (an engine of engines/; during training, the run's own, so an engine evaluates
     too); None: HF generate on `model`. Engines take a seed per question, HF generate torch's generator.
     grader: "math" (is_correct: the last \\boxed{} against the gold answer) or a world's name (worlds/: its
     exact checker, which also counts step errors, caught errors and false reflections).
@@ -123,18 +132,18 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
             prompts = [chat_ids(tokenizer, fill(template, question=rows[i][0]), thinking) for i in padded]
             with contextlib.nullcontext(progress) if progress else Progress(console=console, transient=True) as bar:
                 task = bar.add_task(f"eval {name}", total=len(prompts) * n)
-                _, mask, truncated, texts, _ = sampler.generate(
+                got = sampler.generate(
                     prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     seeds=[request_seed(seed, f"eval:{name}", i) for i in padded],
                     on_batch=lambda k: advance(bar, task, k))
                 bar.remove_task(task)
-            lengths, truncated = mask.sum(1).tolist(), truncated.tolist()
+            lengths, truncated, texts = got.mask.sum(1).tolist(), got.truncated.tolist(), got.texts
             recs = []
             for k, i in enumerate(mine):
                 q, gold = rows[i]
                 samples = [{"completion": texts[j], "tokens": lengths[j], "truncated": truncated[j]}
                            for j in range(k * n, (k + 1) * n)]
-                grade(samples, q, gold, grader, thinking)
+                grade(samples, q, gold, checker_of(grader), thinking)
                 recs.append({"bench": name, "index": i, "question": q, "gold": gold, "samples": samples})
             if world > 1:
                 recs = sorted((r for part in gather(recs) for r in part), key=lambda r: r["index"])
@@ -300,7 +309,7 @@ def run_settings(adapter: str | None, model_path: str | None = None) -> dict:
 
 
 SAMPLING_KEYS = ("rollout_engine", "graph_keep_rows", "gen_batch_size", "threads")
-ENGINES = ("dynamic", "static", "graph")  # HF generate's caches, graph_engine.py (vLLM: --server)
+ENGINES = ("dynamic", "static", "graph")  # HF generate's caches, engines/graph.py (vLLM: --server)
 
 
 def run_sampling(adapter: str | None) -> dict:
@@ -320,9 +329,7 @@ def run_sampling(adapter: str | None) -> dict:
 def eval_sampler(engine: str, model, tokenizer, rows: int, device, eos: list[int], keep_rows: bool):
     """The sampler for --engine: HF generate (dynamic | static) or the graph sampler, on the evaluated model."""
     if engine == "graph":
-        import graph_engine
-        return graph_engine.GraphSampler(model, tokenizer, batch_size=rows, device=device, eos_ids=eos,
-                                         keep_rows=keep_rows)
+        return GraphSampler(model, tokenizer, batch_size=rows, device=device, eos_ids=eos, keep_rows=keep_rows)
     return HFSampler(model, tokenizer, engine=engine, batch_size=rows, device=device, eos_ids=eos)
 
 
@@ -400,7 +407,7 @@ def evaluate_server(args, tokenizer, benches: dict, template: str, thinking: boo
     """The --server route: the same prompts, grader, metrics and files as `evaluate`, generated by the server."""
     from rich.progress import Progress
     import remote
-    server = remote.Server(args.server, args.served_model, probe_timeout=args.server_timeout)
+    server = Server(args.server, args.served_model, probe_timeout=args.server_timeout)
     server.check_model()
     prompts = {name: [chat_ids(tokenizer, fill(template, question=q), thinking) for q, _ in rows]
                for name, rows in benches.items()}
@@ -408,9 +415,9 @@ def evaluate_server(args, tokenizer, benches: dict, template: str, thinking: boo
     with Progress(console=console, transient=True) as bar:
         records = remote.evaluate_remote(
             server, tokenizer, benches, prompts, n=args.n, seed=args.seed, params=params, out=out, settings=settings,
-            grade=lambda samples, q, gold: grade(samples, q, gold, args.grader, thinking),
+            grade=lambda samples, q, gold: grade(samples, q, gold, checker_of(args.grader), thinking),
             concurrency=args.concurrency, progress=bar)
-    left = list(remote.VLLM_FIELDS) if server.openai_only else []  # what the server sampled with is then its own
+    left = list(VLLM_FIELDS) if server.openai_only else []  # what the server sampled with is then its own
     return {name: records_metrics(recs) for name, recs in records.items()}, records, left
 
 
@@ -544,7 +551,7 @@ def parse_args(argv):
     p.add_argument("--memory-gb", type=float, default=0,
                    help="memory generation may use (0: 90%% of the GPU's free memory; 8 on a CPU)")
     p.add_argument("--engine", choices=ENGINES, help="the sampler: HF generate's dynamic or static KV cache, or\n"
-                   "graph_engine.py (default: the training run's rollout_engine, else dynamic)")
+                   "engines/graph.py (default: the training run's rollout_engine, else dynamic)")
     p.add_argument("--graph-keep-rows", choices=("on", "off"),
                    help="--engine graph: step every row to the end (on), or halve the batch as rows finish (off)\n"
                         "(default: the training run's graph_keep_rows, else on)")
@@ -589,12 +596,6 @@ def merge_main(argv: list[str]):
     p = argparse.ArgumentParser(prog="eval.py merge", description=merge_main.__doc__)
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--engine", choices=ENGINES, help="the sampler: HF generate's dynamic or static KV cache, or\n"
-                   "graph_engine.py (default: the training run's rollout_engine, else dynamic)")
-    p.add_argument("--graph-keep-rows", choices=("on", "off"),
-                   help="--engine graph: step every row to the end (on), or halve the batch as rows finish (off)\n"
-                        "(default: the training run's graph_keep_rows, else on)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default; default: the training run's)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
@@ -667,8 +668,7 @@ def main(argv: list[str]):
                 batch, why = generation_batch(model, longest + args.max_new_tokens, budget)
                 console.print(why)
             if engine == "graph":
-                import graph_engine
-                batch, why = graph_engine.plan(model, batch, longest + args.max_new_tokens, budget, keep_rows)
+                batch, why = graph_plan(model, batch, longest + args.max_new_tokens, budget, keep_rows)
                 console.print(f"graph sampler: {why}")
             settings["generation_batch"] = batch  # what ran (--batch-size 0: the run's or the budget's choice)
             eos = eos_ids(model, tokenizer)

@@ -5,7 +5,7 @@
 
 A thinking model's completion is graded on what follows its reasoning block; one that never closes the
 block (cut inside its reasoning) is wrong, whatever tentative \\boxed{} it wrote mid-thought.
-Also: the unbiased pass@k, and the dispatch to the toy world's exact checker.
+Also: the unbiased pass@k. A world's exact checker (worlds/) is passed in by the caller, which looks it up by name.
 """
 import atexit
 import concurrent.futures
@@ -15,7 +15,6 @@ import multiprocessing
 import re
 import threading
 
-import worlds
 
 THINK_END = "</think>"
 
@@ -114,8 +113,9 @@ def answer_part(completion: str) -> tuple[str, bool]:
     return (tail, True) if sep else (completion, False)
 
 
-def grade(samples: list[dict], question: str, gold: str, grader: str = "math", thinking: bool = False):
-    """Sets each sample's "extracted" answer and "correct" verdict (and the toy world's parsed "check").
+def grade(samples: list[dict], question: str, gold: str, checker=None, thinking: bool = False):
+    """Sets each sample's "extracted" answer and "correct" verdict. checker: a world's exact checker
+    (worlds.get(name).check: its parsed "check" is stored too), None for math-verify against gold.
     With thinking on, a completion whose reasoning block never closed is wrong and flagged."""
     for s in samples:
         answer, closed = answer_part(s["completion"])
@@ -124,8 +124,8 @@ def grade(samples: list[dict], question: str, gold: str, grader: str = "math", t
         s["extracted"] = extract_boxed(answer)
         if thinking and not closed:
             s["correct"] = False
-        elif grader != "math":  # a toy world's exact checker, looked up by the world's name
-            s["check"] = dataclasses.asdict(worlds.get(grader).check(question, answer))
+        elif checker is not None:
+            s["check"] = dataclasses.asdict(checker(question, answer))
             s["correct"] = s["check"]["correct"]
         else:
             s["correct"] = is_correct(answer, gold)

@@ -8,7 +8,7 @@ sends it to /v1/completions as token ids, or as text where the server only takes
 serve`); the server's count of prompt tokens is checked against popsd's. Every sampling parameter is
 sent (top_k -1 when off: a server fills what is left out from the model's generation_config). One
 request per sample, each with its own seed (servers differ on `n`), `--concurrency` at a time, retried
-with backoff when the connection fails. The client (server_pool.Server) takes URL or URL/v1. Each question is graded and appended to out/partial.jsonl as soon as its samples are
+with backoff when the connection fails. The client (engines/client.py) takes URL or URL/v1. Each question is graded and appended to out/partial.jsonl as soon as its samples are
 in: an interrupted evaluation resumes from there with the same settings.
 """
 import concurrent.futures
@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from data import PopsdError
-from rollout import request_seed
-from server_pool import VLLM_FIELDS, Server, ServerError, watched  # noqa: F401  (the client; eval.py reaches it here)
+from engines import request_seed
+from engines.client import Server, ServerError, watched
 
 
 def read_partial(partial: Path, benches: dict, grade, warn) -> dict:

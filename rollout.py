@@ -1,23 +1,23 @@
-"""rollout.py: the four contexts, sampling from the student, and scoring positions.
+"""rollout.py: the four contexts, the sampled completion ŷ, and how ŷ lines up with every context's scores.
 
-    student π_θ   (LoRA on)   chat(student_template(q))        + ŷ
-    clean base π_0 (LoRA off) the student's context, same ids   + ŷ
-    teacher π_T   (LoRA off)  chat(teacher_template(q, r))     + ŷ
-    ref-only π_ref (LoRA off) chat(refonly_template(r))        + ŷ
+    student π_θ    (LoRA on)   chat(student_template(q))        + ŷ
+    clean base π_0 (LoRA off)  the student's context, same ids   + ŷ
+    teacher π_T    (LoRA off)  chat(teacher_template(q, r))     + ŷ
+    ref-only π_ref (LoRA off)  chat(refonly_template(r))        + ŷ
 
-The completion ŷ is sampled once, from the student context, and appended as token ids to every
-context: it is never decoded and re-tokenized, so all four score exactly the same tokens.
+A word for GRPO readers: here "ref" / `refonly` is the reference *solution* r (the teacher's context without
+the question), not GRPO's frozen reference *model*; the frozen base model is the clean base π_0.
+
+ŷ is sampled once, from the student context (engines/), and appended as token ids to every context: it is
+never decoded and re-tokenized, so all four score exactly the same tokens. `completion_hidden` says where.
 """
-import contextlib
-import hashlib
 import re
 from dataclasses import dataclass
 
 import torch
 
-import distributed as D
-
-STUDENT_TEMPLATE = "Problem: {question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+STUDENT_TEMPLATE = ("Problem: {question}\n\n"
+                    "Please reason step by step, and put your final answer within \\boxed{}.")
 REFERENCE_BLOCK = (
     "Here is a reference solution to this problem:\n=== Reference Solution Begin ===\n{reference}\n"
     "=== Reference Solution End ===\n\n"
@@ -31,14 +31,15 @@ REFONLY_TEMPLATE = REFERENCE_BLOCK  # the teacher's prompt with the problem remo
 # The OPSD paper's wording, verbatim: siyan-zhao/OPSD, data_collator.py (_build_prompts, math branch), commit
 # c181e5bff7b94edef58cc64b4c0ba3a4d9e0d0dd. Its teacher is asked to "explore different approaches" and to
 # "backtrack or reconsider": wording that may itself move the epistemic markers the paper measures.
-OPSD_STUDENT = "Problem: {question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+OPSD_STUDENT = ("Problem: {question}\n\n"
+                "Please reason step by step, and put your final answer within \\boxed{}.")
 OPSD_REFERENCE_BLOCK = (
     "Here is a reference solution to this problem:\n=== Reference Solution Begin ===\n{reference}\n"
     "=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you truly "
-    "understand the reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your own words and "
-    "independent reasoning, derive the same final answer to the problem above. Think step by step, explore "
-    "different approaches, and don't be afraid to backtrack or reconsider if something doesn't work out:\n\n"
-    "Please reason step by step, and put your final answer within \\boxed{}.")
+    "understand the reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your own "
+    "words and independent reasoning, derive the same final answer to the problem above. Think step by step, "
+    "explore different approaches, and don't be afraid to backtrack or reconsider if something doesn't work "
+    "out:\n\nPlease reason step by step, and put your final answer within \\boxed{}.")
 PROMPTS = {  # preset: (student and clean base, teacher, reference-only = the teacher without the problem)
     "popsd": (STUDENT_TEMPLATE, TEACHER_TEMPLATE, REFONLY_TEMPLATE),
     "opsd": (OPSD_STUDENT, "Problem: {question}\n\n" + OPSD_REFERENCE_BLOCK, OPSD_REFERENCE_BLOCK),
@@ -57,23 +58,24 @@ class Contexts:
 
 @dataclass
 class Rollout:
-    """One step's samples: B = prompts × n sequences, T = longest completion."""
-    contexts: list[Contexts]  # [B], repeated n times per prompt
+    """Sampled completions: B = prompts × n sequences, T = the longest completion. An engine returns one
+    (engines/); the loop adds each row's contexts, which the scoring passes read."""
     completions: torch.Tensor  # [B, T] long, pad after EOS
     mask: torch.Tensor  # [B, T] bool, True up to and including EOS
     truncated: torch.Tensor  # [B] bool, no EOS within max_new_tokens
-    texts: list[str]  # [B] decoded completions (for logging only)
-    logprobs: torch.Tensor | None = None  # [B, T] float: the sampler's raw log-prob of each token (engines only)
+    texts: list[str]  # [B] decoded completions (for logging and grading only: the loss reads the ids)
+    logprobs: torch.Tensor | None = None  # [B, T] the engine's raw log-prob of each sampled token, if it has
+    contexts: list[Contexts] | None = None  # [B] each row's four contexts, repeated n times per prompt
 
     def __len__(self):
-        return len(self.contexts)
+        return len(self.texts)
 
     def select(self, rows: slice) -> "Rollout":
         mask = self.mask[rows]
         t = int(mask.sum(1).max().item()) if mask.numel() else 0  # trim padding columns
-        lp = None if self.logprobs is None else self.logprobs[rows, :t]
-        return Rollout(self.contexts[rows], self.completions[rows, :t], mask[:, :t],
-                       self.truncated[rows], self.texts[rows], lp)
+        return Rollout(self.completions[rows, :t], mask[:, :t], self.truncated[rows], self.texts[rows],
+                       None if self.logprobs is None else self.logprobs[rows, :t],
+                       None if self.contexts is None else self.contexts[rows])
 
 
 def check_templates(student: str, teacher: str, refonly: str):
@@ -89,30 +91,34 @@ def check_templates(student: str, teacher: str, refonly: str):
 def fill(template: str, question: str = "", reference: str = "") -> str:
     # One pass over the template, not str.format: LaTeX braces stay, and a question holding "{reference}"
     # stays that text (replacing one field after the other would put the reference inside the question).
-    return re.sub(r"\{(question|reference)\}", lambda m: question if m[1] == "question" else reference, template)
+    return re.sub(r"\{(question|reference)\}", lambda m: question if m[1] == "question" else reference,
+                  template)
 
 
 def control_tokens(tokenizer) -> list[str]:
-    """The tokenizer's control tokens (<|im_end|>, </think>, ...): found in data, they act as controls, not text."""
-    specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
-                                                   if getattr(t, "special", False) or t.content.endswith("think>")}
+    """The tokenizer's control tokens (<|im_end|>, </think>, ...): in data they act as controls, not text."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values()
+             if getattr(t, "special", False) or t.content.endswith("think>")]
+    specials = set(tokenizer.all_special_tokens) | set(added)
     return sorted(t for t in specials if len(t) > 1)
 
 
 def chat_ids(tokenizer, user_text: str, thinking: bool) -> list[int]:
     """Token ids of one user turn with the generation prompt, thinking mode as given."""
     if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template: use an instruct/chat model, or set one on the tokenizer")
+        raise ValueError("the tokenizer has no chat template: use an instruct/chat model, or set one on the "
+                         "tokenizer")
     text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=thinking)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_contexts(tokenizer, question, reference, *, templates, student_thinking, teacher_thinking) -> Contexts:
+def build_contexts(tokenizer, question, reference, *, templates, student_thinking, teacher_thinking):
+    """The three prompts of one (question, reference) row as token ids: a Contexts."""
     student_t, teacher_t, refonly_t = templates
     return Contexts(
         student=chat_ids(tokenizer, fill(student_t, question=question), student_thinking),
-        teacher=chat_ids(tokenizer, fill(teacher_t, question=question, reference=reference), teacher_thinking),
+        teacher=chat_ids(tokenizer, fill(teacher_t, question, reference), teacher_thinking),
         refonly=chat_ids(tokenizer, fill(refonly_t, reference=reference), teacher_thinking),
     )
 
@@ -135,91 +141,10 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]):
     return ~after, ~is_eos.any(1)
 
 
-ENGINES = ("dynamic", "static")  # HF generate's KV cache: grown step by step | preallocated (bench/rollout.py)
-# beyond HF generate (config.py adds them to rollout_engine's choices): graph (graph_engine.py), vllm (vllm_engine.py)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k, eos_ids,
-             batch_size, device, on_batch=None, min_new_tokens=0, engine="dynamic", do_sample=True,
-             logits_processor=None, gather=True):
-    """n completions per prompt ([B = prompts × n]), KV cache on, batched with left padding.
-
-    Under torchrun (FSDP) every rank runs the same number of decoding steps (synced_gpus): a sharded
-    forward is a collective, so a rank that is done keeps stepping until all are. With gather (the
-    default) the sharded weights are all-gathered once per call, not at every step (distributed.gathered).
-
-    Returns (completions [B, T] padded after EOS, mask [B, T], truncated [B], decoded texts [B]).
-    """
-    pad_id = tokenizer.pad_token_id
-    if temperature == 0:  # greedy (eval.py --temperature 0)
-        do_sample, temperature, top_p, top_k = False, 1.0, 1.0, 0
-    rows = [p for p in prompts for _ in range(n)]  # [B]
-    model.eval()  # gradient checkpointing only acts in train mode, so the KV cache stays on
-    extra = {"cache_implementation": "static"} if engine == "static" else {}
-    chunks = []
-    # FSDP: the weights all-gathered once, not at every step; no model-folder sampling setting applies
-    with D.gathered(model) if gather else contextlib.nullcontext(), neutral_generation_config(model):
-        for i in range(0, len(rows), batch_size):
-            ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=do_sample,
-                                 temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
-                                 min_new_tokens=min_new_tokens, synced_gpus=torch.distributed.is_initialized(),
-                                 logits_processor=logits_processor, **extra)  # [b, P + T_i]
-            chunks.append(out[:, ids.shape[1]:].cpu())  # [b, T_i]
-            if on_batch:
-                on_batch(len(ids))  # progress: sequences done
-    return join(chunks, tokenizer, eos_ids)
-
-
-@contextlib.contextmanager
-def neutral_generation_config(model):
-    """HF generate fills every setting a call leaves unset from the model folder's generation_config.json
-    (repetition_penalty, no_repeat_ngram_size, min_p, bad words, ...), which no other engine reads. For the
-    call, the model's config holds only its EOS and pad ids: generate samples from exactly the distribution
-    the arguments describe (temperature, top-p, top-k), as the graph engine and vLLM do."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    shipped = causal.generation_config
-    causal.generation_config = type(shipped)(eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id)
-    try:
-        yield
-    finally:
-        causal.generation_config = shipped
-
-
-def join(chunks: list[torch.Tensor], tokenizer, eos_ids: list[int]):
-    """Batches of completions [b_i, T_i] → (completions [B, T] padded after EOS, mask [B, T], truncated [B], texts)."""
-    pad_id = tokenizer.pad_token_id
-    width = max(c.shape[1] for c in chunks)
-    completions = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id)
-                             for c in chunks])  # [B, T]
-    mask, truncated = completion_mask(completions, eos_ids)  # [B, T], [B]
-    completions = completions.masked_fill(~mask, pad_id)
-    texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completions, mask)], skip_special_tokens=True)
-    return completions, mask, truncated, texts
-
-
-def sample(model, tokenizer, contexts: list[Contexts], *, n, **kwargs) -> Rollout:
-    """n completions per prompt from the student (adapters on), each from its student context."""
-    out = generate(model, tokenizer, [c.student for c in contexts], n=n, **kwargs)
-    return Rollout([c for c in contexts for _ in range(n)], *out)
-
-
-# ----------------------------------------------------------------------------- samplers
-# The loop holds one sampler: HF generate on the training model (below), vLLM in this process
-# (vllm_engine.py) or a pool of vLLM servers (server_pool.py). Each has sync(model, step), which makes the
-# step's adapter the one that samples, generate(prompts, ...) and close(); engines report log-probs.
-
-def request_seed(seed: int, step: int | str, index: int) -> int:
-    """The seed of one prompt's requests at one step (or in one evaluation, named; sample j uses + j): a run's
-    samples depend on its seed, the step and the prompt's place in the batch, never on the engine, server or rank."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()[:6], "big")
-
-
-def pack(tokens: list[list[int]], logprobs: list[list[float]] | None, tokenizer, eos_ids: list[int]):
-    """An engine's completions (token ids, EOS included when it stopped there) → generate's tensors:
-    (completions [B, T] padded after EOS, mask [B, T], truncated [B], texts [B], logprobs [B, T] or None)."""
+def from_tokens(tokens: list[list[int]], logprobs: list[list[float]] | None, tokenizer, eos_ids: list[int]):
+    """What an engine sampled (per sequence its token ids, EOS included where it stopped, and the log-prob of
+    each) → a Rollout: padded after the first EOS, masked up to and including it, truncated where none came.
+    Every engine returns what this makes, so all of them mean the same by a mask."""
     pad_id = tokenizer.pad_token_id
     width = max([len(t) for t in tokens] + [1])
     completions = torch.full((len(tokens), width), pad_id, dtype=torch.long)  # [B, T]
@@ -231,31 +156,9 @@ def pack(tokens: list[list[int]], logprobs: list[list[float]] | None, tokenizer,
     mask, truncated = completion_mask(completions, eos_ids)  # [B, T], [B]
     mask &= torch.arange(width)[None, :] < torch.tensor([len(t) for t in tokens])[:, None]
     completions = completions.masked_fill(~mask, pad_id)
-    texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completions, mask)], skip_special_tokens=True)
-    return completions, mask, truncated, texts, lp
-
-
-class HFSampler:
-    """HF generate on the training model itself (engine dynamic | static): always on-policy, nothing to sync;
-    its random numbers come from torch's generator (seeded per run, saved in checkpoints)."""
-    reports_logprobs = False
-
-    def __init__(self, model, tokenizer, *, engine: str, batch_size: int, device, eos_ids: list[int], gather=True):
-        self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, eos_ids, device
-        self.engine, self.batch_size, self.gather = engine, batch_size, gather
-
-    def sync(self, model, step: int):
-        pass
-
-    def generate(self, prompts, *, n, max_new_tokens, temperature, top_p, top_k, seeds=None, on_batch=None):
-        out = generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=self.eos_ids,
-                       batch_size=self.batch_size, device=self.device, on_batch=on_batch, engine=self.engine,
-                       gather=self.gather)
-        return (*out, None)
-
-    def close(self):
-        pass
+    texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completions, mask)],
+                                   skip_special_tokens=True)
+    return Rollout(completions, mask, truncated, texts, None if lp is None else lp.masked_fill(~mask, 0.0))
 
 
 def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id: int) -> torch.Tensor:
@@ -271,13 +174,14 @@ def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id:
     x = torch.cat([ids, completions], 1).to(device)  # [B, P+T]
     a = torch.cat([attn, mask.long()], 1).to(device)  # [B, P+T]
     pos = (a.cumsum(1) - 1).clamp_min(0)  # [B, P+T] positions count real tokens only
-    h = body(input_ids=x, attention_mask=a, position_ids=pos, use_cache=False).last_hidden_state  # [B, P+T, H]
+    out = body(input_ids=x, attention_mask=a, position_ids=pos, use_cache=False)
+    h = out.last_hidden_state  # [B, P+T, H]
     h = h[:, width - 1: width - 1 + completions.shape[1]]  # [B, T, H]
     return h[mask.to(device)]  # [N, H], row-major over (b, t) like mask
 
 
 def repeated_ngrams(completions: torch.Tensor, mask: torch.Tensor, n: int = 4) -> tuple[int, int]:
-    """(n-grams seen before in the same completion, all n-grams) over the valid tokens: degenerate repetition."""
+    """(n-grams seen before in the same completion, all n-grams), valid tokens only: degenerate repetition."""
     repeats = total = 0
     for ids, m in zip(completions.tolist(), mask.tolist()):
         ids = [t for t, keep in zip(ids, m) if keep]

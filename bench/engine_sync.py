@@ -28,7 +28,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import gpu_memory  # noqa: E402  (bench/: its architecture builder)
 from checkpoints import save_adapter, trainable_state  # noqa: E402
-from vllm_engine import ram_folder  # noqa: E402
+from engines.vllm_engine import ram_folder  # noqa: E402
 
 
 def hf_logprobs(model, prompt, tokens):

@@ -7,7 +7,7 @@ and with one other process busy on a core (what a 2-core machine running anythin
   before   what eval.py did before it read the run's sampling settings: HF generate (dynamic KV cache), torch's
            default threads, the generation batch from the memory budget (256 here)
   dynamic  HF generate, one thread, the toy recipe's batch of 400
-  graph    graph_engine.py eagerly (the toy recipe's rollout_engine=graph graph_keep_rows=false), one thread,
+  graph    engines/graph.py eagerly (the toy recipe's rollout_engine=graph graph_keep_rows=false), one thread,
            400 rows: what eval.py now uses by default on a toy run's adapter
 Each variant is `python eval.py ...` in its own process (start-up included: what a user waits for); the rows are
 seconds of wall time and the ratio to `before`. Prints a table and one JSON line per variant (appended to --out).

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 bench/fsdp_generate.py --model qwen3_8b --device cuda --tokens 256
 
 The model is sharded as popsd shards it (distributed.shard_model: fully_shard per decoder layer and on
-the body). Each rank samples a batch with rollout.generate, once with gather=False (FSDP all-gathers every
+the body). Each rank samples a batch with engines.hf.generate, once with gather=False (FSDP all-gathers every
 layer's weights at every decoding step) and once with gather=True (distributed.gathered: once per call),
 the same seed, and checks that both give the same tokens. Rank 0 prints a table and one JSON line per row.
 """
@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import distributed as D  # noqa: E402
-import rollout  # noqa: E402
+from engines.hf import generate  # noqa: E402
 
 
 def main(argv):
@@ -64,10 +64,9 @@ def main(argv):
 
     def sample(gather):
         torch.manual_seed(100 + rank)
-        completions, *_ = rollout.generate(model, tok, prompts, n=1, max_new_tokens=args.tokens, temperature=1.0,
-                                           top_p=1.0, top_k=0, eos_ids=[eos], batch_size=args.batch, device=device,
-                                           min_new_tokens=args.tokens, gather=gather)
-        return completions
+        return generate(model, tok, prompts, n=1, max_new_tokens=args.tokens, temperature=1.0, top_p=1.0, top_k=0,
+                        eos_ids=[eos], batch_size=args.batch, device=device, min_new_tokens=args.tokens,
+                        gather=gather).completions
 
     rows, outputs = [], {}
     for gather in (False, True) * args.repeats:

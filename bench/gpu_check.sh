@@ -14,7 +14,7 @@
 #    and Purified on the top-k and sampled-token supports;
 # 3. build: the Qwen3-8B architecture with random weights (16 GB on disk), for the benches below;
 # 4. bench/rollout.py: sampling on the Qwen3-8B architecture in nf4 (16 sequences, 32 new tokens, LoRA r64):
-#    dynamic (HF generate, ~170 ms a step in nf4 on the H200), graph and graph-drop (graph_engine.py), each checked
+#    dynamic (HF generate, ~170 ms a step in nf4 on the H200), graph and graph-drop (engines/graph.py), each checked
 #    against dynamic first, fixed and long-tailed lengths, as a fraction of the decode floor; then bf16, fixed
 #    lengths, dynamic and graph (a step's time is what is compared: 32 steps measure it);
 # 5. memory-update: the single_gpu recipe's update phase alone (three frozen passes, student pass, backward,

@@ -32,10 +32,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import models  # noqa: E402
 import popsd  # noqa: E402
 import rollout  # noqa: E402
 from data import build_tiny_model  # noqa: E402
-from rollout import Contexts, Rollout, sample  # noqa: E402
+from engines.hf import generate  # noqa: E402
+from rollout import Contexts, Rollout  # noqa: E402
 
 MODELS = ("qwen3_8b", "qwen3_4b", "r1_distill_qwen_7b", "qwen3_1_7b")
 SCALED_DOWN = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
@@ -78,8 +80,8 @@ def synthetic_rollout(contexts: list[Contexts], length: int, vocab: int) -> Roll
     """Random completions of exactly `length` tokens (no EOS: truncated), as if sampled."""
     g = torch.Generator().manual_seed(1)
     completions = torch.randint(10, vocab, (len(contexts), length), generator=g)
-    return Rollout(contexts, completions, torch.ones_like(completions, dtype=torch.bool),
-                   torch.ones(len(contexts), dtype=torch.bool), [""] * len(contexts))
+    return Rollout(completions, torch.ones_like(completions, dtype=torch.bool),
+                   torch.ones(len(contexts), dtype=torch.bool), [""] * len(contexts), contexts=contexts)
 
 
 class Phases:
@@ -109,17 +111,17 @@ def load(path: Path, args, overrides: list[str]):
     """The single_gpu recipe's model, optimizer and synthetic prompts: loaded once per model, for every length."""
     cfg = popsd.make_config("single_gpu", [f"out_dir={path}_run", *(["device=cpu"] if args.cpu_test else []),
                                            *overrides])
-    device = popsd.pick_device(cfg.device)
+    device = models.pick_device(cfg.device)
     torch.manual_seed(0)
-    tokenizer, model = popsd.load_model(cfg, device, str(path))
+    tokenizer, model = models.load_model(cfg, device, str(path))
     params = [p for p in model.parameters() if p.requires_grad]
     contexts = synthetic_contexts(args.batch, args.prompt_len, args.reference_len, len(tokenizer))
-    return cfg, device, tokenizer, model, params, popsd.make_optimizer(cfg, params), contexts
+    return cfg, device, tokenizer, model, params, models.make_optimizer(cfg, params), contexts
 
 
 def measure(path: Path, length: int, args, loaded) -> dict:
     cfg, device, tokenizer, model, params, optimizer, contexts = loaded
-    body, head = popsd.model_parts(model)
+    body, head = models.model_parts(model)
     pad_id = tokenizer.pad_token_id
     for _ in range(args.steps):  # warm-up step(s), then the measured one
         ph = Phases(device)
@@ -127,16 +129,17 @@ def measure(path: Path, length: int, args, loaded) -> dict:
             rollout = synthetic_rollout(contexts, length, len(tokenizer))
         else:
             with ph("sample"):
-                rollout = sample(model, tokenizer, contexts, n=1, max_new_tokens=length, min_new_tokens=length,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=[pad_id],
-                                 batch_size=cfg.gen_batch_size, device=device)
+                rollout = generate(model, tokenizer, [c.student for c in contexts], n=1, max_new_tokens=length,
+                                   min_new_tokens=length, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   top_k=cfg.top_k, eos_ids=[pad_id], batch_size=cfg.gen_batch_size, device=device)
+                rollout.contexts = contexts
                 if device.type == "cuda" and not args.keep_cache:
                     torch.cuda.empty_cache()
         n_tokens = int(rollout.mask.sum())
         for i in range(0, len(rollout), cfg.micro_batch_size):
             part = rollout.select(slice(i, i + cfg.micro_batch_size))
             with ph("score"):
-                frozen = popsd.frozen_hidden(model, body, part, cfg, pad_id)
+                frozen = popsd.frozen_passes(model, body, part, cfg, pad_id)
             with ph("loss+backward"):
                 loss, _ = popsd.student_loss(model, body, head, part, frozen, cfg, pad_id)
                 (loss / n_tokens).backward()

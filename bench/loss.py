@@ -5,7 +5,7 @@
 
 Each case runs in its own subprocess, so its peak memory is its own: peak resident memory (CPU,
 VmHWM after a reset) or peak allocated CUDA memory, above the baseline taken once the inputs exist.
-Cases: reference (materialised logits; skipped where it would not fit), fused (popsd.loss.fused_loss, the
+Cases: reference (materialised logits; skipped where it would not fit), fused (loss_fused.fused_loss, the
 eager in-place chunk; -compiled: compile="on", the chunk's elementwise chain torch.compile'd, the default on
 CUDA; -topk: support=topk, k = 100; -sampled: support=sampled, reverse KL on the sampled token),
 trl (trl.kernels.chunked_divergence.ChunkedDivergenceFunction, 2-distribution JSD, pure-torch path
@@ -36,6 +36,7 @@ def run_case(case, n, h, v, dtype_name, device, chunk_mb):
     import torch
     sys.path.insert(0, str(ROOT))
     import loss as L
+    import loss_fused
     torch.manual_seed(0)
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
     impl, method, *support = case.split("-")
@@ -74,8 +75,8 @@ def run_case(case, n, h, v, dtype_name, device, chunk_mb):
         elif impl == "fused":
             kw = {} if not support else dict(support=support["support"], kind=support["divergence"], topk=100,
                                              tokens=torch.randint(0, v, (k,), device=device))
-            loss_sum, _ = L.fused_loss(student_k, *rest, w, method=method, chunk_mb=chunk_mb,
-                                       compile="on" if compiled else "off", **kw)
+            loss_sum, _ = loss_fused.fused_loss(student_k, *rest, w, method=method, chunk_mb=chunk_mb,
+                                                compile="on" if compiled else "off", **kw)
         else:
             loss_sum, _ = L.reference_loss(student_k, *rest, w, method=method)
         loss_sum.backward()

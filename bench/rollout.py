@@ -6,10 +6,10 @@
     python bench/rollout.py --model toy --batch 16 --prompt-len 16 --max-new-tokens 128 --lora-r 16   # the toy recipe
 
 Engines, each with a LoRA adapter active on all linear layers (r64 as single_gpu; random, non-zero):
-  dynamic     rollout.generate as the loop runs it: HF generate, a KV cache grown step by step, one static batch
-  static      rollout.generate(engine="static"): HF's preallocated KV cache (cache_implementation="static")
+  dynamic     engines.hf.generate as the loop runs it: HF generate, a KV cache grown step by step, one static batch
+  static      engines.hf.generate(engine="static"): HF's preallocated KV cache (cache_implementation="static")
   compile     static + torch.compile of the forward (GPU only: compiling on a CPU takes minutes)
-  graph       rollout_engine=graph (graph_engine.py): a static cache, each decoding step a replayed CUDA graph
+  graph       rollout_engine=graph (engines/graph.py): a static cache, each decoding step a replayed CUDA graph
               (on a CPU the same loop, eager); graph-drop: graph_keep_rows=false, the batch halved as rows finish
   continuous  transformers' continuous batching (paged KV cache, a finished sequence frees its slot at once)
   vllm        vLLM in this process with the same adapter as a LoRARequest (rollout_engine=vllm; measured last:
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]  # `rollout` is popsd's, not this
 import rollout  # noqa: E402
+from engines.hf import generate  # noqa: E402
 from models import kv_bytes_per_token, quantization_config  # noqa: E402
 
 ENGINES = ("dynamic", "static", "compile", "continuous", "graph", "graph-drop", "vllm")
@@ -164,14 +165,14 @@ def run(engine, model, tok, prompts, lengths, eos, device, greedy=False, logits=
     the raw log-probs of its tokens). horizon: the graph engines' cache length in new tokens (default the
     longest length), so a short warm-up builds the caches and graphs the timed run uses."""
     if engine.startswith("graph"):
-        import graph_engine
+        from engines.graph import GraphSampler
         key = (engine, len(prompts))
         if key not in GRAPH:
-            GRAPH[key] = graph_engine.GraphSampler(model, tok, batch_size=len(prompts), device=device, eos_ids=[eos],
-                                                   keep_rows=engine == "graph")
+            GRAPH[key] = GraphSampler(model, tok, batch_size=len(prompts), device=device, eos_ids=[eos],
+                                      keep_rows=engine == "graph")
         out = GRAPH[key].generate(prompts, n=1, max_new_tokens=horizon or max(lengths),
-                                     temperature=0 if greedy else 1.0, top_p=1.0, top_k=0, lengths=lengths)
-        completions, mask, lp = out[0], out[1], out[4]
+                                  temperature=0 if greedy else 1.0, top_p=1.0, top_k=0, lengths=lengths)
+        completions, mask, lp = out.completions, out.mask, out.logprobs
         return [c[m].tolist() for c, m in zip(completions, mask)], [x[m].tolist() for x, m in zip(lp, mask)]
     if engine == "continuous":
         return continuous(model, prompts, lengths, eos, greedy), None
@@ -188,11 +189,11 @@ def run(engine, model, tok, prompts, lengths, eos, device, greedy=False, logits=
                              **({"cache_implementation": "static"} if engine != "dynamic" else {}))
         seqs = out.sequences[:, width:].cpu()
         return [s[:n].tolist() for s, n in zip(seqs, lengths)], torch.stack(out.logits, 1).float().cpu()
-    completions, mask, _, _ = rollout.generate(
+    out = generate(
         model, tok, prompts, n=1, max_new_tokens=max(lengths), temperature=1.0, top_p=1.0, top_k=0, eos_ids=[eos],
         batch_size=len(prompts), device=device, engine="dynamic" if engine == "dynamic" else "static",
         do_sample=not greedy, logits_processor=[force])
-    return [c[m].tolist() for c, m in zip(completions, mask)], None
+    return [c[m].tolist() for c, m in zip(out.completions, out.mask)], None
 
 
 def continuous(model, prompts, lengths, eos, greedy):

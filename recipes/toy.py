@@ -35,7 +35,7 @@ temperature = 1.0
 top_p = 1.0
 top_k = 0
 gen_batch_size = 400  # one generate call per evaluation
-rollout_engine = "graph"  # graph_engine.py, eager on a CPU: a preallocated KV cache grown as the rows need it ...
+rollout_engine = "graph"  # engines/graph.py, eager on a CPU: a preallocated KV cache grown as the rows need it ...
 graph_keep_rows = False  # ... and the batch halved as rows finish (2026-12-03, for speed: the samples' law is
 # dynamic's, their random stream another; every comparison in docs/ was rerun with it)
 steps = 60

@@ -36,9 +36,10 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
     """(tokenizer, peft model) of the tiny model, fp32 on CPU, LoRA r8."""
+    import models
     import popsd
     cfg = popsd.make_config("tiny", ["out_dir=unused"])
-    return popsd.load_model(cfg, popsd.pick_device("cpu"), str(tiny_dir))
+    return models.load_model(cfg, models.pick_device("cpu"), str(tiny_dir))
 
 
 def run_main(main, args, cwd=ROOT) -> subprocess.CompletedProcess:

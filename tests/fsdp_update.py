@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import distributed as D  # noqa: E402
 import checkpoints  # noqa: E402
+import distributed as D  # noqa: E402
+import models  # noqa: E402
 import popsd  # noqa: E402
+import session  # noqa: E402
 from data import DataStream, read_rows  # noqa: E402
 from rollout import Rollout, completion_mask  # noqa: E402
 
@@ -29,22 +31,22 @@ def fixed_rollout(contexts, vocab: int, eos: int, pad: int, step: int) -> Rollou
             completions[i, n - 1] = eos
     mask, truncated = completion_mask(completions, [eos])
     mask &= torch.arange(completions.shape[1]) < lengths[:, None]
-    return Rollout(contexts, completions.masked_fill(~mask, pad), mask, truncated, [""] * len(contexts))
+    return Rollout(completions.masked_fill(~mask, pad), mask, truncated, [""] * len(contexts), contexts=contexts)
 
 
 def main(model_dir: str, out_dir: str, steps: int, *overrides):
     cfg = popsd.make_config("tiny", [f"out_dir={out_dir}", f"steps={steps}", "eval_every=0", *overrides])
-    rank, world, device = D.setup(popsd.pick_device(cfg.device))
+    rank, world, device = D.setup(models.pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
-    tokenizer, model = popsd.load_model(cfg, device, model_dir)
+    tokenizer, model = models.load_model(cfg, device, model_dir)
     if world > 1:
         D.shard_model(model, device, bf16=cfg.dtype == "bf16")
-    body, head = popsd.model_parts(model)
+    body, head = models.model_parts(model)
     rows, _ = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field))
-    contexts, _ = popsd.prepare_contexts(rows[:cfg.batch_size], tokenizer, cfg)
+    contexts, _ = session.prepare_contexts(rows[:cfg.batch_size], tokenizer, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = popsd.make_optimizer(cfg, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: popsd.lr_factor(s, cfg))
+    optimizer = models.make_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: session.lr_factor(s, cfg))
     stream, start, out = DataStream(len(contexts), cfg.seed), 0, Path(out_dir)
     if cfg.resume:
         start = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out), model, optimizer, scheduler, stream, cfg.seed,
@@ -52,7 +54,7 @@ def main(model_dir: str, out_dir: str, steps: int, *overrides):
     for step in range(start + 1, steps + 1):
         full = fixed_rollout(contexts, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, step)
         row = popsd.update(model, body, head, full.select(slice(rank, None, world)), cfg, tokenizer.pad_token_id,
-                           params, optimizer, scheduler)
+                           optimizer, scheduler)
         checkpoints.save_checkpoint(out, step, model, optimizer, scheduler, stream, keep=10, rank=rank)
         if rank == 0:
             with (out / "rows.jsonl").open("a") as f:

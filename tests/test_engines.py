@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engines
 import eval as E
+import models
 import popsd
 from conftest import ROOT, free_port, run_main, serving
 
@@ -122,7 +124,7 @@ def test_engine_config_errors_are_clear():
     with pytest.raises(PopsdError, match="not an http"):
         popsd.make_config("toy", ["rollout_server=localhost:8000"])
     with pytest.raises(PopsdError, match="no rollout server answered.*could not reach"):
-        popsd.make_sampler(popsd.make_config("toy", [f"rollout_server=http://127.0.0.1:{free_port()}"]), None, None,
+        engines.make_sampler(popsd.make_config("toy", [f"rollout_server=http://127.0.0.1:{free_port()}"]), None, None,
                            "", [2], torch.device("cpu"), ROOT / "runs/unused", 0, 1)
 
 
@@ -191,7 +193,7 @@ def test_an_engine_serving_another_base_stops_the_run_at_the_first_step(server, 
 @ENGINE_FIXTURES
 def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_adapter):
     """A pool with a server that is gone (a closed port): its requests go to the live one, with a warning."""
-    import server_pool
+    from engines import server_pool
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(TOY)
     dead = f"http://127.0.0.1:{free_port()}"
@@ -199,14 +201,13 @@ def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_a
     pool = server_pool.ServerPool(f"{dead},{server}", tok, [2], tmp_path / "adapters", 2, "t", warn=warnings.append)
     assert len(warnings) == 1 and "could not reach" in warnings[0]
     cfg = popsd.make_config("toy", ["out_dir=unused"])
-    _, model = popsd.load_model(cfg, torch.device("cpu"), str(TOY))
+    _, model = models.load_model(cfg, torch.device("cpu"), str(TOY))
     pool.sync(model, 0)
     assert len(warnings) == 2 and pool.alive == pool.servers[1:]
     pool.alive = list(pool.servers)  # as if the dead one had taken the adapter, then died mid-step
     prompts = [tok("Q:1+2*3")["input_ids"], tok("Q:4-5")["input_ids"]]
-    comp, mask, truncated, texts, lp = pool.generate(prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=1.0,
-                                                     top_k=0, seeds=[1, 2])
-    assert comp.shape[0] == 6 and lp.shape == comp.shape and pool.alive == pool.servers[1:]
+    got = pool.generate(prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seeds=[1, 2])
+    assert len(got) == 6 and got.logprobs.shape == got.completions.shape and pool.alive == pool.servers[1:]
     name = pool.name
     pool.close()
     assert name.startswith("popsd-t-") and name.endswith("-step-0") and name not in served(server)
@@ -249,7 +250,7 @@ def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(ser
 def test_a_reply_from_another_adapter_or_without_token_ids_is_refused():
     """What a server answers is checked before a completion is used: the step's adapter, token ids, log-probs."""
     from data import PopsdError
-    from server_pool import parse_completion
+    from engines.server_pool import parse_completion
     good = {"model": "popsd-r-step-3", "choices": [{"token_ids": [5, 2], "logprobs": {"token_logprobs": [-0.1, -0.2]}}]}
     assert parse_completion(good, "popsd-r-step-3", "u") == ([5, 2], [-0.1, -0.2])
     with pytest.raises(PopsdError, match="answered as 'popsd-r-step-2', not the step's adapter 'popsd-r-step-3'"):
@@ -261,7 +262,7 @@ def test_a_reply_from_another_adapter_or_without_token_ids_is_refused():
 
 
 def test_missing_vllm_is_one_line_naming_the_install_command(monkeypatch):
-    import vllm_engine
+    from engines import vllm_engine
     from data import PopsdError
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))

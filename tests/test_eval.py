@@ -163,17 +163,19 @@ def test_bench_metrics():
 
 def test_evaluate_grades_what_was_generated(tiny):
     """Generation rigged to return known texts: verdicts, extracted answers and metrics follow them."""
+    from rollout import Rollout
     tok, model = tiny
     texts = {0: ["\\boxed{720}", "\\boxed{360}"], 1: ["\\boxed{0.75}", "no answer"], 2: ["\\boxed{3, 2}", "\\boxed{2}"],
              3: ["\\boxed{x \\le 2}", "\\boxed{x<2}"], 4: ["\\boxed{\\sqrt{12}}", "\\boxed{2\\sqrt3}"]}
     seen = {}
 
-    class Rigged:  # a sampler (rollout.py's interface) that returns known texts
+    class Rigged:  # a sampler (engines/' interface) that returns known texts
         def generate(self, prompts, *, n, on_batch, seeds, **kw):
             seen["prompts"], seen["seeds"] = prompts, seeds
             flat = [t for i in range(len(prompts)) for t in texts[i]]
             on_batch(len(flat))
-            return None, torch.ones(len(flat), 3, dtype=torch.bool), torch.zeros(len(flat), dtype=torch.bool), flat, None
+            return Rollout(torch.zeros(len(flat), 3, dtype=torch.long), torch.ones(len(flat), 3, dtype=torch.bool),
+                           torch.zeros(len(flat), dtype=torch.bool), flat)
     name, rows = E.load_bench(str(FIVE))
     metrics, records = E.evaluate(model, tok, {name: rows}, n=2, max_new_tokens=3, temperature=1.0, top_p=1.0,
                                   top_k=0, eos_ids=[tok.eos_token_id], batch_size=4, device="cpu", thinking=False,
@@ -373,7 +375,7 @@ def test_a_partial_server_evaluation_is_regraded_and_a_torn_line_dropped(tmp_pat
     partial = tmp_path / "partial.jsonl"
     partial.write_text(json.dumps(forged) + "\n" + json.dumps(forged | {"index": 1})[:30])  # + a cut-short line
     warned = []
-    done = remote.read_partial(partial, benches, lambda s, q, g: E.grade(s, q, g, "math", False), warned.append)
+    done = remote.read_partial(partial, benches, lambda s, q, g: E.grade(s, q, g, None, False), warned.append)
     assert list(done) == [("b", 0)] and done[("b", 0)]["samples"][0]["correct"] is False  # re-graded: 3 is wrong
     assert "cut short" in warned[0] and partial.read_text().count("\n") == 1
     partial.write_text(json.dumps(forged | {"question": "other?"}) + "\n")  # not this benchmark's question

@@ -1,4 +1,4 @@
-"""graph_engine.py (rollout_engine=graph): on a CPU the same loop runs without capture. Against rollout.generate:
+"""engines/graph.py (rollout_engine=graph): on a CPU the same loop runs without capture. Against HF generate:
 seeded samples identical when every row is kept, greedy equality and exact per-token log-probs when finished rows
 are dropped; weights read in place after an optimizer step, recaptured when replaced; the loop's wiring."""
 import re
@@ -7,10 +7,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import graph_engine as G
+import engines
+import engines.graph as G
+import models
 import popsd
 import rollout
 from data import PopsdError
+from engines.hf import generate
 from worlds import common, toyworld
 
 CPU = torch.device("cpu")
@@ -30,14 +33,18 @@ def toy():
 
 
 def both(tok, model, prompts, keep_rows=True, batch_size=8, device="cpu", **kw):
+    """(HF generate's (completions, mask, truncated, texts), the graph sampler's and its log-probs, the sampler),
+    both from the same seed."""
     kw = dict(n=2, max_new_tokens=60, temperature=1.0, top_p=1.0, top_k=0) | kw
     torch.manual_seed(1)
-    want = rollout.generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=batch_size,
-                            device=torch.device(device), **kw)
+    want = generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=batch_size,
+                    device=torch.device(device), **kw)
     sampler = G.GraphSampler(model, tok, batch_size=batch_size, device=device, eos_ids=[tok.eos_token_id],
                              keep_rows=keep_rows)
     torch.manual_seed(1)
-    return want, sampler.generate(prompts, **kw), sampler
+    got = sampler.generate(prompts, **kw)
+    return (want.completions, want.mask, want.truncated, want.texts), \
+        (got.completions, got.mask, got.truncated, got.texts, got.logprobs), sampler
 
 
 def teacher_forced_logprobs(model, prompts, n, completions, mask, pad):
@@ -100,11 +107,10 @@ def test_weights_are_read_in_place_and_a_replaced_one_is_recaptured(toy):
     loss.backward()
     opt.step()
     opt.zero_grad()
-    after, _, _, texts = rollout.generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=8, device=CPU,
-                                          **kw)
+    after = generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=8, device=CPU, **kw)
     got = sampler.generate(prompts, **kw)
     assert sampler.steps == shapes  # updated in place: the same caches (and, on CUDA, the same graphs)
-    assert torch.equal(got[0], after) and got[3] == texts  # ... reading the new weights
+    assert torch.equal(got.completions, after.completions) and got.texts == after.texts  # the new weights
     lora[0].data = lora[0].data.clone()  # a replaced tensor (a new address): what a graph could not see
     sampler.generate(prompts, **kw)
     assert all(sampler.steps[k] is not shapes[k] for k in sampler.steps)  # dropped and rebuilt
@@ -147,18 +153,18 @@ def test_plan_fits_the_budget_and_counts_the_halves():
 
 def test_the_loop_takes_the_graph_engine_and_refuses_it_where_it_cannot_work(tmp_path, tiny_dir):
     cfg = popsd.make_config("tiny", ["rollout_engine=graph", f"out_dir={tmp_path}"])
-    tok, model = popsd.load_model(cfg, CPU, str(tiny_dir))
-    sampler = popsd.make_sampler(cfg, model, tok, str(tiny_dir), [tok.eos_token_id], CPU, tmp_path, 0, 1)
+    tok, model = models.load_model(cfg, CPU, str(tiny_dir))
+    sampler = engines.make_sampler(cfg, model, tok, str(tiny_dir), [tok.eos_token_id], CPU, tmp_path, 0, 1)
     assert isinstance(sampler, G.GraphSampler) and sampler.reports_logprobs
-    with pytest.raises(PopsdError, match="rollout_engine=graph samples from one process"):
-        popsd.make_sampler(cfg, model, tok, str(tiny_dir), [tok.eos_token_id], CPU, tmp_path, 0, 2)
+    with pytest.raises(PopsdError, match="rollout_engine=graph samples in one process"):
+        engines.make_sampler(cfg, model, tok, str(tiny_dir), [tok.eos_token_id], CPU, tmp_path, 0, 2)
     with pytest.raises(PopsdError, match="rollout_engine=graph both name the sampler"):
         popsd.make_config("tiny", ["rollout_engine=graph", "rollout_server=http://127.0.0.1:1"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it)")
 def test_cuda_graph_replay_equals_eager_before_and_after_an_update(toy):
-    """On CUDA each step is a captured graph: its samples equal rollout.generate's, and still do after an
+    """On CUDA each step is a captured graph: its samples equal HF generate's, and still do after an
     in-place update of the weights (the graph reads them by address)."""
     tok, model, prompts = toy
     model.cuda()
@@ -170,9 +176,9 @@ def test_cuda_graph_replay_equals_eager_before_and_after_an_update(toy):
                 if "lora_B" in n:
                     p.mul_(3.0)
         kw = dict(n=2, max_new_tokens=60, temperature=0, top_p=1.0, top_k=0)
-        want = rollout.generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=8,
-                                device=torch.device("cuda"), **kw)[0]
-        assert torch.equal(sampler.generate(prompts, **kw)[0], want) and not torch.equal(want, c)
+        want = generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=8,
+                        device=torch.device("cuda"), **kw).completions
+        assert torch.equal(sampler.generate(prompts, **kw).completions, want) and not torch.equal(want, c)
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -1,12 +1,23 @@
-"""Imports run one way: no module imports, even inside a function, a module that imports it back."""
+"""Imports run one way: every module sits on a floor and imports only from its floor or below, and no module
+imports, even inside a function, a module that imports it back. docs/walkthrough.md draws the house."""
 import ast
 
 from conftest import ROOT
 
+FLOORS = {  # what each floor knows; a new module is placed here by what it is
+    0: ("loss", "loss_fused", "data", "distributed", "ema", "plots", "worlds"),  # math, data, ranks; world names
+    1: ("rollout", "models", "config", "checkpoints", "trackers", "grading", "guards"),  # contexts, loading, runs
+    2: ("engines", "engines.hf", "engines.graph", "engines.vllm_engine", "engines.server_pool", "engines.client"),
+    3: ("eval", "remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),  # benchmarks; worlds sample
+    4: ("popsd", "session"),  # the algorithm's loop and the run around it
+    5: ("compare",),  # the worlds' command line: drives popsd
+}
+FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}
+
 
 def project_modules() -> dict:
-    files = [*ROOT.glob("*.py"), *(ROOT / "worlds").glob("*.py")]
-    return {(f"worlds.{p.stem}" if p.parent.name == "worlds" else p.stem).replace(".__init__", ""): p
+    files = [*ROOT.glob("*.py"), *(ROOT / "worlds").glob("*.py"), *(ROOT / "engines").glob("*.py")]
+    return {(f"{p.parent.name}.{p.stem}" if p.parent != ROOT else p.stem).replace(".__init__", ""): p
             for p in files}
 
 
@@ -23,13 +34,24 @@ def imports_of(path, known) -> set:
     return found
 
 
+def test_every_module_has_a_floor_and_no_import_goes_up():
+    modules = project_modules()
+    assert sorted(modules) == sorted(FLOOR), "place each module on a floor (FLOORS)"
+    for name, path in modules.items():
+        for other in imports_of(path, modules) - {name}:
+            assert FLOOR[other] <= FLOOR[name], f"{name} (floor {FLOOR[name]}) imports {other} ({FLOOR[other]})"
+
+
 def test_the_import_graph_has_no_circle():
     modules = project_modules()
     graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
-    assert "toyworld" not in graph["grading"] and "worlds" in graph["grading"]  # worlds are looked up by name
+    assert "worlds" not in graph["grading"] and "worlds" in graph["eval"]  # worlds are looked up by name
     for name in graph:
         if name.startswith("worlds"):
             assert not graph[name] & {"popsd", "eval", "compare", "grading", "plots"}, name  # a world knows none
+        if name.startswith("engines"):
+            assert not graph[name] & {"popsd", "session", "guards", "eval"}, name  # nor an engine the run's plumbing
+    assert "loss" in graph["loss_fused"] and "loss_fused" not in graph["loss"]
     state = {}
 
     def visit(node, path):

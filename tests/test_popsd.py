@@ -11,12 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import data
 import eval as E
+import models
 import popsd
+import session
 from checkpoints import latest_checkpoint
-from data import PopsdError
 from conftest import ROOT, run_main
+from data import PopsdError
 
 
 def run_tiny(out, *overrides):
@@ -37,8 +40,8 @@ def assert_same_adapter(a, b, atol=0.0):
 # ---- config
 
 def test_overrides_are_typed_and_unknown_keys_named():
-    cfg = popsd.make_config("tiny", ["steps=3", "lr=1e-4", "resume=true", "clip=none", "token_clip=0.05"])
-    assert (cfg.steps, cfg.lr, cfg.resume, cfg.clip, cfg.token_clip) == (3, 1e-4, True, None, 0.05)
+    cfg = popsd.make_config("tiny", ["steps=3", "lr=1e-4", "resume=true", "pmi_clip=none", "term_clamp=0.05"])
+    assert (cfg.steps, cfg.lr, cfg.resume, cfg.pmi_clip, cfg.term_clamp) == (3, 1e-4, True, None, 0.05)
     assert cfg.out_dir == "runs/tiny" and cfg.model == "tiny"
     with pytest.raises(PopsdError, match="unknown config key 'lrr' \\(did you mean 'lr'\\?\\)"):
         popsd.make_config("tiny", ["lrr=1"])
@@ -54,14 +57,25 @@ def test_overrides_are_typed_and_unknown_keys_named():
         popsd.make_config("nope")
 
 
+def test_renamed_keys_keep_working_with_a_note_naming_the_new_key(capsys):
+    """jsd_beta, clip and token_clip were renamed (no two knobs share a name): the old names still work, for now."""
+    cfg = popsd.make_config("tiny", ["jsd_beta=0.3", "clip=5", "token_clip=0.05"])
+    assert (cfg.jsd_mix, cfg.pmi_clip, cfg.term_clamp) == (0.3, 5.0, 0.05)
+    err = capsys.readouterr().err
+    for old, new in (("jsd_beta", "jsd_mix"), ("clip", "pmi_clip"), ("token_clip", "term_clamp")):
+        assert f"config key {old!r} is now {new!r}" in err
+    with pytest.raises(PopsdError, match="given twice"):
+        popsd.make_config("tiny", ["clip=5", "pmi_clip=6"])
+
+
 @pytest.mark.parametrize("override, message", [
-    ("jsd_beta=1.0", "'jsd_beta' must be in \\(0, 1\\) for divergence=jsd.*forward_kl.*reverse_kl"),
-    ("jsd_beta=0", "'jsd_beta' must be in \\(0, 1\\)"),
+    ("jsd_mix=1.0", "'jsd_mix' must be in \\(0, 1\\) for divergence=jsd.*forward_kl.*reverse_kl"),
+    ("jsd_mix=0", "'jsd_mix' must be in \\(0, 1\\)"),
     ("lr=0", "'lr' must be > 0"), ("lr=nan", "'lr' must be > 0"), ("lr=inf", "'lr' must be > 0"),
     ("temperature=0", "'temperature' must be > 0"), ("beta=0", "'beta' must be > 0"),
     ("max_grad_norm=0", "'max_grad_norm' must be > 0"), ("top_p=0", "'top_p' must be in \\(0, 1\\]"),
     ("eval_top_p=1.5", "'eval_top_p' must be in"), ("top_k=-1", "'top_k' must be >= 0"),
-    ("clip=0", "'clip' must be > 0 \\(or none: off\\)"), ("token_clip=-0.1", "'token_clip' must be > 0"),
+    ("pmi_clip=0", "'pmi_clip' must be > 0 \\(or none: off\\)"), ("term_clamp=-0.1", "'term_clamp' must be > 0"),
     ("loss_temperature=0", "'loss_temperature' must be > 0"), ("lora_dropout=1", "'lora_dropout' must be in"),
     ("lora_alpha=0", "'lora_alpha' must be > 0"), ("keep_checkpoints=0", "'keep_checkpoints' must be at least 1"),
     ("warmup_steps=-1", "'warmup_steps' must be >= 0"), ("data= ", "'data' must not be empty"),
@@ -115,13 +129,13 @@ def test_every_recipe_loads_and_documents_itself(name):
 
 def test_derived_sizes():
     cfg = popsd.make_config("", ["batch_size=32", "n_samples=2", "micro_batch_size=5", "steps=100"])
-    sizes = popsd.derived_sizes(cfg, 1600)
+    sizes = config.derived_sizes(cfg, 1600)
     assert sizes["sequences per step"] == 64 and sizes["micro-batches per step"] == 13 and sizes["epochs"] == 2.0
 
 
 def test_lr_schedule():
     cfg = popsd.make_config("", ["warmup_steps=4", "steps=14", "lr_schedule=cosine"])
-    f = [popsd.lr_factor(s, cfg) for s in range(14)]
+    f = [session.lr_factor(s, cfg) for s in range(14)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0 and f[9] == pytest.approx(0.5) and f[-1] > 0
 
 
@@ -169,7 +183,7 @@ def test_overlong_prompts_are_skipped_and_counted(tiny):
     tok, _ = tiny
     rows = [("What is 1 + 1?", "2"), ("What is 1 + 1? " * 80, "2")]
     cfg = popsd.make_config("tiny", ["max_prompt_len=300"])
-    kept, too_long = popsd.prepare_contexts(rows, tok, cfg)
+    kept, too_long = session.prepare_contexts(rows, tok, cfg)
     assert len(kept) == 1 and too_long == 1
     assert max(len(kept[0].teacher), len(kept[0].student)) <= 300
 
@@ -257,7 +271,7 @@ def test_fused_and_reference_losses_give_the_same_update(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["cos_total_it"] == pytest.approx(b["cos_total_it"], abs=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [["method=opsd", "divergence=forward_kl", "token_clip=0.05"],
+@pytest.mark.parametrize("overrides", [["method=opsd", "divergence=forward_kl", "term_clamp=0.05"],
                                        ["method=opsd", "diagnostics=false"],
                                        ["teacher=live", "divergence=reverse_kl", "n_samples=2"],
                                        ["support=topk", "topk=8", "topk_tail=true"],
@@ -295,7 +309,7 @@ def test_qlora_4bit_gradients_survive_an_eval_forward(tiny_dir):
 
     def first_layer_grad(eval_first):
         torch.manual_seed(0)
-        _, model = popsd.load_model(cfg, torch.device("cpu"), str(tiny_dir))
+        _, model = models.load_model(cfg, torch.device("cpu"), str(tiny_dir))
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)

@@ -99,11 +99,11 @@ def test_server_errors_are_clear(server, tiny_dir, tmp_path):
 
 def test_every_sample_of_a_server_evaluation_has_its_own_seed_the_engines_seed(tmp_path):
     """Seeds per sample were seed + 1000·question + sample: with n > 1000 two samples shared one. They are now
-    eval.evaluate's (rollout.request_seed per question, + sample), so a server samples what an engine would."""
+    eval.evaluate's (engines.request_seed per question, + sample), so a server samples what an engine would."""
     import threading
     import remote
     from rich.progress import Progress
-    from rollout import request_seed
+    from engines import request_seed
 
     class Recorder:  # stands where a Server would: the seeds evaluate_remote asks for, nothing else
         url, openai_only, prompt_mismatch, lock, seeds = "recorder", False, 0, threading.Lock(), []

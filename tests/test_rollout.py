@@ -1,11 +1,14 @@
-"""rollout.py: the four contexts line up on ŷ, padding changes nothing, EOS masks, KV-cached sampling."""
+"""rollout.py: the four contexts line up on ŷ, padding changes nothing, EOS masks; the loop's sampling (popsd.sample
+through the HF engine): KV-cached, each row with its contexts."""
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import models
 import popsd
 import rollout
+from engines.hf import HFSampler, generate
 from rollout import (STUDENT_TEMPLATE, Contexts, build_contexts, check_templates, completion_hidden, completion_mask,
-                     fill, generate, marker_counts, sample)
+                     fill, marker_counts)
 
 
 def successor_model(vocab=64):
@@ -41,7 +44,7 @@ def test_all_four_contexts_score_the_same_completion_token():
 
 def test_batched_left_padding_matches_single_sequences(tiny):
     tok, model = tiny
-    body, head = popsd.model_parts(model)
+    body, head = models.model_parts(model)
     model.eval()
     ctx = [[1, 5, 9, 30, 31], [2, 7], [4, 4, 8, 8, 16, 16, 32, 33]]
     completions = torch.tensor([[40, 41, 42, 43], [50, 51, 0, 0], [60, 61, 62, 0]])
@@ -93,10 +96,12 @@ def test_sampling_uses_the_kv_cache_and_masks_after_eos(tiny):
         lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     ctx = [Contexts(student=tok("What is 2 + 3?")["input_ids"], teacher=[1], refonly=[1]),
            Contexts(student=tok("Compute 4 times 5.")["input_ids"], teacher=[1], refonly=[1])]
+    cfg = popsd.make_config("tiny", ["n_samples=3", "max_new_tokens=12", "top_p=1.0", "out_dir=unused"])
+    sampler = HFSampler(model, tok, engine="dynamic", batch_size=4, device=torch.device("cpu"),
+                        eos_ids=[tok.eos_token_id])
     try:
         torch.manual_seed(0)
-        r = sample(model, tok, ctx, n=3, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0,
-                   eos_ids=[tok.eos_token_id], batch_size=4, device=torch.device("cpu"))
+        r = popsd.sample(sampler, ctx, cfg, step=1, rank=0, world=1)
     finally:
         hook.remove()
     assert not model.training  # sampling in eval mode: gradient checkpointing cannot drop the cache
@@ -106,8 +111,7 @@ def test_sampling_uses_the_kv_cache_and_masks_after_eos(tiny):
     assert [c.student for c in r.contexts] == [ctx[0].student] * 3 + [ctx[1].student] * 3
     assert (r.completions[~r.mask] == tok.pad_token_id).all()
     torch.manual_seed(0)
-    again = sample(model, tok, ctx, n=3, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0,
-                   eos_ids=[tok.eos_token_id], batch_size=4, device=torch.device("cpu"))
+    again = popsd.sample(sampler, ctx, cfg, step=1, rank=0, world=1)
     assert again.texts == r.texts and torch.equal(again.completions, r.completions)  # same seed, same samples
 
 
@@ -125,8 +129,8 @@ def test_every_rollout_engine_samples_what_the_dynamic_cache_samples(tiny):
               device="cpu")
     for do_sample in (False, True):
         got = {}
-        for engine in rollout.ENGINES:
+        for engine in ("dynamic", "static"):
             torch.manual_seed(0)
-            got[engine] = generate(model, tok, prompts, engine=engine, do_sample=do_sample, **kw)[0]
+            got[engine] = generate(model, tok, prompts, engine=engine, do_sample=do_sample, **kw).completions
         assert list(got) == ["dynamic", "static"]
         assert all(torch.equal(got["dynamic"], got[e]) for e in got), do_sample

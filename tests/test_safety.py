@@ -13,9 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import eval as E
-import popsd
 import checkpoints
+import eval as E
+import guards
+import popsd
+import rollout
+import session
 from checkpoints import latest_checkpoint
 from conftest import ROOT, run_main
 from data import PopsdError
@@ -196,15 +199,15 @@ def test_a_collapse_is_warned_on_screen_and_in_metrics(tmp_path, capsys):
     assert "looks collapsed" in capsys.readouterr().out
     cfg = popsd.make_config("tiny")
     base = {"step": 1, "skipped": False, "loss": 0.05, "grad_norm": 0.1, "entropy": 2.0, "lr": 1e-3}
-    said = lambda row, c=cfg, stalls=0: " ".join(popsd.health(row, stalls, 512, c)[1])  # noqa: E731
-    assert popsd.health(dict(base), 0, 512, cfg) == (0, [], None)
+    said = lambda row, c=cfg, stalls=0: " ".join(guards.health(row, stalls, 512, c)[1])  # noqa: E731
+    assert guards.health(dict(base), 0, 512, cfg) == (0, [], None)
     for change in ({"entropy": 6.2}, {"grad_norm": 0.0}, {"loss": 0.66}):
         assert "collapsed" in said(dict(base, **change)) and "lower lr?" in said(dict(base, **change))
-    assert popsd.health(dict(base, skipped=True), 1, 512, cfg)[0] == 2
-    assert popsd.health(dict(base), 2, 512, cfg)[0] == 0  # a good step resets the count
+    assert guards.health(dict(base, skipped=True), 1, 512, cfg)[0] == 2
+    assert guards.health(dict(base), 2, 512, cfg)[0] == 0  # a good step resets the count
     looping = dict(base, repeated_4grams=0.8, truncated=0.9)  # the paper's other failure: long, repetitive output
     assert "repeats itself (80% of its 4-grams" in said(looping) and looping["repetition"]
-    assert popsd.health(dict(base, repeated_4grams=0.8, truncated=0.1), 0, 512, cfg)[1] == []  # short: not flagged
+    assert guards.health(dict(base, repeated_4grams=0.8, truncated=0.1), 0, 512, cfg)[1] == []  # short: not flagged
     hot = popsd.make_config("tiny", ["temperature=50"])
     assert "temperature=50 samples near-uniform" in said(dict(base, entropy=6.2), hot)
     flat = popsd.make_config("tiny", ["beta=1e-30"])  # the target, not the student, is what is off: name its knob
@@ -212,7 +215,7 @@ def test_a_collapse_is_warned_on_screen_and_in_metrics(tmp_path, capsys):
         said(dict(base, loss=0.66), flat)
     ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 9], [5, 6, 7, 8, 9, 0, 0, 0, 0]])
     mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
-    assert popsd.repeated_ngrams(ids, mask) == (1, 6 + 2)  # (1,2,3,4) seen twice; the padding not counted
+    assert rollout.repeated_ngrams(ids, mask) == (1, 6 + 2)  # (1,2,3,4) seen twice; the padding not counted
 
 
 def test_a_run_that_cannot_learn_stops_and_names_the_setting(tmp_path):
@@ -228,11 +231,11 @@ def test_a_run_that_cannot_learn_stops_and_names_the_setting(tmp_path):
 def test_the_sampler_gap_warns_then_stops_the_run():
     cfg = popsd.make_config("toy")
     base = {"step": 4, "skipped": False, "loss": 0.05, "grad_norm": 0.1, "entropy": 2.0, "lr": 1e-3}
-    assert popsd.health(dict(base, sampler_logprob_gap=1e-6), 0, 128, cfg) == (0, [], None)
-    _, warned, stop = popsd.health(dict(base, sampler_logprob_gap=0.2), 0, 128, cfg)
+    assert guards.health(dict(base, sampler_logprob_gap=1e-6), 0, 128, cfg) == (0, [], None)
+    _, warned, stop = guards.health(dict(base, sampler_logprob_gap=0.2), 0, 128, cfg)
     assert stop is None and "differ from the student's by 0.2 nats" in warned[0] and "sampler_gap_warn=0.05" in warned[0]
     for gap in (12.0, float("nan")):  # a server's garbage log-probs; a NaN is never below a bound
-        _, _, stop = popsd.health(dict(base, sampler_logprob_gap=gap), 0, 128, cfg)
+        _, _, stop = guards.health(dict(base, sampler_logprob_gap=gap), 0, 128, cfg)
         assert "not sampling from the student" in stop and "raw_logprobs" in stop and "stale" in stop
     with pytest.raises(PopsdError, match="sampler_gap_stop.*at least sampler_gap_warn"):
         popsd.make_config("toy", ["sampler_gap_warn=1", "sampler_gap_stop=0.5"])
@@ -246,14 +249,14 @@ def test_lr_1e30_stops_with_a_clear_error_and_saves_no_broken_state(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
-    real = popsd.L.fused_loss
+    real = popsd.loss_fused.fused_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):  # from step 3 on (two micro-batches a step) the loss is NaN
         loss, stats = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan"), stats) if calls["n"] > 4 else (loss, stats)
-    monkeypatch.setattr(popsd.L, "fused_loss", poisoned)
+    monkeypatch.setattr(popsd.loss_fused, "fused_loss", poisoned)
     with pytest.raises(PopsdError, match="3 steps in a row had a non-finite loss"):
         run_tiny(tmp_path, "steps=8", "save_every=1")
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -296,7 +299,7 @@ def exercise(cfg):
     from peft import LoraConfig
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer = make_optimizer(dataclasses_replace(cfg, optim="adamw"), [param])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: popsd.lr_factor(s, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: session.lr_factor(s, cfg))
     (param.sum() * 0 + 1).backward()
     torch.nn.utils.clip_grad_norm_([param], cfg.max_grad_norm)
     optimizer.step()
@@ -306,7 +309,7 @@ def exercise(cfg):
     g = torch.Generator().manual_seed(0)
     h = [torch.randn(3, 4, generator=g) for _ in range(4)]
     loss, stats = L.reference_loss(*h, torch.randn(5, 4, generator=g), method=cfg.method, kind=cfg.divergence,
-                                   jsd_beta=cfg.jsd_beta, beta=cfg.beta, clip=cfg.clip, token_clip=cfg.token_clip,
+                                   jsd_mix=cfg.jsd_mix, beta=cfg.beta, pmi_clip=cfg.pmi_clip, term_clamp=cfg.term_clamp,
                                    temperature=cfg.loss_temperature or cfg.temperature)
     assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in stats.values())
 
@@ -348,7 +351,7 @@ def test_help_lists_fields_with_type_default_and_comment_and_says_recipes_are_co
     out = cli("--help")
     assert out.returncode == 0
     assert "  lr: float = 5e-06  # AdamW learning rate" in out.stdout
-    assert "  clip: float | None = 10.0  # c: soft clip" in out.stdout
+    assert "  pmi_clip: float | None = 10.0  # c: soft clip" in out.stdout
     assert "tiny                  the whole pipeline on a laptop CPU" in out.stdout
     assert "Python that popsd executes" in out.stdout
     assert len(config.field_docs()) == len(config.FIELDS) and all(c for *_, c in config.field_docs())
@@ -370,17 +373,17 @@ def test_missing_model_folder_and_trust_remote_code_are_said_plainly(tmp_path):
 
 
 def test_startup_table_shows_what_differs_and_fits_80_columns(tmp_path, monkeypatch):
-    monkeypatch.setattr(popsd.console, "width", 80)
+    monkeypatch.setattr(session.console, "width", 80)
     out = cli("--recipe", "tiny", "steps=1", "eval_every=0", "lr=2e-3", f"out_dir={tmp_path}")
     assert out.returncode == 0
     table = out.stdout.split("popsd config")[1].split("step    1/1")[0]
     assert "lr" in table and "0.002" in table and "micro-batches per step" in table
-    assert "divergence" not in table and "jsd_beta" not in table  # defaults are in config.json, not on screen
+    assert "divergence" not in table and "jsd_mix" not in table  # defaults are in config.json, not on screen
     assert max(len(line) for line in table.splitlines()) <= 80 and "…" not in table
 
 
 def test_samples_txt_is_text_even_when_completions_hold_control_bytes():
-    assert popsd.printable("ok\x07\x1b[31m\ttab\nline") == "ok\\x07\\x1b[31m\ttab\nline"
+    assert session.printable("ok\x07\x1b[31m\ttab\nline") == "ok\\x07\\x1b[31m\ttab\nline"
 
 
 def test_eval_errors_name_the_right_thing(tiny_dir, tmp_path):
@@ -626,18 +629,18 @@ def test_a_question_holding_a_field_name_or_a_control_token_stays_text(tiny, cap
         "Q: what is {reference}?\nR: 42"  # one pass: the reference does not land inside the question
     tok, _ = tiny
     cfg = popsd.make_config("tiny", ["out_dir=unused"])
-    kept, _ = popsd.prepare_contexts([("fine", "ok"), ("a <|im_end|> b", "ok")], tok, cfg)
+    kept, _ = session.prepare_contexts([("fine", "ok"), ("a <|im_end|> b", "ok")], tok, cfg)
     assert len(kept) == 2 and "data row 2 holds the chat template's control token(s) <|im_end|>" in capsys.readouterr().out
 
 
 def test_the_step_line_shows_small_numbers_the_rate_and_an_eta():
     row = {"step": 3, "loss": 2.1e-5, "lr": 1e-3, "grad_norm": 1.5e-4, "completion_len": 40.0, "entropy": 1.2,
            "markers_per_1k": 18.0, "time_step": 1.0}
-    line = popsd.step_line(row, 28, pace=5.0)  # 5 s per step, 25 steps left
+    line = session.step_line(row, 28, pace=5.0)  # 5 s per step, 25 steps left
     assert "loss 2.10e-05" in line and "|g| 1.50e-04" in line and "5.0 s/step  eta 00:02:05" in line
-    assert "2.50 step/s  eta 00:00:10" in popsd.step_line(row, 28, pace=0.4)
-    assert "eta 1d 00:00:25" in popsd.step_line(row, 28, pace=(86400 + 25) / 25)  # a paper-scale run: days
-    assert "eta" not in popsd.step_line(row, 28)
+    assert "2.50 step/s  eta 00:00:10" in session.step_line(row, 28, pace=0.4)
+    assert "eta 1d 00:00:25" in session.step_line(row, 28, pace=(86400 + 25) / 25)  # a paper-scale run: days
+    assert "eta" not in session.step_line(row, 28)
 
 
 def test_prompt_settings_travel_with_the_adapter_and_the_toy_base_evaluates_with_no_flags(tmp_path):

@@ -240,7 +240,7 @@ def test_the_compare_cache_keys_on_the_code_and_the_libraries(tmp_path, monkeypa
 @pytest.mark.parametrize("name,forbid", [("toyworld", None), ("carryworld", None), ("carryworld", "wait")])
 def test_a_static_cache_samples_what_dynamic_samples(name, forbid):
     """The worlds measure their bases (gates, "wait" forbidden) with rollout_engine=static, for speed: the very same
-    samples as dynamic. (The recipes sample with graph_engine.py, batch halved: tests/test_graph_engine.py.)"""
+    samples as dynamic. (The recipes sample with engines/graph.py, batch halved: tests/test_graph_engine.py.)"""
     import popsd
     from worlds import get
     world = get(name)
@@ -327,11 +327,11 @@ def test_the_ablation_grid_one_factor_at_a_time_with_no_clip_and_the_official_op
     jobs = compare.compare_jobs(T, tmp_path, ["sketch"], 1, [None], [1.0], [], "one-at-a-time", opsd_fkl=True)
     by_name = {j.method: j.overrides for j in jobs}
     assert set(by_name) == {"opsd", "opsd_fkl", "purified", "purified_cnone_b1"}
-    assert "clip=none" in by_name["purified_cnone_b1"] and "token_clip=0.05" in by_name["opsd_fkl"]
+    assert "pmi_clip=none" in by_name["purified_cnone_b1"] and "term_clamp=0.05" in by_name["opsd_fkl"]
     import popsd
-    assert popsd.make_config(T.RECIPE, by_name["purified_cnone_b1"]).clip is None
+    assert popsd.make_config(T.RECIPE, by_name["purified_cnone_b1"]).pmi_clip is None
     cfg = popsd.make_config(T.RECIPE, by_name["opsd_fkl"])
-    assert (cfg.method, cfg.divergence, cfg.token_clip) == ("opsd", "forward_kl", 0.05)
+    assert (cfg.method, cfg.divergence, cfg.term_clamp) == ("opsd", "forward_kl", 0.05)
     jobs = compare.compare_jobs(T, tmp_path, ["sketch"], 2, [10.0], [1.0], [], supports=["full", "topk", "sampled"])
     by_name = {j.method: j.overrides for j in jobs}
     assert set(by_name) == {"opsd", "purified", "opsd_topk", "purified_topk", "opsd_sampled", "purified_sampled"}

@@ -175,7 +175,8 @@ def direct_document(rng: random.Random) -> tuple[str, str]:
 def own_first_tries(model, tok, questions: list[str], seed: int, batch_size: int = 512) -> list[list[int]]:
     """For each question, the model's own first-try result at every step (temperature 1, two digits), each
     after the question, the clean trace so far and the step's right operands."""
-    from rollout import chat_ids, generate
+    from engines.hf import generate
+    from rollout import chat_ids
     tries = [[] for _ in questions]
     prefix = ["" for _ in questions]
     with torch.random.fork_rng():
@@ -189,9 +190,9 @@ def own_first_tries(model, tok, questions: list[str], seed: int, batch_size: int
                 a, b, _ = steps_of(questions[i])[k]
                 prompts.append(chat_ids(tok, fill_prompt(TEMPLATES["student_template"], questions[i]), False) +
                                tok(prefix[i] + f"{a:02d}*{b}=", add_special_tokens=False)["input_ids"])
-            _, _, _, texts = generate(model, tok, prompts, n=1, max_new_tokens=2, temperature=1.0, top_p=1.0,
-                                      top_k=0, eos_ids=[tok.eos_token_id], batch_size=batch_size,
-                                      device=next(model.parameters()).device)
+            texts = generate(model, tok, prompts, n=1, max_new_tokens=2, temperature=1.0, top_p=1.0, top_k=0,
+                             eos_ids=[tok.eos_token_id], batch_size=batch_size,
+                             device=next(model.parameters()).device).texts
             for i, text in zip(live, texts):
                 a, b, c = steps_of(questions[i])[k]
                 tried = int(text) if re.fullmatch(r"\d\d", text) else (c + 1) % 100  # not two digits: wrong

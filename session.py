@@ -1,0 +1,414 @@
+"""session.py: everything one training run needs around popsd.py's loop, behind one object.
+
+    with Session(cfg) as run:              # set-up: ranks, run folder and lock, data, model, optimizer,
+        for step, batch in run.steps():    #   checkpoint, logs, trackers, sampler, signals, progress bar
+            with run.sampling(step, n) as on_batch: ...   # progress; a stop while sampling drops the step
+            with run.timed(row, "time_sync"): ...
+            run.log(row, rollout)          # guards, evaluation when due, metrics.jsonl, trackers, the step line
+            run.save(step, rollout)        # checkpoints, and the exit a Ctrl-C or SIGTERM asked for
+        run.finish()                       # the final adapter and plots.png
+
+None of this is the algorithm (popsd.py is): it keeps a run safe and visible. The run folder's rules are
+checkpoints.py's, the guards guards.py's, the engines engines/'s. Rank 0 alone prints, writes and saves.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import distributed as D
+import ema
+import eval as E
+import guards
+import plots
+from checkpoints import (check_base, check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder,
+                         record_session, save_checkpoint, save_final_adapter, trainable_state, trim_logs)
+from config import Config, derived_sizes, print_config
+from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
+from engines import graph_rows, make_sampler
+from models import base_fingerprint, eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, pick_device
+from rollout import Rollout, build_contexts, control_tokens
+from trackers import Trackers
+
+console = Console()
+warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*")
+
+
+def warn(message: str):
+    console.print(f"[yellow]{message}[/]", soft_wrap=True)
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True)
+
+
+class StopRequest:
+    """First Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit. A second one stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step (a step still sampling is "
+                      "dropped), then saving a checkpoint; a second one stops at once[/]")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def restore(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+class SamplingStopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a step was still sampling: the step is dropped, not finished."""
+
+
+def position(stream: DataStream) -> dict:
+    """Where the run stands before a step: the data position and every random state (restored if it is dropped)."""
+    return {"data": (stream.epoch, stream.cursor), "python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def go_back(stream: DataStream, saved: dict):
+    stream.epoch, stream.cursor = saved["data"]
+    random.setstate(saved["python"])
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"]:
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine to 0 at `steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)))
+    return 1.0
+
+
+def prepare_contexts(rows, tokenizer, cfg: Config):
+    """Tokenised contexts for every row; rows whose longest context exceeds max_prompt_len are skipped."""
+    templates = (cfg.student_template, cfg.teacher_template, cfg.refonly_template)
+    kept, too_long, marked, controls = [], 0, [], control_tokens(tokenizer)
+    with progress() as bar:
+        task = bar.add_task("tokenising prompts", total=len(rows))
+        for i, (q, r) in enumerate(rows, 1):
+            if found := [t for t in controls if t in q or t in r]:
+                marked.append((i, found))
+            c = build_contexts(tokenizer, q, r, templates=templates, student_thinking=cfg.student_thinking,
+                               teacher_thinking=cfg.teacher_thinking)
+            if max(len(c.student), len(c.teacher), len(c.refonly)) > cfg.max_prompt_len:
+                too_long += 1
+            else:
+                kept.append(c)
+            bar.advance(task)
+    for i, found in marked[:3]:
+        warn(f"warning: data row {i} holds the chat template's control token(s) {', '.join(found)}: in a prompt "
+             "they act as controls, not text")
+    if len(marked) > 3:
+        warn(f"warning: {len(marked)} rows in all hold control tokens")
+    if not kept:
+        raise PopsdError(f"all {len(rows)} prompts are longer than max_prompt_len={cfg.max_prompt_len}")
+    return kept, too_long
+
+
+class Session:
+    """A training run's set-up (in the order the run's random streams and checks need), its logs and saves, and
+    its clean-up (signals, sampler, trackers, the folder's lock) however the run ends."""
+
+    def __init__(self, cfg: Config):
+        import transformers
+        transformers.utils.logging.disable_progress_bar()  # rich bars are ours
+        self.cfg, self.out = cfg, Path(cfg.out_dir)  # config.validate expanded ~
+        self.lock = self.sampler = self.tracker = self.stop = self.bar = self.metrics_file = None
+        self.rank, self.world, self.device = D.setup(pick_device(cfg.device))
+        console.quiet = E.console.quiet = self.rank != 0  # rank 0 prints, logs and saves; every rank samples
+        if cfg.batch_size % self.world:
+            raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({self.world})")
+        if self.world > 1 and cfg.load_in_4bit:
+            raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights "
+                             "(load_in_4bit=false)")
+        if cfg.rollout_engine == "vllm" and not cfg.rollout_server:
+            from engines.vllm_engine import require_vllm
+            require_vllm()  # before the run folder is touched
+        ckpt = self._open_folder()
+        try:
+            self._set_up(ckpt)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_folder(self) -> Path | None:
+        """Threads, warnings and the run folder, checked before anything in it changes, then locked and marked by
+        rank 0 (checkpoints.py): the checkpoint to resume from, or None."""
+        cfg, out = self.cfg, self.out
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.trust_remote_code:
+            console.print("[bold yellow]trust_remote_code=true: code shipped with the model will run on this machine[/]")
+        ckpt = None
+        if self.rank == 0:
+            reads = [resolve_local(p) for p in (cfg.model, cfg.data, *cfg.eval_bench.split(",")) if p and p != "tiny"]
+            ckpt, self.lock = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, warn,
+                                                 [p for p in reads if p is not None])
+        D.barrier()
+        if self.rank != 0 and cfg.resume:
+            ckpt = latest_checkpoint(out, lambda m: None)
+        random.seed(cfg.seed)
+        return ckpt
+
+    def _set_up(self, ckpt: Path | None):
+        cfg, out, rank, world = self.cfg, self.out, self.rank, self.world
+        rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
+        guards.check_batch(cfg, len(rows), "rows")  # before the model loads
+        local = resolve_local(cfg.model)
+        path = str(local.resolve()) if local is not None else cfg.model  # absolute: adapters name their base wherever
+        if cfg.model == "tiny":
+            texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
+            path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
+            D.barrier()  # rank 0 builds it, the others load it
+        self.tokenizer, self.model = load_model(cfg, self.device, path)  # LoRA from cfg.seed, the same on every rank
+        self.base = base_fingerprint(path, console.print)  # the base's checksum: config.json, checkpoints, evaluations
+        self.record = dataclasses.asdict(cfg) | {"base_sha256": self.base}
+        if ckpt is not None:
+            check_base(ckpt, self.base)  # a base replaced in its folder since: refused before anything here changes
+        if cfg.teacher == "ema":
+            ema.add(self.model)
+        if world > 1:
+            D.shard_model(self.model, self.device, bf16=cfg.dtype == "bf16")
+        torch.manual_seed(cfg.seed + rank)  # sampling: each rank its own completions, whatever ran before
+        self.vocab = model_parts(self.model)[1].shape[0]
+        if cfg.support == "topk" and cfg.topk > self.vocab:
+            raise PopsdError(f"config key 'topk' must be at most the model's vocabulary size {self.vocab} "
+                             f"(support=topk), got {cfg.topk}")
+        self.examples, too_long = prepare_contexts(rows, self.tokenizer, cfg)
+        guards.check_batch(cfg, len(self.examples), "prompts that fit max_prompt_len")
+        self.benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
+        self.print_table(bad, too_long)
+        for key in ("max_new_tokens", "eval_max_new_tokens"):  # after the record: the config as given is the run's
+            setattr(cfg, key, fit_new_tokens(self.model, cfg.max_prompt_len, getattr(cfg, key), key, warn))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg, params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.stream, self.start = DataStream(len(self.examples), cfg.seed), 0
+        if ckpt is not None:
+            self.start = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.stream, cfg.seed,
+                                         rank, world)
+            console.print(f"resumed from {ckpt} at step {self.start}")
+        if rank == 0:
+            record_session(out, self.record, self.start)  # config.json, sessions.jsonl
+            trim_logs(out, self.start, warn)  # rows and samples logged after the checkpoint go: they are redone
+        self.tracker = Trackers(cfg.report_to if rank == 0 else "none", out, dataclasses.asdict(cfg), self.start)
+        self.eos, self.pad_id = eos_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id
+        self.sampler = make_sampler(cfg, self.model, self.tokenizer, path, self.eos, self.device, out, rank, world,
+                                    warn)
+        self.stop, self.stalls = StopRequest(), 0
+        self.sampler.sync(self.model, self.start)  # the engine samples from this run's adapter (resumed: the checkpoint's)
+
+    def print_table(self, bad: int, too_long: int):
+        """The start-up table: the fields set away from the defaults, the sizes derived from them, and what runs."""
+        cfg = self.cfg
+        sizes = derived_sizes(cfg, len(self.examples)) | {"ranks": self.world, "bad rows skipped": bad,
+                                                           "over-long prompts skipped": too_long}
+        if cfg.teacher == "ema":
+            sizes["EMA teacher adapter"] = f"{ema.megabytes(self.model):.1f} MB (a second LoRA, not trained; FSDP: sharded)"
+        sizes |= runs_with(cfg)
+        if cfg.rollout_engine == "graph" and not cfg.rollout_server:
+            sizes["graph KV cache"] = graph_rows(cfg, self.model, self.device)[1]
+        print_config(cfg, sizes, console)
+
+    def __enter__(self):
+        self.bar = progress().__enter__()
+        self.metrics_file = open(self.out / "metrics.jsonl" if self.rank == 0 else os.devnull, "a")
+        self.task = self.bar.add_task("training", total=self.cfg.steps, completed=self.start)
+        return self
+
+    def steps(self):
+        """(step, this rank's share of the step's prompts) for every step still to run; before the first step of a
+        fresh run, the evaluation of the initial policy (step 0)."""
+        if self.benches and self.start == 0:
+            self.write({"step": 0, **self.evaluate(0)})
+        self.t_run = time.time()
+        for step in range(self.start + 1, self.cfg.steps + 1):
+            self.t0, self.before = time.time(), position(self.stream)
+            yield step, [self.examples[i] for i in self.stream.take(self.cfg.batch_size)][self.rank::self.world]
+
+    def sampling(self, step: int, sequences: int):
+        """A context for the step's sampling: yields the engine's progress callback (a bar; a line every 10 s on a
+        pipe). A stop asked for meanwhile ends it (one process: under torchrun ranks sample in lockstep and
+        stop at the step's end), the step is dropped and the run saved as it stood before the step."""
+        return _Sampling(self, step, sequences)
+
+    def timed(self, row: dict, key: str):
+        return _Timed(row, key)
+
+    def evaluate(self, step: int) -> dict:
+        return E.in_training(step, self.sampler, self.tokenizer, self.benches, self.cfg, self.out, self.bar,
+                             self.rank, self.world, self.base)
+
+    def write(self, row: dict):
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        self.tracker.log(row)
+
+    def log(self, row: dict, rollout: Rollout):
+        """After a step: its guards (guards.health), the evaluation when due, the row in metrics.jsonl and the
+        trackers, the step line, the warnings, the samples; a guard's stop comes after the row is logged."""
+        cfg, step = self.cfg, row["step"]
+        row |= {"time_sample": self.t_sample, "time_step": time.time() - self.t0}
+        self.stalls, warned, stop_why = guards.health(row, self.stalls, self.vocab, cfg)
+        if self.benches and (step % cfg.eval_every == 0 or step == cfg.steps):
+            row |= self.evaluate(step)
+        self.write(row)
+        pace = (time.time() - self.t_run) / (step - self.start)  # seconds per step, this process so far
+        console.print(step_line(row, cfg.steps, pace), soft_wrap=True)
+        for warning in warned:
+            console.print(f"[bold yellow]{warning}[/]", soft_wrap=True)
+        if stop_why:
+            raise PopsdError(stop_why)
+        if self.rank == 0:
+            write_samples(self.out / "samples.txt", step, rollout, self.tokenizer, cfg.samples_per_step)
+        self.bar.advance(self.task)
+
+    def save(self, step: int, rollout: Rollout):
+        """A checkpoint every save_every steps, at the end, or when a stop was asked for (then exit). Every rank
+        takes part: the adapter and optimizer are gathered from the shards."""
+        stopping = D.all_sum([self.stop.signum or 0])[0] > 0  # ranks stop together
+        if (self.cfg.save_every and step % self.cfg.save_every == 0) or step == self.cfg.steps or stopping:
+            body, head_weight = model_parts(self.model)
+            guards.check_outputs(self.model, body, head_weight, rollout, self.pad_id, step)
+            self.checkpoint(step)
+        if stopping:
+            console.print(f"[yellow]checkpoint saved at step {step} in {self.out}; resume with resume=true[/]")
+            sys.exit(128 + (self.stop.signum or signal.SIGTERM))
+
+    def checkpoint(self, step: int):
+        save_checkpoint(self.out, step, self.model, self.optimizer, self.scheduler, self.stream,
+                        self.cfg.keep_checkpoints, self.rank, self.record)
+
+    def finish(self):
+        """The trained adapter (PEFT format, with the tokenizer and the prompt settings) and the run's curves."""
+        weights = trainable_state(self.model)
+        check_finite(weights)
+        if self.rank == 0:
+            save_final_adapter(self.out, self.model, self.tokenizer, weights, self.record)
+            plots.plot_runs([self.out], self.out / "plots.png")
+
+    def close(self):
+        """Whatever was set up is put away, in reverse, however the run ends (the lock last: the folder is free)."""
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.stop is not None:
+            self.stop.restore()
+        if self.sampler is not None:
+            self.sampler.close()
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.lock is not None:
+            self.lock.release()
+        self.bar = self.metrics_file = self.stop = self.sampler = self.tracker = self.lock = None
+
+    def __exit__(self, kind, error, trace):
+        self.close()
+        if kind is None:
+            console.print(f"done: adapter in {self.out / 'adapter'}, metrics in {self.out / 'metrics.jsonl'}, curves "
+                          f"in {self.out / 'plots.png'}")
+            D.finish()
+
+
+class _Sampling:
+    def __init__(self, run: Session, step: int, sequences: int):
+        self.run, self.step = run, step
+        self.task = run.bar.add_task(f"step {step}: sampling", total=sequences)
+
+    def on_batch(self, k: int):
+        E.advance(self.run.bar, self.task, k, end_line=False)
+        if self.run.stop.signum and self.run.world == 1:
+            raise SamplingStopped
+
+    def __enter__(self):
+        return self.on_batch
+
+    def __exit__(self, kind, error, trace):
+        run = self.run
+        run.bar.remove_task(self.task)
+        run.t_sample = time.time() - run.t0
+        if kind is SamplingStopped:  # the step is dropped: the run stands where it stood before it
+            go_back(run.stream, run.before)
+            run.checkpoint(self.step - 1)
+            console.print(f"[yellow]stopped while sampling step {self.step}: checkpoint saved at step {self.step - 1} "
+                          f"in {run.out}; resume with resume=true[/]")
+            sys.exit(128 + (run.stop.signum or signal.SIGTERM))
+        if kind is RuntimeError and "probability tensor contains" in str(error):
+            raise PopsdError(f"step {self.step}: the student's next-token probabilities are not finite: the run "
+                             "diverged; lower lr or max_grad_norm and resume from the last checkpoint") from None
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
+        return False
+
+
+class _Timed:
+    def __init__(self, row: dict, key: str):
+        self.row, self.key = row, key
+
+    def __enter__(self):
+        self.t0 = time.time()
+
+    def __exit__(self, *exc):
+        self.row[self.key] = time.time() - self.t0
+
+
+def runs_with(cfg: Config) -> dict:
+    """What the run actually runs, for the start-up table: the sampler, the loss path, the dtype, the threads."""
+    sampler = f"server pool ({cfg.rollout_server})" if cfg.rollout_server else {
+        "dynamic": "HF generate, dynamic KV cache (engines/hf.py)", "static": "HF generate, static KV cache "
+        "(engines/hf.py)", "graph": f"graph sampler, keep_rows={cfg.graph_keep_rows} (engines/graph.py)",
+        "vllm": "vLLM in this process (engines/vllm_engine.py)"}[cfg.rollout_engine]
+    path = "fused, chunked (loss_fused.py)" if cfg.loss_impl == "fused" else "reference (loss.reference_loss)"
+    return {"sampler": sampler, "loss path": path, "dtype": cfg.dtype + (", 4-bit nf4 base" if cfg.load_in_4bit else ""),
+            "torch threads": cfg.threads or torch.get_num_threads()}
+
+
+def step_line(row: dict, steps: int, pace: float | None = None) -> str:
+    """One readable line per step; pace (seconds per step so far) adds the rate and the time left."""
+    line = (f"step {row['step']:>4}/{steps}  loss {row['loss']:.2e}  lr {row['lr']:.1e}  "  # 2e-5 reads, not 0.0000
+            f"|g| {row['grad_norm']:.2e}  len {row['completion_len']:.0f}  ent {row['entropy']:.2f}")
+    if "cos_total_ref" in row:
+        line += (f"  cos(Δ,Δref) {row['cos_total_ref']:+.2f}  cos(Δ,Δit) {row['cos_total_it']:+.2f}"
+                 f"  |Δref|/|Δ| {row['norm_ratio']:.2f}")
+    if "sampler_logprob_gap" in row:
+        line += f"  gap {row['sampler_logprob_gap']:.1e}"
+    line += f"  markers {row['markers_per_1k']:.1f}/1k  {row['time_step']:.1f}s"
+    if pace is None or pace <= 0:
+        return line
+    rate = f"{1 / pace:.2f} step/s" if pace <= 1 else f"{pace:.1f} s/step"  # as tqdm: the unit that reads above 1
+    left = round(pace * (steps - row["step"]))
+    days = f"{left // 86400}d " if left >= 86400 else ""
+    return line + f"  {rate}  eta {days}{time.strftime('%H:%M:%S', time.gmtime(left % 86400))}"
+
+
+def printable(text: str) -> str:
+    """Control characters escaped (\\x07, \\x1b, ...), newlines and tabs kept: samples.txt stays text."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
+
+
+def write_samples(path: Path, step: int, rollout: Rollout, tokenizer, k: int):
+    with path.open("a") as f:
+        for i in range(min(k, len(rollout))):
+            prompt = tokenizer.decode(rollout.contexts[i].student)
+            f.write(printable(f"===== step {step} sample {i}\n{prompt}{rollout.texts[i]}") + "\n\n")
