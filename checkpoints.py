@@ -28,19 +28,25 @@ from config import RENAMED
 from data import DataStream, PopsdError
 
 MARKER, LOCK, SESSIONS = "popsd_run.json", "popsd_run.lock", "sessions.jsonl"
-PROMPTS_FILE = "popsd_prompts.json"  # in every adapter popsd saves (and a model folder may ship one): how to prompt it
-PROMPT_KEYS = ("student_template", "student_thinking", "teacher_template", "refonly_template", "teacher_thinking")
+# in every adapter popsd saves (and a model folder may ship one): how to prompt it
+PROMPTS_FILE = "popsd_prompts.json"
+PROMPT_KEYS = ("student_template", "student_thinking", "teacher_template", "refonly_template",
+               "teacher_thinking")
 
 
-BASE_FILE = "popsd_base.json"  # in every adapter and checkpoint: the base it was trained from, by its checksum
+# in every adapter and checkpoint: the base it was trained from, by its checksum
+BASE_FILE = "popsd_base.json"
 
 
 def save_prompts(folder: Path, config: dict):
-    """The prompt settings an adapter was trained with, next to it: eval.py reads them wherever it is copied; and
-    the base it was trained from (its path and weights' checksum, when the config holds one: base_sha256)."""
-    (folder / PROMPTS_FILE).write_text(json.dumps({k: config[k] for k in PROMPT_KEYS if k in config}, indent=1) + "\n")
+    """The prompt settings an adapter was trained with, next to it: eval.py reads them wherever it is copied;
+    and the base it was trained from (its path and weights' checksum, when the config holds one:
+    base_sha256)."""
+    (folder / PROMPTS_FILE).write_text(json.dumps({k: config[k] for k in PROMPT_KEYS if k in config},
+                                                  indent=1) + "\n")
     if config.get("base_sha256"):
-        (folder / BASE_FILE).write_text(json.dumps({"model": config["model"], "sha256": config["base_sha256"]}) + "\n")
+        (folder / BASE_FILE).write_text(json.dumps({"model": config["model"],
+                                                    "sha256": config["base_sha256"]}) + "\n")
 
 
 def check_base(ckpt: Path, sha: str | None):
@@ -52,19 +58,22 @@ def check_base(ckpt: Path, sha: str | None):
         return
     if sha and saved.get("sha256") != sha:
         raise PopsdError(f"resume=true: {ckpt} was trained from a base whose weights' checksum is "
-                         f"{str(saved.get('sha256'))[:12]}…, and {saved.get('model')} now holds {sha[:12]}…: the base "
-                         "changed since (replaced in place?). Resume with the base the run started from, or start a new "
-                         "run in another out_dir")
+                         f"{str(saved.get('sha256'))[:12]}…, and {saved.get('model')} now holds {sha[:12]}…: "
+                         "the base changed since (replaced in place?). Resume with the base the run started "
+                         "from, or start a new run in another out_dir")
 
 
 RUN_FILES = ("config.json", SESSIONS, "metrics.jsonl", "samples.txt", "plots.png", "adapter", "adapter.tmp",
-             "checkpoints", "eval", "tiny_model", "rollout_adapters", "tensorboard", "wandb")  # all overwrite removes
+             # all overwrite removes
+             "checkpoints", "eval", "tiny_model", "rollout_adapters", "tensorboard", "wandb")
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
-    "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe", "out_dir",
+    "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe",
+              "out_dir",
     "rollout_server", "rollout_adapter_dir", "rollout_concurrency", "vllm_gpu_memory", "vllm_kv_cache_gb",
     "vllm_enforce_eager", "report_to", "sampler_gap_warn", "sampler_gap_stop", "server_timeout",
-    "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens", "eval_temperature",
+    "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens",
+              "eval_temperature",
     "eval_top_p", "eval_grader"}
 
 
@@ -85,16 +94,17 @@ def record_session(out: Path, config: dict, start: int):
     line = {"from_step": start, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(),
             "sampler": config.get("rollout_server") or config.get("rollout_engine"), "changed": changed,
             "base_sha256": config.get("base_sha256"),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__}}
     with open(out / SESSIONS, "a") as f:
         f.write(json.dumps(line) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def trim_logs(out: Path, start: int, warn=print):
-    """metrics.jsonl and samples.txt as they stood at the checkpoint of step `start` (0: empty): what a run logged
-    after it is redone by the resumed run, so every step is logged once. A torn last line (what kill -9 can leave)
-    is dropped with a warning; a damaged line before it is an error naming it."""
+    """metrics.jsonl and samples.txt as they stood at the checkpoint of step `start` (0: empty): what a run
+    logged after it is redone by the resumed run, so every step is logged once. A torn last line (what kill -9
+    can leave) is dropped with a warning; a damaged line before it is an error naming it."""
     metrics, kept = out / "metrics.jsonl", []
     lines = metrics.read_text().splitlines() if start and metrics.exists() else []
     for i, line in enumerate(lines, 1):
@@ -104,8 +114,8 @@ def trim_logs(out: Path, start: int, warn=print):
             if i == len(lines):
                 warn(f"warning: {metrics} line {i} is cut short (an interrupted write): dropped")
                 break
-            raise PopsdError(f"{metrics} line {i} is not JSON: the run's log is damaged; repair or remove the line, "
-                             "then resume again") from None
+            raise PopsdError(f"{metrics} line {i} is not JSON: the run's log is damaged; repair or remove "
+                             "the line, then resume again") from None
         if row.get("step", 0) <= start:
             kept.append(line)
     metrics.write_text("".join(line + "\n" for line in kept))
@@ -117,7 +127,8 @@ def trim_logs(out: Path, start: int, warn=print):
 
 
 def trainable_state(model) -> dict:
-    """The trainable (LoRA) weights by parameter name, whole, on the CPU. Under FSDP every rank must call it."""
+    """The trainable (LoRA) weights by parameter name, whole, on the CPU. Under FSDP every rank must call
+    it."""
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
             for n, p in model.named_parameters() if p.requires_grad}
 
@@ -133,7 +144,8 @@ def usual_modes(folder: Path):
 
 def save_adapter(model, weights: dict, folder: Path):
     """An adapter in PEFT format (adapter_config.json + adapter_model.safetensors) for a sampling engine."""
-    model.save_pretrained(folder, state_dict=weights, selected_adapters=[model.active_adapter])  # never the EMA's
+    # never the EMA's
+    model.save_pretrained(folder, state_dict=weights, selected_adapters=[model.active_adapter])
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not needed by an engine
     usual_modes(folder)
 
@@ -142,19 +154,22 @@ def check_finite(weights: dict):
     """A non-finite adapter is never saved."""
     bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
     if bad:
-        raise PopsdError(f"the adapter holds non-finite values ({bad[0]}{' and more' if len(bad) > 1 else ''}): "
-                         "not saved; the run diverged (lower lr or max_grad_norm)")
+        raise PopsdError("the adapter holds non-finite values "
+                         f"({bad[0]}{' and more' if len(bad) > 1 else ''}): not saved; the run diverged "
+                         "(lower lr or max_grad_norm)")
 
 
 def disk_full(e: BaseException, folder: Path, what: str) -> PopsdError | None:
     """A clear error when `e` (raised while writing `what` into `folder`) is a full disk, else None."""
     full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) or (
-        "enforce fail" in str(e) and shutil.disk_usage(folder).free < 64 << 20)  # torch.save's way of saying it
+        # torch.save's way of saying it
+        "enforce fail" in str(e) and shutil.disk_usage(folder).free < 64 << 20)
     if not full:
         return None
     free = shutil.disk_usage(folder).free / 2 ** 20
-    return PopsdError(f"the disk holding {folder} is full ({free:.1f} MB free) while writing {what}: nothing of it "
-                      "was kept and the checkpoints before it are intact; free some space, then resume=true")
+    return PopsdError(f"the disk holding {folder} is full ({free:.1f} MB free) while writing {what}: nothing "
+                      "of it was kept and the checkpoints before it are intact; free some space, "
+                      "then resume=true")
 
 
 def save_final_adapter(out: Path, model, tokenizer, weights: dict, config: dict):
@@ -175,9 +190,10 @@ def save_final_adapter(out: Path, model, tokenizer, weights: dict, config: dict)
     os.replace(tmp, final)
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int, rank: int = 0,
-                    config: dict | None = None):
-    """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then renamed.
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int,
+                    rank: int = 0, config: dict | None = None):
+    """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then
+    renamed.
 
     Every checkpoint keeps its adapter (the paper reports the best of several steps); the resume state
     (state.pt: optimizer and RNG, the bulk for a large adapter) is kept for the newest `keep` only.
@@ -187,7 +203,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     weights = trainable_state(model)
     check_finite(weights)
-    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optim = get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     teacher = ema.state(model)  # resume state, like the optimizer's ({} without an EMA teacher)
     rng = D.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
@@ -224,13 +241,14 @@ def latest_checkpoint(out: Path, warn=print) -> Path | None:
             return path
         warn(f"warning: skipping the damaged checkpoint {path} ({problem}); it is left there for inspection")
     if found:
-        older = sorted(p.name for p in (out / "checkpoints").glob("step_??????") if not (p / "state.pt").exists())
-        kept = (f"; the adapters of {', '.join(older)} are kept but hold no resume state (keep_checkpoints pruned "
-                "it): eval.py --adapter evaluates them") if older else ""
+        older = sorted(p.name for p in (out / "checkpoints").glob("step_??????")
+                       if not (p / "state.pt").exists())
+        kept = (f"; the adapters of {', '.join(older)} are kept but hold no resume state (keep_checkpoints "
+                "pruned it): eval.py --adapter evaluates them") if older else ""
         names = ", ".join(p.name for p in found)
-        raise PopsdError(f"every checkpoint in {out / 'checkpoints'} that holds resume state ({names}) is damaged "
-                         f"(see the warnings above){kept}. To train on, start afresh with overwrite=true, or use "
-                         "another out_dir")
+        raise PopsdError(f"every checkpoint in {out / 'checkpoints'} that holds resume state ({names}) is "
+                         f"damaged (see the warnings above){kept}. To train on, start afresh with "
+                         "overwrite=true, or use another out_dir")
     return None
 
 
@@ -250,8 +268,9 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def folder_kind(out: Path, fields) -> str:
-    """'new' (missing or empty), 'run' (popsd's marker in it, or a run from before the marker: a config.json that
-    parses as a popsd config next to a metrics.jsonl) or 'foreign' (anything else: popsd writes nothing there)."""
+    """'new' (missing or empty), 'run' (popsd's marker in it, or a run from before the marker: a config.json
+    that parses as a popsd config next to a metrics.jsonl) or 'foreign' (anything else: popsd writes nothing
+    there)."""
     if not out.exists():
         return "new"
     if not out.is_dir():
@@ -260,7 +279,8 @@ def folder_kind(out: Path, fields) -> str:
         return "run"
     try:
         saved = json.loads((out / "config.json").read_text())
-        if isinstance(saved, dict) and {"model", "method", "out_dir"} <= set(saved) <= {*fields, "base_sha256"} and \
+        if isinstance(saved, dict) and {"model", "method",
+                                        "out_dir"} <= set(saved) <= {*fields, "base_sha256"} and \
                 (out / "metrics.jsonl").is_file():
             return "run"
     except (OSError, ValueError):
@@ -269,8 +289,9 @@ def folder_kind(out: Path, fields) -> str:
 
 
 def links_in(out: Path) -> list[Path]:
-    """Symbolic links among the entries a run writes and below them that lead out of the folder: writing through
-    one would leave it (a link within it is harmless). Inside wandb/ only W&B writes, links of its own included."""
+    """Symbolic links among the entries a run writes and below them that lead out of the folder: writing
+    through one would leave it (a link within it is harmless). Inside wandb/ only W&B writes, links of its own
+    included."""
     found, home = [], Path(os.path.realpath(out))
     for name in RUN_FILES + (MARKER, LOCK):
         top = out / name
@@ -283,13 +304,14 @@ def links_in(out: Path) -> list[Path]:
 
 
 def check_out_dir(out: Path, inputs: list[Path], key: str = "out_dir", who: str = "run"):
-    """An output folder must not be, or hold, the model or the data: a run writes config.json and more into it."""
+    """An output folder must not be, or hold, the model or the data: a run writes config.json and more into
+    it."""
     here = out.resolve()
     for path in inputs:
         there = path.resolve()
         if there == here or here in there.parents:
-            raise PopsdError(f"{key} {out} {'is' if there == here else 'holds'} {path}, which this {who} reads: "
-                             f"write the {who} to another folder")
+            raise PopsdError(f"{key} {out} {'is' if there == here else 'holds'} {path}, which this {who} "
+                             f"reads: write the {who} to another folder")
 
 
 def process_start(pid: int) -> str | None:
@@ -309,7 +331,8 @@ def process_start(pid: int) -> str | None:
 
 class RunLock:
     """One live run per folder: popsd_run.lock holds host, pid and start time. A lock naming this host and a
-    process that is gone (killed with -9, a crash) is stale and taken over; any other is an error naming its holder."""
+    process that is gone (killed with -9, a crash) is stale and taken over; any other is an error naming its
+    holder."""
 
     def __init__(self, out: Path, warn=print):
         self.path, self.warn, self.held = out / LOCK, warn, False
@@ -319,7 +342,8 @@ class RunLock:
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                             0o644)
             except FileExistsError:
                 self.take_over_if_stale()
                 continue
@@ -338,12 +362,13 @@ class RunLock:
         if not self.path.is_symlink() and other:
             if host != socket.gethostname():
                 raise PopsdError(f"{self.path.parent} is in use by a run on {host} (pid {pid}, since "
-                                 f"{other.get('since')}): one live run per folder. If that run is gone (a crash), "
-                                 f"remove {self.path} and start again")
+                                 f"{other.get('since')}): one live run per folder. If that run is gone (a "
+                                 f"crash), remove {self.path} and start again")
             now = process_start(pid)
             if now is not None and (start is None or now in (start, "alive")):
-                raise PopsdError(f"{self.path.parent} is in use by another run: process {pid} on this machine, "
-                                 f"since {other.get('since')}: one live run per folder (wait for it, or stop it)")
+                raise PopsdError(f"{self.path.parent} is in use by another run: process {pid} on this "
+                                 f"machine, since {other.get('since')}: one live run per folder (wait for "
+                                 "it, or stop it)")
         why = f"its process {pid} is gone" if other else "unreadable"
         self.warn(f"taking over the stale lock {self.path} ({why})")
         self.path.unlink(missing_ok=True)
@@ -359,14 +384,15 @@ def present(folder: Path, names) -> list[str]:
     return [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
 
 
-OWNED = {"eval": r"step_\d{6}", "checkpoints": r"step_\d{6}(\.tmp)?", "rollout_adapters": r"popsd-.+"}  # what popsd
+# what popsd
+OWNED = {"eval": r"step_\d{6}", "checkpoints": r"step_\d{6}(\.tmp)?", "rollout_adapters": r"popsd-.+"}
 # writes inside these folders: overwrite=true removes only that, and the folder once empty
 
 
 def remove_run_files(out: Path, names, warn=print) -> list[str]:
-    """Removes a run's entries of `out`, a link as a link; of the folders in OWNED only what popsd wrote there:
-    anything else in them (a user's notes in eval/) stays, with its folder, and is named in a warning. Returns
-    what was removed."""
+    """Removes a run's entries of `out`, a link as a link; of the folders in OWNED only what popsd wrote
+    there: anything else in them (a user's notes in eval/) stays, with its folder, and is named in a warning.
+    Returns what was removed."""
     removed = []
     for name in present(out, names):
         path = out / name
@@ -384,9 +410,9 @@ def remove_run_files(out: Path, names, warn=print) -> list[str]:
 
 
 def logged_nothing(out: Path) -> bool:
-    """A run that stopped before its first step (a sampler or a tracker that would not start, a wrong setting found
-    late): no metrics row, checkpoint, adapter or evaluation. Nothing of value (a tracker holds only what
-    metrics.jsonl holds): a plain rerun may replace it."""
+    """A run that stopped before its first step (a sampler or a tracker that would not start, a wrong setting
+    found late): no metrics row, checkpoint, adapter or evaluation. Nothing of value (a tracker holds only
+    what metrics.jsonl holds): a plain rerun may replace it."""
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.read_text().strip():
         return False
@@ -395,7 +421,8 @@ def logged_nothing(out: Path) -> bool:
 
 
 def remove_entries(folder: Path, names) -> list[str]:
-    """Removes the named entries of folder, a link as a link (never what it points to); returns those removed."""
+    """Removes the named entries of folder, a link as a link (never what it points to); returns those
+    removed."""
     gone = present(folder, names)
     for n in gone:
         path = folder / n
@@ -414,9 +441,10 @@ def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, w
     check_out_dir(out, list(inputs))
     kind = folder_kind(out, config)
     if kind == "foreign":
-        raise PopsdError(f"{out} is not a popsd run folder ({'a file' if out.is_file() else f'no {MARKER} in it'}) "
-                         "and not empty: popsd writes only into a new or empty folder or one of its own runs, and "
-                         "overwrite=true removes only a popsd run; choose another out_dir")
+        raise PopsdError(f"{out} is not a popsd run folder "
+                         f"({'a file' if out.is_file() else f'no {MARKER} in it'}) and not empty: popsd "
+                         "writes only into a new or empty folder or one of its own runs, and overwrite=true "
+                         "removes only a popsd run; choose another out_dir")
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out, warn).acquire()
     try:
@@ -437,26 +465,27 @@ def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: boo
             warn(f"resume=true: {out} holds no run, starting afresh")
         return None
     if overwrite and not resume:
-        warn(f"overwrite=true: removed the previous run's {', '.join(remove_run_files(out, held, warn))} from {out}")
+        warn("overwrite=true: removed the previous run's "
+             f"{', '.join(remove_run_files(out, held, warn))} from {out}")
         return None
     if not resume and logged_nothing(out) and not links_in(out):
         warn(f"replacing the run in {out}, which stopped before its first step ({', '.join(held)})")
         remove_run_files(out, held, warn)
         return None
     if links := links_in(out):
-        raise PopsdError(f"{links[0]} is a symbolic link: a run writes only inside its folder; remove the link "
-                         "(or start afresh with overwrite=true, which removes it, not what it points to)")
+        raise PopsdError(f"{links[0]} is a symbolic link: a run writes only inside its folder; remove the "
+                         "link (or start afresh with overwrite=true, which removes it, not what it points to)")
     if not resume:
-        raise PopsdError(f"{out} already holds a run ({', '.join(held)}): continue it with resume=true, write this "
-                         "one elsewhere with out_dir=..., or replace it with overwrite=true")
+        raise PopsdError(f"{out} already holds a run ({', '.join(held)}): continue it with resume=true, "
+                         "write this one elsewhere with out_dir=..., or replace it with overwrite=true")
     saved_path = out / "config.json"
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
     saved = {RENAMED.get(k, k): v for k, v in saved.items()}  # a run saved before the keys were renamed
     changed = {k: (saved[k], v) for k, v in config.items() if k in saved and saved[k] != v}
     fixed = {k: ov for k, ov in changed.items() if k not in MAY_CHANGE}
     if fixed:
-        raise PopsdError(f"resume=true: this config differs from the run's ({saved_path}) in fields that change the "
-                         "model, the data order or the algorithm: " +
+        raise PopsdError(f"resume=true: this config differs from the run's ({saved_path}) in fields that "
+                         "change the model, the data order or the algorithm: " +
                          "; ".join(f"{k}: {o!r} → {n!r}" for k, (o, n) in fixed.items()) +
                          ". Use the run's values, or start a new run in another out_dir")
     for k, (o, n) in changed.items():
@@ -464,15 +493,16 @@ def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: boo
             warn(f"resume: {k} changes {o!r} → {n!r}")
     ckpt = latest_checkpoint(out, warn)
     if ckpt is None:
-        raise PopsdError(f"resume=true: {out} holds a run ({', '.join(held)}) but no checkpoint to resume from: "
-                         "replace it with overwrite=true, or use another out_dir")
+        raise PopsdError(f"resume=true: {out} holds a run ({', '.join(held)}) but no checkpoint to resume "
+                         "from: replace it with overwrite=true, or use another out_dir")
     return ckpt
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream, seed: int = 0, rank: int = 0,
                     world: int = 1) -> int:
     """Restores a checkpoint written under any number of ranks. Each rank's RNG state comes back when the
-    world size is the same; under another world size each rank's sampling RNG is reseeded from (seed, step, rank)."""
+    world size is the same; under another world size each rank's sampling RNG is reseeded from (seed, step,
+    rank)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -481,11 +511,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream,
     weights = {n: saved[n.replace(f".{name}.", ".")] for n, p in model.named_parameters() if p.requires_grad}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     state = torch.load(path / "state.pt", weights_only=True)  # data only: a checkpoint cannot run code
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     if ema.named(model):
         if "ema" not in state:
-            raise PopsdError(f"{path} holds no EMA teacher (the run was not teacher=ema): resume it with its own teacher")
+            raise PopsdError(f"{path} holds no EMA teacher (the run was not teacher=ema): resume it with "
+                             "its own teacher")
         ema.load(model, state["ema"])
     stream.epoch, stream.cursor = state["data"]["epoch"], state["data"]["cursor"]
     if len(state["rng"]) == world:

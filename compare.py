@@ -9,7 +9,8 @@ each world's base: its gates, its pre-training, its data files.
                                                         # over the shipped one; its docs say how long)
     python compare.py data --world carryworld           # rewrite a world's train.jsonl and test.jsonl
 
-The paper's ablations, after the default comparison (18 more runs, 21 min; world one's with the supports: 17 min):
+The paper's ablations, after the default comparison (18 more runs, 21 min; world one's with the supports: 17
+min):
     python compare.py --world carryworld --formats sketch --grid one-at-a-time --clip 5,20,none --beta 0.5,2 --opsd-fkl
 Minutes measured on this project's 2-core Xeon (2026-12-03; docs/toyworld.md and docs/carryworld.md).
 
@@ -51,7 +52,8 @@ class Job:
     out: Path
     command: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # what the command passes to popsd.py after the recipe
-    key: dict = field(default_factory=dict)  # everything that decides its result (run_key), taken before it runs
+    # everything that decides its result (run_key), taken before it runs
+    key: dict = field(default_factory=dict)
 
     @property
     def log(self) -> Path:  # next to the run folder: popsd writes only into a new or empty one
@@ -75,8 +77,8 @@ SOURCE_SKIP = ("tests", "bench", "docs", "data", "runs")  # not code a run execu
 
 
 def sources_sha() -> str:
-    """One checksum of every Python file a run executes (popsd, its engines, worlds and recipes): a change to the
-    code that trains or measures a run makes it another run."""
+    """One checksum of every Python file a run executes (popsd, its engines, worlds and recipes): a change to
+    the code that trains or measures a run makes it another run."""
     files = sorted(p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] not in SOURCE_SKIP)
     digest = hashlib.sha256()
     for p in files:
@@ -88,18 +90,21 @@ def versions() -> dict:
     import peft
     import torch
     import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "peft": peft.__version__}
 
 
 def run_key(world, overrides: list[str]) -> dict:
-    """Everything that decides a run's result: its resolved config (popsd.make_config), the checksums of the base's
-    weights and of the data files it trains and is evaluated on, of the code, and the library versions."""
+    """Everything that decides a run's result: its resolved config (popsd.make_config), the checksums of the
+    base's weights and of the data files it trains and is evaluated on, of the code, and the library
+    versions."""
     import popsd
     from data import resolve_local
     cfg = popsd.make_config(world.RECIPE, overrides)
     files = [cfg.data, *cfg.eval_bench.split(",")]
-    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}, "base": base_sha(world),
+    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"},
+            "base": base_sha(world),
             "data": {f: sha256(resolve_local(f)) for f in files if resolve_local(f) is not None},
             "code": sources_sha(), "versions": versions()}
 
@@ -130,7 +135,8 @@ def cached(job: Job) -> bool:
 
 
 def purified_settings(clips, betas, grid: str = "product") -> list[tuple]:
-    """(c, β) pairs: every combination, or one factor at a time around the paper's c = 10, β = 1 (None: no clip)."""
+    """(c, β) pairs: every combination, or one factor at a time around the paper's c = 10, β = 1 (None: no
+    clip)."""
     if grid == "product":
         pairs = [(c, b) for c in clips for b in betas]
     else:
@@ -139,21 +145,23 @@ def purified_settings(clips, betas, grid: str = "product") -> list[tuple]:
 
 
 SUPPORT_ARGS = {"topk": ["support=topk"], "sampled": ["support=sampled", "divergence=reverse_kl"],
-                "full_rkl": ["support=full", "divergence=reverse_kl"]}  # full_rkl: sampled's control, one change apart
+                # full_rkl: sampled's control, one change apart
+                "full_rkl": ["support=full", "divergence=reverse_kl"]}
 
 
 def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides, grid: str = "product",
                  opsd_fkl: bool = False, supports=("full",)) -> list[Job]:
     """Every (format, method, seed) run of the world's recipe: identical settings except the method.
-    opsd_fkl adds OPSD with the updated official code's loss (forward KL, term_clamp 0.05); each support beyond
-    full adds OPSD and Purified on it (<method>_topk: the recipe's topk; <method>_sampled: reverse KL's
+    opsd_fkl adds OPSD with the updated official code's loss (forward KL, term_clamp 0.05); each support
+    beyond full adds OPSD and Purified on it (<method>_topk: the recipe's topk; <method>_sampled: reverse KL's
     sampled-token estimator; <method>_full_rkl: reverse KL over the full vocabulary, sampled's control)."""
     variants = [("opsd", ["method=opsd"])]
     if opsd_fkl:
         variants.append(("opsd_fkl", ["method=opsd", "divergence=forward_kl", "term_clamp=0.05"]))
     for support in supports:
         if support != "full":
-            variants += [(f"{m}_{support}", [f"method={m}", *SUPPORT_ARGS[support]]) for m in ("opsd", "purified")]
+            variants += [(f"{m}_{support}", [f"method={m}", *SUPPORT_ARGS[support]])
+                         for m in ("opsd", "purified")]
     for c, b in purified_settings(clips, betas, grid):
         clip = "none" if c is None else f"{c:g}"
         name = "purified" if (c, b) == (10.0, 1.0) else f"purified_c{clip}_b{b:g}"
@@ -163,7 +171,8 @@ def compare_jobs(world, out: Path, formats, seeds, clips, betas, overrides, grid
         for name, extra in variants:
             for seed in range(seeds):
                 run = out / fmt / name / f"seed_{seed}"
-                args = [f"out_dir={run}", f"reference_field={fmt}", f"seed={seed}", "threads=1", *extra, *overrides]
+                args = [f"out_dir={run}", f"reference_field={fmt}", f"seed={seed}", "threads=1", *extra,
+                        *overrides]
                 jobs.append(Job(fmt, name, seed, run, [sys.executable, str(ROOT / "popsd.py"), "--recipe",
                                                        world.RECIPE, *args], args, run_key(world, args)))
     return jobs
@@ -180,10 +189,11 @@ def run_jobs(world, jobs: list[Job], workers: int, total_steps: int, console):
         while waiting or running:
             while waiting and len(running) < workers:
                 job = waiting.pop(0)
-                job.out.parent.mkdir(parents=True, exist_ok=True)  # the run folder itself is popsd's to create
+                # the run folder itself is popsd's to create
+                job.out.parent.mkdir(parents=True, exist_ok=True)
                 log = open(job.log, "w")
-                running.append((job, subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                      cwd=ROOT), log))
+                running.append((job, subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
+                                                      env=env, cwd=ROOT), log))
             time.sleep(0.5)
             for item in list(running):
                 job, proc, log = item
@@ -198,7 +208,8 @@ def run_jobs(world, jobs: list[Job], workers: int, total_steps: int, console):
                     raise RuntimeError(f"run {job.out} failed (rc {proc.returncode}); its log ends:\n{tail}")
                 done += 1
                 job.record.write_text(json.dumps(job.key) + "\n")  # as it was when the run started
-                bar.console.print(f"{done}/{len(jobs)} runs done ({time.time() - t0:.0f} s): {job.out}")  # pipes too
+                # pipes too
+                bar.console.print(f"{done}/{len(jobs)} runs done ({time.time() - t0:.0f} s): {job.out}")
             logged = sum(len(_lines(job.out / "metrics.jsonl")) for job, _, _ in running)
             bar.update(task, completed=done * total_steps + logged)
 
@@ -220,8 +231,10 @@ def run_points(run: Path) -> list[dict]:
         prefix = acc[0].rsplit("/", 1)[0]
         window = [t for t in train if previous < t["step"] <= r["step"]] or train[:1]
         point = {"step": r["step"], "accuracy": r[acc[0]], "markers_per_1k": r[f"{prefix}/markers_per_1k"],
-                 "caught_frac": r[f"{prefix}/caught_frac"], "false_reflections": r[f"{prefix}/false_reflections"],
-                 "first_try_errors": r[f"{prefix}/first_try_errors"], "completion_len": r[f"{prefix}/len_mean"]}
+                 "caught_frac": r[f"{prefix}/caught_frac"],
+                 "false_reflections": r[f"{prefix}/false_reflections"],
+                 "first_try_errors": r[f"{prefix}/first_try_errors"],
+                 "completion_len": r[f"{prefix}/len_mean"]}
         for k in ("cos_total_ref", "cos_total_it", "norm_ratio"):
             vals = [t[k] for t in window if k in t]
             point[k] = sum(vals) / len(vals) if vals else None
@@ -243,23 +256,27 @@ def collect(jobs: list[Job]) -> dict:
 
 
 def add_no_wait(world, jobs: list[Job], results: dict, measured: dict, n: int):
-    """Each trained student's held-out accuracy with "wait" forbidden (common.Forbid), its final adapter merged
-    into the base, written into its last point; the base's (measure_base's) into each seed's step-0 point."""
+    """Each trained student's held-out accuracy with "wait" forbidden (common.Forbid), its final adapter
+    merged into the base, written into its last point; the base's (measure_base's) into each seed's step-0
+    point."""
     from peft import PeftModel
     tok, model = common.load_base(world)
     questions = common.held_out(world, n)
     base = measured.get("student_no_wait") or common.measure(world, model, tok, questions, forbid="wait")
     for job in jobs:
-        model = PeftModel.from_pretrained(common.load_base(world)[1], str(job.out / "adapter")).merge_and_unload()
+        model = PeftModel.from_pretrained(common.load_base(world)[1],
+                                          str(job.out / "adapter")).merge_and_unload()
         points = results[job.fmt][job.method][str(job.seed)]
-        points[-1]["accuracy_no_wait"] = common.measure(world, model.eval(), tok, questions, forbid="wait")["accuracy"]
+        points[-1]["accuracy_no_wait"] = common.measure(world, model.eval(), tok, questions,
+                                                        forbid="wait")["accuracy"]
         for point in results[job.fmt]["base"].get(str(job.seed), []):
             point["accuracy_no_wait"] = base["accuracy"]
 
 
 def paired(results: dict, fmt: str, method: str, key: str) -> dict | None:
-    """method − base in `key` at the last evaluated step, paired by seed, and whether it counts by the decision
-    rule written before the runs: |mean| > 2 standard errors (sample sd / √n) and the same sign in ≥ 2 of 3."""
+    """method − base in `key` at the last evaluated step, paired by seed, and whether it counts by the
+    decision rule written before the runs: |mean| > 2 standard errors (sample sd / √n) and the same sign in ≥
+    2 of 3."""
     seeds = [s for s in results[fmt].get(method, {}) if s in results[fmt]["base"] and results[fmt][method][s]]
     diffs = [results[fmt][method][s][-1][key] - results[fmt]["base"][s][0][key] for s in seeds
              if results[fmt][method][s][-1].get(key) is not None]
@@ -268,13 +285,16 @@ def paired(results: dict, fmt: str, method: str, key: str) -> dict | None:
     mean = sum(diffs) / len(diffs)
     se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 / len(diffs) ** 0.5
     same = sum((d > 0) == (mean > 0) and d != 0 for d in diffs)
-    return {"mean": mean, "se": se, "per_seed": diffs, "counts": abs(mean) > 2 * se and same >= min(2, len(diffs))}
+    return {"mean": mean, "se": se, "per_seed": diffs,
+            "counts": abs(mean) > 2 * se and same >= min(2, len(diffs))}
 
 
 HYPOTHESES = [  # (name, method, key, holds(paired difference)): docs/carryworld.md, written before any run
     ("H1 OPSD lowers the markers", "opsd", "markers_per_1k", lambda d: d["counts"] and d["mean"] < 0),
-    ("H2 OPSD's accuracy falls below the base's", "opsd", "accuracy", lambda d: d["counts"] and d["mean"] < 0),
-    ("H3 Purified keeps the markers", "purified", "markers_per_1k", lambda d: not (d["counts"] and d["mean"] < 0)),
+    ("H2 OPSD's accuracy falls below the base's", "opsd", "accuracy",
+     lambda d: d["counts"] and d["mean"] < 0),
+    ("H3 Purified keeps the markers", "purified", "markers_per_1k",
+     lambda d: not (d["counts"] and d["mean"] < 0)),
     ("H3 Purified's accuracy at or above the base's", "purified", "accuracy",
      lambda d: not (d["counts"] and d["mean"] < 0)),
 ]
@@ -303,8 +323,9 @@ def base_mismatches(results: dict) -> list[str]:
     return bad
 
 
-TABLE = {"accuracy": "accuracy", "accuracy_no_wait": "no wait", "markers_per_1k": "markers/1k", "caught_frac": "caught",
-         "false_reflections": "false refl", "completion_len": "length", "cos_total_ref": "cos(Δ,Δref)",
+TABLE = {"accuracy": "accuracy", "accuracy_no_wait": "no wait", "markers_per_1k": "markers/1k",
+         "caught_frac": "caught", "false_reflections": "false refl", "completion_len": "length",
+         "cos_total_ref": "cos(Δ,Δref)",
          "norm_ratio": "|Δref|/|Δ|"}  # no wait: accuracy with "wait" forbidden (the final adapter)
 
 
@@ -322,7 +343,8 @@ def last_step_rows(results: dict, cols) -> list[tuple]:
                 vals = [p[c] for p in last if p.get(c) is not None]
                 if vals:
                     mean = sum(vals) / len(vals)
-                    stats[c] = mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+                    stats[c] = mean, (sum((v - mean) ** 2 for v in vals)
+                                      / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
             rows.append((fmt, method, last[0]["step"], stats, last))
     return rows
 
@@ -352,8 +374,8 @@ def compare_table(results: dict, width: int = 80, name: str = "toyworld") -> lis
     n = "the seeds in ()" if len(seeds) != 1 else "1 seed" if seeds == {1} else f"{seeds.pop()} seeds"
     tables = []
     for k, group in enumerate(groups):
-        title = (f"{name}: base vs OPSD vs Purified at the last evaluated step; ref = the reference format; mean ± "
-                 f"sd over {n} (sample sd, n − 1)") if k == 0 else "(continued)"
+        title = (f"{name}: base vs OPSD vs Purified at the last evaluated step; ref = the reference format; "
+                 f"mean ± sd over {n} (sample sd, n − 1)") if k == 0 else "(continued)"
         table = Table(title=title, box=box.SIMPLE_HEAD)
         for i in [*range(len(keys)), *group]:
             table.add_column(heads[i], justify="left" if i < 2 else "right", no_wrap=True)
@@ -364,8 +386,10 @@ def compare_table(results: dict, width: int = 80, name: str = "toyworld") -> lis
 
 
 def markdown_table(results: dict) -> str:
-    """The comparison at the last evaluated step as Markdown: mean ± sd over seeds, and each seed's accuracy."""
-    cols = {**{k: v.replace("|", "‖") for k, v in TABLE.items()}, "cos_total_it": "cos(Δ,Δit)"}  # | ends a cell
+    """The comparison at the last evaluated step as Markdown: mean ± sd over seeds, and each seed's
+    accuracy."""
+    # | ends a cell
+    cols = {**{k: v.replace("|", "‖") for k, v in TABLE.items()}, "cos_total_it": "cos(Δ,Δit)"}
     lines = ["| reference | method | step | " + " | ".join(cols.values()) + " | accuracy per seed |",
              "|---|---|---:|" + "---:|" * len(cols) + "---|"]
     for fmt, method, step, stats, last in last_step_rows(results, cols):
@@ -377,7 +401,8 @@ def markdown_table(results: dict) -> str:
 
 
 def setting_of(method: str) -> tuple | None:
-    """(c, β) of a Purified run's method name ("purified" is c = 10, β = 1; c None: no clip); None otherwise."""
+    """(c, β) of a Purified run's method name ("purified" is c = 10, β = 1; c None: no clip); None
+    otherwise."""
     if method == "purified":
         return 10.0, 1.0
     if not method.startswith("purified_c"):
@@ -386,7 +411,8 @@ def setting_of(method: str) -> tuple | None:
     return (None if clip == "none" else float(clip)), float(beta)
 
 
-ABLATIONS = {"clip": (lambda c, b: b == 1.0, 0), "beta": (lambda c, b: c == 10.0, 1)}  # which runs, which factor
+# which runs, which factor
+ABLATIONS = {"clip": (lambda c, b: b == 1.0, 0), "beta": (lambda c, b: c == 10.0, 1)}
 ABLATION_KEYS = ("accuracy", "accuracy_no_wait", "markers_per_1k", "caught_frac")
 
 
@@ -395,8 +421,9 @@ def _last(methods: dict, method: str, key: str) -> list[float]:
 
 
 def ablation_series(results: dict, name: str) -> dict:
-    """What an ablation's figure draws, per reference format: the settings on its axis (c or β, the other at the
-    paper's value), each seed's last-step value per key for Purified, and the baselines' means (base, OPSD, ...)."""
+    """What an ablation's figure draws, per reference format: the settings on its axis (c or β, the other at
+    the paper's value), each seed's last-step value per key for Purified, and the baselines' means (base,
+    OPSD, ...)."""
     member, axis = ABLATIONS[name]
     series = {}
     for fmt, methods in results.items():
@@ -408,7 +435,8 @@ def ablation_series(results: dict, name: str) -> dict:
             "x": ["none" if s[axis] is None else f"{s[axis]:g}" for s, _ in runs],
             "series": {"Purified": {k: [_last(methods, m, k) for _, m in runs] for k in ABLATION_KEYS}},
             "lines": {m: {k: statistics.fmean(v) for k in ABLATION_KEYS if (v := _last(methods, m, k))}
-                      for m in ("base", "opsd", "opsd_fkl") if m in methods}}  # the support runs: supports.png
+                      # the support runs: supports.png
+                      for m in ("base", "opsd", "opsd_fkl") if m in methods}}
     return series
 
 
@@ -424,20 +452,23 @@ def support_series(results: dict) -> dict:
         if len(x) < 2:
             continue
         name = lambda m, s: m if s == "full" else f"{m}_{s}"  # noqa: E731
-        series[fmt] = {"x": x, "series": {label: {k: [_last(methods, name(m, s), k) for s in x] for k in ABLATION_KEYS}
+        series[fmt] = {"x": x, "series": {label: {k: [_last(methods, name(m, s), k) for s in x]
+                                                  for k in ABLATION_KEYS}
                                           for label, m in (("OPSD", "opsd"), ("Purified", "purified"))},
-                       "lines": {"base": {k: statistics.fmean(v) for k in ABLATION_KEYS if (v := _last(methods, "base", k))}}}
+                       "lines": {"base": {k: statistics.fmean(v) for k in ABLATION_KEYS
+                                          if (v := _last(methods, "base", k))}}}
     return series
 
 
 def ablation_rows(results: dict) -> list[dict]:
-    """Per reference format and method (every Purified setting, the baselines): final accuracy, markers, no-wait
-    accuracy and caught (mean, sd over seeds), and accuracy − base paired by seed."""
+    """Per reference format and method (every Purified setting, the baselines): final accuracy, markers,
+    no-wait accuracy and caught (mean, sd over seeds), and accuracy − base paired by seed."""
     rows = []
     for fmt, method, step, stats, last in last_step_rows(results, TABLE):
         setting = setting_of(method) or (None, None)
         rows.append({"reference": fmt, "method": method, "c": setting[0], "beta": setting[1], "step": step,
-                     **{k: stats.get(k) for k in ("accuracy", "markers_per_1k", "accuracy_no_wait", "caught_frac")},
+                     **{k: stats.get(k) for k in ("accuracy", "markers_per_1k", "accuracy_no_wait",
+                                                  "caught_frac")},
                      "vs_base": paired(results, fmt, method, "accuracy") if method != "base" else None,
                      "per_seed": [p["accuracy"] for p in last]})
     return rows
@@ -446,8 +477,8 @@ def ablation_rows(results: dict) -> list[dict]:
 def ablation_markdown(results: dict) -> str:
     """The ablation table: every method and Purified setting at the last step, mean ± sd over seeds, and
     accuracy − base paired by seed (mean ± SE; * when it counts by the decision rule)."""
-    lines = ["| reference | method | c | β | accuracy | markers/1k | no wait | caught | accuracy − base | per seed |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| reference | method | c | β | accuracy | markers/1k | no wait | caught | accuracy − base | "
+             "per seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def cell(v, digits=3):
         return "" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
@@ -457,8 +488,8 @@ def ablation_markdown(results: dict) -> str:
         c = "" if r["beta"] is None else "none" if r["c"] is None else f"{r['c']:g}"
         beta = "" if r["beta"] is None else f"{r['beta']:g}"
         lines.append(f"| {r['reference']} | {r['method']} | {c} | {beta} | {cell(r['accuracy'])} | "
-                     f"{cell(r['markers_per_1k'], 1)} | {cell(r['accuracy_no_wait'])} | {cell(r['caught_frac'])} | "
-                     f"{diff} | {' / '.join(f'{a:.3f}' for a in r['per_seed'])} |")
+                     f"{cell(r['markers_per_1k'], 1)} | {cell(r['accuracy_no_wait'])} | "
+                     f"{cell(r['caught_frac'])} | {diff} | {' / '.join(f'{a:.3f}' for a in r['per_seed'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -468,15 +499,15 @@ MARKER = "popsd_compare.json"  # written when a comparison folder is created: wh
 
 
 def prepare_out(out: Path, formats, overwrite: bool):
-    """A new or empty folder, or an earlier comparison's: its finished runs are reused where they match (compare
-    checks each), or with --overwrite removed (only what it wrote, a link as a link). Any other folder is
-    refused."""
+    """A new or empty folder, or an earlier comparison's: its finished runs are reused where they match
+    (compare checks each), or with --overwrite removed (only what it wrote, a link as a link). Any other
+    folder is refused."""
     if out.exists() and (out.is_file() or any(out.iterdir())):
         marker = out / MARKER
         legacy = (out / "summary.json").is_file() and not marker.exists()  # written before the marker
         if not (marker.is_file() or legacy):
-            raise FileExistsError(f"{out} is not empty and is not a comparison popsd wrote (no {MARKER}): choose "
-                                  "another --out")
+            raise FileExistsError(f"{out} is not empty and is not a comparison popsd wrote (no {MARKER}): "
+                                  "choose another --out")
         entries = json.loads(marker.read_text())["entries"] if marker.is_file() else [
             "summary.json", "summary.md", "summary.png", "full", "sketch"]
         if overwrite:
@@ -503,52 +534,57 @@ def print_gates(world, measured: dict, console=None):
         table.add_row(g["gate"], f"{g['value']:.3f}", f"≥ {g['threshold']:.2f}",
                       "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
     console.print(table)
-    contexts = Table(title="the base in each context", box=box.SIMPLE_HEAD, caption="acc: accuracy; errors: first-"
-                     "try errors per sample; P(w|✗), P(w|✓): P(wait | wrong step), P(wait | right step); mk/1k: "
+    contexts = Table(title="the base in each context", box=box.SIMPLE_HEAD,
+                     caption="acc: accuracy; errors: first-"
+                     "try errors per sample; P(w|✗), P(w|✓): P(wait | wrong step), P(wait | "
+                     "right step); mk/1k: "
                      "markers per 1k tokens; len: tokens")  # short headers: 80 columns hold the table
     for col in ("context", "acc", "errors", "caught", "P(w|✗)", "P(w|✓)", "mk/1k", "len"):
         contexts.add_column(col, justify="left" if col == "context" else "right", no_wrap=True)
     for name, m in measured.items():
-        contexts.add_row(name, f"{m['accuracy']:.3f}", f"{m['first_try_errors']:.2f}", f"{m['caught_frac']:.2f}",
-                         f"{m['p_wait_wrong']:.2f}", f"{m['p_wait_right']:.2f}", f"{m['markers_per_1k']:.1f}",
-                         f"{m['completion_len']:.1f}")
+        contexts.add_row(name, f"{m['accuracy']:.3f}", f"{m['first_try_errors']:.2f}",
+                         f"{m['caught_frac']:.2f}", f"{m['p_wait_wrong']:.2f}", f"{m['p_wait_right']:.2f}",
+                         f"{m['markers_per_1k']:.1f}", f"{m['completion_len']:.1f}")
     console.print(contexts)
     failed = [g["gate"] for g in result if not g["passed"]]
     if failed:
-        console.print(f"[bold white on red] THE {world.NAME.upper()} BASE FAILS {len(failed)} GATE(S): {'; '.join(failed)}. "
-                      "What follows is not evidence about reflection. [/]")
+        console.print(f"[bold white on red] THE {world.NAME.upper()} BASE FAILS {len(failed)} GATE(S): "
+                      f"{'; '.join(failed)}. What follows is not evidence about reflection. [/]")
     return result
 
 
-def planned_jobs(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, grid="product",
-                 opsd_fkl=False, supports=("full",)) -> list[Job]:
-    """Every argument checked, and every run's config resolved (popsd.make_config validates each), before any work:
-    the jobs of the comparison, or a ValueError / PopsdError naming what is wrong."""
+def planned_jobs(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides,
+                 grid="product", opsd_fkl=False, supports=("full",)) -> list[Job]:
+    """Every argument checked, and every run's config resolved (popsd.make_config validates each), before any
+    work: the jobs of the comparison, or a ValueError / PopsdError naming what is wrong."""
     if workers < 1 or seeds < 1 or gate_samples < 1:
         raise ValueError(f"--workers, --seeds and --gate-samples must be at least 1 (got {workers}, {seeds}, "
                          f"{gate_samples})")
     for flag, values in (("--clip", clips), ("--beta", betas)):
         if not values or any(v is not None and not (v > 0 and math.isfinite(v)) for v in values):
-            raise ValueError(f"{flag} {','.join('none' if v is None else f'{v:g}' for v in values)}: one or more "
-                             "finite numbers > 0" + (" (or none: no clip)" if flag == "--clip" else ""))
+            raise ValueError(f"{flag} {','.join('none' if v is None else f'{v:g}' for v in values)}: one or "
+                             "more finite numbers > 0" + (" (or none: no clip)" if flag == "--clip" else ""))
     unknown = [s for s in supports if s not in ("full", *SUPPORT_ARGS)]
     if unknown:
         raise ValueError(f"--support {unknown[0]!r}: one of full, {', '.join(SUPPORT_ARGS)}")
-    per_job = PER_JOB + (FKL_KEYS if opsd_fkl else ()) + (("support", "divergence") if {*supports} - {"full"} else ())
+    per_job = PER_JOB + (FKL_KEYS if opsd_fkl else ()) + (("support", "divergence") if {*supports} - {"full"}
+                                                          else ())
     clash = [o for o in overrides if o.split("=", 1)[0].strip() in per_job]
     if clash:
         raise ValueError(f"override {clash[0]!r}: compare sets {', '.join(per_job)} for each run itself (use "
-                         "--formats, --seeds, --clip, --beta, --out); an override would make every run the same")
+                         "--formats, --seeds, --clip, --beta, --out); an override would make "
+                         "every run the same")
     common.held_out(world, gate_samples)  # enough held-out questions for the gates
-    return compare_jobs(world, out.resolve(), formats, seeds, clips, betas, overrides, grid, opsd_fkl, supports)
+    return compare_jobs(world, out.resolve(), formats, seeds, clips, betas, overrides, grid, opsd_fkl,
+                        supports)
 
 
-def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite, console,
-            grid: str = "product", opsd_fkl: bool = False, supports=("full",)):
+def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite,
+            console, grid: str = "product", opsd_fkl: bool = False, supports=("full",)):
     import plots
     out = out.resolve()  # one folder for the runs and for reading them back, whatever the working directory
-    jobs = planned_jobs(world, out, formats, seeds, clips, betas, workers, gate_samples, overrides, grid, opsd_fkl,
-                        supports)
+    jobs = planned_jobs(world, out, formats, seeds, clips, betas, workers, gate_samples, overrides, grid,
+                        opsd_fkl, supports)
     prepare_out(out, formats, overwrite)
     t0 = time.time()
     tok, model = common.load_base(world)
@@ -557,9 +593,9 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     del model
     import popsd
     cfg = popsd.make_config(world.RECIPE, [o for o in overrides])
-    console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every {cfg.eval_every} steps on "
-                  f"{cfg.eval_limit} held-out questions), runs in {out}/<reference>/<method>/seed_<n>/, their logs "
-                  "beside them (seed_<n>.log)")
+    console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every "
+                  f"{cfg.eval_every} steps on {cfg.eval_limit} held-out questions), runs in "
+                  f"{out}/<reference>/<method>/seed_<n>/, their logs beside them (seed_<n>.log)")
     redo = {id(job): why_redo(job) for job in jobs}
     todo = [job for job in jobs if redo[id(job)]]
     console.print(f"{len(jobs) - len(todo)} runs reused (the same config, base, data, code and libraries: "
@@ -567,14 +603,17 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     for job in todo:
         if redo[id(job)] != "no finished run":
             console.print(f"redone, {redo[id(job)]}: {job.out}", soft_wrap=True)
-    for job in todo:  # an unfinished or different earlier run in this comparison's folder: compare's own, redone
+    # an unfinished or different earlier run in this comparison's folder: compare's own, redone
+    for job in todo:
         remove_entries(job.out.parent, [job.out.name, job.record.name])
-    run_jobs(world, todo, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)  # training rows + step-0 row
+    # training rows + step-0 row
+    run_jobs(world, todo, workers, cfg.steps + 1 + cfg.steps // cfg.eval_every, console)
     results = collect(jobs)
     console.print("each trained student with \"wait\" forbidden ...")
     add_no_wait(world, jobs, results, measured, gate_samples)
-    summary = {"settings": {"command": " ".join(sys.argv), "world": world.NAME, "recipe": world.RECIPE, "overrides": list(overrides),
-                            "formats": list(formats), "seeds": seeds, "clips": list(clips), "betas": list(betas),
+    summary = {"settings": {"command": " ".join(sys.argv), "world": world.NAME, "recipe": world.RECIPE,
+                            "overrides": list(overrides), "formats": list(formats), "seeds": seeds,
+                            "clips": list(clips), "betas": list(betas),
                             "grid": grid, "opsd_fkl": opsd_fkl, "supports": list(supports),
                             "steps": cfg.steps, "eval_every": cfg.eval_every, "eval_samples": cfg.eval_limit,
                             "workers": workers, "machine": f"{platform.processor() or platform.machine()}, "
@@ -589,25 +628,28 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     (out / "summary.md").write_text(markdown_table(results))
     plots.plot_compare(summary, out / "summary.png")
     if any(setting_of(m) not in (None, (10.0, 1.0)) for methods in results.values() for m in methods):
-        (out / "ablation.md").write_text(ablation_markdown(results))  # every method and setting, with supports
+        # every method and setting, with supports
+        (out / "ablation.md").write_text(ablation_markdown(results))
         for name in ABLATIONS:
             series = ablation_series(results, name)
             if series:
-                plots.plot_ablation(series, "c (soft clip)" if name == "clip" else "β", f"{world.NAME}: Purified's "
-                                    f"{name} ablation", out / f"ablation_{name}.png")
+                plots.plot_ablation(series, "c (soft clip)" if name == "clip" else "β",
+                                    f"{world.NAME}: Purified's {name} ablation", out / f"ablation_{name}.png")
     if any(support_series(results).values()):
         (out / "ablation.md").write_text(ablation_markdown(results))
-        plots.plot_ablation(support_series(results), "loss support", f"{world.NAME}: OPSD and Purified on each loss "
-                            "support (sampled and full_rkl: reverse KL)", out / "supports.png")
+        plots.plot_ablation(support_series(results), "loss support",
+                            f"{world.NAME}: OPSD and Purified on each loss support (sampled and full_rkl: "
+                            "reverse KL)", out / "supports.png")
     for table in compare_table(results, console.width, world.NAME):
         console.print(table)
     for v in summary["verdicts"]:
-        console.print(f"{v['reference']}: {v['hypothesis']}: {'holds' if v['holds'] else 'does not hold'} (paired "
-                      f"difference {v['mean']:+.3f} ± {v['se']:.3f} SE, per seed "
+        console.print(f"{v['reference']}: {v['hypothesis']}: {'holds' if v['holds'] else 'does not hold'} "
+                      f"(paired difference {v['mean']:+.3f} ± {v['se']:.3f} SE, per seed "
                       f"{', '.join(f'{d:+.3f}' for d in v['per_seed'])})", soft_wrap=True)
     if not all(g["passed"] for g in gate_rows):
         console.print(f"[bold white on red] reminder: the {world.NAME} base failed a gate (table above) [/]")
-    console.print(f"{summary['settings']['minutes']:.1f} min; {out / 'summary.json'} and {out / 'summary.png'}")
+    console.print(f"{summary['settings']['minutes']:.1f} min; {out / 'summary.json'} and "
+                  f"{out / 'summary.png'}")
     return summary
 
 # ----------------------------------------------------------------------------- CLI
@@ -625,7 +667,8 @@ def pretrain_settings(world, pairs: list[str]) -> dict:
 
 
 def floats(flag: str, text: str, none: bool = False) -> list:
-    """A comma-separated list of numbers (with none: "none" too, no clip) → floats; anything else names the flag."""
+    """A comma-separated list of numbers (with none: "none" too, no clip) → floats; anything else names the
+    flag."""
     try:
         return [None if none and x.strip() == "none" else float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -640,39 +683,49 @@ def main(argv: list[str]):
     command = argv[0] if argv and argv[0] in ("gates", "pretrain", "data") else "compare"
     argv = argv[1:] if command != "compare" else argv
     p = argparse.ArgumentParser(prog=f"compare.py{'' if command == 'compare' else ' ' + command}",
-                                description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--world", default="toyworld", help=f"{', '.join(worlds.NAMES)}; compare takes several, "
                    "comma-separated (each into runs/<world>_compare unless --out)")
     if command == "compare":
         p.add_argument("--out", default=None, help="default runs/<world>_compare")
         p.add_argument("--formats", default="full,sketch", help="reference formats, comma-separated")
         p.add_argument("--seeds", type=int, default=3)
-        p.add_argument("--clip", default="10", help="Purified's soft clip c; a list (5,10,20) adds ablation runs")
+        p.add_argument("--clip", default="10",
+                       help="Purified's soft clip c; a list (5,10,20) adds ablation runs")
         p.add_argument("--beta", default="1", help="Purified's β; a list (0.5,1,2) adds ablation runs")
         p.add_argument("--grid", choices=("product", "one-at-a-time"), default="product",
-                       help="every (c, β) pair, or one factor at a time around c = 10, β = 1 (the paper's ablations)")
+                       help="every (c, β) pair, or one factor at a time around c = 10, β = 1 (the "
+                            "paper's ablations)")
         p.add_argument("--opsd-fkl", action="store_true",
                        help="also OPSD with the updated official code's loss: forward KL, term_clamp 0.05")
-        p.add_argument("--support", default="full", help="loss supports, comma-separated: full, topk, sampled, full_rkl "
-                       "(each beyond full adds OPSD and Purified on it; full_rkl: reverse KL on the full vocabulary)")
+        p.add_argument("--support", default="full",
+                       help="loss supports, comma-separated: full, topk, sampled, full_rkl "
+                       "(each beyond full adds OPSD and Purified on it; full_rkl: reverse KL on the "
+                       "full vocabulary)")
         p.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
         p.add_argument("--gate-samples", type=int, default=400)
         p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
-        p.add_argument("overrides", nargs="*", help="key=value for every run (e.g. steps=30); the same for all methods")
+        p.add_argument("overrides", nargs="*",
+                       help="key=value for every run (e.g. steps=30); the same for all methods")
     elif command == "gates":
         p.add_argument("--samples", type=int, default=400)
         p.add_argument("--base", default=None, help="default: the world's shipped base")
     elif command == "pretrain":
-        p.add_argument("--out", default=None, help="default: the world's shipped base folder (with --replace)")
-        p.add_argument("--replace", action="store_true", help="write over a base already in --out (or the shipped one)")
+        p.add_argument("--out", default=None,
+                       help="default: the world's shipped base folder (with --replace)")
+        p.add_argument("--replace", action="store_true",
+                       help="write over a base already in --out (or the shipped one)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("settings", nargs="*", help="key=value over the world's PRETRAIN (a pilot's settings)")
     args = p.parse_args(argv)
     try:
         names = [w.strip() for w in args.world.split(",") if w.strip()]
         if len(names) != 1 and (command != "compare" or args.out):
-            raise ValueError(f"--world {args.world}: one world for {command}" + (" with --out" if args.out else ""))
-        chosen = [worlds.get(name) for name in names]  # every name checked before the first world's runs start
+            raise ValueError(f"--world {args.world}: one world for {command}"
+                             + (" with --out" if args.out else ""))
+        # every name checked before the first world's runs start
+        chosen = [worlds.get(name) for name in names]
         world = chosen[0]
         if command == "data":
             world.write_data()
@@ -684,13 +737,16 @@ def main(argv: list[str]):
             import plots
             torch.set_num_threads(world.PRETRAIN["threads"])
             out = Path(args.out or world.BASE)
-            if (out / "config.json").exists() and not args.replace:  # every run, checkpoint and evaluation made
-                shipped = " (the shipped base, tracked by git)" if out.resolve() == world.BASE.resolve() else ""
-                raise ValueError(f"{out} already holds a base{shipped}: pre-training would write over it. Pre-train "
-                                 "into a new folder with --out DIR (then train on it with model=DIR), or pass "
-                                 "--replace to overwrite it")
+            # every run, checkpoint and evaluation made
+            if (out / "config.json").exists() and not args.replace:
+                shipped = (" (the shipped base, tracked by git)" if out.resolve() == world.BASE.resolve()
+                           else "")
+                raise ValueError(f"{out} already holds a base{shipped}: pre-training would write over it. "
+                                 "Pre-train into a new folder with --out DIR (then train on it with "
+                                 "model=DIR), or pass --replace to overwrite it")
             _, _, log = world.pretrain(out, seed=args.seed, **pretrain_settings(world, args.settings))
-            plots.plot_pretrain(log, [(name, t) for name, _, t in world.GATES if t <= 1], out / "pretrain.png")
+            plots.plot_pretrain(log, [(name, t) for name, _, t in world.GATES if t <= 1],
+                                out / "pretrain.png")
             tok, model = common.load_base(world, out)
             print_gates(world, world.measure_base(model, tok), console)
         else:
@@ -698,12 +754,13 @@ def main(argv: list[str]):
             formats = [f.strip() for f in args.formats.split(",")]
             supports = [x.strip() for x in args.support.split(",") if x.strip()]
             for world in chosen:  # every world's arguments and runs checked before the first one starts
-                planned_jobs(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds, clips, betas,
-                             args.workers, args.gate_samples, args.overrides, args.grid, args.opsd_fkl, supports)
+                planned_jobs(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds,
+                             clips, betas, args.workers, args.gate_samples, args.overrides, args.grid,
+                             args.opsd_fkl, supports)
             for world in chosen:
-                compare(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds, clips, betas,
-                        args.workers, args.gate_samples, args.overrides, args.overwrite, console, args.grid,
-                        args.opsd_fkl, supports)
+                compare(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds, clips,
+                        betas, args.workers, args.gate_samples, args.overrides, args.overwrite, console,
+                        args.grid, args.opsd_fkl, supports)
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError, PopsdError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

@@ -1,4 +1,5 @@
-"""config.py: popsd's one Config, recipes that override it, and the checks that stop a run that would be wasted.
+"""config.py: popsd's one Config, recipes that override it, and the checks that stop a run that would be
+wasted.
 
     cfg = make_config("tiny", ["steps=3", "lr=1e-4"])   # defaults ← recipes/tiny.py ← key=value overrides
 
@@ -129,9 +130,11 @@ class Config:
     report_to: str = "none"  # none | tensorboard | wandb (comma-separated for both): metrics also to a tracker
 
 
-CHOICES = {"loss_impl": ("fused", "reference"), "loss_compile": ("auto", "on", "off"), "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
+CHOICES = {"loss_impl": ("fused", "reference"), "loss_compile": ("auto", "on", "off"),
+           "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
            "teacher": ("frozen", "live", "ema"), "divergence": L.KINDS, "support": L.SUPPORTS,
-           "lr_schedule": ("constant", "cosine"), "optim": ("adamw", "paged_adamw_8bit"), "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
+           "lr_schedule": ("constant", "cosine"), "optim": ("adamw", "paged_adamw_8bit"),
+           "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
            "rollout_engine": ("dynamic", "static", "graph", "vllm")}
 TEMPLATE_KEYS = ("student_template", "teacher_template", "refonly_template")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -140,7 +143,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # ----------------------------------------------------------------------------- config
 
 def coerce(key: str, value, typ, text: bool):
-    """A CLI string (text=True) or a recipe's Python value → the field's type, or a PopsdError naming the key."""
+    """A CLI string (text=True) or a recipe's Python value → the field's type, or a PopsdError naming the
+    key."""
     if isinstance(typ, types.UnionType):  # X | None
         if value is None or (text and value.lower() in ("none", "null")):
             return None
@@ -161,14 +165,17 @@ def coerce(key: str, value, typ, text: bool):
         raise PopsdError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
 
 
-RENAMED = {"jsd_beta": "jsd_mix", "clip": "pmi_clip", "token_clip": "term_clamp"}  # old name: new (2026-12): no
-# two knobs share a name (β of the PMI target; the JSD's b; c, the per-term cap and max_grad_norm were three clips)
+# old name: new (2026-12): no
+RENAMED = {"jsd_beta": "jsd_mix", "clip": "pmi_clip", "token_clip": "term_clamp"}
+# two knobs share a name (β of the PMI target; the JSD's b; c, the per-term cap and max_grad_norm were three
+# clips)
 
 
 def current_name(key: str) -> str:
     """A renamed key's new name, with a one-line note (the old name keeps working for now)."""
     if key in RENAMED:
-        print(f"note: config key {key!r} is now {RENAMED[key]!r} (the old name still works, for now)", file=sys.stderr)
+        print(f"note: config key {key!r} is now {RENAMED[key]!r} (the old name still works, for now)",
+              file=sys.stderr)
     return RENAMED.get(key, key)
 
 
@@ -204,18 +211,21 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
         seen.add(RENAMED.get(key.strip(), key.strip()))
         set_field(cfg, key.strip(), value, text=True)
     if "rollout_server" in seen and "rollout_engine" not in seen and cfg.rollout_engine in ("vllm", "graph"):
-        cfg.rollout_engine = Config.rollout_engine  # servers asked for here replace the recipe's in-process sampler
+        # servers asked for here replace the recipe's in-process sampler
+        cfg.rollout_engine = Config.rollout_engine
     validate(cfg)
     return cfg
 
 
-POSITIVE = ("lr", "temperature", "beta", "max_grad_norm", "lora_alpha", "eval_temperature", "sampler_gap_warn",
+POSITIVE = ("lr", "temperature", "beta", "max_grad_norm", "lora_alpha", "eval_temperature",
+            "sampler_gap_warn",
             "sampler_gap_stop", "server_timeout")  # > 0, or nothing trains
 AT_LEAST_1 = ("steps", "batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "gen_batch_size",
-              "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints", "rollout_concurrency",
-              "topk")
+              "max_prompt_len", "lora_r", "eval_n", "eval_max_new_tokens", "keep_checkpoints",
+              "rollout_concurrency", "topk")
 NOT_NEGATIVE = ("top_k", "warmup_steps", "weight_decay", "save_every", "eval_every", "eval_limit",
-                "samples_per_step", "threads", "loss_chunk_mb", "vllm_kv_cache_gb")  # loss_chunk_mb=0: one token per chunk
+                # loss_chunk_mb=0: one token per chunk
+                "samples_per_step", "threads", "loss_chunk_mb", "vllm_kv_cache_gb")
 POSITIVE_OR_NONE = ("pmi_clip", "loss_temperature", "term_clamp")
 
 
@@ -268,7 +278,8 @@ def validate(cfg: Config):
              f"term_clamp (got divergence={cfg.divergence}, term_clamp={cfg.term_clamp})")
     if cfg.divergence == "jsd" and not 0 < cfg.jsd_mix < 1:
         fail("jsd_mix", "must be in (0, 1) for divergence=jsd: at 0 or 1 the JSD is 0 and nothing trains "
-             "(use divergence=forward_kl for KL(target||student) or divergence=reverse_kl for KL(student||target))")
+             "(use divergence=forward_kl for KL(target||student) or divergence=reverse_kl for "
+             "KL(student||target))")
     for key in ("model", "data", "question_field", "reference_field", "lora_targets"):
         if not getattr(cfg, key).strip():
             fail(key, "must not be empty")
@@ -281,7 +292,8 @@ def validate(cfg: Config):
         raise PopsdError(str(e)) from None
     if len(cfg.eval_fields.split(",")) != 2:
         fail("eval_fields", "must be 'question_field,answer_field'")
-    cfg.out_dir = os.path.expanduser(cfg.out_dir or f"runs/{cfg.recipe or 'default'}")  # out_dir=~/x: the real folder
+    # out_dir=~/x: the real folder
+    cfg.out_dir = os.path.expanduser(cfg.out_dir or f"runs/{cfg.recipe or 'default'}")
 
 
 def derived_sizes(cfg: Config, n_examples: int) -> dict:
@@ -292,7 +304,8 @@ def derived_sizes(cfg: Config, n_examples: int) -> dict:
 
 
 def print_config(cfg: Config, sizes: dict, console):
-    """The fields this run sets away from the defaults, and the derived sizes (all of it is in config.json)."""
+    """The fields this run sets away from the defaults, and the derived sizes (all of it is in
+    config.json)."""
     table = Table(title=f"popsd config (recipe: {cfg.recipe or 'none'}); every field in config.json",
                   show_header=False, box=None)
     table.add_column("field", no_wrap=True)

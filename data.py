@@ -28,9 +28,9 @@ def model_load_error(path: str, e: Exception) -> PopsdError:
     if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a hub id is "name" or "org/name"
         return PopsdError(f"model folder {path!r} does not exist")
     return PopsdError(
-        f"could not load model {path!r} (no such local folder; as a hub id: {first}). If this machine is offline "
-        f"or the model is not in the Hugging Face cache, download it where there is a network (hf download {path}) "
-        "and pass the local directory.")
+        f"could not load model {path!r} (no such local folder; as a hub id: {first}). If this machine is "
+        "offline or the model is not in the Hugging Face cache, download it where there is a network (hf "
+        f"download {path}) and pass the local directory.")
 
 
 def resolve_local(path: str) -> Path | None:
@@ -75,17 +75,18 @@ def read_records(source: str, split: str):
     except Exception as e:  # offline, not cached, no such split, ...
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PopsdError(
-            f"could not load dataset {source!r} (split {split!r}): {first}. If this machine is offline or the "
-            "dataset is not in the Hugging Face cache, download it where there is a network (hf "
+            f"could not load dataset {source!r} (split {split!r}): {first}. If this machine is offline or "
+            "the dataset is not in the Hugging Face cache, download it where there is a network (hf "
             f"download --repo-type dataset {source}) or point at a local .jsonl/.json/.parquet file with the "
             "question and reference fields. Setting HF_HUB_OFFLINE=1 skips the network retries.") from None
     yield from ((f"{source} row {i}", r) for i, r in enumerate(ds))
 
 
 def read_rows(source: str, split: str, fields: tuple[str, ...], skip_bad: bool = False,
-              advice: str = "Name the right fields in the config (question_field, reference_field), fix the row, "
-                            "or set skip_bad_rows=true to skip and count such rows."):
-    """Tuples of the named string fields, and the number of bad rows skipped (a bad row stops unless skip_bad)."""
+              advice: str = "Name the right fields in the config (question_field, reference_field), fix the "
+                            "row, or set skip_bad_rows=true to skip and count such rows."):
+    """Tuples of the named string fields, and the number of bad rows skipped (a bad row stops unless
+    skip_bad)."""
     rows, bad = [], 0
     for label, rec in read_records(source, split):
         if isinstance(rec, json.JSONDecodeError):
@@ -95,8 +96,10 @@ def read_rows(source: str, split: str, fields: tuple[str, ...], skip_bad: bool =
         elif not isinstance(rec, dict):
             problem = "is not an object"
         else:
-            missing = [f for f in fields if not isinstance(rec.get(f), (str, int, float)) or not str(rec[f]).strip()]
-            problem = f"field {missing[0]!r} is missing or empty (fields: {', '.join(rec)})" if missing else ""
+            missing = [f for f in fields if not isinstance(rec.get(f), (str, int, float))
+                       or not str(rec[f]).strip()]
+            problem = (f"field {missing[0]!r} is missing or empty (fields: {', '.join(rec)})" if missing
+                       else "")
         if problem:
             if not skip_bad:
                 raise PopsdError(f"{label}: {problem}. {advice}")
@@ -129,7 +132,8 @@ class DataStream:
 TINY_CHAT_TEMPLATE = (  # ChatML with Qwen3's enable_thinking switch
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% "
+    "endif %}{% endif %}")
 
 
 def build_tiny_model(path: Path, texts: list[str], seed: int = 0) -> Path:
@@ -142,15 +146,17 @@ def build_tiny_model(path: Path, texts: list[str], seed: int = 0) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                                       show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.add_tokens(["<think>", "</think>"])  # as in Qwen3: single tokens, not special (decoded text keeps them)
+    # as in Qwen3: single tokens, not special (decoded text keeps them)
+    bpe.add_tokens(["<think>", "</think>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = TINY_CHAT_TEMPLATE
     vocab = math.ceil(len(tok) / 64) * 64 + 64  # padded beyond the tokenizer, as Qwen pads to 151,936
     config = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                         tie_word_embeddings=False,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=1024, tie_word_embeddings=False,
                          initializer_range=0.4,  # wide init: peaked, context-dependent distributions
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)

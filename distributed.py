@@ -27,14 +27,16 @@ def setup(device: torch.device):
 def shard_model(model, device: torch.device, bf16: bool):
     """FSDP2: fully_shard every decoder layer, then the transformer body, the root of what the scoring passes
     call. The frozen output head stays whole on every rank: the loss reads its weight as a [V, H] tensor.
-    Gradients are summed over ranks (not averaged): each rank's loss is already divided by the global count."""
+    Gradients are summed over ranks (not averaged): each rank's loss is already divided by the global
+    count."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     causal = model.get_base_model()
     body, head = getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
     if head.weight is body.get_input_embeddings().weight:  # tied embeddings: the head keeps its own copy
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     mixed = device.type == "cuda" and bf16
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                              reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
     layers = [m for m in body.modules() if type(m).__name__ in causal._no_split_modules]
     for m in [*layers, body]:
         fully_shard(m, mp_policy=mp)
@@ -45,9 +47,9 @@ def shard_model(model, device: torch.device, bf16: bool):
 
 @contextlib.contextmanager
 def gathered(model):
-    """Under FSDP2, all-gather every sharded module's weights once for the block (generation) instead of at every
-    forward: a decoding step is one forward, so sampling T tokens would otherwise gather every layer T times.
-    Each rank then holds the whole model until the block ends. No-op without FSDP."""
+    """Under FSDP2, all-gather every sharded module's weights once for the block (generation) instead of at
+    every forward: a decoding step is one forward, so sampling T tokens would otherwise gather every layer T
+    times. Each rank then holds the whole model until the block ends. No-op without FSDP."""
     from torch.distributed.fsdp import FSDPModule
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in sharded:
@@ -91,8 +93,8 @@ def barrier():
 
 
 def finish():
-    """Every rank reaches the end (rank 0 writes the adapter and plots meanwhile) before gloo/nccl are torn down:
-    a rank leaving early could close connections a peer still reads (gloo: "terminate called ...")."""
+    """Every rank reaches the end (rank 0 writes the adapter and plots meanwhile) before gloo/nccl are torn
+    down: a rank leaving early could close connections a peer still reads (gloo: "terminate called ...")."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

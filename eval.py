@@ -11,7 +11,8 @@ popsd_prompts.json (the toy base ships one); with none, popsd's template and thi
 Each completion is graded by
 grading.grade: the last \\boxed{} after the reasoning block against the gold answer with math-verify.
 Writes summary.json and samples.jsonl (every completion, the answer extracted from it and its verdict)
-to --out. During training (eval_every) session.py calls `in_training`, which runs `evaluate` with the run's sampler.
+to --out. During training (eval_every) session.py calls `in_training`, which runs `evaluate` with the run's
+sampler.
 """
 import argparse
 import contextlib
@@ -54,7 +55,8 @@ BENCHMARKS = {  # name: (hub id, split, question field, answer field)
 }
 # ----------------------------------------------------------------------------- benchmarks
 
-CLI_FIELDS = "Name the fields with --question-field and --answer-field (defaults: problem, answer), or fix the row."
+CLI_FIELDS = ("Name the fields with --question-field and --answer-field (defaults: problem, answer), "
+              "or fix the row.")
 
 
 def load_bench(spec: str, question_field: str = "problem", answer_field: str = "answer", limit: int = 0,
@@ -74,11 +76,13 @@ def load_bench(spec: str, question_field: str = "problem", answer_field: str = "
 
 
 def checker_of(grader: str):
-    """--grader / eval_grader: None for math-verify, else the named world's exact checker (looked up by name)."""
+    """--grader / eval_grader: None for math-verify, else the named world's exact checker (looked up by
+    name)."""
     return None if grader == "math" else worlds.get(grader).check
 
 
-def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: list[bool], markers: int) -> dict:
+def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: list[bool],
+                  markers: int) -> dict:
     """Per-benchmark numbers from Q questions × n samples (lengths/truncated flat over all samples)."""
     n = len(verdicts[0])
     flat = [v for row in verdicts for v in row]
@@ -86,13 +90,15 @@ def bench_metrics(verdicts: list[list[bool]], lengths: list[int], truncated: lis
     for k in sorted({1, n}):
         out[f"pass@{k}"] = statistics.fmean(pass_at_k(n, sum(row), k) for row in verdicts)
     return out | {"len_mean": statistics.fmean(lengths), "len_median": statistics.median(lengths),
-                  "truncated": sum(truncated) / len(truncated), "markers_per_1k": 1000 * markers / max(sum(lengths), 1),
+                  "truncated": sum(truncated) / len(truncated),
+                  "markers_per_1k": 1000 * markers / max(sum(lengths), 1),
                   "questions": len(verdicts), "samples": len(flat)}
 
 
 def advance(bar, task, k: int, every: float = 10.0, end_line: bool = True):
-    """The bar moves; where it cannot be drawn (stdout a pipe or a file), a line says how far it is, at most every
-    `every` seconds, and at the end (with end_line=False only after a line was printed: short work stays quiet)."""
+    """The bar moves; where it cannot be drawn (stdout a pipe or a file), a line says how far it is, at most
+    every `every` seconds, and at the end (with end_line=False only after a line was printed: short work stays
+    quiet)."""
     bar.advance(task, k)
     if not bar.console.is_terminal and not bar.console.quiet:
         t = bar.tasks[[x.id for x in bar.tasks].index(task)]
@@ -100,12 +106,14 @@ def advance(bar, task, k: int, every: float = 10.0, end_line: bool = True):
         if (t.completed >= (t.total or 0) and (end_line or printed)) or \
                 now - (printed or t.start_time or now) >= every:
             t.fields["printed"] = now
-            bar.console.print(f"{t.description}: {t.completed:.0f}/{t.total:.0f} samples, {t.elapsed or 0:.0f} s")
+            bar.console.print(f"{t.description}: {t.completed:.0f}/{t.total:.0f} samples, "
+                              f"{t.elapsed or 0:.0f} s")
 
 
-def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
-             top_k: int, eos_ids: list[int], batch_size: int, device, template: str = STUDENT_TEMPLATE,
-             thinking: bool = False, seed: int = 0, progress=None, rank: int = 0, world: int = 1, grader: str = "math",
+def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, temperature: float,
+             top_p: float, top_k: int, eos_ids: list[int], batch_size: int, device,
+             template: str = STUDENT_TEMPLATE, thinking: bool = False, seed: int = 0, progress=None,
+             rank: int = 0, world: int = 1, grader: str = "math",
              sampler=None):
     """Sample n completions per question of each benchmark, grade them; returns (metrics, records) per bench.
 
@@ -128,12 +136,15 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
         for name, rows in benches.items():
             torch.manual_seed(seed + rank)
             mine = list(range(rank, len(rows), world))
-            padded = mine + [0] * (math.ceil(len(rows) / world) - len(mine))  # as many generate calls on every rank
+            # as many generate calls on every rank
+            padded = mine + [0] * (math.ceil(len(rows) / world) - len(mine))
             prompts = [chat_ids(tokenizer, fill(template, question=rows[i][0]), thinking) for i in padded]
-            with contextlib.nullcontext(progress) if progress else Progress(console=console, transient=True) as bar:
+            with contextlib.nullcontext(progress) if progress else Progress(
+                    console=console, transient=True) as bar:
                 task = bar.add_task(f"eval {name}", total=len(prompts) * n)
                 got = sampler.generate(
-                    prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                       top_k=top_k,
                     seeds=[request_seed(seed, f"eval:{name}", i) for i in padded],
                     on_batch=lambda k: advance(bar, task, k))
                 bar.remove_task(task)
@@ -160,7 +171,8 @@ def records_metrics(recs: list[dict]) -> dict:
         out["unclosed_reasoning"] = sum(not s["reasoning_closed"] for s in flat) / len(flat)
     if flat and "check" in flat[0]:  # toy world: caught errors, false reflections, ...
         world = summarize([Check(**s["check"]) for s in flat], sum(s["tokens"] for s in flat))
-        out |= {k: v for k, v in world.items() if k not in ("accuracy", "samples", "markers_per_1k", "completion_len")}
+        out |= {k: v for k,
+                v in world.items() if k not in ("accuracy", "samples", "markers_per_1k", "completion_len")}
     return out
 
 
@@ -168,18 +180,19 @@ EVAL_MARKER = "popsd_eval.json"  # in every folder eval.py writes: a later --out
 
 
 def check_eval_out(out: Path, reads: list[Path]):
-    """eval.py writes only into a new or empty folder or one of its own evaluations (its marker, or, from before
-    the marker, a summary.json with settings or a server route's partial.jsonl), checked before any work: never
-    over a file, into a training run, the model's or the adapter's folder, or someone's folder (`.`)."""
+    """eval.py writes only into a new or empty folder or one of its own evaluations (its marker, or, from
+    before the marker, a summary.json with settings or a server route's partial.jsonl), checked before any
+    work: never over a file, into a training run, the model's or the adapter's folder, or someone's folder
+    (`.`)."""
     check_out_dir(out, reads, key="--out", who="evaluation")
     if not out.exists():
         return
     if not out.is_dir():
-        raise PopsdError(f"--out {out} is a file: eval.py writes a folder (summary.json, samples.jsonl); choose "
-                         "another --out")
+        raise PopsdError(f"--out {out} is a file: eval.py writes a folder (summary.json, samples.jsonl); "
+                         "choose another --out")
     if (out / MARKER).exists() or (out / "adapter_config.json").exists() or (out / "config.json").exists():
-        raise PopsdError(f"--out {out} is a training run, a model or an adapter: write the evaluation elsewhere "
-                         "(by default it goes to runs/eval/<what is evaluated>)")
+        raise PopsdError(f"--out {out} is a training run, a model or an adapter: write the evaluation "
+                         "elsewhere (by default it goes to runs/eval/<what is evaluated>)")
     if (out / EVAL_MARKER).is_file() or (out / "partial_settings.json").is_file() or not any(out.iterdir()):
         return
     try:
@@ -187,8 +200,9 @@ def check_eval_out(out: Path, reads: list[Path]):
     except (OSError, ValueError, TypeError):
         legacy = False
     if not legacy:
-        raise PopsdError(f"--out {out} is not empty and holds no evaluation of eval.py's (no {EVAL_MARKER}): eval.py "
-                         "writes only into a new or empty folder or one of its own; choose another --out")
+        raise PopsdError(f"--out {out} is not empty and holds no evaluation of eval.py's (no {EVAL_MARKER}): "
+                         "eval.py writes only into a new or empty folder or one of its own; "
+                         "choose another --out")
 
 
 def write_results(out: Path, metrics: dict, records: dict, settings: dict):
@@ -203,10 +217,12 @@ def write_results(out: Path, metrics: dict, records: dict, settings: dict):
 def results_table(metrics: dict, title: str = "eval") -> Table:
     table = Table(title=title)
     first = next(iter(metrics.values()))
-    hidden = {"questions", "samples", "p_wait_wrong", "p_wait_right"} | ({"pass@1"} if "avg@1" in first else set())
+    hidden = {"questions", "samples", "p_wait_wrong",
+              "p_wait_right"} | ({"pass@1"} if "avg@1" in first else set())
     cols = [k for k in first if k not in hidden]
     short = {"len_mean": "len", "len_median": "med len", "truncated": "trunc", "markers_per_1k": "markers/1k",
-             "first_try_errors": "errors/sample", "caught_frac": "caught", "false_reflections": "false refl/sample"}
+             "first_try_errors": "errors/sample", "caught_frac": "caught",
+             "false_reflections": "false refl/sample"}
     heads = ["bench", "Q", *(short.get(c, c) for c in cols)]
     def cell(c, v):
         if c.startswith(("avg@", "pass@")) or c in ("truncated", "caught_frac"):
@@ -214,7 +230,8 @@ def results_table(metrics: dict, title: str = "eval") -> Table:
         return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
     body = [[name, str(m["questions"]), *(cell(c, m[c]) for c in cols)] for name, m in metrics.items()]
     wide = sum(max(len(h), *(len(r[i]) for r in body)) + 3 for i, h in enumerate(heads)) + 1
-    if wide > console.width:  # too wide for the terminal (or a pipe's 80 columns): one row per metric, no header cut
+    # too wide for the terminal (or a pipe's 80 columns): one row per metric, no header cut
+    if wide > console.width:
         table.add_column("metric", justify="left")
         for r in body:
             table.add_column(r[0], justify="right")
@@ -228,10 +245,12 @@ def results_table(metrics: dict, title: str = "eval") -> Table:
     return table
 
 
-# ----------------------------------------------------------------------------- during training (popsd.py, eval_every)
+# ----------------------------------------------------------------------------- during training (popsd.py,
+# eval_every)
 
 def named_benches(pairs) -> dict:
-    """{name: rows}, a name given twice (a/test.jsonl, b/test.jsonl) made unique with its folder, then a count."""
+    """{name: rows}, a name given twice (a/test.jsonl, b/test.jsonl) made unique with its folder, then a
+    count."""
     benches = {}
     for spec, (name, rows) in pairs:
         if name in benches:
@@ -263,25 +282,28 @@ def held_out_benches(cfg, train_rows) -> dict:
     for spec, (name, rows) in zip(specs, loaded.items()):
         held_out = [r for r in rows if r[0].strip() not in seen]
         if len(held_out) < len(rows):
-            console.print(f"[yellow]eval {name}: {len(rows) - len(held_out)} questions are in the training data "
-                          "and are left out[/]")
+            console.print(f"[yellow]eval {name}: {len(rows) - len(held_out)} questions are in the training "
+                          "data and are left out[/]")
         if not held_out:
             raise PopsdError(f"eval benchmark {spec!r}: every question is in the training data")
         benches[name] = held_out[:cfg.eval_limit] if cfg.eval_limit else held_out
     return benches
 
 
-def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, bar, rank: int = 0, world: int = 1,
-                base_sha: str | None = None):
+def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, bar, rank: int = 0,
+                world: int = 1, base_sha: str | None = None):
     """Evaluate the student (adapters on) with the run's sampler (HF generate or its engine); results in
     out/eval/step_N/ (with the step and the base's checksum), metrics as eval/<bench>/<name>."""
     metrics, records = evaluate(
         None, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
-        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=sampler.eos_ids, batch_size=0,
-        device=getattr(sampler, "device", "cpu"), template=cfg.student_template, thinking=cfg.student_thinking,
+        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=sampler.eos_ids,
+                                batch_size=0,
+        device=getattr(sampler, "device", "cpu"), template=cfg.student_template,
+                                thinking=cfg.student_thinking,
         seed=cfg.seed, progress=bar, rank=rank, world=world, grader=cfg.eval_grader, sampler=sampler)
     if rank == 0:
-        write_results(out / "eval" / f"step_{step:06d}", metrics, records, {"step": step, "model_sha256": base_sha})
+        write_results(out / "eval" / f"step_{step:06d}", metrics, records,
+                      {"step": step, "model_sha256": base_sha})
     console.print(results_table(metrics, f"eval at step {step}"))
     return {f"eval/{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
 
@@ -290,8 +312,9 @@ def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, ba
 
 def run_settings(adapter: str | None, model_path: str | None = None) -> dict:
     """The prompt settings to evaluate with, first found of: the adapter's popsd_prompts.json (popsd saves one
-    with every adapter), the training run's config.json above it, the model folder's popsd_prompts.json (a base
-    that ships its own, like the toy base); {} when none (then the built-in defaults). Flags override them."""
+    with every adapter), the training run's config.json above it, the model folder's popsd_prompts.json (a
+    base that ships its own, like the toy base); {} when none (then the built-in defaults). Flags override
+    them."""
     def read(path: Path) -> dict:
         try:
             got = json.loads(path.read_text()) if path.is_file() else {}
@@ -313,9 +336,10 @@ ENGINES = ("dynamic", "static", "graph")  # HF generate's caches, engines/graph.
 
 
 def run_sampling(adapter: str | None) -> dict:
-    """How the training run above an adapter sampled (its config.json: engine, graph_keep_rows, batch, threads):
-    eval.py samples the same way by default, so checking a result takes what the run's own evaluation took, and
-    gives the run's own evaluation, sample for sample, with the same questions, seed and settings."""
+    """How the training run above an adapter sampled (its config.json: engine, graph_keep_rows, batch,
+    threads): eval.py samples the same way by default, so checking a result takes what the run's own
+    evaluation took, and gives the run's own evaluation, sample for sample, with the same questions, seed and
+    settings."""
     for d in [Path(adapter), *Path(adapter).resolve().parents][:4] if adapter else []:
         try:
             got = json.loads((d / "config.json").read_text())
@@ -327,27 +351,31 @@ def run_sampling(adapter: str | None) -> dict:
 
 
 def eval_sampler(engine: str, model, tokenizer, rows: int, device, eos: list[int], keep_rows: bool):
-    """The sampler for --engine: HF generate (dynamic | static) or the graph sampler, on the evaluated model."""
+    """The sampler for --engine: HF generate (dynamic | static) or the graph sampler, on the evaluated
+    model."""
     if engine == "graph":
-        return GraphSampler(model, tokenizer, batch_size=rows, device=device, eos_ids=eos, keep_rows=keep_rows)
+        return GraphSampler(model, tokenizer, batch_size=rows, device=device, eos_ids=eos,
+                            keep_rows=keep_rows)
     return HFSampler(model, tokenizer, engine=engine, batch_size=rows, device=device, eos_ids=eos)
 
 
 def thinking_mode(flag: str | None, run: dict) -> bool:
-    """--thinking on|off, else the training run's student_thinking, else on (the paper's models think), said aloud."""
+    """--thinking on|off, else the training run's student_thinking, else on (the paper's models think), said
+    aloud."""
     if flag is not None:
         return flag == "on"
     if "student_thinking" in run:
         return run["student_thinking"]
-    console.print("[yellow]thinking mode: on (no --thinking and no training run's config.json to read it from; "
-                  "pass --thinking off for a model that does not think)[/]")
+    console.print("[yellow]thinking mode: on (no --thinking and no training run's config.json to read it "
+                  "from; pass --thinking off for a model that does not think)[/]")
     return True
 
 
 def load_tokenizer(model_path: str, adapter: str | None, trust: bool):
     """The adapter's tokenizer when it saved one (a run's adapter/), else the base model's."""
     from transformers import AutoTokenizer
-    has_tok = adapter and (Path(adapter) / "tokenizer_config.json").exists()  # adapter/ has one, checkpoints not
+    # adapter/ has one, checkpoints not
+    has_tok = adapter and (Path(adapter) / "tokenizer_config.json").exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(adapter if has_tok else model_path, trust_remote_code=trust)
     except OSError as e:
@@ -368,8 +396,8 @@ def check_adapter_config(path: Path):
     if config.get("peft_type", "LORA") != "LORA":
         raise PopsdError(f"{path}: peft_type {config.get('peft_type')!r}; eval.py evaluates LoRA adapters")
     if config.get("modules_to_save"):
-        raise PopsdError(f"{path}: modules_to_save {config['modules_to_save']!r} would replace whole layers of the "
-                         "base model; a popsd adapter holds LoRA weights only")
+        raise PopsdError(f"{path}: modules_to_save {config['modules_to_save']!r} would replace whole layers "
+                         "of the base model; a popsd adapter holds LoRA weights only")
     if not isinstance(config.get("r"), int) or config["r"] < 1:
         raise PopsdError(f"{path}: the rank r must be a positive integer, got {config.get('r')!r}")
 
@@ -404,7 +432,8 @@ def load_for_eval(model_path: str, adapter: str | None, dtype: str, load_in_4bit
 
 
 def evaluate_server(args, tokenizer, benches: dict, template: str, thinking: bool, out: Path, settings: dict):
-    """The --server route: the same prompts, grader, metrics and files as `evaluate`, generated by the server."""
+    """The --server route: the same prompts, grader, metrics and files as `evaluate`, generated by the
+    server."""
     from rich.progress import Progress
     import remote
     server = Server(args.server, args.served_model, probe_timeout=args.server_timeout)
@@ -414,7 +443,8 @@ def evaluate_server(args, tokenizer, benches: dict, template: str, thinking: boo
     params = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
     with Progress(console=console, transient=True) as bar:
         records = remote.evaluate_remote(
-            server, tokenizer, benches, prompts, n=args.n, seed=args.seed, params=params, out=out, settings=settings,
+            server, tokenizer, benches, prompts, n=args.n, seed=args.seed, params=params, out=out,
+                                         settings=settings,
             grade=lambda samples, q, gold: grade(samples, q, gold, checker_of(args.grader), thinking),
             concurrency=args.concurrency, progress=bar)
     left = list(VLLM_FIELDS) if server.openai_only else []  # what the server sampled with is then its own
@@ -422,14 +452,16 @@ def evaluate_server(args, tokenizer, benches: dict, template: str, thinking: boo
 
 
 def default_out(args, benches: dict) -> Path:
-    """runs/eval/<adapter or model>_<benchmarks>: two plain calls on different things do not share a folder."""
+    """runs/eval/<adapter or model>_<benchmarks>: two plain calls on different things do not share a
+    folder."""
     what = Path(args.adapter or args.model or "model")
     name = "_".join(what.parts[-2:] if args.adapter else what.parts[-1:]) + "_" + "+".join(benches)
     return Path("runs/eval") / re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-.")[:120]
 
 
 def checkpoint_folders(adapter: str | None) -> list[Path]:
-    """The step_N checkpoints in step order when --adapter is a folder of them (a run's checkpoints/), else []."""
+    """The step_N checkpoints in step order when --adapter is a folder of them (a run's checkpoints/), else
+    []."""
     if not adapter or (Path(adapter) / "adapter_config.json").exists() or not Path(adapter).is_dir():
         return []
     good, other = [], []
@@ -463,8 +495,10 @@ def swap_adapter(model, path: Path):
         raise PopsdError(f"{path}: the adapter does not match the first checkpoint's ({missing[0]} missing)")
 
 
-NOT_SETTINGS = ("seconds", "generation_batch", "out", "left_to_the_server", "max_new_tokens_run", "concurrency",
-                "server_timeout", "threads")  # recorded, not compared: how long, how it ran (what a server did not take, the
+NOT_SETTINGS = ("seconds", "generation_batch", "out", "left_to_the_server", "max_new_tokens_run",
+                "concurrency",
+                # recorded, not compared: how long, how it ran (what a server did not take, the
+                "server_timeout", "threads")
 # budget cut to the model's positions, how many requests at once, how long one may stay silent), where
 
 
@@ -481,15 +515,16 @@ def saved_results(out: Path, settings: dict) -> dict | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         same = False
     if not same:
-        raise PopsdError(f"{done} holds an evaluation with other settings (or other questions, or another adapter): "
-                         "use another --out for this one")
+        raise PopsdError(f"{done} holds an evaluation with other settings (or other questions, or another "
+                         "adapter): use another --out for this one")
     console.print(f"{out}: already evaluated with these settings, read from {done}")
     return saved["results"]
 
 
 def sweep(model, tokenizer, folders: list[Path], benches: dict, out: Path, settings: dict, **kwargs):
     """Evaluates every checkpoint in step order into out/step_N/; a checkpoint already evaluated with the same
-    settings is read back instead (an interrupted sweep resumes). Writes sweep.json, sweep.png, the best step."""
+    settings is read back instead (an interrupted sweep resumes). Writes sweep.json, sweep.png, the best
+    step."""
     import plots
     out.mkdir(parents=True, exist_ok=True)
     (out / EVAL_MARKER).write_text(json.dumps({"popsd": "evaluation sweep"}) + "\n")
@@ -510,7 +545,8 @@ def sweep(model, tokenizer, folders: list[Path], benches: dict, out: Path, setti
     key = next(k for k in next(iter(results.values()))[next(iter(benches))] if k.startswith("avg@"))
     mean = {s: statistics.fmean(m[b][key] for b in m) for s, m in results.items()}
     best = max(mean, key=lambda s: (mean[s], -s))  # ties: the earlier step
-    summary = {"metric": key, "steps": {str(s): m for s, m in results.items()}, "mean": {str(s): v for s, v in mean.items()},
+    summary = {"metric": key, "steps": {str(s): m for s, m in results.items()},
+               "mean": {str(s): v for s, v in mean.items()},
                "best_step": best, "best_mean": mean[best]}
     (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots.plot_sweep(summary, out / "sweep.png")
@@ -519,17 +555,20 @@ def sweep(model, tokenizer, folders: list[Path], benches: dict, out: Path, setti
         table.add_column(col, justify="right")
     for s, m in results.items():
         style = "bold green" if s == best else None
-        table.add_row(str(s), *(f"{100 * m[b][key]:.1f}%" for b in benches), f"{100 * mean[s]:.1f}%", style=style)
+        table.add_row(str(s), *(f"{100 * m[b][key]:.1f}%" for b in benches), f"{100 * mean[s]:.1f}%",
+                      style=style)
     console.print(table)
-    console.print(f"best step {best} ({key} {100 * mean[best]:.1f}% averaged over {len(benches)} benchmark(s)); "
-                  f"{out / 'sweep.json'} and {out / 'sweep.png'}")
+    console.print(f"best step {best} ({key} {100 * mean[best]:.1f}% averaged over {len(benches)} "
+                  f"benchmark(s)); {out / 'sweep.json'} and {out / 'sweep.png'}")
     return summary
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="HF id or local dir (default: the adapter's base model)")
-    p.add_argument("--adapter", help="PEFT adapter folder (a run's adapter/ or checkpoints/step_N/), or a run's\n"
+    p.add_argument("--adapter",
+                   help="PEFT adapter folder (a run's adapter/ or checkpoints/step_N/), or a run's\n"
                                      "checkpoints/ folder: every checkpoint in step order, resumable")
     p.add_argument("--bench", default="aime24,aime25,hmmt25",
                    help=f"comma-separated: {', '.join(BENCHMARKS)} or local .jsonl/.json/.parquet files")
@@ -541,21 +580,25 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--max-new-tokens", type=int, default=32768)
     p.add_argument("--limit", type=int, default=0, help="first K questions per benchmark (0: all)")
-    p.add_argument("--template", help="the prompt, with {question} (default: the adapter's saved prompt settings,\n"
+    p.add_argument("--template",
+                   help="the prompt, with {question} (default: the adapter's saved prompt settings,\n"
                                       "the run's, or the model folder's popsd_prompts.json; else popsd's own)")
     p.add_argument("--thinking", choices=("on", "off"),
-                   help="chat-template thinking mode (default: the training run's; with no run: on, said aloud)")
+                   help="chat-template thinking mode (default: the training run's; with no run: "
+                        "on, said aloud)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="sequences per generate call (0: as many as the KV cache of prompt + max-new-tokens\n"
                         "allows in --memory-gb)")
     p.add_argument("--memory-gb", type=float, default=0,
                    help="memory generation may use (0: 90%% of the GPU's free memory; 8 on a CPU)")
-    p.add_argument("--engine", choices=ENGINES, help="the sampler: HF generate's dynamic or static KV cache, or\n"
+    p.add_argument("--engine", choices=ENGINES,
+                   help="the sampler: HF generate's dynamic or static KV cache, or\n"
                    "engines/graph.py (default: the training run's rollout_engine, else dynamic)")
     p.add_argument("--graph-keep-rows", choices=("on", "off"),
-                   help="--engine graph: step every row to the end (on), or halve the batch as rows finish (off)\n"
-                        "(default: the training run's graph_keep_rows, else on)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default; default: the training run's)")
+                   help="--engine graph: step every row to the end (on), or halve the batch as rows finish "
+                        "(off)\n(default: the training run's graph_keep_rows, else on)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (0: torch's default; default: the training run's)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--load-in-4bit", action="store_true", help="nf4 weights (bitsandbytes)")
     p.add_argument("--device", default="auto")
@@ -563,15 +606,17 @@ def parse_args(argv):
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--grader", choices=("math", *worlds.NAMES), default="math",
                    help="math: math-verify on the last \\boxed{}; a world's name (worlds/): its exact checker")
-    p.add_argument("--out", help="folder for summary.json and samples.jsonl (default: runs/eval/<what is evaluated>);\n"
-                                 "one holding an evaluation with the same settings is read back, with others refused")
-    p.add_argument("--server", help="an OpenAI-compatible server (vLLM, SGLang, transformers serve) to generate\n"
+    p.add_argument("--out", help="folder for summary.json and samples.jsonl (default: runs/eval/<what is "
+                                 "evaluated>);\none holding an evaluation with the same settings is read "
+                                 "back, with others refused")
+    p.add_argument("--server",
+                   help="an OpenAI-compatible server (vLLM, SGLang, transformers serve) to generate\n"
                                     "with, e.g. http://localhost:8000; popsd builds the prompts (remote.py)")
     p.add_argument("--served-model", help="the model name the server serves (its /v1/models), with --server")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once, with --server")
     p.add_argument("--server-timeout", type=float, default=30.0,
-                   help="seconds the server may leave a connection, /v1/models or /health unanswered (a completion\n"
-                        "may take longer: /health is probed meanwhile), with --server")
+                   help="seconds the server may leave a connection, /v1/models or /health unanswered (a "
+                        "completion\nmay take longer: /health is probed meanwhile), with --server")
     args = p.parse_args(argv)
     if args.server and not args.served_model:
         p.error("--server needs --served-model (the name the server lists at /v1/models)")
@@ -600,7 +645,8 @@ def merge_main(argv: list[str]):
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
     try:
-        console.print(f"merged model in {merge_adapter(args.adapter, args.out, args.dtype, args.trust_remote_code)}")
+        console.print("merged model in "
+                      f"{merge_adapter(args.adapter, args.out, args.dtype, args.trust_remote_code)}")
     except PopsdError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
@@ -615,41 +661,51 @@ def main(argv: list[str]):
         folders = checkpoint_folders(args.adapter)
         first = str(folders[0]) if folders else args.adapter
         if args.adapter and folders == [] and not (Path(args.adapter) / "adapter_config.json").exists():
-            raise PopsdError(f"--adapter {args.adapter}: no adapter_config.json there, nor step_* checkpoints in it")
+            raise PopsdError(f"--adapter {args.adapter}: no adapter_config.json there, nor step_* "
+                             "checkpoints in it")
         model_path = args.model or base_model_of(first)
         if model_path is None:
-            raise PopsdError("--model is required (or --adapter with an adapter_config.json naming its base model)")
+            raise PopsdError("--model is required (or --adapter with an adapter_config.json naming "
+                             "its base model)")
         run, sampling = run_settings(first, model_path), run_sampling(first)
-        engine = args.engine or (sampling.get("rollout_engine") if sampling.get("rollout_engine") in ENGINES else
+        engine = args.engine or (sampling.get("rollout_engine") if sampling.get("rollout_engine") in ENGINES
+                                 else
                                  "dynamic")
         keep_rows = sampling.get("graph_keep_rows", True) if args.graph_keep_rows is None else \
             args.graph_keep_rows == "on"
         threads = sampling.get("threads", 0) if args.threads is None else args.threads
         specs = [s.strip() for s in args.bench.split(",") if s.strip()]
-        benches = named_benches((s, load_bench(s, args.question_field, args.answer_field, args.limit)) for s in specs)
+        benches = named_benches((s, load_bench(s, args.question_field, args.answer_field, args.limit))
+                                for s in specs)
         thinking = thinking_mode(args.thinking, run)
         template = args.template or run.get("student_template", STUDENT_TEMPLATE)
         if "{question}" not in template:
             raise PopsdError(f"--template {template!r} has no {{question}} field")
         out = Path(args.out or default_out(args, benches))
         check_eval_out(out, [Path(p) for p in (model_path, first, *specs) if p and Path(p).exists()])
-        settings = vars(args) | {"model": model_path, "thinking": thinking, "questions_sha": fingerprint(benches),
-                                 "engine": engine, "graph_keep_rows": keep_rows, "threads": threads,
+        settings = vars(args) | {"model": model_path, "thinking": thinking,
+                                 "questions_sha": fingerprint(benches), "engine": engine,
+                                 "graph_keep_rows": keep_rows, "threads": threads,
                                  "adapter_sha": adapter_sha(first),  # and the base's: a base replaced in its
-                                 "model_sha256": base_fingerprint(model_path, console.print)}  # folder is another
+                                 # folder is another
+                                 "model_sha256": base_fingerprint(model_path, console.print)}
         if not folders and (saved := saved_results(out, settings)) is not None:
-            console.print(results_table(saved, f"{model_path}" + (f" + {args.adapter}" if args.adapter else "")))
+            console.print(results_table(saved,
+                                        f"{model_path}" + (f" + {args.adapter}" if args.adapter else "")))
             return
         t0 = time.time()
         if args.server:  # generation by the server; prompts, grading and files as below
             if folders:
-                raise PopsdError("--server evaluates the one model the server serves: evaluate each checkpoint "
-                                 "with its own --served-model, or sweep the folder without --server")
+                raise PopsdError("--server evaluates the one model the server serves: evaluate each "
+                                 "checkpoint with its own --served-model, or sweep the folder "
+                                 "without --server")
             tokenizer = load_tokenizer(model_path, first, args.trust_remote_code)
             metrics, records, left = evaluate_server(args, tokenizer, benches, template, thinking, out,
-                                                     {k: v for k, v in settings.items() if k != "concurrency"})
+                                                     {k: v for k,
+                                                      v in settings.items() if k != "concurrency"})
             if left:
-                settings["left_to_the_server"] = left  # not sent: the server's defaults (its generation_config)
+                # not sent: the server's defaults (its generation_config)
+                settings["left_to_the_server"] = left
         else:
             device = pick_device(args.device)
             if threads:
@@ -663,14 +719,16 @@ def main(argv: list[str]):
                 lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
             budget = memory_budget(device, args.memory_gb)
             batch = args.batch_size or (sampling.get("gen_batch_size", 0) if engine == sampling.get(
-                "rollout_engine") else 0)  # the run's own batch: with graph_keep_rows=false it shapes the samples
+                # the run's own batch: with graph_keep_rows=false it shapes the samples
+                "rollout_engine") else 0)
             if not batch:
                 batch, why = generation_batch(model, longest + args.max_new_tokens, budget)
                 console.print(why)
             if engine == "graph":
                 batch, why = graph_plan(model, batch, longest + args.max_new_tokens, budget, keep_rows)
                 console.print(f"graph sampler: {why}")
-            settings["generation_batch"] = batch  # what ran (--batch-size 0: the run's or the budget's choice)
+            # what ran (--batch-size 0: the run's or the budget's choice)
+            settings["generation_batch"] = batch
             eos = eos_ids(model, tokenizer)
             kwargs = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, eos_ids=eos, batch_size=batch, device=device,
@@ -684,7 +742,8 @@ def main(argv: list[str]):
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        kept = f"; finished questions are in {out / 'partial.jsonl'}, the same command resumes" if args.server else ""
+        kept = (f"; finished questions are in {out / 'partial.jsonl'}, the same command resumes"
+                if args.server else "")
         console.print(f"[yellow]interrupted{kept}[/]")
         sys.exit(130)
     write_results(out, metrics, records, settings | {"seconds": round(time.time() - t0, 1)})

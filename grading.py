@@ -5,7 +5,8 @@
 
 A thinking model's completion is graded on what follows its reasoning block; one that never closes the
 block (cut inside its reasoning) is wrong, whatever tentative \\boxed{} it wrote mid-thought.
-Also: the unbiased pass@k. A world's exact checker (worlds/) is passed in by the caller, which looks it up by name.
+Also: the unbiased pass@k. A world's exact checker (worlds/) is passed in by the caller, which looks it up by
+name.
 """
 import atexit
 import concurrent.futures
@@ -26,7 +27,8 @@ BOX_START = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])(\s*)")
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} or \\fbox{...} (nested braces, `\\boxed {x}`, `\\boxed 5`)."""
+    """Content of the last complete \\boxed{...} or \\fbox{...} (nested braces, `\\boxed {x}`, `\\boxed
+    5`)."""
     found = None
     for m in BOX_START.finditer(text):
         i = m.end()
@@ -59,7 +61,8 @@ def _grade(completion: str, gold: str, timeout: int) -> bool:
     else:  # no box: only an answer the text announces counts, never a stray last number
         anchored = [LatexExtractionConfig(try_extract_without_anchor=False),
                     ExprExtractionConfig(try_extract_without_anchor=False)]
-        pred = parse(completion[-FALLBACK_CHARS:], anchored, fallback_mode="no_fallback", parsing_timeout=timeout)
+        pred = parse(completion[-FALLBACK_CHARS:], anchored, fallback_mode="no_fallback",
+                     parsing_timeout=timeout)
     gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
     if not pred or not gold_parsed:
         return False
@@ -70,7 +73,8 @@ _pool = None
 
 
 def _grade_off_main_thread(completion: str, gold: str, timeout: int) -> bool:
-    """math-verify's timeouts use SIGALRM, which only the main thread gets: grade in a helper process instead."""
+    """math-verify's timeouts use SIGALRM, which only the main thread gets: grade in a helper process
+    instead."""
     global _pool
     if _pool is None:
         _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))

@@ -1,16 +1,20 @@
-"""loss_fused.py: loss.reference_loss's numbers, computed chunk by chunk in place (loss_impl=fused, the default).
+"""loss_fused.py: loss.reference_loss's numbers, computed chunk by chunk in place (loss_impl=fused, the
+default).
 
-The readable math is loss.py; this is the same math arranged for memory and speed. At V = 151,936 one fp32 [N, V]
-tensor of a 4,096-token step is 2.5 GB and the reference path holds several: here no more than one chunk of [C, V]
-rows per quantity exists at a time, the buffers are allocated once per call, and the student's gradient is
-computed during the forward, chunk by chunk, so the backward only scales a stored [N, H] gradient (no projection
-is redone). Each buffer is named for the reference quantity it holds; where one is reused, the new name says so.
+The readable math is loss.py; this is the same math arranged for memory and speed. At V = 151,936 one fp32 [N,
+V] tensor of a 4,096-token step is 2.5 GB and the reference path holds several: here no more than one chunk of
+[C, V] rows per quantity exists at a time, the buffers are allocated once per call, and the student's gradient
+is computed during the forward, chunk by chunk, so the backward only scales a stored [N, H] gradient (no
+projection is redone). Each buffer is named for the reference quantity it holds; where one is reused, the new
+name says so.
 
 Proved equal to the reference path (values and gradients, float64 brute force behind both) by
-tests/test_loss.py: test_fused_matches_reference, test_token_logprob_is_the_raw_log_softmax_of_the_sampled_token_in_
-both_paths, test_fused_opsd_without_refonly_and_bf16_inputs, test_fused_is_stable_where_probabilities_underflow,
-test_the_compiled_chunk_equals_the_eager_chain_and_the_reference, test_topk_support_value_and_grad_match_brute_
-force_in_both_paths, test_sampled_token_loss_value_and_grad_match_brute_force_in_both_paths; on CUDA,
+tests/test_loss.py: test_fused_matches_reference,
+test_token_logprob_is_the_raw_log_softmax_of_the_sampled_token_in_ both_paths,
+test_fused_opsd_without_refonly_and_bf16_inputs, test_fused_is_stable_where_probabilities_underflow,
+test_the_compiled_chunk_equals_the_eager_chain_and_the_reference,
+test_topk_support_value_and_grad_match_brute_ force_in_both_paths,
+test_sampled_token_loss_value_and_grad_match_brute_force_in_both_paths; on CUDA,
 test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size. tests/test_popsd.py:
 test_fused_and_reference_losses_give_the_same_update.
 """
@@ -38,9 +42,9 @@ def _row_sum_of_product(a, b, tmp):
     return torch.mul(a, b, out=tmp).sum(-1)  # [C]
 
 
-def fused_loss(h_student, h_teacher, h_refonly, h_base, head_weight, *, method="purified", kind="jsd", jsd_mix=0.5,
-               beta=1.0, pmi_clip=10.0, temperature=1.0, term_clamp=None, chunk_size=None, chunk_mb=512, tokens=None,
-               support="full", topk=100, topk_tail=False, compile="auto"):
+def fused_loss(h_student, h_teacher, h_refonly, h_base, head_weight, *, method="purified", kind="jsd",
+               jsd_mix=0.5, beta=1.0, pmi_clip=10.0, temperature=1.0, term_clamp=None, chunk_size=None,
+               chunk_mb=512, tokens=None, support="full", topk=100, topk_tail=False, compile="auto"):
     """loss.reference_loss's (loss_sum, stats), computed in chunks of tokens.
 
     h_*: [N, H] hidden states (any float dtype); head_weight: [V, H] frozen head. chunk_size: tokens per
@@ -57,13 +61,15 @@ def fused_loss(h_student, h_teacher, h_refonly, h_base, head_weight, *, method="
         raise ValueError(f"topk {topk} must be between 1 and the vocabulary size {head_weight.shape[0]}")
     if compile not in ("auto", "on", "off"):
         raise ValueError(f"compile {compile!r} is not 'auto', 'on' or 'off'")
-    compiled = support == "full" and (compile == "on" or (compile == "auto" and h_student.device.type == "cuda"))
-    opts = dict(compiled=compiled, method=method, kind=kind, b=jsd_mix, beta=beta, pmi_clip=pmi_clip, tau=temperature,
-                term_clamp=term_clamp, chunk_size=chunk_size, chunk_mb=chunk_mb, tokens=tokens,
-                support=support, k=topk, tail=topk_tail,
+    compiled = support == "full" and (compile == "on"
+                                      or (compile == "auto" and h_student.device.type == "cuda"))
+    opts = dict(compiled=compiled, method=method, kind=kind, b=jsd_mix, beta=beta, pmi_clip=pmi_clip,
+                tau=temperature, term_clamp=term_clamp, chunk_size=chunk_size, chunk_mb=chunk_mb,
+                tokens=tokens, support=support, k=topk, tail=topk_tail,
                 need_grad=torch.is_grad_enabled() and h_student.requires_grad)
     loss_sum, stats = _FusedLoss.apply(h_student, head_weight, h_teacher, h_refonly, h_base, opts)
-    names = ["entropy"] + (["cos_total_ref", "cos_total_it", "norm_ratio"] if h_refonly is not None else []) + \
+    names = ["entropy"] + (["cos_total_ref", "cos_total_it", "norm_ratio"] if h_refonly is not None
+                           else []) + \
         (["logprob"] if tokens is not None else [])
     return loss_sum, {k: stats[:, i] for i, k in enumerate(names)}
 
@@ -112,7 +118,8 @@ def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, k
         _project(student_logits, h_student[sl], w, tau)  # the student's logits/τ
         if tokens is not None:  # log π_θ(ŷ_t) at τ = 1 (raw logits): p_student is scratch until it holds π_θ
             raw = torch.mul(student_logits, tau, out=bufs[1]) if tau != 1.0 else student_logits  # [c, V]
-            stats[sl, k_lp] = raw.gather(-1, tokens[sl, None].long().to(device))[:, 0] - torch.logsumexp(raw, -1)
+            stats[sl, k_lp] = raw.gather(-1,
+                                         tokens[sl, None].long().to(device))[:, 0] - torch.logsumexp(raw, -1)
         if compiled:  # the other projections, then the whole elementwise chain in one compiled call
             teacher_logits, refonly_logits, base_logits = bufs[3], bufs[4], bufs[1]
             _project(teacher_logits, h_teacher[sl], w, tau)
@@ -122,13 +129,16 @@ def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, k
                 _project(base_logits, h_base[sl], w, tau)
             fn = _compiled_chunk(purified=method == "purified", kind=kind, b=b, beta=beta, pmi_clip=pmi_clip,
                                  term_clamp=term_clamp)
-            part, grad_logits, stats[sl, :k_lp] = fn(student_logits, teacher_logits, refonly_logits if diag else
+            part, grad_logits, stats[sl, :k_lp] = fn(student_logits, teacher_logits,
+                                                     refonly_logits if diag else
                                                      None, base_logits if method == "purified" else None)
         else:
             part, grad_logits = _eager_chunk(
                 *bufs, clamp_terms[:c] if clamp_terms is not None else None, w, h_teacher[sl],
-                h_refonly[sl] if diag else None, h_base[sl] if method == "purified" else None, stats[sl], kind=kind,
-                b=b, beta=beta, pmi_clip=pmi_clip, tau=tau, term_clamp=term_clamp, support=support, k=k, tail=tail,
+                h_refonly[sl] if diag else None, h_base[sl] if method == "purified" else None, stats[sl],
+                                             kind=kind,
+                b=b, beta=beta, pmi_clip=pmi_clip, tau=tau, term_clamp=term_clamp, support=support, k=k,
+                                             tail=tail,
                 tokens=None if tokens is None else tokens[sl].long().to(device))
         per_token[sl] = part
         if need_grad:  # d loss_sum / d h = (d D / d logits) @ W / τ
@@ -141,17 +151,20 @@ def _fused_forward(h_student, weight, h_teacher, h_refonly, h_base, *, method, k
     return per_token.sum(), stats, grad
 
 
-def _eager_chunk(logp_student, p_student, logits, logp_teacher, logp_refonly, clamp_terms, w, h_teacher, h_refonly,
-                 h_base, stats, *, kind, b, beta, pmi_clip, tau, term_clamp, support, k, tail, tokens):
+def _eager_chunk(logp_student, p_student, logits, logp_teacher, logp_refonly, clamp_terms, w, h_teacher,
+                 h_refonly, h_base, stats, *, kind, b, beta, pmi_clip, tau, term_clamp, support, k, tail,
+                 tokens):
     """One chunk in place on its [c, V] buffers, in reference_loss's order (`logits` holds the student's
-    logits/τ on entry, then each projection in turn): the entropy and the cosines into stats [c, ≥1]; returns the
-    per-token loss [c] and its logit gradient [c, V]. h_refonly None: no diagnostics; h_base None: OPSD."""
+    logits/τ on entry, then each projection in turn): the entropy and the cosines into stats [c, ≥1]; returns
+    the per-token loss [c] and its logit gradient [c, V]. h_refonly None: no diagnostics; h_base None:
+    OPSD."""
     _log_softmax_into(logp_student, logits)  # log π_θ
     torch.exp(logp_student, out=p_student)  # π_θ
     stats[:, 0] = -_row_sum_of_product(p_student, logp_student, logits)  # entropy
     _project(logits, h_teacher, w, tau)
     _log_softmax_into(logp_teacher, logits)  # log π_T
-    if h_refonly is not None:  # Δ_total = log π_T − log π_θ, Δ_ref = log π_ref − log π_θ, Δ_it = log π_T − log π_ref
+    # Δ_total = log π_T − log π_θ, Δ_ref = log π_ref − log π_θ, Δ_it = log π_T − log π_ref
+    if h_refonly is not None:
         _project(logits, h_refonly, w, tau)
         _log_softmax_into(logp_refonly, logits)  # log π_ref
         n_total = torch.sub(logp_teacher, logp_student, out=logits).norm(dim=-1)  # [c] ‖Δ_total‖
@@ -171,10 +184,10 @@ def _eager_chunk(logp_student, p_student, logits, logp_teacher, logp_refonly, cl
         target, scratch, spare = logp_teacher, logits, logp_refonly  # [c, V] log π_T
     if support == "full":
         p_target = torch.exp(target, out=spare)  # [c, V] P
-        return _divergence_chunk(logp_student, p_student, target, p_target, scratch, clamp_terms, kind=kind, b=b,
-                                 term_clamp=term_clamp)
-    return _support_chunk(logp_student, p_student, target, scratch, spare, support=support, k=k, tail=tail, kind=kind,
-                          b=b, term_clamp=term_clamp, tokens=tokens)
+        return _divergence_chunk(logp_student, p_student, target, p_target, scratch, clamp_terms, kind=kind,
+                                 b=b, term_clamp=term_clamp)
+    return _support_chunk(logp_student, p_student, target, scratch, spare, support=support, k=k, tail=tail,
+                          kind=kind, b=b, term_clamp=term_clamp, tokens=tokens)
 
 
 def _cosines(n_total, n_ref, n_it):
@@ -226,8 +239,9 @@ def _compiled_chunk(**opts):
     if key not in _COMPILED:
         def chunk(xs, xt, xr, x0):
             return _chunk(xs, xt, xr, x0, **opts)
-        # dynamo keeps compiled graphs, and its limit of 8 recompiles (past it: eager, silently), per code object,
-        # which every closure of `chunk` shares: a copy of the code per option set gives each its own cache
+        # dynamo keeps compiled graphs, and its limit of 8 recompiles (past it: eager, silently), per code
+        # object, which every closure of `chunk` shares: a copy of the code per option set gives each its own
+        # cache
         chunk.__code__ = chunk.__code__.replace()
         _COMPILED[key] = torch.compile(chunk, dynamic=True)
     return _COMPILED[key]
@@ -237,9 +251,9 @@ def _support_chunk(s, q, t, tmp, out, *, support, k, tail, kind, b, term_clamp, 
     """support = topk | sampled for one chunk: the per-token loss [c] and its gradient w.r.t. the student's
     logits/τ, written into out [c, V]. s = log π_θ, q = π_θ, t = log P: [c, V]; tmp: scratch.
       sampled: ∂/∂x of −A·s(ŷ) = A·(q − onehot(ŷ))
-      topk: the divergence on the small [c, k(+1)] tensors with autograd, then back to the vocabulary: an entry
-      of the support gets its bucket's gradient g, a tail entry v gets g_tail·q_v/q_tail (g taken after the
-      log-softmax, so it sums to zero over the buckets)."""
+      topk: the divergence on the small [c, k(+1)] tensors with autograd, then back to the vocabulary: an
+      entry of the support gets its bucket's gradient g, a tail entry v gets g_tail·q_v/q_tail (g taken after
+      the log-softmax, so it sums to zero over the buckets)."""
     if support == "sampled":
         idx = tokens[:, None]  # [c, 1]
         s_y = s.gather(-1, idx)[:, 0]  # [c]

@@ -14,10 +14,11 @@ import statistics
 import sys
 from pathlib import Path
 
-TRAIN_KEYS = ["loss", "cos_total_ref", "cos_total_it", "norm_ratio", "markers_per_1k", "completion_len", "entropy",
-              "grad_norm"]
-TITLES = {"accuracy": "accuracy (held-out)", "cos_total_ref": "cos(Δ_total, Δ_ref)", "cos_total_it": "cos(Δ_total, Δ_it)",
-          "norm_ratio": "‖Δ_ref‖ / ‖Δ_total‖", "markers_per_1k": "markers per 1k tokens",
+TRAIN_KEYS = ["loss", "cos_total_ref", "cos_total_it", "norm_ratio", "markers_per_1k", "completion_len",
+              "entropy", "grad_norm"]
+TITLES = {"accuracy": "accuracy (held-out)", "cos_total_ref": "cos(Δ_total, Δ_ref)",
+          "cos_total_it": "cos(Δ_total, Δ_it)", "norm_ratio": "‖Δ_ref‖ / ‖Δ_total‖",
+          "markers_per_1k": "markers per 1k tokens",
           "completion_len": "completion tokens", "grad_norm": "gradient norm (before clip)",
           "caught_frac": "first-try errors caught", "false_reflections": "false reflections / sample",
           "first_try_errors": "first-try errors / sample", "p_wait_wrong": "P(wait | wrong step)",
@@ -25,8 +26,8 @@ TITLES = {"accuracy": "accuracy (held-out)", "cos_total_ref": "cos(Δ_total, Δ_
           "len_median": "median completion tokens", "truncated": "fraction truncated",
           "accuracy_no_wait": 'accuracy, "wait" forbidden'}
 SKIP = ("questions", "samples")  # counts, not curves
-EVAL_ORDER = ["avg@", "pass@", "markers_per_1k", "first_try_errors", "caught_frac", "false_reflections", "p_wait_wrong",
-              "p_wait_right", "len_mean", "len_median", "truncated"]
+EVAL_ORDER = ["avg@", "pass@", "markers_per_1k", "first_try_errors", "caught_frac", "false_reflections",
+              "p_wait_wrong", "p_wait_right", "len_mean", "len_median", "truncated"]
 
 
 def _eval_order(name: str) -> tuple:
@@ -66,20 +67,22 @@ def panel_keys(rows: list[list[dict]]) -> list[str]:
     """The metrics to draw, in order: training metrics, then each benchmark's evaluation metrics."""
     present = {k for rs in rows for row in rs for k, v in row.items() if isinstance(v, (int, float))}
     evals = sorted((k for k in present if k.startswith("eval/") and k.rsplit("/", 1)[-1] not in SKIP
-                    and not (k.endswith("/pass@1") and k.replace("pass@1", "avg@1") in present)),  # the same number
+                    # the same number
+                    and not (k.endswith("/pass@1") and k.replace("pass@1", "avg@1") in present)),
                    key=lambda k: (k.split("/")[1], _eval_order(k.rsplit("/", 1)[-1])))
     return [k for k in TRAIN_KEYS if k in present] + evals
 
 
 FRACTIONS = ("accuracy", "caught_frac", "false_reflections", "truncated", "unclosed_reasoning")
-MIN_SPAN = {"markers_per_1k": 5.0, "cos_total_ref": 0.2, "cos_total_it": 0.2, "norm_ratio": 0.2}  # the least range
+# the least range
+MIN_SPAN = {"markers_per_1k": 5.0, "cos_total_ref": 0.2, "cos_total_it": 0.2, "norm_ratio": 0.2}
 # an axis shows for quantities whose small changes are noise
 
 
 def least_range(lo: float, hi: float, name: str, fraction: bool) -> tuple[float, float]:
-    """The y-range of a panel, widened to at least 0.1 for a fraction and to MIN_SPAN for the counts named there
-    (centred, never below 0, a fraction never above 1): a change of 2 questions in 400, or of 0.2 markers per 1k,
-    is not drawn as a swing."""
+    """The y-range of a panel, widened to at least 0.1 for a fraction and to MIN_SPAN for the counts named
+    there (centred, never below 0, a fraction never above 1): a change of 2 questions in 400, or of 0.2
+    markers per 1k, is not drawn as a swing."""
     span = 0.1 if fraction else MIN_SPAN.get(name)
     if not span or hi - lo >= span:
         return lo, hi
@@ -101,7 +104,8 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     rows = [read_metrics(Path(r)) for r in runs]
     keys = panel_keys(rows)
     cols = 4
-    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4.2 * cols, 2.9 * math.ceil(len(keys) / cols)),
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols,
+                             figsize=(4.2 * cols, 2.9 * math.ceil(len(keys) / cols)),
                              squeeze=False)
     labels = [label + questions_note(rs) for label, rs in zip(labels_of([Path(r) for r in runs]), rows)]
     for ax, key in zip(axes.flat, keys):
@@ -110,16 +114,19 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         for label, rs in zip(labels, rows):
             pts = [(r["step"], r[key]) for r in rs if isinstance(r.get(key), (int, float))]
             if pts:
-                line, = ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=3, lw=1.2, label=label)
+                line, = ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=3, lw=1.2,
+                                label=label)
                 count = key.rsplit("/", 1)[0] + "/samples"
                 samples = [r.get(count) for r in rs if isinstance(r.get(key), (int, float))]
                 if fraction and all(isinstance(n, (int, float)) and n > 0 for n in samples):
-                    se = [(p * (1 - p) / n) ** 0.5 for (_, p), n in zip(pts, samples)]  # binomial standard error
+                    # binomial standard error
+                    se = [(p * (1 - p) / n) ** 0.5 for (_, p), n in zip(pts, samples)]
                     ax.fill_between([x for x, _ in pts], [p - e for (_, p), e in zip(pts, se)],
-                                    [p + e for (_, p), e in zip(pts, se)], color=line.get_color(), alpha=0.15, lw=0)
+                                    [p + e for (_, p), e in zip(pts, se)], color=line.get_color(), alpha=0.15,
+                                    lw=0)
         ax.set_ylim(*least_range(*ax.get_ylim(), name, fraction))
-        ax.set_title(("eval " + key.split("/")[1] + ": " if key.startswith("eval/") else "") + TITLES.get(name, name),
-                     fontsize=9)
+        ax.set_title(("eval " + key.split("/")[1] + ": " if key.startswith("eval/") else "")
+                     + TITLES.get(name, name), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -130,8 +137,8 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     return save(plt, fig, out, rect=(0, 0, 1, 0.95))
 
 
-COMPARE_KEYS = ["accuracy", "markers_per_1k", "caught_frac", "false_reflections", "completion_len", "cos_total_ref",
-                "cos_total_it", "norm_ratio"]
+COMPARE_KEYS = ["accuracy", "markers_per_1k", "caught_frac", "false_reflections", "completion_len",
+                "cos_total_ref", "cos_total_it", "norm_ratio"]
 
 
 def plot_compare(summary: dict, out: Path) -> Path:
@@ -139,7 +146,8 @@ def plot_compare(summary: dict, out: Path) -> Path:
     the min-max over seeds (band); the untrained base (step 0) as a dotted line."""
     plt = _pyplot()
     results, cols = summary["results"], len(COMPARE_KEYS) // 2
-    fig, axes = plt.subplots(2 * len(results), cols, figsize=(3.6 * cols, 2.7 * 2 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(results), cols, figsize=(3.6 * cols, 2.7 * 2 * len(results)),
+                             squeeze=False)
     colours = {"base": "grey"}
     for i, (fmt, methods) in enumerate(results.items()):
         for ax, key in zip(axes[2 * i:2 * i + 2].flat, COMPARE_KEYS):
@@ -157,8 +165,8 @@ def plot_compare(summary: dict, out: Path) -> Path:
                 line, = ax.plot(steps, [statistics.fmean(v) for v in by_step], marker="o", ms=3, lw=1.5,
                                 label=method, color=colours.get(method))
                 colours[method] = line.get_color()
-                ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=line.get_color(),
-                                alpha=0.18, lw=0)
+                ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step],
+                                color=line.get_color(), alpha=0.18, lw=0)
             ax.set_title(f"{fmt} reference: {TITLES.get(key, key)}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
@@ -169,13 +177,14 @@ def plot_compare(summary: dict, out: Path) -> Path:
 
 
 def plot_ablation(series: dict, xlabel: str, title: str, out: Path) -> Path:
-    """An ablation (compare.ablation_series, support_series): per reference format a row, per metric a panel; for
-    each series each seed's last-step value as a dot and the mean as a line over the settings (x), the
+    """An ablation (compare.ablation_series, support_series): per reference format a row, per metric a panel;
+    for each series each seed's last-step value as a dot and the mean as a line over the settings (x), the
     baselines' means as flat lines."""
     plt = _pyplot()
     first = next(iter(series.values()))
     keys = list(next(iter(first["series"].values())))
-    fig, axes = plt.subplots(len(series), len(keys), figsize=(3.3 * len(keys), 2.9 * len(series)), squeeze=False)
+    fig, axes = plt.subplots(len(series), len(keys), figsize=(3.3 * len(keys), 2.9 * len(series)),
+                             squeeze=False)
     styles = {"base": dict(color="grey", ls=":"), "opsd": dict(color="tab:red", ls="--"),
               "opsd_fkl": dict(color="tab:purple", ls="-.")}
     colours = {"Purified": "tab:blue", "OPSD": "tab:red"}
@@ -186,21 +195,23 @@ def plot_ablation(series: dict, xlabel: str, title: str, out: Path) -> Path:
                 shift = 0.12 * (k - (len(data["series"]) - 1) / 2)  # series side by side at each setting
                 colour = colours.get(label, f"C{k}")
                 for i, seeds in enumerate(values[key]):
-                    ax.scatter([i + shift + 0.04 * (j - (len(seeds) - 1) / 2) for j in range(len(seeds))], seeds,
-                               s=12, color=colour, alpha=0.6, lw=0)
+                    ax.scatter([i + shift + 0.04 * (j - (len(seeds) - 1) / 2) for j in range(len(seeds))],
+                               seeds, s=12, color=colour, alpha=0.6, lw=0)
                 means = [statistics.fmean(v) if v else math.nan for v in values[key]]
                 ax.plot([i + shift for i in x], means, color=colour, marker="o", ms=4, lw=1.5,
                         label=f"{label} (mean; dots: seeds)")
             for method, line in data["lines"].items():
                 if key in line:
-                    ax.axhline(line[key], lw=1.2, label=method, **styles.get(method, dict(color="black", ls="-")))
+                    ax.axhline(line[key], lw=1.2, label=method,
+                               **styles.get(method, dict(color="black", ls="-")))
             ax.set_xticks(x, data["x"])
             ax.set_title(f"{fmt} reference: {TITLES.get(key, key)}", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.97))
+    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.97))
     fig.suptitle(title, fontsize=10, y=0.995, x=0.01, ha="left")
     return save(plt, fig, out, rect=(0, 0, 1, 0.92))
 
@@ -223,11 +234,14 @@ def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) ->
                      label='student accuracy, "wait" forbidden')
     stages = [(a["step"], r["stage"]) for a, r in zip(log, log[1:]) if r.get("stage") != a.get("stage")]
     for ax in axes:
-        for step, name in stages:  # where a later pre-training stage starts (after the earlier one's last step)
+        # where a later pre-training stage starts (after the earlier one's last step)
+        for step, name in stages:
             ax.axvline(step, color="black", ls="--", lw=0.8)
             ax.text(step, 0.97, f" {name}", fontsize=7, va="top", transform=ax.get_xaxis_transform())
-    axes[2].plot(steps, [r["student"]["p_wait_wrong"] for r in log], marker="o", ms=3, label="P(wait | wrong step)")
-    axes[2].plot(steps, [r["student"]["p_wait_right"] for r in log], marker="o", ms=3, label="P(wait | right step)")
+    axes[2].plot(steps, [r["student"]["p_wait_wrong"] for r in log], marker="o", ms=3,
+                 label="P(wait | wrong step)")
+    axes[2].plot(steps, [r["student"]["p_wait_right"] for r in log], marker="o", ms=3,
+                 label="P(wait | right step)")
     for name, threshold in gates:
         axes[1].axhline(threshold, color="grey", ls=":", lw=1)
     axes[1].set_title("held-out questions (dotted: the gates)", fontsize=9)
@@ -249,8 +263,8 @@ def plot_sweep(summary: dict, out: Path) -> Path:
     for bench in summary["steps"][steps[0]]:
         ax.plot([int(s) for s in steps], [100 * summary["steps"][s][bench][key] for s in steps], marker="o",
                 label=bench)
-    ax.plot([int(s) for s in steps], [100 * summary["mean"][s] for s in steps], color="black", lw=2, marker="s",
-            label="mean")
+    ax.plot([int(s) for s in steps], [100 * summary["mean"][s] for s in steps], color="black", lw=2,
+            marker="s", label="mean")
     ax.axvline(summary["best_step"], color="grey", ls="--", lw=1, label=f"best: step {summary['best_step']}")
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{key} (%)")
@@ -262,7 +276,8 @@ def plot_sweep(summary: dict, out: Path) -> Path:
 def main(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="popsd run folders (each with a metrics.jsonl)")
-    p.add_argument("--out", help="PNG to write (default: plots.png in the run folder; for several runs, plots.png "
+    p.add_argument("--out",
+                   help="PNG to write (default: plots.png in the run folder; for several runs, plots.png "
                                  "in the folder that holds them all)")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
@@ -271,7 +286,8 @@ def main(argv: list[str]):
         p.error(f"--out {out}: a .png file in a folder that exists" + ("" if out.parent.is_dir() else
                                                                        f" ({out.parent} does not)"))
     try:
-        if len(runs) == 1 and (runs[0] / "summary.json").is_file() and not (runs[0] / "metrics.jsonl").exists():
+        if len(runs) == 1 and (runs[0]
+                               / "summary.json").is_file() and not (runs[0] / "metrics.jsonl").exists():
             summary = json.loads((runs[0] / "summary.json").read_text())  # a comparison (compare.py)
             if "results" in summary and "gates" in summary:
                 print(plot_compare(summary, out or runs[0] / "summary.png"))

@@ -49,8 +49,8 @@ def warn(message: str):
 
 
 def progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)
 
 
 class StopRequest:
@@ -77,8 +77,10 @@ class SamplingStopped(Exception):
 
 
 def position(stream: DataStream) -> dict:
-    """Where the run stands before a step: the data position and every random state (restored if it is dropped)."""
-    return {"data": (stream.epoch, stream.cursor), "python": random.getstate(), "torch": torch.get_rng_state(),
+    """Where the run stands before a step: the data position and every random state (restored if it is
+    dropped)."""
+    return {"data": (stream.epoch, stream.cursor), "python": random.getstate(),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -95,7 +97,8 @@ def lr_factor(step: int, cfg: Config) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)))
+        return 0.5 * (1
+                      + math.cos(math.pi * (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)))
     return 1.0
 
 
@@ -116,8 +119,8 @@ def prepare_contexts(rows, tokenizer, cfg: Config):
                 kept.append(c)
             bar.advance(task)
     for i, found in marked[:3]:
-        warn(f"warning: data row {i} holds the chat template's control token(s) {', '.join(found)}: in a prompt "
-             "they act as controls, not text")
+        warn(f"warning: data row {i} holds the chat template's control token(s) {', '.join(found)}: in a "
+             "prompt they act as controls, not text")
     if len(marked) > 3:
         warn(f"warning: {len(marked)} rows in all hold control tokens")
     if not kept:
@@ -126,8 +129,8 @@ def prepare_contexts(rows, tokenizer, cfg: Config):
 
 
 class Session:
-    """A training run's set-up (in the order the run's random streams and checks need), its logs and saves, and
-    its clean-up (signals, sampler, trackers, the folder's lock) however the run ends."""
+    """A training run's set-up (in the order the run's random streams and checks need), its logs and saves,
+    and its clean-up (signals, sampler, trackers, the folder's lock) however the run ends."""
 
     def __init__(self, cfg: Config):
         import transformers
@@ -137,7 +140,8 @@ class Session:
         self.rank, self.world, self.device = D.setup(pick_device(cfg.device))
         console.quiet = E.console.quiet = self.rank != 0  # rank 0 prints, logs and saves; every rank samples
         if cfg.batch_size % self.world:
-            raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({self.world})")
+            raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks "
+                             f"({self.world})")
         if self.world > 1 and cfg.load_in_4bit:
             raise PopsdError("load_in_4bit is the one-GPU path: under torchrun FSDP shards bf16 weights "
                              "(load_in_4bit=false)")
@@ -152,18 +156,20 @@ class Session:
             raise
 
     def _open_folder(self) -> Path | None:
-        """Threads, warnings and the run folder, checked before anything in it changes, then locked and marked by
-        rank 0 (checkpoints.py): the checkpoint to resume from, or None."""
+        """Threads, warnings and the run folder, checked before anything in it changes, then locked and marked
+        by rank 0 (checkpoints.py): the checkpoint to resume from, or None."""
         cfg, out = self.cfg, self.out
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.trust_remote_code:
-            console.print("[bold yellow]trust_remote_code=true: code shipped with the model will run on this machine[/]")
+            console.print("[bold yellow]trust_remote_code=true: code shipped with the model will run on "
+                          "this machine[/]")
         ckpt = None
         if self.rank == 0:
-            reads = [resolve_local(p) for p in (cfg.model, cfg.data, *cfg.eval_bench.split(",")) if p and p != "tiny"]
-            ckpt, self.lock = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite, warn,
-                                                 [p for p in reads if p is not None])
+            reads = [resolve_local(p) for p in (cfg.model, cfg.data, *cfg.eval_bench.split(",")) if p and p
+                     != "tiny"]
+            ckpt, self.lock = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite,
+                                                 warn, [p for p in reads if p is not None])
         D.barrier()
         if self.rank != 0 and cfg.resume:
             ckpt = latest_checkpoint(out, lambda m: None)
@@ -172,19 +178,26 @@ class Session:
 
     def _set_up(self, ckpt: Path | None):
         cfg, out, rank, world = self.cfg, self.out, self.rank, self.world
-        rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field), cfg.skip_bad_rows)
+        rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field),
+                              cfg.skip_bad_rows)
         guards.check_batch(cfg, len(rows), "rows")  # before the model loads
         local = resolve_local(cfg.model)
-        path = str(local.resolve()) if local is not None else cfg.model  # absolute: adapters name their base wherever
+        # absolute: adapters name their base wherever
+        path = str(local.resolve()) if local is not None else cfg.model
         if cfg.model == "tiny":
-            texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template, cfg.refonly_template]
-            path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out / "tiny_model")
+            texts = [t for qr in rows for t in qr] + [cfg.student_template, cfg.teacher_template,
+                                                      cfg.refonly_template]
+            path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out
+                       / "tiny_model")
             D.barrier()  # rank 0 builds it, the others load it
-        self.tokenizer, self.model = load_model(cfg, self.device, path)  # LoRA from cfg.seed, the same on every rank
-        self.base = base_fingerprint(path, console.print)  # the base's checksum: config.json, checkpoints, evaluations
+        # LoRA from cfg.seed, the same on every rank
+        self.tokenizer, self.model = load_model(cfg, self.device, path)
+        # the base's checksum: config.json, checkpoints, evaluations
+        self.base = base_fingerprint(path, console.print)
         self.record = dataclasses.asdict(cfg) | {"base_sha256": self.base}
         if ckpt is not None:
-            check_base(ckpt, self.base)  # a base replaced in its folder since: refused before anything here changes
+            # a base replaced in its folder since: refused before anything here changes
+            check_base(ckpt, self.base)
         if cfg.teacher == "ema":
             ema.add(self.model)
         if world > 1:
@@ -198,33 +211,39 @@ class Session:
         guards.check_batch(cfg, len(self.examples), "prompts that fit max_prompt_len")
         self.benches = E.held_out_benches(cfg, rows) if cfg.eval_every else {}
         self.print_table(bad, too_long)
-        for key in ("max_new_tokens", "eval_max_new_tokens"):  # after the record: the config as given is the run's
+        # after the record: the config as given is the run's
+        for key in ("max_new_tokens", "eval_max_new_tokens"):
             setattr(cfg, key, fit_new_tokens(self.model, cfg.max_prompt_len, getattr(cfg, key), key, warn))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.stream, self.start = DataStream(len(self.examples), cfg.seed), 0
         if ckpt is not None:
-            self.start = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.stream, cfg.seed,
-                                         rank, world)
+            self.start = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.stream,
+                                         cfg.seed, rank, world)
             console.print(f"resumed from {ckpt} at step {self.start}")
         if rank == 0:
             record_session(out, self.record, self.start)  # config.json, sessions.jsonl
-            trim_logs(out, self.start, warn)  # rows and samples logged after the checkpoint go: they are redone
-        self.tracker = Trackers(cfg.report_to if rank == 0 else "none", out, dataclasses.asdict(cfg), self.start)
+            # rows and samples logged after the checkpoint go: they are redone
+            trim_logs(out, self.start, warn)
+        self.tracker = Trackers(cfg.report_to if rank == 0 else "none", out, dataclasses.asdict(cfg),
+                                self.start)
         self.eos, self.pad_id = eos_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id
-        self.sampler = make_sampler(cfg, self.model, self.tokenizer, path, self.eos, self.device, out, rank, world,
-                                    warn)
+        self.sampler = make_sampler(cfg, self.model, self.tokenizer, path, self.eos, self.device, out, rank,
+                                    world, warn)
         self.stop, self.stalls = StopRequest(), 0
-        self.sampler.sync(self.model, self.start)  # the engine samples from this run's adapter (resumed: the checkpoint's)
+        # the engine samples from this run's adapter (resumed: the checkpoint's)
+        self.sampler.sync(self.model, self.start)
 
     def print_table(self, bad: int, too_long: int):
-        """The start-up table: the fields set away from the defaults, the sizes derived from them, and what runs."""
+        """The start-up table: the fields set away from the defaults, the sizes derived from them, and what
+        runs."""
         cfg = self.cfg
         sizes = derived_sizes(cfg, len(self.examples)) | {"ranks": self.world, "bad rows skipped": bad,
                                                            "over-long prompts skipped": too_long}
         if cfg.teacher == "ema":
-            sizes["EMA teacher adapter"] = f"{ema.megabytes(self.model):.1f} MB (a second LoRA, not trained; FSDP: sharded)"
+            sizes["EMA teacher adapter"] = (f"{ema.megabytes(self.model):.1f} MB (a second LoRA, not "
+                                            "trained; FSDP: sharded)")
         sizes |= runs_with(cfg)
         if cfg.rollout_engine == "graph" and not cfg.rollout_server:
             sizes["graph KV cache"] = graph_rows(cfg, self.model, self.device)[1]
@@ -237,19 +256,20 @@ class Session:
         return self
 
     def steps(self):
-        """(step, this rank's share of the step's prompts) for every step still to run; before the first step of a
-        fresh run, the evaluation of the initial policy (step 0)."""
+        """(step, this rank's share of the step's prompts) for every step still to run; before the first step
+        of a fresh run, the evaluation of the initial policy (step 0)."""
         if self.benches and self.start == 0:
             self.write({"step": 0, **self.evaluate(0)})
         self.t_run = time.time()
         for step in range(self.start + 1, self.cfg.steps + 1):
             self.t0, self.before = time.time(), position(self.stream)
-            yield step, [self.examples[i] for i in self.stream.take(self.cfg.batch_size)][self.rank::self.world]
+            yield step, [self.examples[i]
+                         for i in self.stream.take(self.cfg.batch_size)][self.rank::self.world]
 
     def sampling(self, step: int, sequences: int):
-        """A context for the step's sampling: yields the engine's progress callback (a bar; a line every 10 s on a
-        pipe). A stop asked for meanwhile ends it (one process: under torchrun ranks sample in lockstep and
-        stop at the step's end), the step is dropped and the run saved as it stood before the step."""
+        """A context for the step's sampling: yields the engine's progress callback (a bar; a line every 10 s
+        on a pipe). A stop asked for meanwhile ends it (one process: under torchrun ranks sample in lockstep
+        and stop at the step's end), the step is dropped and the run saved as it stood before the step."""
         return _Sampling(self, step, sequences)
 
     def timed(self, row: dict, key: str):
@@ -284,15 +304,16 @@ class Session:
         self.bar.advance(self.task)
 
     def save(self, step: int, rollout: Rollout):
-        """A checkpoint every save_every steps, at the end, or when a stop was asked for (then exit). Every rank
-        takes part: the adapter and optimizer are gathered from the shards."""
+        """A checkpoint every save_every steps, at the end, or when a stop was asked for (then exit). Every
+        rank takes part: the adapter and optimizer are gathered from the shards."""
         stopping = D.all_sum([self.stop.signum or 0])[0] > 0  # ranks stop together
         if (self.cfg.save_every and step % self.cfg.save_every == 0) or step == self.cfg.steps or stopping:
             body, head_weight = model_parts(self.model)
             guards.check_outputs(self.model, body, head_weight, rollout, self.pad_id, step)
             self.checkpoint(step)
         if stopping:
-            console.print(f"[yellow]checkpoint saved at step {step} in {self.out}; resume with resume=true[/]")
+            console.print(
+                f"[yellow]checkpoint saved at step {step} in {self.out}; resume with resume=true[/]")
             sys.exit(128 + (self.stop.signum or signal.SIGTERM))
 
     def checkpoint(self, step: int):
@@ -300,7 +321,8 @@ class Session:
                         self.cfg.keep_checkpoints, self.rank, self.record)
 
     def finish(self):
-        """The trained adapter (PEFT format, with the tokenizer and the prompt settings) and the run's curves."""
+        """The trained adapter (PEFT format, with the tokenizer and the prompt settings) and the run's
+        curves."""
         weights = trainable_state(self.model)
         check_finite(weights)
         if self.rank == 0:
@@ -308,7 +330,8 @@ class Session:
             plots.plot_runs([self.out], self.out / "plots.png")
 
     def close(self):
-        """Whatever was set up is put away, in reverse, however the run ends (the lock last: the folder is free)."""
+        """Whatever was set up is put away, in reverse, however the run ends (the lock last: the folder is
+        free)."""
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
         if self.metrics_file is not None:
@@ -326,8 +349,8 @@ class Session:
     def __exit__(self, kind, error, trace):
         self.close()
         if kind is None:
-            console.print(f"done: adapter in {self.out / 'adapter'}, metrics in {self.out / 'metrics.jsonl'}, curves "
-                          f"in {self.out / 'plots.png'}")
+            console.print(f"done: adapter in {self.out / 'adapter'}, metrics in "
+                          f"{self.out / 'metrics.jsonl'}, curves in {self.out / 'plots.png'}")
             D.finish()
 
 
@@ -351,12 +374,12 @@ class _Sampling:
         if kind is SamplingStopped:  # the step is dropped: the run stands where it stood before it
             go_back(run.stream, run.before)
             run.checkpoint(self.step - 1)
-            console.print(f"[yellow]stopped while sampling step {self.step}: checkpoint saved at step {self.step - 1} "
-                          f"in {run.out}; resume with resume=true[/]")
+            console.print(f"[yellow]stopped while sampling step {self.step}: checkpoint saved at step "
+                          f"{self.step - 1} in {run.out}; resume with resume=true[/]")
             sys.exit(128 + (run.stop.signum or signal.SIGTERM))
         if kind is RuntimeError and "probability tensor contains" in str(error):
-            raise PopsdError(f"step {self.step}: the student's next-token probabilities are not finite: the run "
-                             "diverged; lower lr or max_grad_norm and resume from the last checkpoint") from None
+            raise PopsdError(f"step {self.step}: the student's next-token probabilities are not finite: the "
+                             "run diverged; lower lr or max_grad_norm and resume from the last checkpoint") from None
         if run.device.type == "cuda":
             torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
         return False
@@ -374,19 +397,22 @@ class _Timed:
 
 
 def runs_with(cfg: Config) -> dict:
-    """What the run actually runs, for the start-up table: the sampler, the loss path, the dtype, the threads."""
+    """What the run actually runs, for the start-up table: the sampler, the loss path, the dtype, the
+    threads."""
     sampler = f"server pool ({cfg.rollout_server})" if cfg.rollout_server else {
         "dynamic": "HF generate, dynamic KV cache (engines/hf.py)", "static": "HF generate, static KV cache "
         "(engines/hf.py)", "graph": f"graph sampler, keep_rows={cfg.graph_keep_rows} (engines/graph.py)",
         "vllm": "vLLM in this process (engines/vllm_engine.py)"}[cfg.rollout_engine]
     path = "fused, chunked (loss_fused.py)" if cfg.loss_impl == "fused" else "reference (loss.reference_loss)"
-    return {"sampler": sampler, "loss path": path, "dtype": cfg.dtype + (", 4-bit nf4 base" if cfg.load_in_4bit else ""),
+    return {"sampler": sampler, "loss path": path,
+            "dtype": cfg.dtype + (", 4-bit nf4 base" if cfg.load_in_4bit else ""),
             "torch threads": cfg.threads or torch.get_num_threads()}
 
 
 def step_line(row: dict, steps: int, pace: float | None = None) -> str:
     """One readable line per step; pace (seconds per step so far) adds the rate and the time left."""
-    line = (f"step {row['step']:>4}/{steps}  loss {row['loss']:.2e}  lr {row['lr']:.1e}  "  # 2e-5 reads, not 0.0000
+    # 2e-5 reads, not 0.0000
+    line = (f"step {row['step']:>4}/{steps}  loss {row['loss']:.2e}  lr {row['lr']:.1e}  "
             f"|g| {row['grad_norm']:.2e}  len {row['completion_len']:.0f}  ent {row['entropy']:.2f}")
     if "cos_total_ref" in row:
         line += (f"  cos(Δ,Δref) {row['cos_total_ref']:+.2f}  cos(Δ,Δit) {row['cos_total_it']:+.2f}"
@@ -396,7 +422,8 @@ def step_line(row: dict, steps: int, pace: float | None = None) -> str:
     line += f"  markers {row['markers_per_1k']:.1f}/1k  {row['time_step']:.1f}s"
     if pace is None or pace <= 0:
         return line
-    rate = f"{1 / pace:.2f} step/s" if pace <= 1 else f"{pace:.1f} s/step"  # as tqdm: the unit that reads above 1
+    # as tqdm: the unit that reads above 1
+    rate = f"{1 / pace:.2f} step/s" if pace <= 1 else f"{pace:.1f} s/step"
     left = round(pace * (steps - row["step"]))
     days = f"{left // 86400}d " if left >= 86400 else ""
     return line + f"  {rate}  eta {days}{time.strftime('%H:%M:%S', time.gmtime(left % 86400))}"

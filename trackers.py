@@ -35,9 +35,11 @@ class Trackers:
             try:
                 if name == "tensorboard":
                     from torch.utils.tensorboard import SummaryWriter
-                    # purge_step: a resumed run drops the events logged after its checkpoint (they are replayed)
+                    # purge_step: a resumed run drops the events logged after its checkpoint (they are
+                    # replayed)
                     self.writers.append(("tensorboard", SummaryWriter(str(out / "tensorboard"),
-                                                                      purge_step=start + 1 if start else None)))
+                                                                      purge_step=start + 1 if start
+                                                                      else None)))
                 else:
                     import wandb
                     self.writers.append(("wandb", open_wandb(wandb, out, config, start)))
@@ -48,9 +50,9 @@ class Trackers:
                 if name != "wandb" or not isinstance(e, __import__("wandb").errors.Error):
                     raise
                 self.close()
-                raise PopsdError(f"report_to=wandb could not start a W&B run ({str(e).splitlines()[0]}): log in "
-                                 "with `wandb login`, or set WANDB_MODE=offline to log without a login or a "
-                                 "network (`wandb sync` sends it later)") from None
+                raise PopsdError(f"report_to=wandb could not start a W&B run ({str(e).splitlines()[0]}): log "
+                                 "in with `wandb login`, or set WANDB_MODE=offline to log without a login or "
+                                 "a network (`wandb sync` sends it later)") from None
 
     def log(self, row: dict):
         scalars = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))
@@ -75,7 +77,8 @@ def open_wandb(wandb, out: Path, config: dict, start: int):
     id_file = folder / "popsd_run_id"
     if folder.is_symlink() or id_file.is_symlink():
         raise PopsdError(f"{id_file} is a symbolic link: a run writes only inside its folder; remove it")
-    run_id = id_file.read_text().strip() if start and id_file.is_file() else secrets.token_hex(4)  # W&B's id form: 8 lowercase letters/digits
+    # W&B's id form: 8 lowercase letters/digits
+    run_id = id_file.read_text().strip() if start and id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "popsd"), name=out.name, id=run_id,
                       resume="allow", dir=str(out), config=config)

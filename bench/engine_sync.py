@@ -40,9 +40,11 @@ def hf_logprobs(model, prompt, tokens):
 
 def one(llm, prompt, lora=None, n=1, logprobs=False):
     from vllm import SamplingParams
-    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=n, logprobs=0 if
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=n,
+                                                                      logprobs=0 if
                        logprobs else None, ignore_eos=True), lora_request=lora, use_tqdm=False)[0].outputs[0]
-    return list(out.token_ids), [d[t].logprob for d, t in zip(out.logprobs, out.token_ids)] if logprobs else None
+    return list(out.token_ids), [d[t].logprob for d,
+                                 t in zip(out.logprobs, out.token_ids)] if logprobs else None
 
 
 def merged_weights(model):
@@ -62,8 +64,8 @@ def measure(name, path, args, device, where):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear",
-                                             init_lora_weights=False)).eval()
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                             target_modules="all-linear", init_lora_weights=False)).eval()
     kw = dict(model=str(path), dtype="float32" if dtype == torch.float32 else "bfloat16", enable_lora=True,
               max_lora_rank=args.lora_r, max_loras=1, max_model_len=256, generation_config="vllm", seed=0,
               logprobs_mode="raw_logprobs", enforce_eager=device.type == "cpu")
@@ -74,7 +76,8 @@ def measure(name, path, args, device, where):
     rows, folder = [], ram_folder()  # where rollout_engine=vllm writes its adapters
     weights = trainable_state(model)
     adapter_mb = sum(w.numel() * w.element_size() for w in weights.values()) / 2 ** 20
-    base_mb = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n) / 2 ** 20
+    base_mb = sum(p.numel() * p.element_size() for n,
+                  p in model.named_parameters() if "lora_" not in n) / 2 ** 20
     # adapter route: a new folder and id each time, as each step
     lora = None
     times, plain = [], []
@@ -91,7 +94,8 @@ def measure(name, path, args, device, where):
         times.append(time.perf_counter() - t0)
     tokens, lp = one(llm, prompt, lora, n=16, logprobs=True)
     gap = (hf_logprobs(model, prompt, tokens) - torch.tensor(lp)).abs().max().item()
-    rows.append({"route": "adapter", "seconds": min(times) - min(plain), "mb_moved": round(adapter_mb, 1), "gap": gap})
+    rows.append({"route": "adapter", "seconds": min(times) - min(plain), "mb_moved": round(adapter_mb, 1),
+                 "gap": gap})
     # merged route: every base weight pushed in place
     times, plain = [], []
     for k in range(args.repeats):
@@ -105,8 +109,10 @@ def measure(name, path, args, device, where):
         times.append(time.perf_counter() - t0)
     tokens, lp = one(llm, prompt, n=16, logprobs=True)
     gap = (hf_logprobs(model, prompt, tokens) - torch.tensor(lp)).abs().max().item()
-    rows.append({"route": "merged", "seconds": min(times) - min(plain), "mb_moved": round(base_mb, 1), "gap": gap})
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    rows.append({"route": "merged", "seconds": min(times) - min(plain), "mb_moved": round(base_mb, 1),
+                 "gap": gap})
+    dev = (torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+           or platform.machine())
     return [{"bench": "engine_sync", "model": name, "lora_r": args.lora_r, "device": dev, **r} for r in rows]
 
 
@@ -124,7 +130,8 @@ def main(argv):
     with tempfile.TemporaryDirectory() as where:
         for name in args.models.split(","):
             path = ROOT / "data/toyworld/base" if name == "toy" else gpu_memory.build(
-                name, Path(where), device.type == "cpu", device, {"head_dim": 32} if device.type == "cpu" else None)
+                name, Path(where), device.type == "cpu", device, {"head_dim": 32} if device.type == "cpu"
+                                                                                      else None)
             for row in measure(name, path, args, device, Path(where)):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -136,7 +143,8 @@ def main(argv):
     for c in ("model", "route", "MB moved", "seconds per sync", "max |Δ log p| vs HF"):
         table.add_column(c, justify="left" if c in ("model", "route") else "right")
     for r in rows:
-        table.add_row(r["model"], r["route"], f"{r['mb_moved']:.1f}", f"{r['seconds']:.3f}", f"{r['gap']:.1e}")
+        table.add_row(r["model"], r["route"], f"{r['mb_moved']:.1f}", f"{r['seconds']:.3f}",
+                      f"{r['gap']:.1e}")
     Console(width=120).print(table)
 
 

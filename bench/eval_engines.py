@@ -1,6 +1,6 @@
-"""bench/eval_engines.py: the README's evaluation command (400 held-out toy questions, one sample each, on a toy
-run's adapter) timed with each sampler eval.py offers, side by side in one run of this script, on an idle machine
-and with one other process busy on a core (what a 2-core machine running anything else is like).
+"""bench/eval_engines.py: the README's evaluation command (400 held-out toy questions, one sample each, on a
+toy run's adapter) timed with each sampler eval.py offers, side by side in one run of this script, on an idle
+machine and with one other process busy on a core (what a 2-core machine running anything else is like).
 
     python bench/eval_engines.py                  # CPU: a 2-step toy run's adapter, best of --repeats per variant
 
@@ -9,8 +9,9 @@ and with one other process busy on a core (what a 2-core machine running anythin
   dynamic  HF generate, one thread, the toy recipe's batch of 400
   graph    engines/graph.py eagerly (the toy recipe's rollout_engine=graph graph_keep_rows=false), one thread,
            400 rows: what eval.py now uses by default on a toy run's adapter
-Each variant is `python eval.py ...` in its own process (start-up included: what a user waits for); the rows are
-seconds of wall time and the ratio to `before`. Prints a table and one JSON line per variant (appended to --out).
+Each variant is `python eval.py ...` in its own process (start-up included: what a user waits for); the rows
+are seconds of wall time and the ratio to `before`. Prints a table and one JSON line per variant (appended to
+--out).
 """
 import argparse
 import json
@@ -28,15 +29,18 @@ README = ["--bench", "data/toyworld/test.jsonl", "--question-field", "question",
           "--max-new-tokens", "128", "--dtype", "fp32"]
 VARIANTS = {"before": ["--engine", "dynamic", "--threads", "0"],
             "dynamic": ["--engine", "dynamic", "--threads", "1", "--batch-size", "400"],
-            "graph": ["--engine", "graph", "--graph-keep-rows", "off", "--threads", "1", "--batch-size", "400"]}
+            "graph": ["--engine", "graph", "--graph-keep-rows", "off", "--threads", "1", "--batch-size",
+                      "400"]}
 
 
 def timed(adapter: Path, extra: list[str]) -> tuple[float, float]:
     """(seconds, accuracy) of one eval.py run in its own process."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        done = subprocess.run([sys.executable, "eval.py", "--adapter", str(adapter), *README, *extra, "--out", tmp],
-                              cwd=ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        done = subprocess.run([sys.executable, "eval.py", "--adapter", str(adapter), *README, *extra, "--out",
+                               tmp],
+                              cwd=ROOT, capture_output=True, text=True,
+                              env=os.environ | {"HF_HUB_OFFLINE": "1"})
         seconds = time.time() - t0
         if done.returncode:
             sys.exit(f"eval.py {' '.join(extra)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -51,7 +55,8 @@ def main(argv):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "toy"
-        subprocess.run([sys.executable, "popsd.py", "--recipe", "toy", "steps=2", "eval_every=0", f"out_dir={run}"],
+        subprocess.run([sys.executable, "popsd.py", "--recipe", "toy", "steps=2", "eval_every=0",
+                        f"out_dir={run}"],
                        cwd=ROOT, check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         for load in ("idle", "one busy core"):
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load != "idle" else None
@@ -60,7 +65,8 @@ def main(argv):
                     got = [timed(run / "adapter", extra) for _ in range(args.repeats)]
                     rows.append({"bench": "eval_engines", "load": load, "variant": name,
                                  "seconds": round(min(t for t, _ in got), 2), "accuracy": got[0][1],
-                                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
+                                            "cores",
                                  "date": time.strftime("%Y-%m-%d"), "args": extra})
             finally:
                 if hog is not None:

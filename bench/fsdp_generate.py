@@ -27,7 +27,8 @@ from engines.hf import generate  # noqa: E402
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="toy", help="toy (the shipped toy base) or an architecture in bench/configs/")
+    p.add_argument("--model", default="toy",
+                   help="toy (the shipped toy base) or an architecture in bench/configs/")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=8, help="sequences per rank")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per sequence (EOS banned until then)")
@@ -38,7 +39,8 @@ def main(argv):
     rank, world, device = D.setup(torch.device(args.device))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    where = Path(tempfile.gettempdir()) / f"popsd_fsdp_generate_{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
+    where = (Path(tempfile.gettempdir())
+             / f"popsd_fsdp_generate_{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}")
     try:  # one folder every rank sees: rank 0 builds the model, the others load it
         if args.model == "toy":
             path = ROOT / "data/toyworld/base"
@@ -49,7 +51,8 @@ def main(argv):
                 gpu_memory.build(args.model, where, device.type == "cpu", device)
             D.barrier()
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device.type == "cpu"
+                                                     else torch.bfloat16)
         D.barrier()
     finally:
         if rank == 0:
@@ -64,9 +67,9 @@ def main(argv):
 
     def sample(gather):
         torch.manual_seed(100 + rank)
-        return generate(model, tok, prompts, n=1, max_new_tokens=args.tokens, temperature=1.0, top_p=1.0, top_k=0,
-                        eos_ids=[eos], batch_size=args.batch, device=device, min_new_tokens=args.tokens,
-                        gather=gather).completions
+        return generate(model, tok, prompts, n=1, max_new_tokens=args.tokens, temperature=1.0, top_p=1.0,
+                        top_k=0, eos_ids=[eos], batch_size=args.batch, device=device,
+                        min_new_tokens=args.tokens, gather=gather).completions
 
     rows, outputs = [], {}
     for gather in (False, True) * args.repeats:
@@ -101,5 +104,6 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(sys.argv[1:])
     sys.stdout.flush()
-    os._exit(0)  # every row is out: skip interpreter teardown, where gloo once aborted rank 0 ("terminate called
+    # every row is out: skip interpreter teardown, where gloo once aborted rank 0 ("terminate called
+    os._exit(0)
     # without an active exception", after destroy_process_group; 1 of 3 suite runs on 2026-12-01)

@@ -15,8 +15,8 @@ steps is reported (the first warms up): seconds and peak GPU memory, allocated a
 do not care how the tokens were sampled), so the update phase's memory never waits on sampling; --cap-gib 24
 limits the card to 24 GiB (torch.cuda.set_per_process_memory_fraction), so "fits on 24 GB" is measured.
 --estimate computes instead of measuring (no GPU, no model): the update phase's peak allocated memory from the
-architecture's config values and the recipe's sizes, term by term (estimate()); its rows are labelled computed.
-Prints a table and one JSON line per row.
+architecture's config values and the recipe's sizes, term by term (estimate()); its rows are labelled
+computed. Prints a table and one JSON line per row.
 """
 import argparse
 import contextlib
@@ -41,15 +41,18 @@ from rollout import Contexts, Rollout  # noqa: E402
 
 MODELS = ("qwen3_8b", "qwen3_4b", "r1_distill_qwen_7b", "qwen3_1_7b")
 SCALED_DOWN = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
-               "num_key_value_heads": 4, "head_dim": 16}  # --cpu-test: same code paths, tiny sizes (each layer at
+               # --cpu-test: same code paths, tiny sizes (each layer at
+               "num_key_value_heads": 4, "head_dim": 16}
 # least 64 wide: the recipe's LoRA rank 64 must fit every layer it adapts)
 PHASES = ("sample", "score", "loss+backward", "step")
 GiB = 2 ** 30
 
 
-def build(name: str, where: Path, scaled_down: bool, device: torch.device, overrides: dict | None = None) -> Path:
+def build(name: str, where: Path, scaled_down: bool, device: torch.device,
+          overrides: dict | None = None) -> Path:
     """Random weights in the published architecture, saved with a small BPE tokenizer (ids < 512); a folder
-    already built there is reused. overrides: config values on top (bench/rollout.py: head_dim 32 for vLLM)."""
+    already built there is reused. overrides: config values on top (bench/rollout.py: head_dim 32 for
+    vLLM)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     values = {k: v for k, v in json.loads((ROOT / "bench/configs" / f"{name}.json").read_text()).items()
               if not k.startswith("_")}
@@ -72,7 +75,8 @@ def build(name: str, where: Path, scaled_down: bool, device: torch.device, overr
 def synthetic_contexts(n: int, prompt_len: int, reference_len: int, vocab: int) -> list[Contexts]:
     g = torch.Generator().manual_seed(0)
     ids = lambda k: torch.randint(10, vocab, (k,), generator=g).tolist()  # noqa: E731
-    return [Contexts(student=ids(prompt_len), teacher=ids(prompt_len + reference_len), refonly=ids(reference_len))
+    return [Contexts(student=ids(prompt_len), teacher=ids(prompt_len + reference_len),
+                     refonly=ids(reference_len))
             for _ in range(n)]
 
 
@@ -108,7 +112,8 @@ class Phases:
 
 
 def load(path: Path, args, overrides: list[str]):
-    """The single_gpu recipe's model, optimizer and synthetic prompts: loaded once per model, for every length."""
+    """The single_gpu recipe's model, optimizer and synthetic prompts: loaded once per model, for every
+    length."""
     cfg = popsd.make_config("single_gpu", [f"out_dir={path}_run", *(["device=cpu"] if args.cpu_test else []),
                                            *overrides])
     device = models.pick_device(cfg.device)
@@ -129,9 +134,10 @@ def measure(path: Path, length: int, args, loaded) -> dict:
             rollout = synthetic_rollout(contexts, length, len(tokenizer))
         else:
             with ph("sample"):
-                rollout = generate(model, tokenizer, [c.student for c in contexts], n=1, max_new_tokens=length,
-                                   min_new_tokens=length, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   top_k=cfg.top_k, eos_ids=[pad_id], batch_size=cfg.gen_batch_size, device=device)
+                rollout = generate(model, tokenizer, [c.student for c in contexts], n=1,
+                                   max_new_tokens=length, min_new_tokens=length, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=[pad_id],
+                                   batch_size=cfg.gen_batch_size, device=device)
                 rollout.contexts = contexts
                 if device.type == "cuda" and not args.keep_cache:
                     torch.cuda.empty_cache()
@@ -151,15 +157,16 @@ def measure(path: Path, length: int, args, loaded) -> dict:
     peak = max(r["reserved_gib"] for r in ph.rows.values()) if device.type == "cuda" else None
     return {"model": path.name, "length": length, "completion_tokens": n_tokens, "sequences": len(rollout),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "settings": {k: getattr(cfg, k) for k in ("load_in_4bit", "gradient_checkpointing", "loss_impl", "optim",
-                                                      "micro_batch_size", "gen_batch_size", "lora_r")}
-            | {"keep_cache": args.keep_cache, "prompt_len": args.prompt_len, "reference_len": args.reference_len,
-               "synthetic": args.synthetic, "cap_gib": args.cap_gib},
+            "settings": {k: getattr(cfg, k) for k in ("load_in_4bit", "gradient_checkpointing", "loss_impl",
+                                                      "optim", "micro_batch_size", "gen_batch_size",
+                                                      "lora_r")}
+            | {"keep_cache": args.keep_cache, "prompt_len": args.prompt_len,
+               "reference_len": args.reference_len, "synthetic": args.synthetic, "cap_gib": args.cap_gib},
             "phases": ph.rows, "peak_reserved_gib": peak, "step_s": sum(r["s"] for r in ph.rows.values())}
 
 
-def estimate(config: dict, length: int, prompt_len: int, reference_len: int, lora_r: int = 64, gen_batch: int = 16,
-             chunk_mb: int = 512) -> dict:
+def estimate(config: dict, length: int, prompt_len: int, reference_len: int, lora_r: int = 64,
+             gen_batch: int = 16, chunk_mb: int = 512) -> dict:
     """GiB of the single_gpu recipe's update phase (one sequence: micro-batch 1) and of its sampling KV cache,
     computed from the config alone. Terms (the assumptions, each a rounded model, not a measurement):
       weights       linear layers in nf4 with double quantisation (0.5 + ~0.016 bytes a parameter), embeddings
@@ -173,9 +180,11 @@ def estimate(config: dict, length: int, prompt_len: int, reference_len: int, lor
       sample_kv     gen_batch sequences of prompt + completion in the bf16 KV cache (the sampling phase; freed
                     before the update)"""
     h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    heads, kv, d, v = (config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"]),
+    heads, kv, d, v = (config["num_attention_heads"],
+                       config.get("num_key_value_heads", config["num_attention_heads"]),
                        config.get("head_dim") or h // config["num_attention_heads"], config["vocab_size"])
-    shapes = [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
+    # q k v o gate up down
+    shapes = [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, i), (h, i), (i, h)]
     linear = n * sum(a * b for a, b in shapes)
     lora = n * sum(lora_r * (a + b) for a, b in shapes)
     student, teacher = prompt_len + length, prompt_len + reference_len + length
@@ -195,9 +204,11 @@ def estimate(config: dict, length: int, prompt_len: int, reference_len: int, lor
 def print_estimates(models, lengths, args):
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=f"computed, not measured: the single_gpu update phase, GiB (prompt {args.prompt_len}, "
-                        f"reference {args.reference_len}; sampling KV for {args.batch} sequences)")
-    for c in ("model", "tokens", "weights", "LoRA+Adam", "activations", "loss", "update", "sampling KV", "≤ 22?"):
+    table = Table(title="computed, not measured: the single_gpu update phase, GiB (prompt "
+                        f"{args.prompt_len}, reference {args.reference_len}; sampling KV for "
+                        f"{args.batch} sequences)")
+    for c in ("model", "tokens", "weights", "LoRA+Adam", "activations", "loss", "update", "sampling KV",
+              "≤ 22?"):
         table.add_column(c, justify="right")
     for name in models:
         config = json.loads((ROOT / "bench/configs" / f"{name}.json").read_text())
@@ -216,21 +227,29 @@ def print_estimates(models, lengths, args):
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--lengths", default="1024,4096,8192", help="completion lengths (sampling is forced to them)")
+    p.add_argument("--lengths", default="1024,4096,8192",
+                   help="completion lengths (sampling is forced to them)")
     p.add_argument("--batch", type=int, default=16, help="sequences per measured step (one generate call)")
     p.add_argument("--prompt-len", type=int, default=256, help="student prompt tokens")
-    p.add_argument("--reference-len", type=int, default=1024, help="reference solution tokens (teacher, ref-only)")
+    p.add_argument("--reference-len", type=int, default=1024,
+                   help="reference solution tokens (teacher, ref-only)")
     p.add_argument("--keep-cache", action="store_true", help="skip torch.cuda.empty_cache() after sampling")
     p.add_argument("--cpu-test", action="store_true", help="scaled-down architectures on the CPU")
     p.add_argument("--synthetic", action="store_true", help="no sampling: random completions of each length "
                    "(the update phase alone; use --batch 1 or 2: the peak is per micro-batch)")
-    p.add_argument("--cap-gib", type=float, default=0.0, help="cap the card at this many GiB (0: no cap), so a row "
+    p.add_argument("--cap-gib", type=float, default=0.0,
+                   help="cap the card at this many GiB (0: no cap), so a row "
                    "that fits has fitted in that much")
-    p.add_argument("--steps", type=int, default=2, help="steps per row, the last measured (1: no warm-up, faster)")
-    p.add_argument("--build-dir", help="keep the built architectures here and reuse them (default: a temporary folder)")
-    p.add_argument("--build-only", action="store_true", help="build the architectures into --build-dir, then stop")
-    p.add_argument("--check-args", action="store_true", help="parse the arguments, print them, stop (gpu_check.sh --dry-run)")
-    p.add_argument("--estimate", action="store_true", help="compute the update phase's memory from the configs "
+    p.add_argument("--steps", type=int, default=2,
+                   help="steps per row, the last measured (1: no warm-up, faster)")
+    p.add_argument("--build-dir",
+                   help="keep the built architectures here and reuse them (default: a temporary folder)")
+    p.add_argument("--build-only", action="store_true",
+                   help="build the architectures into --build-dir, then stop")
+    p.add_argument("--check-args", action="store_true",
+                   help="parse the arguments, print them, stop (gpu_check.sh --dry-run)")
+    p.add_argument("--estimate", action="store_true",
+                   help="compute the update phase's memory from the configs "
                    "(no GPU, no model): rows labelled computed")
     args, overrides = p.parse_known_args(argv)
     if args.estimate:
@@ -250,7 +269,8 @@ def main(argv):
             p.error("--build-only needs --build-dir")
         for name in args.models.split(","):
             t0 = time.perf_counter()
-            print(f"built {build(name, Path(args.build_dir), args.cpu_test, device)} in {time.perf_counter() - t0:.0f} s")
+            print(f"built {build(name, Path(args.build_dir), args.cpu_test, device)} in "
+                  f"{time.perf_counter() - t0:.0f} s")
         return
     import transformers
     from rich.console import Console
@@ -276,10 +296,12 @@ def main(argv):
                 if row.get("oom"):
                     table.add_row(name, str(length), *["OOM"] * (len(PHASES) + 2))
                     continue
-                cells = [f"{r['s']:.1f}" + (f" / {r['alloc_gib']:.1f} ({r['reserved_gib']:.1f})" if device.type == "cuda"
+                cells = [f"{r['s']:.1f}" + (f" / {r['alloc_gib']:.1f} ({r['reserved_gib']:.1f})"
+                                            if device.type == "cuda"
                                            else "") for r in row["phases"].values()]
                 peak = row["peak_reserved_gib"]
-                table.add_row(name, str(length), *cells, f"{row['step_s']:.1f}", "n/a" if peak is None else f"{peak:.1f}")
+                table.add_row(name, str(length), *cells, f"{row['step_s']:.1f}",
+                              "n/a" if peak is None else f"{peak:.1f}")
             del loaded
             gc.collect()
             if not args.build_dir:

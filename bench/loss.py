@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["floor-opsd", "floor-purified", "reference-opsd", "reference-purified", "fused-opsd", "fused-purified", "trl-opsd",
-         "fused-opsd-topk", "fused-purified-topk", "fused-opsd-sampled", "fused-purified-sampled",
-         "fused-opsd-compiled", "fused-purified-compiled"]
+CASES = ["floor-opsd", "floor-purified", "reference-opsd", "reference-purified", "fused-opsd",
+         "fused-purified", "trl-opsd", "fused-opsd-topk", "fused-purified-topk", "fused-opsd-sampled",
+         "fused-purified-sampled", "fused-opsd-compiled", "fused-purified-compiled"]
 
 
 def rss_mb(field):
@@ -116,9 +116,11 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--chunk-mb", type=int, default=512)
     p.add_argument("--cases", default=",".join(CASES))
-    p.add_argument("--reference-limit-gb", type=float, default=16.0, help="skip the reference path above this")
+    p.add_argument("--reference-limit-gb", type=float, default=16.0,
+                   help="skip the reference path above this")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    p.add_argument("--check-args", action="store_true", help="parse the arguments, print them, stop (gpu_check.sh --dry-run)")
+    p.add_argument("--check-args", action="store_true",
+                   help="parse the arguments, print them, stop (gpu_check.sh --dry-run)")
     a = p.parse_args()
     if a.check_args:
         if set(a.cases.split(",")) - set(CASES):
@@ -142,7 +144,8 @@ def main():
                        f"--dtype={a.dtype}", f"--device={a.device}", f"--chunk-mb={a.chunk_mb}"]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode:
-                    row = {"case": case, "n": n, "skipped": f"failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}"}
+                    row = {"case": case, "n": n,
+                           "skipped": f"failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}"}
                 else:
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
             method = case.split("-")[1]
@@ -156,8 +159,10 @@ def main():
     for col in ("N", "case", "seconds", "ms/token", "× floor", "peak MB above baseline"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["n"]), r["case"], *(str(r.get(k, r.get("skipped", "")) if k == "seconds" else r.get(k, ""))
-                                                 for k in ("seconds", "ms_per_token", "x_floor", "peak_mb_above_baseline")))
+        table.add_row(str(r["n"]), r["case"], *(str(r.get(k, r.get("skipped", "")) if k == "seconds"
+                                                    else r.get(k, ""))
+                                                 for k in ("seconds", "ms_per_token", "x_floor",
+                                                           "peak_mb_above_baseline")))
     console.print(table)
 
 

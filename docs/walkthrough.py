@@ -27,12 +27,14 @@ def shape(t) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
 
-GLYPHS = {"<|im_start|>": "[", "<|im_end|>": "]", "\n": "⏎"}  # one character per token (the toy's are characters)
+# one character per token (the toy's are characters)
+GLYPHS = {"<|im_start|>": "[", "<|im_end|>": "]", "\n": "⏎"}
 
 
 def row_picture(tok, contexts, completion, mask, pad_id) -> list[str]:
-    """Row 0 in every context, as the scoring passes see it: left padding (·), the prompt, then ŷ (each context
-    padded to its own width P, drawn here right-aligned so ŷ starts in one column); ^ marks column P−1."""
+    """Row 0 in every context, as the scoring passes see it: left padding (·), the prompt, then ŷ (each
+    context padded to its own width P, drawn here right-aligned so ŷ starts in one column); ^ marks column
+    P−1."""
     def glyphs(ids):
         return "".join(GLYPHS.get(t, t) for t in (tok.decode([i]) for i in ids))
     y = glyphs(completion[mask].tolist()[:14])
@@ -58,15 +60,15 @@ def main():
     examples, _ = prepare_contexts(rows, tok, cfg)
     batch = [examples[i] for i in DataStream(len(examples), cfg.seed).take(cfg.batch_size)]
     torch.manual_seed(cfg.seed)  # the loop seeds sampling so (seed + rank)
-    sampler = engines.make_sampler(cfg, model, tok, str(ROOT / cfg.model), eos_ids(model, tok), torch.device("cpu"),
-                                   ROOT / "runs/unused", 0, 1)
+    sampler = engines.make_sampler(cfg, model, tok, str(ROOT / cfg.model), eos_ids(model, tok),
+                                   torch.device("cpu"), ROOT / "runs/unused", 0, 1)
     rollout = popsd.sample(sampler, batch, cfg, step=1, rank=0, world=1)  # 1. sample
     body, head_weight = model_parts(model)
     pad = tok.pad_token_id
     h_teacher, h_refonly, h_base = popsd.frozen_passes(model, body, rollout, cfg, pad)  # 2. score
     model.train()
-    h_student = completion_hidden(body, [c.student for c in rollout.contexts], rollout.completions, rollout.mask,
-                                  pad)
+    h_student = completion_hidden(body, [c.student for c in rollout.contexts], rollout.completions,
+                                  rollout.mask, pad)
     w = head_weight.float()
     student, teacher, refonly, base = (h.float() @ w.T for h in (h_student, h_teacher, h_refonly, h_base))
     tau = cfg.loss_temperature or cfg.temperature
@@ -76,19 +78,21 @@ def main():
     n_step = int(rollout.mask.sum())
     contexts = {role: pad_left([getattr(c, role) for c in rollout.contexts], pad)[0]
                 for role in ("student", "teacher", "refonly")}
-    print("Row 0 in the three contexts (the clean base reads the student's); [ ] are <|im_start|> <|im_end|>:")
+    print(
+        "Row 0 in the three contexts (the clean base reads the student's); [ ] are <|im_start|> <|im_end|>:")
     print(*row_picture(tok, rollout.contexts, rollout.completions[0], rollout.mask[0], pad), sep="\n")
     print()
     print("| step | what | shape |")
     print("|---|---|---|")
     print(f"| 1 sample | prompts, left-padded: student, teacher, reference-only (`rollout.pad_left`) | "
           f"{', '.join(shape(t) for t in contexts.values())} |")
-    print(f"| 1 sample | ŷ and its mask, B = {len(rollout)} rows × T (`popsd.sample`) | {shape(rollout.completions)}, "
-          f"{shape(rollout.mask)} |")
-    print(f"| 2 score | hidden states at the N = {n_step} valid positions, per pass (`rollout.completion_hidden`) | "
-          f"{shape(h_student)} × 4 |")
+    print(f"| 1 sample | ŷ and its mask, B = {len(rollout)} rows × T (`popsd.sample`) | "
+          f"{shape(rollout.completions)}, {shape(rollout.mask)} |")
+    print(f"| 2 score | hidden states at the N = {n_step} valid positions, per pass "
+          f"(`rollout.completion_hidden`) | {shape(h_student)} × 4 |")
     print(f"| 2 score | frozen output head W (`models.model_parts`) | {shape(head_weight)} |")
-    print(f"| 3 target | logits h @ Wᵀ, one pass (in chunks of C rows in `loss_fused.py`) | {shape(student)} |")
+    print("| 3 target | logits h @ Wᵀ, one pass (in chunks of C rows in `loss_fused.py`) | "
+          f"{shape(student)} |")
     print(f"| 3 target | Δ_it = log π_T − log π_ref (`loss.purified_target`) | {shape(delta_it)} |")
     print(f"| 3 target | log P = log_softmax(log π_0 + c·tanh(centre(Δ_it)/c)/β) | {shape(target)} |")
     print(f"| 3 loss | D_t, the per-token JSD (`loss.divergence`) | {shape(per_token)} |")

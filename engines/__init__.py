@@ -1,11 +1,13 @@
 """engines/: how the student's completions ŷ are sampled. One interface, five engines, one chooser.
 
 Every engine is a class with
-    generate(prompts, *, n, max_new_tokens, temperature, top_p, top_k, seeds, on_batch=None) -> rollout.Rollout
+    generate(prompts, *, n, max_new_tokens, temperature, top_p, top_k, seeds, on_batch=None) ->
+    rollout.Rollout
         n completions per prompt (token ids, prompts × n rows); seeds[i] is prompt i's seed (sample j: + j);
         on_batch(k) is called as k more sequences are done (progress)
     sync(model, step)   the adapter after `step` optimizer steps becomes the one that samples (an engine that
-                        holds its own copy of the weights gets it; one sampling the training model has nothing to do)
+                        holds its own copy of the weights gets it; one sampling the training model has nothing
+                        to do)
     close()
     reports_logprobs    whether its Rollouts carry the engine's log-prob of each sampled token
 
@@ -30,32 +32,38 @@ from models import model_positions
 
 def request_seed(seed: int, step: int | str, index: int) -> int:
     """The seed of one prompt's requests at one step (or in one evaluation, named; sample j uses + j): a run's
-    samples depend on its seed, the step and the prompt's place in the batch, never on the engine, server or rank."""
+    samples depend on its seed, the step and the prompt's place in the batch, never on the engine, server or
+    rank."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()[:6], "big")
 
 
 def make_sampler(cfg, model, tokenizer, path: str, eos: list[int], device, out: Path, rank: int, world: int,
                  warn=print):
-    """The engine the config names (see the table above), ready to sample; warn(message) for what it reports."""
+    """The engine the config names (see the table above), ready to sample; warn(message) for what it
+    reports."""
     if cfg.rollout_server:
         from engines.server_pool import ServerPool
         run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
-        return ServerPool(cfg.rollout_server, tokenizer, eos, Path(cfg.rollout_adapter_dir or out / "rollout_adapters"),
+        return ServerPool(cfg.rollout_server, tokenizer, eos,
+                          Path(cfg.rollout_adapter_dir or out / "rollout_adapters"),
                           cfg.rollout_concurrency, run_id, rank, warn=warn, probe_timeout=cfg.server_timeout)
     if cfg.rollout_engine in ("graph", "vllm") and world > 1:
-        raise PopsdError(f"rollout_engine={cfg.rollout_engine} samples in one process from its whole weights: under "
-                         "torchrun sample with rollout_engine=dynamic (sample_gathered) or rollout_server=URL,...")
+        raise PopsdError(f"rollout_engine={cfg.rollout_engine} samples in one process from its whole "
+                         "weights: under torchrun sample with rollout_engine=dynamic (sample_gathered) or "
+                         "rollout_server=URL,...")
     if cfg.rollout_engine == "vllm":
         from engines.vllm_engine import VLLMEngine
-        longest = cfg.max_prompt_len + max(cfg.max_new_tokens, cfg.eval_max_new_tokens if cfg.eval_every else 0)
-        return VLLMEngine(cfg, path, tokenizer, eos, device, max_model_len=min(longest, model_positions(model)))
+        longest = cfg.max_prompt_len + max(cfg.max_new_tokens,
+                                           cfg.eval_max_new_tokens if cfg.eval_every else 0)
+        return VLLMEngine(cfg, path, tokenizer, eos, device,
+                          max_model_len=min(longest, model_positions(model)))
     if cfg.rollout_engine == "graph":
         from engines.graph import GraphSampler
         return GraphSampler(model, tokenizer, batch_size=graph_rows(cfg, model, device)[0], device=device,
                             eos_ids=eos, keep_rows=cfg.graph_keep_rows)
     from engines.hf import HFSampler
-    return HFSampler(model, tokenizer, engine=cfg.rollout_engine, batch_size=cfg.gen_batch_size, device=device,
-                     eos_ids=eos, gather=cfg.sample_gathered)
+    return HFSampler(model, tokenizer, engine=cfg.rollout_engine, batch_size=cfg.gen_batch_size,
+                     device=device, eos_ids=eos, gather=cfg.sample_gathered)
 
 
 def graph_rows(cfg, model, device) -> tuple[int, str]:

@@ -51,7 +51,8 @@ class Server:
 
     def _send(self, method: str, path: str, data: bytes | None, timeout: float) -> tuple[int, bytes]:
         """One HTTP exchange: (status, body). Raises ConnectionError when no connection opens (or it breaks),
-        TimeoutError when the server stays silent for `timeout` seconds, ConnectionAbortedError once aborted."""
+        TimeoutError when the server stays silent for `timeout` seconds, ConnectionAbortedError once
+        aborted."""
         parts = urllib.parse.urlsplit(self.url)
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         conn = kind(parts.hostname, parts.port, timeout=self.connect_timeout)
@@ -66,7 +67,8 @@ class Server:
                     raise ConnectionAbortedError(self.gone)
                 self.open.add(conn)
             try:
-                conn.request(method, parts.path + path, body=data, headers={"Content-Type": "application/json"})
+                conn.request(method, parts.path + path, body=data,
+                             headers={"Content-Type": "application/json"})
                 reply = conn.getresponse()
                 return reply.status, reply.read()
             except TimeoutError:
@@ -85,8 +87,9 @@ class Server:
 
     def request(self, path: str, body: dict | None = None, retries: int | None = None,
                 timeout: float | None = None) -> dict:
-        """GET (no body) or POST JSON, answered within `timeout` (default request_timeout); a connection that does
-        not open and 5xx answers are retried with exponential backoff, a server that stays silent is not."""
+        """GET (no body) or POST JSON, answered within `timeout` (default request_timeout); a connection that
+        does not open and 5xx answers are retried with exponential backoff, a server that stays silent is
+        not."""
         data = None if body is None else json.dumps(body).encode()
         tries = self.retries if retries is None else retries
         wait = self.request_timeout if timeout is None else timeout
@@ -96,11 +99,13 @@ class Server:
             except ConnectionAbortedError as e:
                 raise Unavailable(str(e)) from None
             except TimeoutError:
-                raise Unavailable(f"the server at {self.url} accepted the connection but answered nothing to {path} "
+                raise Unavailable(f"the server at {self.url} accepted the connection but answered "
+                                  f"nothing to {path} "
                                  f"within {wait:.0f} s: is it hung, or still starting?") from None
             except ConnectionError as e:
                 if attempt == tries - 1:
-                    raise Unavailable(f"could not reach the server at {self.url} ({e}): is it running, and is this "
+                    raise Unavailable(f"could not reach the server at {self.url} ({e}): is it "
+                                      "running, and is this "
                                      "its address (e.g. http://localhost:8000)?") from None
             else:
                 if status < 400:
@@ -132,11 +137,13 @@ class Server:
         try:
             listed = self.probe("/v1/models")
         except ServerError as e:
-            raise PopsdError(f"the server at {self.url} failed to list its models at /v1/models ({e}); {hint}") from None
+            raise PopsdError(
+                f"the server at {self.url} failed to list its models at /v1/models ({e}); {hint}") from None
         models = listed.get("data") if isinstance(listed, dict) else None
-        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
-            raise PopsdError(f"the server at {self.url} answered /v1/models with {str(listed)[:120]!r}, not OpenAI's "
-                             f"{{\"data\": [{{\"id\": ...}}]}}; {hint}")
+        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                   for m in models):
+            raise PopsdError(f"the server at {self.url} answered /v1/models with {str(listed)[:120]!r}, not "
+                             f"OpenAI's {{\"data\": [{{\"id\": ...}}]}}; {hint}")
         return [m["id"] for m in models]
 
     def check_model(self):
@@ -161,8 +168,9 @@ class Server:
                     self.send_ids = False  # this server takes text: popsd's chat-templated prompt, decoded
                 elif e.code in (400, 422) and "top_k" in e.detail and "top_k" in body:
                     if params["top_k"]:
-                        raise PopsdError(f"the server at {self.url} does not take top_k; evaluate with --top-k 0 "
-                                         "there (it then samples with its own defaults for top_k and min_p)") from None
+                        raise PopsdError(f"the server at {self.url} does not take top_k; evaluate with "
+                                         "--top-k 0 there (it then samples with its own defaults for "
+                                         "top_k and min_p)") from None
                     self.openai_only = True  # top_k, min_p, repetition_penalty: left to the server's defaults
                 else:
                     raise
@@ -206,6 +214,6 @@ VLLM_FIELDS = ("top_k", "min_p", "repetition_penalty")  # not OpenAI's; vLLM and
 def sampling_body(params: dict) -> dict:
     """Every sampling parameter, explicit: what a request leaves out the server takes from the model's
     generation_config (Qwen3: top_k 20, ...). top_k -1 is "off" on every vLLM version (0 too, from 0.10)."""
-    return {"max_tokens": params["max_new_tokens"], "temperature": params["temperature"], "top_p": params["top_p"],
-            "top_k": params["top_k"] or -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0}
+    return {"max_tokens": params["max_new_tokens"], "temperature": params["temperature"],
+            "top_p": params["top_p"], "top_k": params["top_k"] or -1, "min_p": 0.0, "repetition_penalty": 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0}

@@ -13,17 +13,18 @@ graph, so:
   keep_rows=True   every row steps until the last one is done: with a seed, the very same samples as
                    engines.hf.generate (tests/test_graph_engine.py)
   keep_rows=False  when half the rows are done the live ones move to a batch half the size (its own cache and
-                   graph): a long tail stops holding the batch; run eagerly, the cache also grows ROUND slots at
-                   a time (attention reads only what is written). The random stream then differs, so this mode
-                   is checked by greedy equality and the per-token log-probs
+                   graph): a long tail stops holding the batch; run eagerly, the cache also grows ROUND slots
+                   at a time (attention reads only what is written). The random stream then differs, so this
+                   mode is checked by greedy equality and the per-token log-probs
 A replayed graph reads the weights at the addresses it was captured with. Training changes them in place
 (optimizer steps, the EMA teacher's lerp, a resume's load_state_dict copies into them); before every call the
 sampler compares the parameters' addresses with those it captured and drops its graphs if any moved. The
 caches are sized from the batch and the longest sequence (rounded up to ROUND tokens, so prompts of other
-widths reuse the graph): `kv_bytes` says what they hold. Sliding-window layers (Olmo-3's) are sampled exactly when run
-eagerly (their caches are moved with the count of tokens they hold); their decoding step cannot be captured (the
-count is a Python int their mask and writes branch on), so capture refuses such a model. Under torchrun (FSDP's sharded weights) it is refused:
-a graph cannot hold an all-gather of weights that are freed between steps.
+widths reuse the graph): `kv_bytes` says what they hold. Sliding-window layers (Olmo-3's) are sampled exactly
+when run eagerly (their caches are moved with the count of tokens they hold); their decoding step cannot be
+captured (the count is a Python int their mask and writes branch on), so capture refuses such a model. Under
+torchrun (FSDP's sharded weights) it is refused: a graph cannot hold an all-gather of weights that are freed
+between steps.
 """
 import inspect
 
@@ -40,7 +41,8 @@ def _rounded(tokens: int) -> int:
 
 
 def _warpers(temperature: float, top_k: int, top_p: float):
-    """HF generate's sampling warpers, in its order (transformers' own classes, so the samples are its samples)."""
+    """HF generate's sampling warpers, in its order (transformers' own classes, so the samples are its
+    samples)."""
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                          TopKLogitsWarper, TopPLogitsWarper)
     out = LogitsProcessorList()
@@ -68,18 +70,22 @@ class _Step:
         self.graph, self.logits = None, None
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
-        self.cache_key = "cache" if "cache" in params else "past_key_values"  # transformers renames it by 5.40
-        self.takes_position = "cache_position" in params  # older releases read it; 5.24 writes at the cache's offset
+        # transformers renames it by 5.40
+        self.cache_key = "cache" if "cache" in params else "past_key_values"
+        # older releases read it; 5.24 writes at the cache's offset
+        self.takes_position = "cache_position" in params
 
     def forward(self, ids, position, cache_position):
-        """Logits [b, V] float32 of the last position of ids [b, s]; the cache appends their keys and values."""
+        """Logits [b, V] float32 of the last position of ids [b, s]; the cache appends their keys and
+        values."""
         extra = {"cache_position": cache_position} if self.takes_position else {}
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=position, use_cache=True,
                          logits_to_keep=1, **{self.cache_key: self.cache}, **extra)
         return out.logits[:, -1].float()
 
     def prefill(self, ids, attn):
-        """ids, attn [b, P] left-padded prompts → logits [b, V] of their last position; the cache holds them."""
+        """ids, attn [b, P] left-padded prompts → logits [b, V] of their last position; the cache holds
+        them."""
         p = ids.shape[1]
         self.cache.reset()
         self.mask.fill_(1)
@@ -105,8 +111,8 @@ class _Step:
         return self.cache.layers
 
     def _capture(self):
-        """Warm up on a side stream (lazy initialisations, kernel choices), then record the step. The warm-up runs
-        write the same keys and values at the same slot as the replay will, and each layer's write offset
+        """Warm up on a side stream (lazy initialisations, kernel choices), then record the step. The warm-up
+        runs write the same keys and values at the same slot as the replay will, and each layer's write offset
         (StaticLayer.cumulative_length, advanced in place by every update) is set back after them."""
         offsets = [layer.cumulative_length.clone() for layer in self._layers()]
         stream = torch.cuda.Stream()
@@ -129,7 +135,8 @@ class _Step:
         for mine, theirs in zip(self._layers(), other._layers()):
             if not mine.is_initialized:
                 mine.lazy_initialization(theirs.keys[idx], theirs.values[idx])
-            held = theirs.keys.shape[2]  # a sliding-window layer holds min(window, length) slots, rolled when full
+            # a sliding-window layer holds min(window, length) slots, rolled when full
+            held = theirs.keys.shape[2]
             mine.keys[:, :, :held].copy_(theirs.keys[idx])
             mine.values[:, :, :held].copy_(theirs.values[idx])
             mine.cumulative_length.copy_(theirs.cumulative_length)
@@ -147,9 +154,9 @@ class _Step:
 
 
 def plan(model, batch_size: int, seq_len: int, budget_bytes: float, keep_rows: bool) -> tuple[int, str]:
-    """Rows per batch whose static caches fit budget_bytes at seq_len tokens (rounded up to ROUND): one cache of
-    the batch with keep_rows; without, 2× the rows (its halves, or, eager, a growing cache and the copy it moves
-    into). Returns (rows, a line for the log)."""
+    """Rows per batch whose static caches fit budget_bytes at seq_len tokens (rounded up to ROUND): one cache
+    of the batch with keep_rows; without, 2× the rows (its halves, or, eager, a growing cache and the copy it
+    moves into). Returns (rows, a line for the log)."""
     from models import generation_batch, kv_bytes_per_token
     length = _rounded(seq_len)
     rows, _ = generation_batch(model, length, budget_bytes / (1 if keep_rows else 2), cap=batch_size)
@@ -161,45 +168,53 @@ def plan(model, batch_size: int, seq_len: int, budget_bytes: float, keep_rows: b
 
 
 class GraphSampler:
-    """rollout_engine=graph: the training model samples through _Step's static cache and (CUDA) replayed graphs.
-    Same interface as engines.hf.HFSampler: sync(model, step), generate(prompts, ...), close(); it reports each
-    sampled token's log-prob (raw logits, τ = 1), as the vLLM engines do."""
+    """rollout_engine=graph: the training model samples through _Step's static cache and (CUDA) replayed
+    graphs. Same interface as engines.hf.HFSampler: sync(model, step), generate(prompts, ...), close(); it
+    reports each sampled token's log-prob (raw logits, τ = 1), as the vLLM engines do."""
     reports_logprobs = True
 
-    def __init__(self, model, tokenizer, *, batch_size: int, device, eos_ids: list[int], capture: bool | None = None,
-                 keep_rows: bool = True):
-        self.model, self.tokenizer, self.device, self.eos_ids = model, tokenizer, torch.device(device), eos_ids
+    def __init__(self, model, tokenizer, *, batch_size: int, device, eos_ids: list[int],
+                 capture: bool | None = None, keep_rows: bool = True):
+        self.model, self.tokenizer, self.device, self.eos_ids = (model, tokenizer, torch.device(device),
+                                                                 eos_ids)
         self.batch_size, self.keep_rows = batch_size, keep_rows
         self.capture = self.device.type == "cuda" if capture is None else capture
-        if self.capture:  # what a CUDA graph cannot hold: a host sync in the mask (flash-attention's), a RoPE that
+        # what a CUDA graph cannot hold: a host sync in the mask (flash-attention's), a RoPE that
+        if self.capture:
             attn = getattr(model.config, "_attn_implementation", "sdpa")  # branches on the sequence length
             rope = (getattr(model.config, "rope_scaling", None) or {}).get("rope_type", "default")
             if attn not in ("sdpa", "eager") or rope == "dynamic":
-                raise PopsdError(f"rollout_engine=graph captures the decoding step, which needs sdpa or eager attention "
-                                 f"and a non-dynamic RoPE (this model: attention {attn!r}, RoPE {rope!r}): use "
-                                 "rollout_engine=dynamic or static")
+                raise PopsdError("rollout_engine=graph captures the decoding step, which needs sdpa or eager "
+                                 f"attention and a non-dynamic RoPE (this model: attention {attn!r}, RoPE "
+                                 f"{rope!r}): use rollout_engine=dynamic or static")
             # a sliding-window layer counts its tokens in a Python int and its mask and writes branch on it: a
             # graph would replay the count it was captured at (eager sampling, on a CPU, supports such layers)
             from transformers import StaticCache
             if any(layer.is_sliding for layer in StaticCache(config=model.config, max_cache_len=1).layers):
-                raise PopsdError("rollout_engine=graph cannot capture this model's decoding step: its sliding-window "
-                                 "layers branch in Python on how many tokens they hold, which a CUDA graph would fix at "
-                                 "capture; use rollout_engine=dynamic, static or vllm")
+                raise PopsdError("rollout_engine=graph cannot capture this model's decoding step: its "
+                                 "sliding-window layers branch in Python on how many tokens they hold, which "
+                                 "a CUDA graph would fix at capture; use "
+                                 "rollout_engine=dynamic, static or vllm")
         self.steps: dict[tuple[int, int], _Step] = {}
         self.used: set[tuple[int, int]] = set()  # the shapes the current call uses
         self.addresses = None
         self.captures = 0  # graphs recorded so far (a test watches this)
-        self.trail: list[tuple[int, int]] = []  # the shapes (rows, length) the last call moved through, in order
+        # the shapes (rows, length) the last call moved through, in order
+        self.trail: list[tuple[int, int]] = []
 
     def sync(self, model, step: int):
         pass  # the training model's own weights: updated in place, read by address (checked in generate)
 
     def _check_addresses(self):
-        """A replayed graph runs the weights and the adapter choice it was captured with: a replaced tensor, another
-        active adapter (peft chooses in Python) or disabled adapters drop the graphs, and the next call recaptures."""
-        lora = next((m for m in self.model.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")), None)
-        active = getattr(self.model, "active_adapters", ())  # a peft model's list; a plain model's is a method
-        now = ([p.data_ptr() for p in self.model.parameters()], tuple(active) if isinstance(active, list) else (),
+        """A replayed graph runs the weights and the adapter choice it was captured with: a replaced tensor,
+        another active adapter (peft chooses in Python) or disabled adapters drop the graphs, and the next
+        call recaptures."""
+        lora = next((m for m in self.model.modules() if hasattr(m, "disable_adapters")
+                     and hasattr(m, "lora_A")), None)
+        # a peft model's list; a plain model's is a method
+        active = getattr(self.model, "active_adapters", ())
+        now = ([p.data_ptr() for p in self.model.parameters()],
+               tuple(active) if isinstance(active, list) else (),
                lora is not None and lora.disable_adapters)
         if now != self.addresses:
             self.steps.clear()
@@ -228,9 +243,9 @@ class GraphSampler:
                  lengths=None) -> Rollout:
         """n completions per prompt, with the log-prob of each sampled token, as a Rollout; rows in batches of
         batch_size, as engines.hf.generate. lengths [B] (benchmarks: a fixed workload): row i ends exactly at
-        lengths[i] tokens, EOS banned before and forced there. seeds: unused, as in HFSampler (torch's generator,
-        seeded per run). Caches of shapes this call did not use are freed after it, so at most one call's caches
-        are held (what plan() budgets)."""
+        lengths[i] tokens, EOS banned before and forced there. seeds: unused, as in HFSampler (torch's
+        generator, seeded per run). Caches of shapes this call did not use are freed after it, so at most one
+        call's caches are held (what plan() budgets)."""
         self._check_addresses()
         self.used, self.trail = set(), []
         do_sample = temperature != 0
@@ -259,7 +274,8 @@ class GraphSampler:
         ids, attn = ids.to(self.device), attn.to(self.device)
         b, p = ids.shape
         final = _rounded(p + max_new_tokens)
-        grow = not (self.keep_rows or self.capture)  # eager and compacting: the cache also grows ROUND at a time
+        # eager and compacting: the cache also grows ROUND at a time
+        grow = not (self.keep_rows or self.capture)
         step = self._step(b, _rounded(p + 1) if grow else final)
         logits = step.prefill(ids, attn)  # [b, V]
         eos = torch.tensor(self.eos_ids, device=self.device)
@@ -267,7 +283,8 @@ class GraphSampler:
         out_lp = torch.zeros(b, max_new_tokens, device=self.device)  # [b, T]
         where = torch.arange(b, device=self.device)  # [b'] the batch row each live slot holds
         unfinished = torch.ones(b, dtype=torch.long, device=self.device)  # [b']
-        ends = None if lengths is None else torch.tensor(lengths, device=self.device) - 1  # [b] last step of each row
+        # [b] last step of each row
+        ends = None if lengths is None else torch.tensor(lengths, device=self.device) - 1
         for t in range(max_new_tokens):
             raw = logits  # [b', V] what the log-probs are of
             if ends is not None:  # EOS banned before a row's length and forced at it

@@ -23,7 +23,8 @@ def neutral_generation_config(model):
     the arguments describe (temperature, top-p, top-k), as the graph engine and vLLM do."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     shipped = causal.generation_config
-    causal.generation_config = type(shipped)(eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id)
+    causal.generation_config = type(shipped)(eos_token_id=shipped.eos_token_id,
+                                             pad_token_id=shipped.pad_token_id)
     try:
         yield
     finally:
@@ -31,8 +32,8 @@ def neutral_generation_config(model):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k, eos_ids,
-             batch_size, device, on_batch=None, min_new_tokens=0, engine="dynamic", do_sample=True,
+def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k,
+             eos_ids, batch_size, device, on_batch=None, min_new_tokens=0, engine="dynamic", do_sample=True,
              logits_processor=None, gather=True) -> Rollout:
     """n completions per prompt ([B = prompts × n]), KV cache on, batched with left padding.
 
@@ -51,10 +52,11 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
     with D.gathered(model) if gather else contextlib.nullcontext(), neutral_generation_config(model):
         for i in range(0, len(rows), batch_size):
             ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=do_sample,
-                                 temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
-                                 min_new_tokens=min_new_tokens, synced_gpus=torch.distributed.is_initialized(),
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                                 use_cache=True, min_new_tokens=min_new_tokens,
+                                 synced_gpus=torch.distributed.is_initialized(),
                                  logits_processor=logits_processor, **extra)  # [b, P + T_i]
             tokens += out[:, ids.shape[1]:].tolist()  # [b] rows of T_i ids, pad after EOS
             if on_batch:
@@ -66,7 +68,8 @@ class HFSampler:
     """rollout_engine=dynamic | static: `generate` on the training model (see the module docstring)."""
     reports_logprobs = False
 
-    def __init__(self, model, tokenizer, *, engine: str, batch_size: int, device, eos_ids: list[int], gather=True):
+    def __init__(self, model, tokenizer, *, engine: str, batch_size: int, device, eos_ids: list[int],
+                 gather=True):
         self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, eos_ids, device
         self.engine, self.batch_size, self.gather = engine, batch_size, gather
 

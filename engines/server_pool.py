@@ -34,14 +34,16 @@ class ServerPool:
 
     def __init__(self, urls: str, tokenizer, eos_ids: list[int], adapter_dir: Path, concurrency: int,
                  run_id: str, rank: int = 0, retries: int = 2, warn=print, probe_timeout: float = 30.0):
-        self.servers = [Server(u, retries=retries, probe_timeout=probe_timeout) for u in urls.split(",") if u.strip()]
+        self.servers = [Server(u, retries=retries, probe_timeout=probe_timeout) for u in urls.split(",")
+                        if u.strip()]
         self.tokenizer, self.eos_ids, self.rank, self.concurrency = tokenizer, eos_ids, rank, concurrency
         self.warn = warn
         self.adapter_dir, self.name, self.lock = Path(adapter_dir).resolve(), None, threading.Lock()
-        # in every adapter name: a hash of the run folder (runs sharing a server never answer with each other's
-        # adapter) and a nonce of this session, rank 0's on every rank: vLLM keys its prefix cache on the adapter's
-        # name and path, and unloading an adapter keeps its blocks, so a rerun into the same folder would otherwise
-        # be answered from KV computed by the previous run's adapter of the same step
+        # in every adapter name: a hash of the run folder (runs sharing a server never answer with each
+        # other's adapter) and a nonce of this session, rank 0's on every rank: vLLM keys its prefix cache on
+        # the adapter's
+        # name and path, and unloading an adapter keeps its blocks, so a rerun into the same folder would
+        # otherwise be answered from KV computed by the previous run's adapter of the same step
         self.run = f"{run_id}-{D.gather(secrets.token_hex(4))[0]}"
         problems = []
         for s in self.servers:  # a clear error now rather than after the first step's work
@@ -56,8 +58,9 @@ class ServerPool:
         self.alive = list(self.servers)
 
     def sync(self, model, step: int):
-        """Rank 0 writes the adapter after `step` optimizer steps, loads it on every server and unloads the last
-        one; every rank (FSDP gathers the adapter) then learns which servers took it (a collective: a barrier)."""
+        """Rank 0 writes the adapter after `step` optimizer steps, loads it on every server and unloads the
+        last one; every rank (FSDP gathers the adapter) then learns which servers took it (a collective: a
+        barrier)."""
         weights = trainable_state(model)
         name, previous = f"popsd-{self.run}-step-{step}", self.name
         alive = list(self.servers)
@@ -73,7 +76,8 @@ class ServerPool:
                     self.warn(f"warning: step {step}: {e}; sampling on the others")
                     alive.remove(s)
             if not alive:
-                raise PopsdError(f"no rollout server took the adapter {name}: start them (docs/engines.md), then resume=true")
+                raise PopsdError(f"no rollout server took the adapter {name}: start them (docs/engines.md), "
+                                 "then resume=true")
             if previous and previous != name:
                 self.unload(previous)
         alive = D.gather([self.servers.index(s) for s in alive])[0]  # rank 0's view, on every rank
@@ -82,25 +86,28 @@ class ServerPool:
     def load(self, server: Server, name: str, folder: Path):
         try:
             server.probe("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder),
-                                                   "load_inplace": True})  # a crashed try's leftover is replaced
+                                                   # a crashed try's leftover is replaced
+                                                   "load_inplace": True})
         except ServerError as e:
-            hint = (" (start it with --enable-lora, --max-lora-rank >= lora_r and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True;"
-                    f" it must be able to read {folder})")
-            raise PopsdError(f"the server at {server.url} did not load the adapter {name}: {e}{hint}") from None
+            hint = (" (start it with --enable-lora, --max-lora-rank >= lora_r and "
+                    f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; it must be able to read {folder})")
+            raise PopsdError(
+                f"the server at {server.url} did not load the adapter {name}: {e}{hint}") from None
 
     def generate(self, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k, seeds,
                  on_batch=None) -> Rollout:
         """n completions per prompt ([B = prompts × n] rows) with the log-prob of each sampled token."""
         if self.name is None:
             raise PopsdError("the server pool has no adapter yet: sync(model, step) comes before sampling")
-        body = {"model": self.name, "n": 1, "logprobs": 0, "return_token_ids": True, "stop_token_ids": self.eos_ids,
-                "skip_special_tokens": False} | sampling_body(dict(max_new_tokens=max_new_tokens, top_k=top_k,
+        body = {"model": self.name, "n": 1, "logprobs": 0, "return_token_ids": True,
+                "stop_token_ids": self.eos_ids, "skip_special_tokens": False} | sampling_body(dict(max_new_tokens=max_new_tokens, top_k=top_k,
                                                                   temperature=temperature, top_p=top_p))
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
         results = {}
         workers = max(1, self.concurrency * len(self.servers))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, watched(self.alive):
-            futures = {pool.submit(self.complete, k, body | {"prompt": prompts[i], "seed": seeds[i] + j}): (i, j)
+            futures = {pool.submit(self.complete, k,
+                                   body | {"prompt": prompts[i], "seed": seeds[i] + j}): (i, j)
                        for k, (i, j) in enumerate(jobs)}
             try:
                 for fut in concurrent.futures.as_completed(futures):
@@ -122,8 +129,8 @@ class ServerPool:
         while True:
             with self.lock:
                 if not self.alive:
-                    raise PopsdError(f"no rollout server answered ({'; '.join(errors[-3:])}): start them (docs/engines.md), "
-                                     "then resume=true")
+                    raise PopsdError(f"no rollout server answered ({'; '.join(errors[-3:])}): start them "
+                                     "(docs/engines.md), then resume=true")
                 server = self.alive[k % len(self.alive)]
             try:
                 out = server.request("/v1/completions", body)
@@ -134,7 +141,8 @@ class ServerPool:
                 with self.lock:
                     if server in self.alive:
                         self.alive.remove(server)
-                        self.warn(f"warning: {e}; its requests go to the other servers for the rest of this step")
+                        self.warn(f"warning: {e}; its requests go to the other servers for the "
+                                  "rest of this step")
                 continue
             return parse_completion(out, body["model"], server.url)
 
@@ -155,12 +163,13 @@ class ServerPool:
 def parse_completion(out: dict, name: str, url: str) -> tuple[list[int], list[float]]:
     """(token ids, raw log-probs) of a /v1/completions reply, checked to come from the adapter `name`."""
     if out.get("model") != name:
-        raise PopsdError(f"the server at {url} answered as {out.get('model')!r}, not the step's adapter {name!r}")
+        raise PopsdError(f"the server at {url} answered as {out.get('model')!r}, not the step's "
+                         f"adapter {name!r}")
     choice = out["choices"][0]
     ids = choice.get("token_ids")
     if ids is None:
-        raise PopsdError(f"the server at {url} returned no token ids (return_token_ids): popsd needs a vLLM server "
-                         "recent enough to return them (0.10.2 or later)")
+        raise PopsdError(f"the server at {url} returned no token ids (return_token_ids): popsd needs a vLLM "
+                         "server recent enough to return them (0.10.2 or later)")
     lp = (choice.get("logprobs") or {}).get("token_logprobs")
     if lp is None or len(lp) != len(ids):
         raise PopsdError(f"the server at {url} returned no log-probs of the sampled tokens (logprobs=0)")

@@ -26,7 +26,8 @@ from checkpoints import save_adapter, trainable_state
 from data import PopsdError
 from rollout import Rollout, from_tokens
 
-INSTALL = "vLLM is not installed: `bash install_vllm.sh cuda` on a GPU machine, `bash install_vllm.sh cpu` on a CPU"
+INSTALL = ("vLLM is not installed: `bash install_vllm.sh cuda` on a GPU machine, `bash "
+           "install_vllm.sh cpu` on a CPU")
 
 
 def require_vllm():
@@ -38,14 +39,16 @@ def require_vllm():
 def ram_folder() -> Path:
     """A fresh folder in RAM (/dev/shm where it exists), for adapters that live one step."""
     shm = Path("/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="popsd-adapters-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+    return Path(tempfile.mkdtemp(prefix="popsd-adapters-",
+                                 dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
 
 
 @contextlib.contextmanager
 def kept_rng():
-    """The global random states (Python, NumPy, torch CPU and CUDA) as they were before the block: vLLM's engine
-    calls set_random_seed(seed) as it starts, which would undo what a resumed checkpoint restored (LoRA dropout,
-    HF sampling in evaluations and anything else drawing from them would then differ from a straight run)."""
+    """The global random states (Python, NumPy, torch CPU and CUDA) as they were before the block: vLLM's
+    engine calls set_random_seed(seed) as it starts, which would undo what a resumed checkpoint restored (LoRA
+    dropout, HF sampling in evaluations and anything else drawing from them would then differ from a straight
+    run)."""
     import numpy as np
     states = random.getstate(), np.random.get_state(), torch.get_rng_state(), \
         torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -70,24 +73,30 @@ class VLLMEngine:
         self.tokenizer, self.eos_ids, self.cuda = tokenizer, eos_ids, device.type == "cuda"
         kwargs = dict(model=path, tokenizer=path, dtype="bfloat16" if cfg.dtype == "bf16" else "float32",
                       seed=cfg.seed, enable_lora=True, max_lora_rank=max(cfg.lora_r, 8), max_loras=1,
-                      max_model_len=max_model_len, generation_config="vllm",  # no model defaults (Qwen3: top_k 20)
+                      # no model defaults (Qwen3: top_k 20)
+                      max_model_len=max_model_len, generation_config="vllm",
                       logprobs_mode="raw_logprobs", trust_remote_code=cfg.trust_remote_code,
                       enforce_eager=not self.cuda or cfg.vllm_enforce_eager)
         if cfg.vllm_kv_cache_gb or not self.cuda:
             kwargs["kv_cache_memory_bytes"] = int((cfg.vllm_kv_cache_gb or 1.0) * 2 ** 30)
         if self.cuda:
             kwargs |= dict(gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=True)
-        else:  # vLLM 0.32 on CPU: a seeded request cut by chunked prefill crashes ("CPU Generator does not use offset")
+        # vLLM 0.32 on CPU: a seeded request cut by chunked prefill crashes ("CPU Generator does not use
+        # offset")
+        else:
             kwargs["enable_chunked_prefill"] = False
         if cfg.load_in_4bit:
             kwargs["quantization"] = "bitsandbytes"  # in-flight nf4 of the same base weights
         t0 = time.time()
         try:
-            with kept_rng():  # LLM() seeds the global generators: a resumed run's restored states must survive it
+            # LLM() seeds the global generators: a resumed run's restored states must survive it
+            with kept_rng():
                 self.llm = LLM(**kwargs)
-                self.llm.generate([{"prompt_token_ids": [eos_ids[0]]}], use_tqdm=False)  # what fails at the first
+                # what fails at the first
+                self.llm.generate([{"prompt_token_ids": [eos_ids[0]]}], use_tqdm=False)
         except Exception as e:  # forward (vLLM's CPU attention refuses head_dim 16) fails here, said plainly
-            raise PopsdError(f"vLLM could not start on {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+            raise PopsdError(f"vLLM could not start on {path} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]})"
                              ) from e
         self.started = time.time() - t0
         self.folder, self.request, self.previous = ram_folder(), None, None
@@ -114,12 +123,13 @@ class VLLMEngine:
             self.llm.llm_engine.remove_lora(self.previous.lora_int_id)
             shutil.rmtree(self.previous.lora_path, ignore_errors=True)
             self.previous = None
-        params = [SamplingParams(n=n, seed=s, temperature=temperature, top_p=top_p, top_k=top_k or 0,  # 0: off
-                                 min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                                 max_tokens=max_new_tokens, stop_token_ids=self.eos_ids, logprobs=0,
-                                 detokenize=False) for s in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=self.request,
-                                 use_tqdm=False)
+        # 0: off
+        params = [SamplingParams(n=n, seed=s, temperature=temperature, top_p=top_p, top_k=top_k or 0,
+                                 min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                                 frequency_penalty=0.0, max_tokens=max_new_tokens,
+                                 stop_token_ids=self.eos_ids, logprobs=0, detokenize=False) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                 lora_request=self.request, use_tqdm=False)
         self.sleep()
         tokens, logprobs = [], []
         for out in outs:

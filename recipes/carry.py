@@ -1,13 +1,13 @@
 """carry: Purified OPSD on the second toy world (worlds/carryworld.py), where the base's errors are its own.
 
 Hardware: any CPU (2 cores).   Command: python popsd.py --recipe carry
-The base (data/carryworld/base, 0.9M parameters, pre-trained in two stages by `python compare.py pretrain --world
-carryworld`) multiplies a two-digit number mod 100 in one go by 3, 7 or 9 (`47*7=29`) or by a two-digit number
-(`29*23=67`, a hard step), gets some of those steps wrong by itself (most hard ones), and after "wait" re-derives
-the step in single-digit sub-steps. Every setting is the toy recipe's
+The base (data/carryworld/base, 0.9M parameters, pre-trained in two stages by `python compare.py pretrain
+--world carryworld`) multiplies a two-digit number mod 100 in one go by 3, 7 or 9 (`47*7=29`) or by a
+two-digit number (`29*23=67`, a hard step), gets some of those steps wrong by itself (most hard ones), and
+after "wait" re-derives the step in single-digit sub-steps. Every setting is the toy recipe's
 (recipes/toy.py, read below) except the world's files and the lengths, which follow from the world's longest
-reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS), and the
-prompt bound, the base's 512 positions less that length (toy.py's 256 would cut the completions to 256).
+reflective trace (worlds.carryworld.MAX_NEW_TOKENS: every step of a five-step question reflected, + EOS), and
+the prompt bound, the base's 512 positions less that length (toy.py's 256 would cut the completions to 256).
 `reference_field=sketch` gives the teachers only the start and the answer; `method=opsd` runs the baseline.
 The base's gates (400 held-out questions, docs/carryworld.md): accuracy 0.838, 0.375 with "wait" forbidden,
 84% of first-try errors caught, the teacher with the full reference 0.990.
@@ -26,4 +26,5 @@ eval_bench = "data/carryworld/test.jsonl"
 eval_grader = "carryworld"
 max_new_tokens = 291  # worlds.carryworld.MAX_NEW_TOKENS (tests/test_carryworld.py checks it)
 eval_max_new_tokens = 291
-max_prompt_len = 221  # the base's 512 positions − 291: a scored context fits whole (the longest prompt: 80 tokens)
+# the base's 512 positions − 291: a scored context fits whole (the longest prompt: 80 tokens)
+max_prompt_len = 221

@@ -6,13 +6,14 @@ solves last-digit arithmetic with a reflective chain of thought: `3+4=7 7*2=5 wa
 The teachers see the full worked reference (the paper's format); `reference_field=sketch` gives them only
 the start and the answer; `method=opsd` runs the baseline. At steps 0, 20, 40 and 60 the student is
 evaluated on 400 held-out questions by the world's exact checker.
-Expected result (measured, docs/toyworld.md): with the full reference Purified has almost nothing to learn (both
-teacher contexts copy the same trace, so Δ_it ≈ 0): the loss stays between 1e-5 and 1e-4 and held-out accuracy
-near the base's 0.90, with ~19.5 markers per 1,000 tokens and ~83% of first-try errors caught. reference_field=sketch:
-accuracy ~0.93, markers ~13. method=opsd: accuracy ~0.97, markers ~4 (the markers collapse).
-Each step prints the loss and the Δ diagnostics; runs/toy/plots.png holds the curves.
+Expected result (measured, docs/toyworld.md): with the full reference Purified has almost nothing to learn
+(both teacher contexts copy the same trace, so Δ_it ≈ 0): the loss stays between 1e-5 and 1e-4 and held-out
+accuracy near the base's 0.90, with ~19.5 markers per 1,000 tokens and ~83% of first-try errors caught.
+reference_field=sketch: accuracy ~0.93, markers ~13. method=opsd: accuracy ~0.97, markers ~4 (the markers
+collapse). Each step prints the loss and the Δ diagnostics; runs/toy/plots.png holds the curves.
 These settings were fixed before any OPSD-vs-Purified comparison was run; compare changes only the method.
-Since then only the sampler changed (rollout_engine, below: the same law, faster), and the comparisons were rerun.
+Since then only the sampler changed (rollout_engine, below: the same law, faster), and the comparisons were
+rerun.
 """
 model = "data/toyworld/base"
 data = "data/toyworld/train.jsonl"
@@ -25,7 +26,8 @@ student_thinking = False  # the toy chat template has no thinking block
 teacher_thinking = False
 dtype = "fp32"
 device = "cpu"
-threads = 1  # one torch thread: on a 0.9M-parameter model more only contend (55 s against 9.5 min measured under load)
+# one torch thread: on a 0.9M-parameter model more only contend (55 s against 9.5 min measured under load)
+threads = 1
 gradient_checkpointing = False
 lora_r = 16
 lora_alpha = 32
@@ -35,7 +37,8 @@ temperature = 1.0
 top_p = 1.0
 top_k = 0
 gen_batch_size = 400  # one generate call per evaluation
-rollout_engine = "graph"  # engines/graph.py, eager on a CPU: a preallocated KV cache grown as the rows need it ...
+# engines/graph.py, eager on a CPU: a preallocated KV cache grown as the rows need it ...
+rollout_engine = "graph"
 graph_keep_rows = False  # ... and the batch halved as rows finish (2026-12-03, for speed: the samples' law is
 # dynamic's, their random stream another; every comparison in docs/ was rerun with it)
 steps = 60

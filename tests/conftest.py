@@ -16,7 +16,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the hub; read by huggingface_hub at import
-os.environ.setdefault("COLUMNS", "200")  # rich's width in this process and its children, unless a test sets one
+# rich's width in this process and its children, unless a test sets one
+os.environ.setdefault("COLUMNS", "200")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,9 +57,10 @@ def run_main(main, args, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), "")
 
 
-def train_world_recipe(recipe: str, out: Path, check, steps: int, eval_limit: int) -> subprocess.CompletedProcess:
-    """A world's recipe for a few steps on the sketch reference, evaluated at 0 and `steps`; asserts that it ran and
-    that every stored verdict is the world's checker's verdict on the stored completion."""
+def train_world_recipe(recipe: str, out: Path, check, steps: int,
+                       eval_limit: int) -> subprocess.CompletedProcess:
+    """A world's recipe for a few steps on the sketch reference, evaluated at 0 and `steps`; asserts that it
+    ran and that every stored verdict is the world's checker's verdict on the stored completion."""
     cmd = [sys.executable, str(ROOT / "popsd.py"), "--recipe", recipe, f"out_dir={out}", f"steps={steps}",
            f"eval_every={steps}", f"eval_limit={eval_limit}", "batch_size=4", "micro_batch_size=4",
            "reference_field=sketch"]
@@ -69,7 +71,8 @@ def train_world_recipe(recipe: str, out: Path, check, steps: int, eval_limit: in
     recs = [json.loads(x) for x in (out / f"eval/step_{steps:06d}/samples.jsonl").read_text().splitlines()]
     for r in recs:
         s = r["samples"][0]
-        assert s["check"] == check(r["question"], s["completion"]).__dict__ and s["correct"] == s["check"]["correct"]
+        assert s["check"] == check(r["question"],
+                                   s["completion"]).__dict__ and s["correct"] == s["check"]["correct"]
     return proc
 
 
@@ -81,8 +84,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(cmd: list[str], env: dict, port: int, log: Path, name: str, wait_s: int = 180):
-    """Runs a server command (its output to `log`: a full pipe would stall it) until /health answers; yields its
-    URL; always stops it. A server that exits or does not come up fails the test with its log's end."""
+    """Runs a server command (its output to `log`: a full pipe would stall it) until /health answers; yields
+    its URL; always stops it. A server that exits or does not come up fails the test with its log's end."""
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -108,10 +111,10 @@ def serving(cmd: list[str], env: dict, port: int, log: Path, name: str, wait_s: 
 
 
 class StallingProxy:
-    """A TCP proxy on loopback in front of a real server: it forwards every byte until `stall_after` requests to
-    /v1/completions have gone through it, then goes silent as a stopped or wedged server does: connections still
-    accepted (the kernel does that), nothing forwarded either way, also on the connections already open. upstream
-    None: silent from the start. Use as a context manager; its url is what popsd is given."""
+    """A TCP proxy on loopback in front of a real server: it forwards every byte until `stall_after` requests
+    to /v1/completions have gone through it, then goes silent as a stopped or wedged server does: connections
+    still accepted (the kernel does that), nothing forwarded either way, also on the connections already open.
+    upstream None: silent from the start. Use as a context manager; its url is what popsd is given."""
 
     def __init__(self, upstream: str | None = None, stall_after: int = 0):
         import threading

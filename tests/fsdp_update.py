@@ -31,7 +31,8 @@ def fixed_rollout(contexts, vocab: int, eos: int, pad: int, step: int) -> Rollou
             completions[i, n - 1] = eos
     mask, truncated = completion_mask(completions, [eos])
     mask &= torch.arange(completions.shape[1]) < lengths[:, None]
-    return Rollout(completions.masked_fill(~mask, pad), mask, truncated, [""] * len(contexts), contexts=contexts)
+    return Rollout(completions.masked_fill(~mask, pad), mask, truncated, [""] * len(contexts),
+                   contexts=contexts)
 
 
 def main(model_dir: str, out_dir: str, steps: int, *overrides):
@@ -49,12 +50,13 @@ def main(model_dir: str, out_dir: str, steps: int, *overrides):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: session.lr_factor(s, cfg))
     stream, start, out = DataStream(len(contexts), cfg.seed), 0, Path(out_dir)
     if cfg.resume:
-        start = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out), model, optimizer, scheduler, stream, cfg.seed,
+        start = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out), model, optimizer, scheduler,
+                                            stream, cfg.seed,
                                       rank, world)
     for step in range(start + 1, steps + 1):
         full = fixed_rollout(contexts, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, step)
-        row = popsd.update(model, body, head, full.select(slice(rank, None, world)), cfg, tokenizer.pad_token_id,
-                           optimizer, scheduler)
+        row = popsd.update(model, body, head, full.select(slice(rank, None, world)), cfg,
+                           tokenizer.pad_token_id, optimizer, scheduler)
         checkpoints.save_checkpoint(out, step, model, optimizer, scheduler, stream, keep=10, rank=rank)
         if rank == 0:
             with (out / "rows.jsonl").open("a") as f:

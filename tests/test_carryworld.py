@@ -1,5 +1,5 @@
-"""worlds/carryworld.py: the arithmetic and the procedure, the checker on hand-made traces, own-trace documents,
-the reflection ban, the gates, the recipe's derived lengths, the shipped base."""
+"""worlds/carryworld.py: the arithmetic and the procedure, the checker on hand-made traces, own-trace
+documents, the reflection ban, the gates, the recipe's derived lengths, the shipped base."""
 import json
 import random
 import re
@@ -28,7 +28,8 @@ def test_world_arithmetic_references_and_split():
     assert not train & test and all(C.is_test(q) for q in test)
     assert {len(C.steps_of(q)) for q in train} == set(range(C.MIN_OPS, C.MAX_OPS + 1))
     assert C.answer_of("05*3") == "15" and C.steps_of("99*9")[0][2] == 91  # 891
-    assert C.steps_of("47*7*23*3") == [(47, 7, 29), (29, 23, 67), (67, 3, 1)] and C.answer_of("47*7*23*3") == "01"
+    assert C.steps_of("47*7*23*3") == [(47, 7, 29), (29, 23, 67),
+                                       (67, 3, 1)] and C.answer_of("47*7*23*3") == "01"
     multipliers = [b for q in train for _, b, _ in C.steps_of(q)]
     assert set(multipliers) <= set(C.FACTORS + C.HARD) and set(C.HARD) <= set(multipliers)
     assert abs(sum(b > 9 for b in multipliers) / len(multipliers) - C.P_HARD) < 0.03
@@ -43,25 +44,30 @@ def test_the_procedure_is_right_for_every_step():
             for x, y, z in re.findall(r"(\d)\+(\d)=(\d)", text):
                 assert (int(x) + int(y)) % 10 == int(z), text
             assert text.endswith(C.step_text(a, b, a * b % 100)), text
-            assert len(re.findall(r"(?<!\d)\d\*\d=", text)) == (3 if b > 9 else 2), text  # one-digit products only
+            # one-digit products only
+            assert len(re.findall(r"(?<!\d)\d\*\d=", text)) == (3 if b > 9 else 2), text
     assert C.procedure(47, 7) == FIX.split(" wait ")[1]
     assert C.procedure(29, 23) == "9*3=27 2*3=06 9*2=18 2+6=8 8+8=6 29*23=67"  # tens: 2 + 6 + 8 = 16 → 6
-    for b in C.FACTORS + C.HARD:  # coprime to 10: every step a bijection, so a wrong value left standing is a wrong answer
+    # coprime to 10: every step a bijection, so a wrong value left standing is a wrong answer
+    for b in C.FACTORS + C.HARD:
         assert len({a * b % 100 for a in range(100)}) == 100
 
 
 @pytest.mark.parametrize("completion, expected", [
     ("47*7=29 29*9=61 \\boxed{61}", dict(correct=True, steps=2, errors=0, waits=0)),
     (FIX + " 29*9=61 \\boxed{61}", dict(correct=True, steps=2, errors=1, caught=1, false_reflections=0,
-                                        wrong_attempts=1, right_attempts=2)),  # the sub-steps are not attempts
+                                        # the sub-steps are not attempts
+                                        wrong_attempts=1, right_attempts=2)),
     ("47*7=39 39*9=51 \\boxed{51}", dict(correct=False, steps=2, errors=1, caught=0)),  # missed, carried on
     ("47*7=29 wait " + C.procedure(47, 7) + " 29*9=61 \\boxed{61}",
      dict(correct=True, errors=0, false_reflections=1, right_reflected=1)),  # a re-check of a right step
     ("47*3=41 29*9=61 \\boxed{61}", dict(steps=2, errors=2, correct=True)),  # wrong operand; the next from 41
     ("47*7=29 29*9=61", dict(correct=False)),  # no answer
     ("47*7=29 29*23=47 wait " + C.procedure(29, 23) + " 67*3=01 \\boxed{01}",
-     dict(correct=True, steps=3, errors=1, caught=1, false_reflections=0, right_attempts=3)),  # a hard step fixed
-    ("47*7=29 29*2=58 58*3=74 \\boxed{74}", dict(correct=False, steps=3, errors=1)),  # 2 is not 23; the rest from 58, locally right
+     # a hard step fixed
+     dict(correct=True, steps=3, errors=1, caught=1, false_reflections=0, right_attempts=3)),
+    # 2 is not 23; the rest from 58, locally right
+    ("47*7=29 29*2=58 58*3=74 \\boxed{74}", dict(correct=False, steps=3, errors=1)),
 ])
 def test_checker_on_hand_made_traces(completion, expected):
     got = C.check("47*7*23*3" if "*3=01" in completion or "*2=" in completion else Q, completion)
@@ -125,10 +131,12 @@ def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them
             "eval_limit", "eval_every", "divergence", "seed"}
     assert {k: getattr(cfg, k) for k in same} == {k: getattr(toy, k) for k in same}  # world one's settings
     assert {k: getattr(cfg, k) for k in C.TEMPLATES} == C.TEMPLATES
-    positions = json.loads((C.BASE / "config.json").read_text())["max_position_embeddings"]  # the shipped base
+    # the shipped base
+    positions = json.loads((C.BASE / "config.json").read_text())["max_position_embeddings"]
     assert cfg.max_prompt_len + cfg.max_new_tokens == positions  # fit_new_tokens cuts nothing
     tok = common.build_tokenizer()
-    rows = [json.loads(x) for f in ("train", "test") for x in (C.DATA / f"{f}.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for f in ("train",
+                                    "test") for x in (C.DATA / f"{f}.jsonl").read_text().splitlines()]
     contexts = [build_contexts(tok, r["question"], r["full"], student_thinking=False, teacher_thinking=False,
                                templates=(cfg.student_template, cfg.teacher_template, cfg.refonly_template))
                 for r in rows[::25]]  # the full reference: the longer one
@@ -174,7 +182,8 @@ def test_each_first_try_follows_the_question_and_the_clean_trace_so_far(monkeypa
     model = common.build_model(tok, hidden=16, layers=1)
     assert C.own_first_tries(model, tok, [Q], seed=0) == [[0, 0]]
     assert "Q:47*7*9" in seen[0] and seen[0].endswith("47*7=")
-    assert seen[1].endswith("47*7=29 29*9=")  # after the clean trace, not after the wrong try and a reflection
+    # after the clean trace, not after the wrong try and a reflection
+    assert seen[1].endswith("47*7=29 29*9=")
 
 
 def test_untrained_pieces_get_no_labels():
@@ -192,8 +201,8 @@ def test_training_stops_when_asked(tmp_path):
     asked = []
     log = common.train_lm(model, tok, lambda k: [C.direct_document(random.Random(i)) for i in range(k)],
                           tmp_path, 50, batch_size=2, lr=1e-3, warmup=2, evaluate=lambda m: {
-                              "student": {"accuracy": 0, "first_try_errors": 0, "caught_frac": 0, "p_wait_wrong": 0,
-                                          "p_wait_right": 0}}, eval_every=100, quiet=True,
+                              "student": {"accuracy": 0, "first_try_errors": 0, "caught_frac": 0,
+                                          "p_wait_wrong": 0, "p_wait_right": 0}}, eval_every=100, quiet=True,
                           stop=lambda m: asked.append(1) or len(asked) == 2, stop_every=4)
     assert len(asked) == 2 and [r["step"] for r in log] == [8]
 
@@ -229,16 +238,19 @@ def test_the_world_is_found_by_name_and_data_ship_with_a_held_out_split():
 
 
 def test_a_misspelled_world_stops_compare_before_any_run(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--world", "toyworld,nope", "--seeds", "1"],
+    proc = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--world", "toyworld,nope", "--seeds",
+                           "1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no world 'nope'" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (proc.returncode == 2
+            and "no world 'nope'" in proc.stdout), proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()  # not after the first world's comparison
 
 
 def test_pretraining_curves_of_two_stages_mark_the_stage_and_the_ban(tmp_path):
     import json
     import plots
-    log = [json.loads(x) for x in (ROOT / "docs/carryworld_pilot_e/pretrain_log.jsonl").read_text().splitlines()]
+    log = [json.loads(x)
+           for x in (ROOT / "docs/carryworld_pilot_e/pretrain_log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log} == {"stage 1", "stage 2"} and all("student_no_wait" in r for r in log)
     out = plots.plot_pretrain(log, [(n, t) for n, _, t in C.GATES if t <= 1], tmp_path / "p.png")
     assert out.stat().st_size > 30_000
@@ -246,11 +258,13 @@ def test_pretraining_curves_of_two_stages_mark_the_stage_and_the_ban(tmp_path):
 
 def test_the_shipped_base_loads_and_reflection_pays_on_it():
     tok, model = common.load_base(C)
-    assert type(model).__name__ == "Qwen3ForCausalLM" and sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert type(model).__name__ == "Qwen3ForCausalLM" and sum(p.numel()
+                                                              for p in model.parameters()) < 2_000_000
     assert sum(f.stat().st_size for f in C.BASE.iterdir()) < 8_000_000  # a few MB
     qs = common.held_out(C, 64)
     with_wait, banned = common.measure(C, model, tok, qs), common.measure(C, model, tok, qs, forbid="wait")
-    assert with_wait["accuracy"] > 0.5 and with_wait["accuracy"] - banned["accuracy"] > 0.1  # coarse: the gates
+    # coarse: the gates
+    assert with_wait["accuracy"] > 0.5 and with_wait["accuracy"] - banned["accuracy"] > 0.1
     gates = (C.BASE / "gates.txt").read_text()  # are measured on 400 questions (docs/carryworld.md)
     assert gates.count("pass") == len(C.GATES) and "FAIL" not in gates
 

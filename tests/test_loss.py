@@ -58,7 +58,8 @@ def bf_cos(a, b):
 
 # ---- targets
 
-@pytest.mark.parametrize("beta,clip,tau", [(1.0, 10.0, 1.0), (0.5, 5.0, 1.1), (2.0, None, 0.7), (1.0, 0.5, 1.0)])
+@pytest.mark.parametrize("beta,clip,tau",
+                         [(1.0, 10.0, 1.0), (0.5, 5.0, 1.1), (2.0, None, 0.7), (1.0, 0.5, 1.0)])
 def test_purified_target_matches_brute_force(beta, clip, tau):
     t, r, b = logits(1, 6.0), logits(2, 6.0), logits(3)
     got = L.purified_target(t, r, b, beta=beta, pmi_clip=clip, temperature=tau)
@@ -90,7 +91,8 @@ def test_opsd_target_and_dtype():
     t = logits(10).to(torch.bfloat16)
     got = L.opsd_target(t, temperature=1.1)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), torch.stack([bf_logp(row, 1.1) for row in t]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), torch.stack([bf_logp(row, 1.1) for row in t]), atol=1e-5,
+                               rtol=1e-5)
 
 
 # ---- divergences: values and gradients
@@ -150,7 +152,8 @@ def test_signal_diagnostics_match_brute_force():
 def test_entropy_matches_brute_force():
     x = logits(21)
     want = [-(bf_logp(row).exp() * bf_logp(row)).sum().item() for row in x]
-    torch.testing.assert_close(L.entropy(x).double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(L.entropy(x).double(), torch.tensor(want, dtype=torch.float64), atol=1e-5,
+                               rtol=1e-5)
 
 
 # ---- reference_loss: hidden states → loss, and its normalisation
@@ -183,7 +186,8 @@ def test_normalised_loss_is_independent_of_micro_batching():
         parts = hs.clone().requires_grad_()
         total = 0.0
         for i in range(0, n, micro):
-            part_loss = L.reference_loss(parts[i:i + micro], ht[i:i + micro], hr[i:i + micro], hb[i:i + micro], w)[0]
+            part_loss = L.reference_loss(parts[i:i + micro], ht[i:i + micro], hr[i:i + micro],
+                                         hb[i:i + micro], w)[0]
             (part_loss / n).backward()
             total += part_loss.item() / n
         assert total == pytest.approx((L.reference_loss(hs, ht, hr, hb, w)[0] / n).item(), rel=1e-5)
@@ -201,10 +205,12 @@ def fused_inputs(n, seed=0, dtype=torch.float32, v=V, h=H):
 
 @pytest.mark.parametrize("method", ["purified", "opsd"])
 @pytest.mark.parametrize("kind", L.KINDS)
-@pytest.mark.parametrize("n,chunk_size,term_clamp", [(13, 5, None), (1, None, None), (16, 16, 0.01), (9, 4, 0.05)])
+@pytest.mark.parametrize("n,chunk_size,term_clamp",
+                         [(13, 5, None), (1, None, None), (16, 16, 0.01), (9, 4, 0.05)])
 def test_fused_matches_reference(method, kind, n, chunk_size, term_clamp):
     w, (hs, ht, hr, hb) = fused_inputs(n)
-    kw = dict(method=method, kind=kind, jsd_mix=0.3, beta=0.7, pmi_clip=2.0, temperature=1.1, term_clamp=term_clamp)
+    kw = dict(method=method, kind=kind, jsd_mix=0.3, beta=0.7, pmi_clip=2.0, temperature=1.1,
+              term_clamp=term_clamp)
     ref_h, fused_h = hs.clone().requires_grad_(), hs.clone().requires_grad_()
     ref_loss, ref_stats = L.reference_loss(ref_h, ht, hr, hb, w, **kw)
     loss, stats = loss_fused.fused_loss(fused_h, ht, hr, hb, w, chunk_size=chunk_size, **kw)
@@ -217,7 +223,8 @@ def test_fused_matches_reference(method, kind, n, chunk_size, term_clamp):
         torch.testing.assert_close(stats[k], ref_stats[k], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method,tau,chunk_size", [("purified", 1.1, 4), ("opsd", 1.0, None), ("opsd", 0.7, 3)])
+@pytest.mark.parametrize("method,tau,chunk_size",
+                         [("purified", 1.1, 4), ("opsd", 1.0, None), ("opsd", 0.7, 3)])
 def test_token_logprob_is_the_raw_log_softmax_of_the_sampled_token_in_both_paths(method, tau, chunk_size):
     """stats["logprob"]: log π_θ(ŷ_t) at τ = 1 whatever the loss temperature (what a sampler reports), float64
     brute force; the loss and its gradient do not change when tokens are given."""
@@ -272,14 +279,15 @@ def test_fused_chunk_size_from_memory_budget():
     ("purified", "jsd", None, 10.0, True), ("purified", "forward_kl", 0.05, None, True),
     ("opsd", "reverse_kl", None, 10.0, True), ("opsd", "jsd", 0.02, 10.0, False)])
 def test_the_compiled_chunk_equals_the_eager_chain_and_the_reference(method, kind, term_clamp, clip, diag):
-    """compile='on' (torch.compile of _chunk, which also runs on CPU) against the eager in-place chain: values,
-    gradients and stats within 1e-5 relative in fp32; both against the readable reference path; a ragged last
-    chunk (13 rows in chunks of 5) exercises the dynamic shape; the sampled token's log-prob stays eager."""
+    """compile='on' (torch.compile of _chunk, which also runs on CPU) against the eager in-place chain:
+    values, gradients and stats within 1e-5 relative in fp32; both against the readable reference path; a
+    ragged last chunk (13 rows in chunks of 5) exercises the dynamic shape; the sampled token's log-prob stays
+    eager."""
     w, (hs, ht, hr, hb) = fused_inputs(13)
     hr = hr if diag else None
     tokens = torch.randint(0, w.shape[0], (13,), generator=torch.Generator().manual_seed(1))
-    kw = dict(method=method, kind=kind, jsd_mix=0.3, beta=0.7, pmi_clip=clip, temperature=1.1, term_clamp=term_clamp,
-              tokens=tokens)
+    kw = dict(method=method, kind=kind, jsd_mix=0.3, beta=0.7, pmi_clip=clip, temperature=1.1,
+              term_clamp=term_clamp, tokens=tokens)
     got = {}
     for mode in ("off", "on"):
         h = hs.clone().requires_grad_()
@@ -300,19 +308,22 @@ def test_compile_auto_is_eager_on_cpu_and_other_supports_stay_eager(monkeypatch)
     w, (hs, ht, hr, hb) = fused_inputs(6)
     monkeypatch.setattr(loss_fused, "_compiled_chunk", lambda **kw: pytest.fail("compiled on CPU under auto"))
     loss_fused.fused_loss(hs, ht, hr, hb, w, compile="auto")
-    loss_fused.fused_loss(hs, ht, hr, hb, w, compile="on", support="topk", topk=4)  # topk/sampled: the eager chain
+    # topk/sampled: the eager chain
+    loss_fused.fused_loss(hs, ht, hr, hb, w, compile="on", support="topk", topk=4)
     with pytest.raises(ValueError, match="compile 'yes'"):
         loss_fused.fused_loss(hs, ht, hr, hb, w, compile="yes")
 
 
 def test_every_option_set_keeps_its_own_compiled_chunk_past_dynamos_recompile_limit(monkeypatch):
-    """dynamo keeps 8 graphs per code object and then runs eager without a word: twelve option sets in one process
-    (a sweep, a test session) must each stay compiled. Traced with the eager backend (no kernels to build)."""
+    """dynamo keeps 8 graphs per code object and then runs eager without a word: twelve option sets in one
+    process (a sweep, a test session) must each stay compiled. Traced with the eager backend (no kernels to
+    build)."""
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", **kw))
     monkeypatch.setattr(loss_fused, "_COMPILED", {})
     x = [torch.randn(3, 11) for _ in range(4)]
-    sets = [dict(purified=p, kind=k, b=0.5, beta=1.0, pmi_clip=c, term_clamp=t) for p in (True, False) for k in L.KINDS
+    sets = [dict(purified=p, kind=k, b=0.5, beta=1.0, pmi_clip=c, term_clamp=t) for p in (True, False)
+            for k in L.KINDS
             for c, t in ((10.0, None), (None, 0.05))]
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # past the limit: an error, not eager
         for opts in sets:
@@ -340,15 +351,16 @@ def test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size(method):
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3), mode
         loss.backward()
         assert fused_h.grad.dtype == torch.bfloat16
-        torch.testing.assert_close(fused_h.grad.float(), ref_h.grad, atol=2e-2 * ref_h.grad.abs().max().item(),
+        torch.testing.assert_close(fused_h.grad.float(), ref_h.grad,
+                                   atol=2e-2 * ref_h.grad.abs().max().item(),
                                    rtol=2e-2)
 
 
 # ---- supports: top-k (renormalised or with a tail bucket) and the sampled token, float64 brute force
 
 def bf_topk(s_logits, target_logp, k, tail, kind, jsd_mix, tau, term_clamp=None):
-    """One token at a time: the target's k most likely entries, both sides renormalised on them (or the rest of
-    each side's mass as one more entry), then the divergence written out."""
+    """One token at a time: the target's k most likely entries, both sides renormalised on them (or the rest
+    of each side's mass as one more entry), then the divergence written out."""
     out = []
     for i in range(s_logits.shape[0]):
         q, p = bf_logp(s_logits[i], tau).exp(), target_logp[i].double().exp()
@@ -382,26 +394,29 @@ def bf_sampled(s_logits, target_logp, tokens, tau):
 
 @pytest.mark.parametrize("method", ["purified", "opsd"])
 @pytest.mark.parametrize("kind,tail,k,term_clamp", [("jsd", False, 5, None), ("jsd", True, 5, None),
-                                                    ("forward_kl", True, 1, None), ("reverse_kl", False, 16, None),
+                                                    ("forward_kl", True, 1, None),
+                                                    ("reverse_kl", False, 16, None),
                                                     ("forward_kl", False, V, None), ("jsd", True, 8, 0.01),
                                                     ("reverse_kl", True, 3, None)])
 def test_topk_support_value_and_grad_match_brute_force_in_both_paths(method, kind, tail, k, term_clamp):
     n, tau = 9, 1.1
     w, (hs, ht, hr, hb) = fused_inputs(n, seed=5)
-    kw = dict(method=method, kind=kind, jsd_mix=0.3, beta=0.7, pmi_clip=2.0, temperature=tau, term_clamp=term_clamp,
-              support="topk", topk=k, topk_tail=tail)
+    kw = dict(method=method, kind=kind, jsd_mix=0.3, beta=0.7, pmi_clip=2.0, temperature=tau,
+              term_clamp=term_clamp, support="topk", topk=k, topk_tail=tail)
     target = (L.purified_target(ht @ w.T, hr @ w.T, hb @ w.T, beta=0.7, pmi_clip=2.0, temperature=tau)
               if method == "purified" else L.opsd_target(ht @ w.T, temperature=tau))  # the support: its top-k
     h64 = hs.double().requires_grad_()
     want = bf_topk(h64 @ w.double().T, target, k, tail, kind, 0.3, tau, term_clamp)
     (g64,) = torch.autograd.grad((want * torch.linspace(0.5, 2.0, n).double()).sum(), h64)
-    for fn, extra in ((L.reference_loss, {}), (loss_fused.fused_loss, {"chunk_size": 4}), (loss_fused.fused_loss, {})):
+    for fn, extra in ((L.reference_loss, {}), (loss_fused.fused_loss, {"chunk_size": 4}),
+                      (loss_fused.fused_loss, {})):
         h = hs.clone().requires_grad_()
         per, _ = fn(h, ht, hr, hb, w, **kw, **extra)
         assert per.item() == pytest.approx(want.sum().item(), rel=1e-5, abs=1e-6), fn.__name__
         h2 = hs.clone().requires_grad_()
         total = sum(fn(h2[i:i + 1], ht[i:i + 1], hr[i:i + 1], hb[i:i + 1], w, **kw, **extra)[0] * wt
-                    for i, wt in enumerate(torch.linspace(0.5, 2.0, n)))  # per-token weights: each token's gradient
+                    # per-token weights: each token's gradient
+                    for i, wt in enumerate(torch.linspace(0.5, 2.0, n)))
         total.backward()
         torch.testing.assert_close(h2.grad.double(), g64, atol=1e-5 * g64.abs().max().item(), rtol=1e-4)
 
@@ -418,7 +433,8 @@ def test_topk_over_the_whole_vocabulary_is_the_full_divergence_and_k_is_checked(
             fn(hs, ht, hr, hb, w, support="topk", topk=V + 1)
 
 
-@pytest.mark.parametrize("method,tau,chunk_size", [("purified", 1.1, 4), ("opsd", 1.0, None), ("opsd", 0.7, 3)])
+@pytest.mark.parametrize("method,tau,chunk_size",
+                         [("purified", 1.1, 4), ("opsd", 1.0, None), ("opsd", 0.7, 3)])
 def test_sampled_token_loss_value_and_grad_match_brute_force_in_both_paths(method, tau, chunk_size):
     n = 10
     w, (hs, ht, hr, hb) = fused_inputs(n, seed=7)

@@ -58,7 +58,8 @@ def test_overrides_are_typed_and_unknown_keys_named():
 
 
 def test_renamed_keys_keep_working_with_a_note_naming_the_new_key(capsys):
-    """jsd_beta, clip and token_clip were renamed (no two knobs share a name): the old names still work, for now."""
+    """jsd_beta, clip and token_clip were renamed (no two knobs share a name): the old names still work, for
+    now."""
     cfg = popsd.make_config("tiny", ["jsd_beta=0.3", "clip=5", "token_clip=0.05"])
     assert (cfg.jsd_mix, cfg.pmi_clip, cfg.term_clamp) == (0.3, 5.0, 0.05)
     err = capsys.readouterr().err
@@ -75,9 +76,11 @@ def test_renamed_keys_keep_working_with_a_note_naming_the_new_key(capsys):
     ("temperature=0", "'temperature' must be > 0"), ("beta=0", "'beta' must be > 0"),
     ("max_grad_norm=0", "'max_grad_norm' must be > 0"), ("top_p=0", "'top_p' must be in \\(0, 1\\]"),
     ("eval_top_p=1.5", "'eval_top_p' must be in"), ("top_k=-1", "'top_k' must be >= 0"),
-    ("pmi_clip=0", "'pmi_clip' must be > 0 \\(or none: off\\)"), ("term_clamp=-0.1", "'term_clamp' must be > 0"),
+    ("pmi_clip=0", "'pmi_clip' must be > 0 \\(or none: off\\)"),
+                                               ("term_clamp=-0.1", "'term_clamp' must be > 0"),
     ("loss_temperature=0", "'loss_temperature' must be > 0"), ("lora_dropout=1", "'lora_dropout' must be in"),
-    ("lora_alpha=0", "'lora_alpha' must be > 0"), ("keep_checkpoints=0", "'keep_checkpoints' must be at least 1"),
+    ("lora_alpha=0", "'lora_alpha' must be > 0"), ("keep_checkpoints=0",
+                                                   "'keep_checkpoints' must be at least 1"),
     ("warmup_steps=-1", "'warmup_steps' must be >= 0"), ("data= ", "'data' must not be empty"),
     ("prompts=trl", "'prompts' must be one of"), ("student_template=Solve it", "must contain {question}"),
     ("support=sampled", "'support' is the sampled-token estimator of reverse KL.*divergence=jsd"),
@@ -118,19 +121,22 @@ def test_recipe_values_are_checked(tmp_path):
 def test_every_recipe_loads_and_documents_itself(name):
     cfg = popsd.make_config(name)
     doc = (ROOT / "recipes" / f"{name}.py").read_text().split('"""')[1]
-    command = "torchrun --nproc_per_node 8 popsd.py --recipe " if name == "fsdp_8gpu" else "python popsd.py --recipe "
+    command = "torchrun --nproc_per_node 8 popsd.py --recipe " if name == "fsdp_8gpu" else ("python popsd.py "
+                                                                                            "--recipe ")
     assert "Hardware:" in doc and command + name in doc and "Expected" in doc
     if name == "single_gpu":
         assert cfg.load_in_4bit and cfg.model == "Qwen/Qwen3-8B" and (cfg.lora_r, cfg.lora_alpha) == (64, 128)
     if name == "fsdp_8gpu":  # the paper's hyper-parameters, 32 prompts split over 8 ranks
-        assert (cfg.batch_size, cfg.n_samples, cfg.lr, cfg.max_new_tokens, cfg.lora_r) == (32, 1, 5e-6, 1024, 64)
+        assert (cfg.batch_size, cfg.n_samples, cfg.lr, cfg.max_new_tokens,
+                cfg.lora_r) == (32, 1, 5e-6, 1024, 64)
         assert cfg.batch_size % 8 == 0 and not cfg.load_in_4bit
 
 
 def test_derived_sizes():
     cfg = popsd.make_config("", ["batch_size=32", "n_samples=2", "micro_batch_size=5", "steps=100"])
     sizes = config.derived_sizes(cfg, 1600)
-    assert sizes["sequences per step"] == 64 and sizes["micro-batches per step"] == 13 and sizes["epochs"] == 2.0
+    assert (sizes["sequences per step"] == 64 and sizes["micro-batches per step"] == 13 and sizes["epochs"]
+            == 2.0)
 
 
 def test_lr_schedule():
@@ -147,14 +153,16 @@ def write_jsonl(path, rows):
 
 
 def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "q1", "solution": "r1"}, {"problem": "q2", "solution": " "},
-                                              "{not json", {"question": "q4", "solution": "r4"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "q1", "solution": "r1"},
+                                              {"problem": "q2", "solution": " "}, "{not json",
+                                              {"question": "q4", "solution": "r4"}])
     fields = ("problem", "solution")
     with pytest.raises(data.PopsdError, match="d.jsonl line 2: field 'solution' is missing or empty"):
         data.read_rows(path, "train", fields)
     rows, bad = data.read_rows(path, "train", fields, skip_bad=True)
     assert rows == [("q1", "r1")] and bad == 3
-    with pytest.raises(data.PopsdError, match="line 1: field 'question' is missing or empty \\(fields: problem, solution\\)"):
+    with pytest.raises(data.PopsdError,
+                       match="line 1: field 'question' is missing or empty \\(fields: problem, solution\\)"):
         data.read_rows(path, "train", ("question", "solution"))
 
 
@@ -164,13 +172,16 @@ def test_json_and_parquet_files_load(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     for name in ("d.json", "d.parquet"):
-        assert data.read_rows(str(tmp_path / name), "train", ("q", "a")) == ([(r["q"], r["a"]) for r in rows], 0)
+        assert data.read_rows(str(tmp_path / name), "train",
+                              ("q", "a")) == ([(r["q"], r["a"]) for r in rows], 0)
 
 
 def test_offline_hub_ids_give_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}  # offline, empty cache
-    for args, want in ((["data=someone/not-cached-dataset"], "could not load dataset 'someone/not-cached-dataset'"),
-                       (["model=someone/not-cached-model"], "could not load model 'someone/not-cached-model'")):
+    for args, want in ((["data=someone/not-cached-dataset"],
+                        "could not load dataset 'someone/not-cached-dataset'"),
+                       (["model=someone/not-cached-model"],
+                        "could not load model 'someone/not-cached-model'")):
         proc = popsd_cli("--recipe", "tiny", f"out_dir={tmp_path}", *args, env=env)
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 2 and want in output and "Traceback" not in output, output
@@ -233,14 +244,17 @@ def test_every_adapter_is_kept_and_only_old_resume_state_pruned(tmp_path):
 def test_adapter_changes_only_lora_and_base_stays_frozen(tmp_path, tiny_dir):
     out = run_tiny(tmp_path, "steps=2")
     weights = adapter(out / "adapter")
-    assert all("lora_" in k for k in weights) and any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    assert all("lora_" in k for k in weights) and any(v.abs().sum() > 0 for k,
+                                                      v in weights.items() if "lora_B" in k)
     built = load_file(out / "tiny_model" / "model.safetensors")
     again = load_file(tiny_dir / "model.safetensors")  # the same seed builds the same base
     assert all(torch.equal(built[k], again[k]) for k in built)
 
 
-@pytest.mark.parametrize("optim, extra", [("adamw", ()), ("paged_adamw_8bit", ()), ("adamw", ("support=topk", "topk=8")),
-                                         ("adamw", ("method=opsd", "support=sampled", "divergence=reverse_kl")),
+@pytest.mark.parametrize("optim, extra", [("adamw", ()), ("paged_adamw_8bit", ()),
+                                          ("adamw", ("support=topk", "topk=8")),
+                                         ("adamw",
+                                          ("method=opsd", "support=sampled", "divergence=reverse_kl")),
                                          ("adamw", ("rollout_engine=graph",))])
 def test_resume_gives_the_same_adapter_as_a_straight_run(tmp_path, optim, extra):
     straight = run_tiny(tmp_path / "a", "steps=4", "save_every=2", f"optim={optim}", *extra)
@@ -261,14 +275,16 @@ def test_micro_batching_does_not_change_the_update(tmp_path):
 def test_fused_and_reference_losses_give_the_same_update(tmp_path):
     fused = run_tiny(tmp_path / "a", "steps=2", "loss_impl=fused", "loss_chunk_mb=0")  # one token per chunk
     reference = run_tiny(tmp_path / "b", "steps=2", "loss_impl=reference")
-    compiled = run_tiny(tmp_path / "c", "steps=2", "loss_impl=fused", "loss_compile=on")  # the CUDA default, on CPU
+    # the CUDA default, on CPU
+    compiled = run_tiny(tmp_path / "c", "steps=2", "loss_impl=fused", "loss_compile=on")
     assert_same_adapter(adapter(fused / "adapter"), adapter(reference / "adapter"), atol=0.02 * 1e-3)
     assert_same_adapter(adapter(compiled / "adapter"), adapter(reference / "adapter"), atol=0.02 * 1e-3)
     rows = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             for out in (fused, reference, compiled)]
     for a, b, c in zip(*rows):
         assert c["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["cos_total_it"] == pytest.approx(b["cos_total_it"], abs=1e-4)
+        assert (a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["cos_total_it"]
+                == pytest.approx(b["cos_total_it"], abs=1e-4))
 
 
 @pytest.mark.parametrize("overrides", [["method=opsd", "divergence=forward_kl", "term_clamp=0.05"],
@@ -294,10 +310,12 @@ def test_topk_above_the_vocabulary_is_a_config_error(tmp_path):
 def test_a_lora_rank_beyond_the_layers_or_the_memory_is_refused_before_allocating(tmp_path, monkeypatch):
     """lora_r=100000 was accepted: the process grew to 22.8 GB and the kernel killed it."""
     import models
-    with pytest.raises(PopsdError, match="'lora_r' is 100000, beyond the dimensions .*k_proj: 64 → 32.* above 32"):
+    with pytest.raises(PopsdError,
+                       match="'lora_r' is 100000, beyond the dimensions .*k_proj: 64 → 32.* above 32"):
         run_tiny(tmp_path / "a", "steps=1", "lora_r=100000")
     monkeypatch.setattr(models, "free_memory", lambda device: 1 << 20)  # a machine with 1 MiB left
-    with pytest.raises(PopsdError, match=r"'lora_r'=32: the adapter, its gradient and AdamW's states need [0-9.]+ "
+    with pytest.raises(PopsdError,
+                       match=r"'lora_r'=32: the adapter, its gradient and AdamW's states need [0-9.]+ "
                                          r"MiB, and cpu has 1\.0 MiB free"):
         run_tiny(tmp_path / "b", "steps=1", "lora_r=32")
 
@@ -327,7 +345,8 @@ def test_qlora_4bit_gradients_survive_an_eval_forward(tiny_dir):
 
 
 def test_qlora_4bit_runs_on_cpu(tmp_path):
-    out = run_tiny(tmp_path, "steps=1", "batch_size=2", "load_in_4bit=true", "dtype=bf16", "gradient_checkpointing=true")
+    out = run_tiny(tmp_path, "steps=1", "batch_size=2", "load_in_4bit=true", "dtype=bf16",
+                   "gradient_checkpointing=true")
     row = json.loads((out / "metrics.jsonl").read_text())
     assert row["loss"] > 0 and row["grad_norm"] > 0
 
@@ -343,11 +362,12 @@ def test_eval_during_training_is_what_eval_py_gives_and_leaves_training_alone(tm
     assert_same_adapter(adapter(out / "adapter"), adapter(plain / "adapter"))
     # eval.py on the step-2 checkpoint: the run's template and thinking mode, the same completions
     ckpt = out / "checkpoints/step_000002"
-    cli = run_main(E.main, ["--adapter", ckpt, "--bench", "data/toy_math_test.jsonl", "--n", "2", "--limit", "4",
-                            "--max-new-tokens", "32", "--batch-size", "8", "--dtype", "fp32", "--device", "cpu",
-                            "--out", tmp_path / "cli"])
+    cli = run_main(E.main, ["--adapter", ckpt, "--bench", "data/toy_math_test.jsonl", "--n", "2", "--limit",
+                            "4", "--max-new-tokens", "32", "--batch-size", "8", "--dtype", "fp32", "--device",
+                            "cpu", "--out", tmp_path / "cli"])
     assert cli.returncode == 0, cli.stdout
-    assert (tmp_path / "cli/samples.jsonl").read_text() == (out / "eval/step_000002/samples.jsonl").read_text()
+    assert (tmp_path / "cli/samples.jsonl").read_text() == (out
+                                                            / "eval/step_000002/samples.jsonl").read_text()
 
 
 def test_eval_questions_seen_in_training_are_left_out(tmp_path):
@@ -373,7 +393,8 @@ def test_cli_tiny_recipe_end_to_end(tmp_path):
     assert "sequences per step" in output and "step   20/20" in output and "done: adapter" in output
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(21))  # step 0: the evaluation before training
-    assert [r["step"] for r in rows if "eval/toy_math_test/avg@2" in r] == [0, 10, 20] and "eval at step 20" in output
+    assert [r["step"] for r in rows
+            if "eval/toy_math_test/avg@2" in r] == [0, 10, 20] and "eval at step 20" in output
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     png = tmp_path / "plots.png"  # the curves of the run, written at the end
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000
@@ -384,9 +405,11 @@ def test_cli_tiny_recipe_end_to_end(tmp_path):
 
 def test_plots_panels_cover_training_and_eval_metrics(tmp_path):
     import plots
-    rows = [{"step": 0, "eval/b/avg@1": 0.1, "eval/b/pass@1": 0.1, "eval/b/caught_frac": 0.2, "eval/b/samples": 8}]
+    rows = [{"step": 0, "eval/b/avg@1": 0.1, "eval/b/pass@1": 0.1, "eval/b/caught_frac": 0.2,
+             "eval/b/samples": 8}]
     rows += [{"step": s, "loss": 1.0 / s, "norm_ratio": 1.2, "markers_per_1k": 20.0} for s in (1, 2)]
-    assert plots.panel_keys([rows]) == ["loss", "norm_ratio", "markers_per_1k", "eval/b/avg@1", "eval/b/caught_frac"]
+    assert plots.panel_keys([rows]) == ["loss", "norm_ratio", "markers_per_1k", "eval/b/avg@1",
+                                        "eval/b/caught_frac"]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plots.plot_runs([tmp_path], tmp_path / "p.png").stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
@@ -420,14 +443,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert step >= 2 and "checkpoint saved at step" in output
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     out = run_tiny(tmp_path, f"steps={step + 1}", "resume=true")
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == step + 1
+    assert [json.loads(line)["step"]
+            for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == step + 1
 
 
 def test_sigterm_while_sampling_drops_the_step_at_once_and_resume_gives_the_straight_run(tmp_path):
-    """A step's sampling can take long (64 generate calls here, hours on a real model): a stop asked for then ends
-    it after the current batch, the step is dropped, the checkpoint of the step before is saved with the data
-    position and random states the step started from, and resuming gives the run that was never stopped."""
-    args = ["--recipe", "tiny", "steps=2", "save_every=0", "eval_every=0", "batch_size=64", "gen_batch_size=1"]
+    """A step's sampling can take long (64 generate calls here, hours on a real model): a stop asked for then
+    ends it after the current batch, the step is dropped, the checkpoint of the step before is saved with the
+    data position and random states the step started from, and resuming gives the run that was never
+    stopped."""
+    args = ["--recipe", "tiny", "steps=2", "save_every=0", "eval_every=0", "batch_size=64",
+            "gen_batch_size=1"]
     straight = popsd_cli(*args, f"out_dir={tmp_path / 'straight'}")
     proc = popsd_cli(*args, f"out_dir={tmp_path / 'stopped'}")
     metrics = tmp_path / "stopped/metrics.jsonl"
@@ -438,11 +464,13 @@ def test_sigterm_while_sampling_drops_the_step_at_once_and_resume_gives_the_stra
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "stopped while sampling step 2" in output, output[-2000:]
+    assert (proc.returncode == 128 + signal.SIGTERM
+            and "stopped while sampling step 2" in output), output[-2000:]
     assert time.time() - sent < 3  # one generate call, not the step's 64
     assert latest_checkpoint(tmp_path / "stopped").name == "step_000001"
     assert straight.communicate(timeout=120) and straight.returncode == 0
-    run_tiny(tmp_path / "stopped", "steps=2", "save_every=0", "batch_size=64", "gen_batch_size=1", "resume=true")
+    run_tiny(tmp_path / "stopped", "steps=2", "save_every=0", "batch_size=64", "gen_batch_size=1",
+             "resume=true")
     rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("straight", "stopped")]
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]] and len(rows[1]) == 2
@@ -452,7 +480,8 @@ def test_sigterm_while_sampling_drops_the_step_at_once_and_resume_gives_the_stra
 
 def test_a_step_larger_than_the_data_is_refused_naming_both_numbers(tmp_path):
     out = run_main(popsd.main, ["--recipe", "toy", "batch_size=100000", f"out_dir={tmp_path}"])
-    assert out.returncode == 2 and "asks for 100000 prompts per step" in out.stdout and "holds 2000 rows" in out.stdout
+    assert (out.returncode == 2 and "asks for 100000 prompts per step" in out.stdout
+            and "holds 2000 rows" in out.stdout)
 
 
 def test_plots_draw_a_comparison_folder_and_name_each_runs_questions(tmp_path):
@@ -486,7 +515,8 @@ def test_tensorboard_gets_every_row_and_a_resume_replaces_the_steps_after_its_ch
     assert logged == pytest.approx({s: r["loss"] for s, r in rows.items()}, rel=1e-6)  # float32 events
     assert set(tensorboard_scalars(out / "tensorboard", "time_step")) == {1, 2, 3, 4}
     run_tiny(tmp_path / "run", "steps=6", "save_every=2", "report_to=tensorboard", "resume=true")
-    assert sorted(tensorboard_scalars(out / "tensorboard", "loss")) == [1, 2, 3, 4, 5, 6]  # step 4 once, not twice
+    # step 4 once, not twice
+    assert sorted(tensorboard_scalars(out / "tensorboard", "loss")) == [1, 2, 3, 4, 5, 6]
 
 
 def test_wandb_offline_logs_the_run_and_resume_continues_the_same_run(tmp_path, monkeypatch):
@@ -505,11 +535,13 @@ def test_wandb_offline_logs_the_run_and_resume_continues_the_same_run(tmp_path, 
 
 def test_wandb_without_a_login_is_one_line_naming_offline_mode_and_leaves_nothing_in_the_way(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")} | {
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config")}  # its own process: W&B keeps its settings per process
-    proc = popsd_cli("--recipe", "tiny", "steps=1", "eval_every=0", "report_to=wandb", f"out_dir={tmp_path / 'run'}",
-                     env=env)
+        # its own process: W&B keeps its settings per process
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config")}
+    proc = popsd_cli("--recipe", "tiny", "steps=1", "eval_every=0", "report_to=wandb",
+                     f"out_dir={tmp_path / 'run'}", env=env)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "could not start a W&B run" in output and "WANDB_MODE=offline" in output, output
+    assert (proc.returncode == 2 and "could not start a W&B run" in output
+            and "WANDB_MODE=offline" in output), output
     assert "Traceback" not in output
     run_tiny(tmp_path / "run", "steps=1")  # the half-made run does not block the plain rerun
 
@@ -537,12 +569,15 @@ def test_ema_teacher_at_rate_1_is_the_live_teacher_and_near_0_the_frozen_one(tmp
     frozen = run_tiny(tmp_path / "frozen", "steps=2")
     still = run_tiny(tmp_path / "still", "steps=2", "teacher=ema", "ema_rate=1e-30")
     assert_same_adapter(adapter(frozen / "adapter"), adapter(still / "adapter"))
-    assert not torch.equal(adapter(live / "adapter")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"],
-                           adapter(frozen / "adapter")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+    assert not torch.equal(adapter(live / "adapter")[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"],
+                           adapter(frozen / "adapter")[
+                               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
 
 
 def test_ema_teacher_follows_its_recurrence_saves_apart_from_the_adapter_and_resumes_exactly(tmp_path):
-    out = run_tiny(tmp_path / "a", "steps=3", "save_every=1", "keep_checkpoints=3", "teacher=ema", "ema_rate=0.3")
+    out = run_tiny(tmp_path / "a", "steps=3", "save_every=1", "keep_checkpoints=3", "teacher=ema",
+                   "ema_rate=0.3")
     first = {k.replace(".ema.", "."): v for k, v in ema_at(out, 1).items()}
     b_keys = [k for k in first if "lora_B" in k]
     for k in b_keys:  # θ_T,0 = θ_0, whose lora_B is 0: after step 1, θ_T's lora_B is 0.3·θ_1's
@@ -550,7 +585,8 @@ def test_ema_teacher_follows_its_recurrence_saves_apart_from_the_adapter_and_res
     assert any(torch.count_nonzero(first[k]) for k in b_keys)
     previous = None
     for step in range(1, 4):  # θ_T,k = 0.7·θ_T,k−1 + 0.3·θ_k, θ_T,0 = θ_0 (lora_B = 0, lora_A its init)
-        theta, got = adapter_at_step(out, step), {k.replace(".ema.", "."): v for k, v in ema_at(out, step).items()}
+        theta, got = adapter_at_step(out, step), {k.replace(".ema.", "."): v for k,
+                                                  v in ema_at(out, step).items()}
         assert got.keys() == theta.keys()
         if previous is not None:
             for k in got:

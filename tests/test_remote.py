@@ -21,9 +21,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "
 def server(tiny_dir, tmp_path_factory):
     """(url, served model name) of `transformers serve` pinned to the tiny model; always stopped."""
     port = free_port()
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--dtype", "float32"]
-    with serving(cmd, ENV, port, tmp_path_factory.mktemp("serve") / "server.log", "transformers serve") as url:
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_dir), "--host",
+           "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    with serving(cmd, ENV, port, tmp_path_factory.mktemp("serve") / "server.log",
+                 "transformers serve") as url:
         yield url, str(tiny_dir)
 
 
@@ -44,9 +45,9 @@ def records(path):
 
 def test_server_route_grades_what_the_server_generated(server, tiny_dir, tmp_path):
     url, name = server
-    proc = eval_run("--server", url, "--served-model", name, "--model", str(tiny_dir), "--bench", str(FIVE), "--n", "3",
-                    "--max-new-tokens", "8", "--temperature", "1.0", "--thinking", "off", "--concurrency", "4",
-                    "--out", str(tmp_path))
+    proc = eval_run("--server", url, "--served-model", name, "--model", str(tiny_dir), "--bench", str(FIVE),
+                    "--n", "3", "--max-new-tokens", "8", "--temperature", "1.0", "--thinking", "off",
+                    "--concurrency", "4", "--out", str(tmp_path))
     code, output = proc
     assert code == 0, output
     assert "warning" not in output  # the server's count of prompt tokens is popsd's: the same prompt
@@ -67,8 +68,8 @@ def test_server_route_grades_what_the_server_generated(server, tiny_dir, tmp_pat
 
 def test_server_route_resumes_after_an_interruption(server, tiny_dir, tmp_path):
     url, name = server
-    args = ["--server", url, "--served-model", name, "--model", str(tiny_dir), "--bench", str(FIVE), "--n", "8",
-            "--max-new-tokens", "96", "--temperature", "1.0", "--thinking", "off", "--concurrency", "1",
+    args = ["--server", url, "--served-model", name, "--model", str(tiny_dir), "--bench", str(FIVE), "--n",
+            "8", "--max-new-tokens", "96", "--temperature", "1.0", "--thinking", "off", "--concurrency", "1",
             "--out", str(tmp_path)]
     proc = eval_cli(*args)
     partial = tmp_path / "partial.jsonl"
@@ -99,7 +100,8 @@ def test_server_errors_are_clear(server, tiny_dir, tmp_path):
 
 def test_every_sample_of_a_server_evaluation_has_its_own_seed_the_engines_seed(tmp_path):
     """Seeds per sample were seed + 1000·question + sample: with n > 1000 two samples shared one. They are now
-    eval.evaluate's (engines.request_seed per question, + sample), so a server samples what an engine would."""
+    eval.evaluate's (engines.request_seed per question, + sample), so a server samples what an engine
+    would."""
     import threading
     import remote
     from rich.progress import Progress
@@ -123,7 +125,9 @@ def test_every_sample_of_a_server_evaluation_has_its_own_seed_the_engines_seed(t
     benches = {"b": [("q0", "1"), ("q1", "1")]}
     server = Recorder()
     with Progress(disable=True) as bar:
-        remote.evaluate_remote(server, Words(), benches, {"b": [[1], [2]]}, n=1001, seed=0, params={}, out=tmp_path,
-                               settings={}, grade=lambda samples, q, gold: None, concurrency=4, progress=bar)
+        remote.evaluate_remote(server, Words(), benches, {"b": [[1], [2]]}, n=1001, seed=0, params={},
+                               out=tmp_path, settings={}, grade=lambda samples, q, gold: None, concurrency=4,
+                               progress=bar)
     assert len(server.seeds) == len(set(server.seeds)) == 2002
-    assert sorted(server.seeds) == sorted(request_seed(0, "eval:b", i) + j for i in range(2) for j in range(1001))
+    assert sorted(server.seeds) == sorted(request_seed(0, "eval:b", i) + j for i in range(2)
+                                          for j in range(1001))

@@ -1,5 +1,5 @@
-"""rollout.py: the four contexts line up on ŷ, padding changes nothing, EOS masks; the loop's sampling (popsd.sample
-through the HF engine): KV-cached, each row with its contexts."""
+"""rollout.py: the four contexts line up on ŷ, padding changes nothing, EOS masks; the loop's sampling
+(popsd.sample through the HF engine): KV-cached, each row with its contexts."""
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -7,8 +7,8 @@ import models
 import popsd
 import rollout
 from engines.hf import HFSampler, generate
-from rollout import (STUDENT_TEMPLATE, Contexts, build_contexts, check_templates, completion_hidden, completion_mask,
-                     fill, marker_counts)
+from rollout import (STUDENT_TEMPLATE, Contexts, build_contexts, check_templates, completion_hidden,
+                     completion_mask, fill, marker_counts)
 
 
 def successor_model(vocab=64):
@@ -30,7 +30,8 @@ def test_all_four_contexts_score_the_same_completion_token():
     # three contexts of different lengths; each ends with ŷ_0 − 1 so the successor model predicts ŷ
     y0 = [20, 40]
     ctx = [Contexts(student=[5, 6, y0[0] - 1], teacher=[1, 2, 3, 4, 7, 8, y0[0] - 1], refonly=[9, y0[0] - 1]),
-           Contexts(student=[3, y0[1] - 1], teacher=[11, 12, 13, y0[1] - 1], refonly=[2, 2, 2, 2, 2, 2, y0[1] - 1])]
+           Contexts(student=[3, y0[1] - 1], teacher=[11, 12, 13, y0[1] - 1],
+                    refonly=[2, 2, 2, 2, 2, 2, y0[1] - 1])]
     completions = torch.stack([torch.arange(y0[0], y0[0] + 6), torch.arange(y0[1], y0[1] + 6)])  # [2, 6]
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     completions[~mask] = 0
@@ -120,13 +121,15 @@ def test_marker_counts_whole_words_any_case():
 
 
 def test_every_rollout_engine_samples_what_the_dynamic_cache_samples(tiny):
-    """engine=static (preallocated KV cache) gives dynamic's greedy completions and, with the same seed, the same
-    samples: the same distribution, not only the same argmax."""
+    """engine=static (preallocated KV cache) gives dynamic's greedy completions and, with the same seed, the
+    same samples: the same distribution, not only the same argmax."""
     tok, model = tiny
-    prompts = [build_contexts(tok, q, "r", templates=(STUDENT_TEMPLATE, "{question}{reference}", "{reference}"),
-                              student_thinking=False, teacher_thinking=False).student for q in ("1+1", "2*3=?", "x")]
-    kw = dict(n=2, max_new_tokens=10, temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id], batch_size=6,
-              device="cpu")
+    prompts = [build_contexts(tok, q, "r",
+                              templates=(STUDENT_TEMPLATE, "{question}{reference}", "{reference}"),
+                              student_thinking=False, teacher_thinking=False).student
+               for q in ("1+1", "2*3=?", "x")]
+    kw = dict(n=2, max_new_tokens=10, temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id],
+              batch_size=6, device="cpu")
     for do_sample in (False, True):
         got = {}
         for engine in ("dynamic", "static"):

@@ -1,5 +1,5 @@
-"""Nothing lost, nothing run that should not be: run folders, resume checks, damaged and malicious checkpoints,
-same seed same result, the divergence guard, clear errors for bad input (fuzzed)."""
+"""Nothing lost, nothing run that should not be: run folders, resume checks, damaged and malicious
+checkpoints, same seed same result, the divergence guard, clear errors for bad input (fuzzed)."""
 import importlib.util
 import json
 import os
@@ -49,7 +49,8 @@ def test_a_second_run_into_the_same_folder_is_refused_and_changes_nothing(tmp_pa
     assert snapshot(tmp_path) == before
     run_tiny(tmp_path, "steps=1", "overwrite=true")  # explicit: the old run is replaced, not mixed
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1] and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+    assert [r["step"] for r in rows] == [1] and sorted(p.name
+                                                       for p in (tmp_path / "checkpoints").iterdir()) == \
         ["step_000001"]
 
 
@@ -105,9 +106,11 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
 
 
 def test_a_damaged_newest_state_says_which_older_adapters_are_intact(tmp_path):
-    run_tiny(tmp_path, "steps=3", "save_every=1", "keep_checkpoints=1")  # steps 1 and 2 keep their adapters only
+    # steps 1 and 2 keep their adapters only
+    run_tiny(tmp_path, "steps=3", "save_every=1", "keep_checkpoints=1")
     (tmp_path / "checkpoints/step_000003/state.pt").write_bytes(b"torn")
-    with pytest.raises(PopsdError, match=r"that holds resume state \(step_000003\) is damaged .*the adapters of "
+    with pytest.raises(PopsdError,
+                       match=r"that holds resume state \(step_000003\) is damaged .*the adapters of "
                                          r"step_000001, step_000002 are kept but hold no resume state"):
         run_tiny(tmp_path, "steps=4", "save_every=1", "keep_checkpoints=1", "resume=true")
 
@@ -130,12 +133,14 @@ def test_overwrite_keeps_a_users_file_inside_the_runs_folders(tmp_path):
     run_tiny(tmp_path, "steps=1", "eval_every=1", "eval_limit=2")
     (tmp_path / "eval/my_notes.txt").write_text("mine")
     run_tiny(tmp_path, "steps=1", "overwrite=true")
-    assert (tmp_path / "eval/my_notes.txt").read_text() == "mine" and not (tmp_path / "eval/step_000000").exists()
+    assert (tmp_path
+            / "eval/my_notes.txt").read_text() == "mine" and not (tmp_path / "eval/step_000000").exists()
 
 
 def test_a_run_that_stopped_before_its_first_step_does_not_block_the_plain_rerun(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name,
+                        *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(PopsdError, match="vLLM is not installed"):
         run_tiny(tmp_path, "steps=1", "rollout_engine=vllm")
     assert not any(tmp_path.iterdir())  # refused before the folder was touched
@@ -170,16 +175,20 @@ def test_a_malicious_checkpoint_does_not_run_code(tmp_path):
     with pytest.raises(PopsdError, match="every checkpoint .* is damaged"):
         run_tiny(tmp_path / "run", "steps=2", "resume=true")
     assert not MARK.exists()  # the payload never ran
-    pickle.loads(pickle.dumps(0))  # (pickle itself is fine; torch.load(weights_only=True) refused the payload)
+    # (pickle itself is fine; torch.load(weights_only=True) refused the payload)
+    pickle.loads(pickle.dumps(0))
 
 
 # ---- 4. the same seed gives the same run, whatever is already on disk
 
 def test_same_command_twice_gives_the_same_run(tmp_path):
     run_tiny(tmp_path, "steps=2")
-    first = ((tmp_path / "metrics.jsonl").read_text(), load_file(tmp_path / "adapter/adapter_model.safetensors"))
-    run_tiny(tmp_path, "steps=2", "overwrite=true")  # the tiny model is rebuilt; RNG use must not depend on it
-    second = ((tmp_path / "metrics.jsonl").read_text(), load_file(tmp_path / "adapter/adapter_model.safetensors"))
+    first = ((tmp_path / "metrics.jsonl").read_text(),
+             load_file(tmp_path / "adapter/adapter_model.safetensors"))
+    # the tiny model is rebuilt; RNG use must not depend on it
+    run_tiny(tmp_path, "steps=2", "overwrite=true")
+    second = ((tmp_path / "metrics.jsonl").read_text(),
+              load_file(tmp_path / "adapter/adapter_model.safetensors"))
     strip = lambda text: [{k: v for k, v in json.loads(x).items() if not k.startswith("time")}  # noqa: E731
                           for x in text.splitlines()]
     assert strip(first[0]) == strip(second[0])
@@ -205,12 +214,15 @@ def test_a_collapse_is_warned_on_screen_and_in_metrics(tmp_path, capsys):
         assert "collapsed" in said(dict(base, **change)) and "lower lr?" in said(dict(base, **change))
     assert guards.health(dict(base, skipped=True), 1, 512, cfg)[0] == 2
     assert guards.health(dict(base), 2, 512, cfg)[0] == 0  # a good step resets the count
-    looping = dict(base, repeated_4grams=0.8, truncated=0.9)  # the paper's other failure: long, repetitive output
+    # the paper's other failure: long, repetitive output
+    looping = dict(base, repeated_4grams=0.8, truncated=0.9)
     assert "repeats itself (80% of its 4-grams" in said(looping) and looping["repetition"]
-    assert guards.health(dict(base, repeated_4grams=0.8, truncated=0.1), 0, 512, cfg)[1] == []  # short: not flagged
+    # short: not flagged
+    assert guards.health(dict(base, repeated_4grams=0.8, truncated=0.1), 0, 512, cfg)[1] == []
     hot = popsd.make_config("tiny", ["temperature=50"])
     assert "temperature=50 samples near-uniform" in said(dict(base, entropy=6.2), hot)
-    flat = popsd.make_config("tiny", ["beta=1e-30"])  # the target, not the student, is what is off: name its knob
+    # the target, not the student, is what is off: name its knob
+    flat = popsd.make_config("tiny", ["beta=1e-30"])
     assert "beta=1e-30 makes the target one-hot" in said(dict(base, loss=0.66), flat) and "lower lr" not in \
         said(dict(base, loss=0.66), flat)
     ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 9], [5, 6, 7, 8, 9, 0, 0, 0, 0]])
@@ -219,13 +231,14 @@ def test_a_collapse_is_warned_on_screen_and_in_metrics(tmp_path, capsys):
 
 
 def test_a_run_that_cannot_learn_stops_and_names_the_setting(tmp_path):
-    """temperature=1e-30 makes every softmax one-hot: loss 0, gradient exactly 0, NaN cosines. It was a silent no-op
-    (exit code 0); now each such step is warned and three in a row stop the run, naming τ."""
+    """temperature=1e-30 makes every softmax one-hot: loss 0, gradient exactly 0, NaN cosines. It was a silent
+    no-op (exit code 0); now each such step is warned and three in a row stop the run, naming τ."""
     out = cli("--recipe", "toy", f"out_dir={tmp_path}", "eval_every=0", "steps=6", "temperature=1e-30")
     assert out.returncode == 2 and "Traceback" not in out.stdout, out.stdout[-2000:]
     assert "3 steps in a row had no gradient at all" in out.stdout and "τ=1e-30" in out.stdout
     assert "the gradient is exactly zero" in out.stdout and "the Δ diagnostics are not finite" in out.stdout
-    assert [json.loads(x)["grad_norm"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.0] * 3
+    assert [json.loads(x)["grad_norm"]
+            for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.0] * 3
 
 
 def test_the_sampler_gap_warns_then_stops_the_run():
@@ -233,7 +246,8 @@ def test_the_sampler_gap_warns_then_stops_the_run():
     base = {"step": 4, "skipped": False, "loss": 0.05, "grad_norm": 0.1, "entropy": 2.0, "lr": 1e-3}
     assert guards.health(dict(base, sampler_logprob_gap=1e-6), 0, 128, cfg) == (0, [], None)
     _, warned, stop = guards.health(dict(base, sampler_logprob_gap=0.2), 0, 128, cfg)
-    assert stop is None and "differ from the student's by 0.2 nats" in warned[0] and "sampler_gap_warn=0.05" in warned[0]
+    assert (stop is None and "differ from the student's by 0.2 nats" in warned[0]
+            and "sampler_gap_warn=0.05" in warned[0])
     for gap in (12.0, float("nan")):  # a server's garbage log-probs; a NaN is never below a bound
         _, _, stop = guards.health(dict(base, sampler_logprob_gap=gap), 0, 128, cfg)
         assert "not sampling from the student" in stop and "raw_logprobs" in stop and "stale" in stop
@@ -243,7 +257,8 @@ def test_the_sampler_gap_warns_then_stops_the_run():
 
 def test_lr_1e30_stops_with_a_clear_error_and_saves_no_broken_state(tmp_path):
     out = cli("--recipe", "tiny", f"out_dir={tmp_path}", "eval_every=0", "steps=8", "lr=1e30", "save_every=1")
-    assert out.returncode == 2 and "the run diverged" in out.stdout and "Traceback" not in out.stdout, out.stdout
+    assert (out.returncode == 2 and "the run diverged" in out.stdout
+            and "Traceback" not in out.stdout), out.stdout
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
     assert not (tmp_path / "adapter").exists()
 
@@ -276,8 +291,9 @@ from hypothesis import strategies as st  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 
-TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["0", "-1", "1e30", "nan", "inf", "-inf", "none", "true", "",
-                                                        "1.5", "0.0", "jsd", "opsd", "x=y", "{question}"]))
+TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["0", "-1", "1e30", "nan", "inf", "-inf", "none",
+                                                        "true", "", "1.5", "0.0", "jsd", "opsd", "x=y",
+                                                        "{question}"]))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -305,11 +321,13 @@ def exercise(cfg):
     optimizer.step()
     scheduler.step()
     assert torch.isfinite(param).all() and math.isfinite(scheduler.get_last_lr()[0])
-    LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear")
+    LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+               target_modules="all-linear")
     g = torch.Generator().manual_seed(0)
     h = [torch.randn(3, 4, generator=g) for _ in range(4)]
     loss, stats = L.reference_loss(*h, torch.randn(5, 4, generator=g), method=cfg.method, kind=cfg.divergence,
-                                   jsd_mix=cfg.jsd_mix, beta=cfg.beta, pmi_clip=cfg.pmi_clip, term_clamp=cfg.term_clamp,
+                                   jsd_mix=cfg.jsd_mix, beta=cfg.beta, pmi_clip=cfg.pmi_clip,
+                                   term_clamp=cfg.term_clamp,
                                    temperature=cfg.loss_temperature or cfg.temperature)
     assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in stats.values())
 
@@ -321,8 +339,8 @@ def dataclasses_replace(cfg, **changes):
 
 JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=6)),
                        lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                               st.dictionaries(st.sampled_from(["problem", "solution", "x"]), inner,
-                                                               max_size=3)), max_leaves=6)
+                                               st.dictionaries(st.sampled_from(["problem", "solution", "x"]),
+                                                               inner, max_size=3)), max_leaves=6)
 
 
 @settings(max_examples=200, deadline=None)
@@ -336,7 +354,8 @@ def test_fuzzed_data_files_give_rows_or_a_popsd_error_naming_the_line(lines, tmp
     except PopsdError as e:
         assert "line" in str(e) or "no usable rows" in str(e), e
         return
-    assert rows and all(isinstance(q, str) and isinstance(r, str) and q.strip() and r.strip() for q, r in rows)
+    assert rows and all(isinstance(q, str) and isinstance(r, str) and q.strip() and r.strip() for q,
+                        r in rows)
 
 
 # ---- 9-14. the first hour
@@ -368,8 +387,10 @@ def test_missing_model_folder_and_trust_remote_code_are_said_plainly(tmp_path):
     assert out.returncode == 2 and "holds no config.json: not a Hugging Face model folder" in out.stdout
     out = cli("--recipe", "tiny", "lora_targets=nope", "steps=1", f"out_dir={tmp_path / 'l'}")
     assert out.returncode == 2 and "'lora_targets' 'nope'" in out.stdout and "q_proj" in out.stdout
-    out = cli("--recipe", "tiny", "trust_remote_code=true", "steps=1", "eval_every=0", f"out_dir={tmp_path / 'r'}")
-    assert out.returncode == 0 and "trust_remote_code=true: code shipped with the model will run" in out.stdout
+    out = cli("--recipe", "tiny", "trust_remote_code=true", "steps=1", "eval_every=0",
+              f"out_dir={tmp_path / 'r'}")
+    assert (out.returncode == 0
+            and "trust_remote_code=true: code shipped with the model will run" in out.stdout)
 
 
 def test_startup_table_shows_what_differs_and_fits_80_columns(tmp_path, monkeypatch):
@@ -395,19 +416,21 @@ def test_eval_errors_name_the_right_thing(tiny_dir, tmp_path):
         assert out.returncode == 2 and "--adapter runs/nope/adapter: no adapter_config.json" in out.stdout
         assert "Traceback" not in out.stdout + out.stderr
     out = ev("--model", str(tiny_dir), "--bench", five, "--answer-field", "solution")
-    assert out.returncode == 2 and "--answer-field" in out.stdout and "config" not in out.stdout.split("field")[-1]
+    assert (out.returncode == 2 and "--answer-field" in out.stdout
+            and "config" not in out.stdout.split("field")[-1])
 
 
 def test_an_adapter_trained_from_a_relative_model_path_evaluates_from_anywhere(tmp_path):
     import shutil
     shutil.copytree(ROOT / "data/toyworld/base", tmp_path / "base")
     (tmp_path / "elsewhere").mkdir()
-    out = cli("--recipe", "toy", "model=base", "steps=1", "eval_every=0", "batch_size=2", "micro_batch_size=2",
-              f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
+    out = cli("--recipe", "toy", "model=base", "steps=1", "eval_every=0", "batch_size=2",
+              "micro_batch_size=2", f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:]
-    ev = run_main(E.main, ["--adapter", tmp_path / "run/adapter", "--bench", ROOT / "data/toyworld/test.jsonl",
-                           "--question-field", "question", "--grader", "toyworld", "--n", "1", "--limit", "2",
-                           "--max-new-tokens", "16", "--dtype", "fp32"],
+    ev = run_main(E.main, ["--adapter", tmp_path / "run/adapter", "--bench",
+                           ROOT / "data/toyworld/test.jsonl", "--question-field", "question", "--grader",
+                           "toyworld", "--n", "1", "--limit", "2", "--max-new-tokens", "16", "--dtype",
+                           "fp32"],
                   cwd=tmp_path / "elsewhere")
     assert ev.returncode == 0, ev.stdout[-2000:]
 
@@ -423,24 +446,28 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_run(tmp_path):
     while not (tmp_path / "killed/checkpoints/step_000003").exists() and time.time() < deadline:
         time.sleep(0.02)
     busy = cli(*args, "resume=true", f"out_dir={tmp_path / 'killed'}")  # a second run while the first is live
-    assert busy.returncode == 2 and f"in use by another run: process {proc.pid} on this machine" in busy.stdout
+    assert (busy.returncode == 2
+            and f"in use by another run: process {proc.pid} on this machine" in busy.stdout)
     proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: whatever was half-written stays half-written
     proc.wait()
     assert (tmp_path / "killed/popsd_run.lock").exists()  # left behind by the killed run
     resumed = cli(*args, "resume=true", f"out_dir={tmp_path / 'killed'}")
-    assert resumed.returncode == 0 and "taking over the stale lock" in resumed.stdout and str(proc.pid) in resumed.stdout
+    assert (resumed.returncode == 0 and "taking over the stale lock" in resumed.stdout
+            and str(proc.pid) in resumed.stdout)
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # every step logged exactly once
     a, b = (load_file(tmp_path / f"{r}/adapter/adapter_model.safetensors") for r in ("straight", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the run that was never killed
 
 
-# ---- 7. a folder is a popsd run only if popsd marked it; one live run per folder; a full disk is said plainly
+# ---- 7. a folder is a popsd run only if popsd marked it; one live run per folder; a full disk is said
+# plainly
 
 def foreign_folder(path):
     """A folder that never held a popsd run, with names a run also writes."""
     for name, text in (("config.json", '{"mine": 1}'), ("notes.txt", "keep me"), ("eval/result.txt", "42"),
-                       ("checkpoints/a.bin", "x"), ("adapter/w.bin", "y"), ("metrics.jsonl", '{"step": 1}\n')):
+                       ("checkpoints/a.bin", "x"), ("adapter/w.bin", "y"),
+                       ("metrics.jsonl", '{"step": 1}\n')):
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_text(text)
     return snapshot(path)
@@ -506,8 +533,10 @@ def test_a_lock_held_elsewhere_is_an_error_naming_its_holder(tmp_path):
     run_tiny(tmp_path, "steps=1")
     before = snapshot(tmp_path)
     lock = tmp_path / "popsd_run.lock"
-    lock.write_text(json.dumps({"host": "other-node", "pid": 4242, "start": "1", "since": "2026-12-02 00:00:00"}))
-    with pytest.raises(PopsdError, match=r"in use by a run on other-node \(pid 4242.*remove .*popsd_run.lock"):
+    lock.write_text(json.dumps({"host": "other-node", "pid": 4242, "start": "1",
+                                "since": "2026-12-02 00:00:00"}))
+    with pytest.raises(PopsdError,
+                       match=r"in use by a run on other-node \(pid 4242.*remove .*popsd_run.lock"):
         run_tiny(tmp_path, "steps=2", "resume=true")
     sleeper = subprocess.Popen(["sleep", "60"])  # a live process on this host
     try:
@@ -516,7 +545,8 @@ def test_a_lock_held_elsewhere_is_an_error_naming_its_holder(tmp_path):
         with pytest.raises(PopsdError, match=f"in use by another run: process {sleeper.pid} on this machine"):
             run_tiny(tmp_path, "steps=2", "resume=true")
         assert snapshot(tmp_path) == before | {"popsd_run.lock": lock.read_bytes()}
-        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "start": "1", "since": "x"}))
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "start": "1",
+                                    "since": "x"}))
         run_tiny(tmp_path, "steps=2", "resume=true")  # the same pid, started at another time: reused, stale
     finally:
         sleeper.kill()
@@ -529,7 +559,8 @@ def small_disk(tmp_path):
     """A 400 KB tmpfs (room for one tiny checkpoint, not two); skipped where mounting is refused."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
         pytest.skip("mounting a tmpfs is refused here")
     try:
         yield mnt
@@ -539,11 +570,13 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_is_said_plainly_and_resume_still_works(small_disk, tiny_dir):
     out = small_disk / "run"
-    with pytest.raises(PopsdError, match=r"the disk holding .*run is full \(.* MB free\) while writing the checkpoint "
+    with pytest.raises(PopsdError,
+                       match=r"the disk holding .*run is full \(.* MB free\) while writing the checkpoint "
                                          r"of step 2: nothing of it was kept"):
         run_tiny(out, "steps=3", "save_every=1", f"model={tiny_dir}")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]  # no step_000002.tmp
-    assert checkpoints.checkpoint_problem(out / "checkpoints/step_000001") is None and not (out / "popsd_run.lock").exists()
+    assert checkpoints.checkpoint_problem(
+        out / "checkpoints/step_000001") is None and not (out / "popsd_run.lock").exists()
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space freed
     run_tiny(out, "steps=3", "save_every=1", f"model={tiny_dir}", "resume=true")
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -561,9 +594,9 @@ def test_a_full_disk_at_the_final_adapter_leaves_no_partial_adapter(small_disk, 
 
 
 def test_a_base_replaced_in_its_folder_is_noticed_by_resume_and_by_the_eval_cache(tmp_path):
-    """compare.py pretrain used to write over the shipped base in place: resume then trained on, and eval.py's cache
-    answered for the old base. The base is fingerprinted (its weights' checksum) in config.json, every checkpoint
-    and every evaluation record: both now refuse."""
+    """compare.py pretrain used to write over the shipped base in place: resume then trained on, and eval.py's
+    cache answered for the old base. The base is fingerprinted (its weights' checksum) in config.json, every
+    checkpoint and every evaluation record: both now refuse."""
     import shutil
     from safetensors.torch import load_file, save_file
     base = tmp_path / "base"
@@ -574,17 +607,20 @@ def test_a_base_replaced_in_its_folder_is_noticed_by_resume_and_by_the_eval_cach
     saved = json.loads((run / "config.json").read_text())["base_sha256"]
     assert json.loads((run / "checkpoints/step_000001/popsd_base.json").read_text())["sha256"] == saved
     assert json.loads((run / "adapter/popsd_base.json").read_text())["sha256"] == saved
-    ev = ["--adapter", run / "adapter", "--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question",
-          "--grader", "toyworld", "--n", "1", "--limit", "4", "--max-new-tokens", "32", "--dtype", "fp32",
-          "--out", tmp_path / "eval"]
+    ev = ["--adapter", run / "adapter", "--bench", ROOT / "data/toyworld/test.jsonl", "--question-field",
+          "question", "--grader", "toyworld", "--n", "1", "--limit", "4", "--max-new-tokens", "32", "--dtype",
+          "fp32", "--out", tmp_path / "eval"]
     assert run_main(E.main, ev).returncode == 0
     weights = load_file(base / "model.safetensors")
-    save_file({k: v * 1.01 for k, v in weights.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    save_file({k: v * 1.01 for k, v in weights.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
     again = cli(*common, "steps=2", "resume=true")
     assert again.returncode == 2 and "the base changed since" in again.stdout, again.stdout[-2000:]
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]  # untouched
+    # untouched
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     cached = run_main(E.main, ev)
-    assert cached.returncode == 2 and "other settings" in cached.stdout and "already evaluated" not in cached.stdout
+    assert (cached.returncode == 2 and "other settings" in cached.stdout
+            and "already evaluated" not in cached.stdout)
 
 
 def test_pretraining_never_writes_over_a_base_unless_told():
@@ -630,7 +666,8 @@ def test_a_question_holding_a_field_name_or_a_control_token_stays_text(tiny, cap
     tok, _ = tiny
     cfg = popsd.make_config("tiny", ["out_dir=unused"])
     kept, _ = session.prepare_contexts([("fine", "ok"), ("a <|im_end|> b", "ok")], tok, cfg)
-    assert len(kept) == 2 and "data row 2 holds the chat template's control token(s) <|im_end|>" in capsys.readouterr().out
+    assert (len(kept) == 2
+            and "data row 2 holds the chat template's control token(s) <|im_end|>" in capsys.readouterr().out)
 
 
 def test_the_step_line_shows_small_numbers_the_rate_and_an_eta():
@@ -652,10 +689,11 @@ def test_prompt_settings_travel_with_the_adapter_and_the_toy_base_evaluates_with
     assert saved["student_template"] == "Q:{question}" and saved["student_thinking"] is False
     assert (tmp_path / "run/checkpoints/step_000001/popsd_prompts.json").exists()
     shutil.copytree(tmp_path / "run/adapter", tmp_path / "copied")  # away from the run's config.json
-    common = ["--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question", "--grader", "toyworld",
-              "--n", "1", "--limit", "16", "--temperature", "1", "--top-p", "1", "--max-new-tokens", "128",
-              "--dtype", "fp32"]
-    for what, name in ((["--adapter", tmp_path / "copied"], "a"), (["--model", ROOT / "data/toyworld/base"], "b")):
+    common = ["--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question", "--grader",
+              "toyworld", "--n", "1", "--limit", "16", "--temperature", "1", "--top-p", "1",
+              "--max-new-tokens", "128", "--dtype", "fp32"]
+    for what, name in ((["--adapter", tmp_path / "copied"], "a"),
+                       (["--model", ROOT / "data/toyworld/base"], "b")):
         ev = run_main(E.main, [*what, *common, "--out", tmp_path / name])
         assert ev.returncode == 0 and "thinking mode: on" not in ev.stdout, ev.stdout[-2000:]
         acc = json.loads((tmp_path / name / "summary.json").read_text())["results"]["test"]["avg@1"]
@@ -682,9 +720,11 @@ def test_bad_bytes_a_bom_duplicate_keys_and_huge_numbers_are_clear(tmp_path):
 
 
 def test_max_new_tokens_beyond_the_models_positions_is_cut_with_a_warning(tmp_path):
-    ev = run_main(E.main, ["--model", ROOT / "data/toyworld/base", "--bench", ROOT / "data/toyworld/test.jsonl",
-                           "--question-field", "question", "--grader", "toyworld", "--n", "1", "--limit", "2",
-                           "--dtype", "fp32", "--out", tmp_path / "e"])  # the default 32768 against 512 positions
+    ev = run_main(E.main, ["--model", ROOT / "data/toyworld/base", "--bench",
+                           ROOT / "data/toyworld/test.jsonl", "--question-field", "question", "--grader",
+                           "toyworld", "--n", "1", "--limit", "2",
+                           # the default 32768 against 512 positions
+                           "--dtype", "fp32", "--out", tmp_path / "e"])
     assert ev.returncode == 0 and "exceeds the model's 512 positions: cut to" in ev.stdout, ev.stdout[-2000:]
     settings = json.loads((tmp_path / "e/summary.json").read_text())["settings"]
     assert settings["max_new_tokens"] == 32768 and settings["max_new_tokens_run"] < 512  # asked, and what ran
@@ -695,40 +735,46 @@ def test_a_crafted_adapter_config_is_a_clear_error(tmp_path, tiny_dir):
     run_tiny(tmp_path / "run", "steps=1", f"model={tiny_dir}")
     five = ROOT / "tests/data/five_questions.jsonl"
     for change, message in (({"r": 4}, "does not fit"), ({"target_modules": ["nope"]}, "does not fit"),
-                            ({"modules_to_save": ["lm_head"]}, "modules_to_save"), ({"r": "x"}, "rank r must be")):
+                            ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+                            ({"r": "x"}, "rank r must be")):
         bad = tmp_path / f"bad_{len(list(tmp_path.iterdir()))}"
         shutil.copytree(tmp_path / "run/adapter", bad)
         config = json.loads((bad / "adapter_config.json").read_text())
         (bad / "adapter_config.json").write_text(json.dumps(config | change))
-        out = run_main(E.main, ["--adapter", bad, "--model", tiny_dir, "--bench", five, "--n", "1", "--limit", "1",
-                                "--max-new-tokens", "4", "--dtype", "fp32", "--out", bad / "eval"])
-        assert out.returncode == 2 and message in out.stdout and "Traceback" not in out.stdout, (change, out.stdout)
+        out = run_main(E.main, ["--adapter", bad, "--model", tiny_dir, "--bench", five, "--n", "1", "--limit",
+                                "1", "--max-new-tokens", "4", "--dtype", "fp32", "--out", bad / "eval"])
+        assert out.returncode == 2 and message in out.stdout and "Traceback" not in out.stdout, (change,
+                                                                                                 out.stdout)
 
 
 def test_a_server_that_accepts_but_never_answers_is_named_in_bounded_time(tmp_path):
     """It used to hang eval.py --server and rollout_server with no output (up to an hour per request)."""
     from conftest import StallingProxy
     with StallingProxy() as hung:  # accepts every connection, answers nothing
-        ev = run_main(E.main, ["--server", hung.url, "--served-model", "m", "--model", ROOT / "data/toyworld/base",
-                               "--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question",
-                               "--server-timeout", "2", "--out", tmp_path / "e"])
+        ev = run_main(E.main, ["--server", hung.url, "--served-model", "m", "--model",
+                               ROOT / "data/toyworld/base", "--bench", ROOT / "data/toyworld/test.jsonl",
+                               "--question-field", "question", "--server-timeout", "2", "--out",
+                               tmp_path / "e"])
         assert ev.returncode == 2 and f"the server at {hung.url} accepted the connection but answered nothing to " \
             "/v1/models within 2 s" in ev.stdout, ev.stdout[-2000:]
-        run = cli("--recipe", "toy", f"rollout_server={hung.url}", "server_timeout=2", f"out_dir={tmp_path / 'r'}")
+        run = cli("--recipe", "toy", f"rollout_server={hung.url}", "server_timeout=2",
+                  f"out_dir={tmp_path / 'r'}")
         assert run.returncode == 2 and "no rollout server answered" in run.stdout and "answered nothing" in \
             run.stdout, run.stdout[-2000:]
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     import signal
-    proc = subprocess.Popen([sys.executable, str(ROOT / "popsd.py"), "--recipe", "toy", f"out_dir={tmp_path}"],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "popsd.py"), "--recipe", "toy",
+                             f"out_dir={tmp_path}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = ""
     while "popsd config" not in seen and proc.poll() is None:  # the start-up table: the model is loaded
         seen += proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in seen + rest and "KeyboardInterrupt" not in seen + rest, rest
+    assert (proc.returncode == 130 and "Traceback" not in seen + rest and "KeyboardInterrupt" not in seen
+            + rest), rest
 
 
 def test_bad_devices_a_malformed_server_and_plot_paths_are_one_line(tmp_path):
@@ -736,12 +782,14 @@ def test_bad_devices_a_malformed_server_and_plot_paths_are_one_line(tmp_path):
     import threading
     import plots
     assert "must be auto, cpu, cuda or cuda:N" in cli("--recipe", "tiny", "device=nosuch").stdout
-    ev = run_main(E.main, ["--model", ROOT / "data/toyworld/base", "--bench", ROOT / "data/toyworld/test.jsonl",
-                           "--question-field", "question", "--device", "nosuch", "--out", tmp_path / "e"])
+    ev = run_main(E.main, ["--model", ROOT / "data/toyworld/base", "--bench",
+                           ROOT / "data/toyworld/test.jsonl", "--question-field", "question", "--device",
+                           "nosuch", "--out", tmp_path / "e"])
     assert ev.returncode == 2 and "device 'nosuch' is not a device" in ev.stdout
     assert "--top-k must be >= 0" in run_main(E.main, ["--model", "x", "--top-k", "-5"]).stdout
 
-    class ListModels(http.server.BaseHTTPRequestHandler):  # /v1/models answers a JSON list, not OpenAI's object
+    # /v1/models answers a JSON list, not OpenAI's object
+    class ListModels(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
             self.end_headers()
@@ -753,9 +801,9 @@ def test_bad_devices_a_malformed_server_and_plot_paths_are_one_line(tmp_path):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{httpd.server_port}"
-        ev = run_main(E.main, ["--server", url, "--served-model", "toy", "--model", ROOT / "data/toyworld/base",
-                               "--bench", ROOT / "data/toyworld/test.jsonl", "--question-field", "question",
-                               "--out", tmp_path / "s"])
+        ev = run_main(E.main, ["--server", url, "--served-model", "toy", "--model",
+                               ROOT / "data/toyworld/base", "--bench", ROOT / "data/toyworld/test.jsonl",
+                               "--question-field", "question", "--out", tmp_path / "s"])
         assert ev.returncode == 2 and "answered /v1/models with \"['toy']\"" in ev.stdout and "Traceback" not in \
             ev.stdout, ev.stdout[-2000:]
     finally:
@@ -776,13 +824,15 @@ def test_eval_py_writes_only_into_its_own_folders_checked_before_any_work(tmp_pa
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "samples.jsonl").write_text("someone's\n")
-    common = ["--adapter", run / "adapter", "--bench", ROOT / "data/toy_math_test.jsonl", "--n", "1", "--limit", "2",
-              "--max-new-tokens", "4", "--dtype", "fp32"]
+    common = ["--adapter", run / "adapter", "--bench", ROOT / "data/toy_math_test.jsonl", "--n", "1",
+              "--limit", "2", "--max-new-tokens", "4", "--dtype", "fp32"]
     for out, said in ((theirs, "holds no evaluation of eval.py's"), (ROOT / "README.md", "is a file"),
                       (run, "which this evaluation reads"), (run / "adapter", "which this evaluation reads"),
-                      (ROOT / "data/toyworld/base", "is a training run, a model"), (ROOT, "which this evaluation reads")):
+                      (ROOT / "data/toyworld/base", "is a training run, a model"),
+                      (ROOT, "which this evaluation reads")):
         done = run_main(E.main, [*common, "--out", out])
-        assert done.returncode == 2 and said in done.stdout and "Traceback" not in done.stdout, (out, done.stdout)
+        assert done.returncode == 2 and said in done.stdout and "Traceback" not in done.stdout, (out,
+                                                                                                 done.stdout)
         assert "eval " not in done.stdout  # refused before any sampling
     assert (theirs / "samples.jsonl").read_text() == "someone's\n"
     mine = tmp_path / "mine"

@@ -1,4 +1,5 @@
-"""The scale paths: FSDP2 under torchrun (gloo on this CPU), CUDA (skipped without a GPU), bench/gpu_memory.py."""
+"""The scale paths: FSDP2 under torchrun (gloo on this CPU), CUDA (skipped without a GPU),
+bench/gpu_memory.py."""
 import importlib.util
 import json
 import os
@@ -30,13 +31,17 @@ def rows(path):
 
 
 def test_torchrun_tiny_recipe_end_to_end_then_resume_on_one_rank(tmp_path, tiny):
-    stdout = launch([ROOT / "popsd.py", "--recipe", "tiny", "steps=4", "save_every=2", "eval_every=2", "eval_limit=4",
-                     "teacher=ema", f"out_dir={tmp_path}"], ranks=2)  # the EMA teacher: sharded like the adapter
+    stdout = launch([ROOT / "popsd.py", "--recipe", "tiny", "steps=4", "save_every=2", "eval_every=2",
+                     "eval_limit=4",
+                     # the EMA teacher: sharded like the adapter
+                     "teacher=ema", f"out_dir={tmp_path}"], ranks=2)
     assert stdout.count("step    4/4") == 1 and stdout.count("eval at step 4") == 1  # rank 0 alone prints
     metrics = rows(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]  # rank 0 alone writes
-    assert all(r["tokens"] <= 8 * 32 and r["completion_len"] * 8 == pytest.approx(r["tokens"]) for r in metrics[1:])
-    assert [r["eval/toy_math_test/questions"] for r in metrics if "eval/toy_math_test/questions" in r] == [4, 4, 4]
+    assert all(r["tokens"] <= 8 * 32 and r["completion_len"] * 8 == pytest.approx(r["tokens"])
+               for r in metrics[1:])
+    assert [r["eval/toy_math_test/questions"] for r in metrics
+            if "eval/toy_math_test/questions" in r] == [4, 4, 4]
     assert len(rows(tmp_path / "eval/step_000004/samples.jsonl")) == 4  # both ranks' questions, gathered
     from peft import PeftConfig
     assert PeftConfig.from_pretrained(str(tmp_path / "adapter")).r == 8
@@ -76,7 +81,8 @@ def test_two_ranks_give_the_update_of_one_and_checkpoints_cross_world_sizes(tmp_
     # Adam's first step is lr·g/(|g|+ε): float32 rounding of a near-zero g moves a weight by a sliver of lr
     for step in (1, 2):
         assert_close(adapter_at(one, step), adapter_at(two, step), atol=0.02 * 1e-3)
-        s1, s2 = (torch.load(d / f"checkpoints/step_{step:06d}/state.pt", weights_only=False)["optimizer"]["state"]
+        s1, s2 = (torch.load(d / f"checkpoints/step_{step:06d}/state.pt",
+                             weights_only=False)["optimizer"]["state"]
                   for d in (one, two))
         assert s1.keys() == s2.keys()  # keyed by parameter name, whole tensors
         for k in s1:
@@ -92,7 +98,8 @@ def test_two_ranks_give_the_update_of_one_and_checkpoints_cross_world_sizes(tmp_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("overrides", [["dtype=bf16"], ["dtype=bf16", "load_in_4bit=true", "optim=paged_adamw_8bit"]])
+@pytest.mark.parametrize("overrides",
+                         [["dtype=bf16"], ["dtype=bf16", "load_in_4bit=true", "optim=paged_adamw_8bit"]])
 def test_tiny_recipe_on_cuda(tmp_path, overrides):
     launch([ROOT / "popsd.py", "--recipe", "tiny", "device=cuda", "steps=3", "eval_every=2", "eval_limit=4",
             "gradient_checkpointing=true", f"out_dir={tmp_path}", *overrides], ranks=1)
@@ -104,17 +111,21 @@ def test_tiny_recipe_on_cuda(tmp_path, overrides):
 
 def test_gpu_memory_bench_runs_scaled_down_on_cpu():
     common = ["--cpu-test", "--lengths", "8,12", "--batch", "2", "--prompt-len", "8", "--reference-len", "16"]
-    stdout = launch([ROOT / "bench/gpu_memory.py", "--models", "qwen3_1_7b", *common, "loss_impl=reference"], ranks=1)
-    synthetic = launch([ROOT / "bench/gpu_memory.py", "--models", "r1_distill_qwen_7b", *common, "--synthetic"],
+    stdout = launch([ROOT / "bench/gpu_memory.py", "--models", "qwen3_1_7b", *common, "loss_impl=reference"],
+                    ranks=1)
+    synthetic = launch([ROOT / "bench/gpu_memory.py", "--models", "r1_distill_qwen_7b", *common,
+                        "--synthetic"],
                        ranks=1)  # no sampling: random completions, the update phase alone
     got = [json.loads(line) for line in (stdout + synthetic).splitlines() if line.startswith("{")]
     assert [(r["model"], r["length"]) for r in got] == [("qwen3_1_7b", 8), ("qwen3_1_7b", 12),
                                                         ("r1_distill_qwen_7b", 8), ("r1_distill_qwen_7b", 12)]
     for r in got:
-        assert r["completion_tokens"] == 2 * r["length"] and r["sequences"] == 2  # sampling forced to the length
+        # sampling forced to the length
+        assert r["completion_tokens"] == 2 * r["length"] and r["sequences"] == 2
         made_up = r["model"] == "r1_distill_qwen_7b"
         assert r["settings"] | {"loss_impl": "fused"} == {  # the single_gpu recipe, with the override applied
-            "load_in_4bit": True, "gradient_checkpointing": True, "loss_impl": "fused", "optim": "paged_adamw_8bit",
+            "load_in_4bit": True, "gradient_checkpointing": True, "loss_impl": "fused",
+                                                          "optim": "paged_adamw_8bit",
             "micro_batch_size": 1, "gen_batch_size": 16, "lora_r": 64, "keep_cache": False, "prompt_len": 8,
             "reference_len": 16, "synthetic": made_up, "cap_gib": 0.0}
         assert (r["settings"]["loss_impl"] == "reference") != made_up
@@ -139,18 +150,20 @@ def test_the_computed_memory_table_adds_up_its_terms_from_the_published_configs(
     longer = bench.estimate(config, 4096, 256, 1024)
     assert all(longer[k] > e[k] for k in ("checkpoints", "recompute", "loss", "frozen pass", "sample_kv"))
     assert longer["weights"] == e["weights"] and longer["lora"] == e["lora"]
-    out = subprocess.run([sys.executable, str(ROOT / "bench/gpu_memory.py"), "--estimate", "--models", "qwen3_8b",
-                          "--lengths", "1024"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "bench/gpu_memory.py"), "--estimate", "--models",
+                          "qwen3_8b", "--lengths", "1024"], capture_output=True, text=True, timeout=120)
     row = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
     assert out.returncode == 0 and row["computed"] and "computed, not measured" in out.stdout
 
 
 def test_rollout_bench_checks_every_engine_then_times_it_on_cpu(tmp_path):
     out = tmp_path / "rollout.jsonl"
-    stdout = launch([ROOT / "bench/rollout.py", "--cpu-test", "--max-new-tokens", "24", "--out", out], ranks=1)
+    stdout = launch([ROOT / "bench/rollout.py", "--cpu-test", "--max-new-tokens", "24", "--out", out],
+                    ranks=1)
     got = rows(out)
     engines = ("dynamic", "static", "compile", "continuous", "graph", "graph-drop", "vllm")
-    assert [(r["engine"], r["workload"]) for r in got] == [(e, w) for e in engines for w in ("fixed", "longtail")]
+    assert [(r["engine"], r["workload"]) for r in got] == [(e, w) for e in engines
+                                                           for w in ("fixed", "longtail")]
     for r in got:
         if r["engine"] == "compile":
             assert r["skipped"] == "compile is measured on CUDA only"
@@ -182,15 +195,16 @@ def test_engine_check_lets_greedy_tokens_part_only_at_a_near_tie():
     tied = logits.clone()
     tied[0, 2, second] = tied[0, 2, ref[0][2]] - 0.05  # now within rounding of the top
     assert bench.compare_greedy(parted, None, ref, tied, 10, 0.1) == ""
-    assert bench.compare_greedy(parted, tied + 0.01 * torch.randn(tied.shape, generator=g), ref, tied, 10, 0.1) == ""
+    assert bench.compare_greedy(parted, tied + 0.01 * torch.randn(tied.shape, generator=g), ref, tied, 10,
+                                0.1) == ""
     off = tied.clone()
     off[1, 1] += torch.linspace(0, 1, 11)  # log-probs 0.5 apart before any parting: not the same distribution
     assert "log-probs differ" in bench.compare_greedy(parted, off, ref, tied, 10, 0.1)
 
 
 def test_forced_lengths_leave_the_raw_logits_raw():
-    """HF's output_logits holds the tensor a processor gets: ForceLengths must not write into it (a trained model's
-    EOS mass, overwritten there, once made an exact engine look 5.9 apart in log-prob)."""
+    """HF's output_logits holds the tensor a processor gets: ForceLengths must not write into it (a trained
+    model's EOS mass, overwritten there, once made an exact engine look 5.9 apart in log-prob)."""
     spec = importlib.util.spec_from_file_location("bench_rollout", ROOT / "bench/rollout.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -204,29 +218,33 @@ def test_forced_lengths_leave_the_raw_logits_raw():
 
 def test_sampling_gathers_sharded_weights_once_with_the_same_tokens(tmp_path):
     out = tmp_path / "fsdp.jsonl"
-    stdout = launch([ROOT / "bench/fsdp_generate.py", "--tokens", "16", "--repeats", "1", "--out", out], ranks=2)
+    stdout = launch([ROOT / "bench/fsdp_generate.py", "--tokens", "16", "--repeats", "1", "--out", out],
+                    ranks=2)
     got = rows(out)
     assert [r["gather_once"] for r in got] == [False, True] and all(r["same_tokens"] for r in got)
     assert all(r["ranks"] == 2 and r["seconds"] > 0 for r in got) and "speed-up" in stdout
 
 
 def test_gpu_check_dry_run_finds_every_command_and_its_arguments(tmp_path):
-    env = ENV | {"PYTHON": sys.executable}  # this interpreter, not whatever python3 is on PATH (a venv's, say)
+    # this interpreter, not whatever python3 is on PATH (a venv's, say)
+    env = ENV | {"PYTHON": sys.executable}
     out = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert [line.split()[1] for line in out.stdout.splitlines()] == ["cuda-tests:", "loss-bf16:", "build:",
-                                                                     "rollout-nf4:", "rollout-bf16:", "memory-update:",
-                                                                     "gpu-memory:"]
+                                                                     "rollout-nf4:", "rollout-bf16:",
+                                                                     "memory-update:", "gpu-memory:"]
     assert all(line.startswith("ok") for line in out.stdout.splitlines())
     script = (ROOT / "bench/gpu_check.sh").read_text()
     assert "fused-purified-compiled" in script  # the compiled loss is measured
     limits = re.findall(r'^  "[\w-]+\|(\d+)\|', script, flags=re.M)
-    assert len(limits) == 6 and sum(map(int, limits)) <= 300  # the default check fits 5 minutes (gpu-memory: --long)
-    bad = subprocess.run([sys.executable, str(ROOT / "bench/rollout.py"), "--engines", "warp", "--check-args"],
+    # the default check fits 5 minutes (gpu-memory: --long)
+    assert len(limits) == 6 and sum(map(int, limits)) <= 300
+    bad = subprocess.run([sys.executable, str(ROOT / "bench/rollout.py"), "--engines", "warp",
+                          "--check-args"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown engine" in bad.stderr  # what --dry-run would report as FAILED
-    no_gpu = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    no_gpu = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
     if not torch.cuda.is_available():
         assert no_gpu.returncode == 2 and "no CUDA device" in no_gpu.stderr

@@ -1,5 +1,5 @@
-"""worlds/toyworld.py (and worlds/common.py): the world and its checker on hand-made traces, the gates, pre-training,
-the shipped base, compare.py."""
+"""worlds/toyworld.py (and worlds/common.py): the world and its checker on hand-made traces, the gates,
+pre-training, the shipped base, compare.py."""
 import json
 import os
 import random
@@ -66,14 +66,16 @@ def test_documents_keep_the_style_control():
 
 
 @pytest.mark.parametrize("completion, expected", [
-    ("3+4=7 7*2=4 4-5=9 9+7=6 \\boxed{6}", dict(correct=True, steps=4, errors=0, caught=0, false_reflections=0)),
+    ("3+4=7 7*2=4 4-5=9 9+7=6 \\boxed{6}",
+     dict(correct=True, steps=4, errors=0, caught=0, false_reflections=0)),
     # a wrong digit caught and fixed
     ("3+4=7 7*2=5 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}", dict(correct=True, steps=4, errors=1, caught=1,
                                                            false_reflections=0, wrong_reflected=1)),
     # the wrong operand, caught
     ("3+4=7 7*3=1 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}", dict(correct=True, errors=1, caught=1)),
     # an uncaught error: the next steps continue from it (locally right), the answer is wrong
-    ("3+4=7 7*2=5 5-5=0 0+7=7 \\boxed{7}", dict(correct=False, steps=4, errors=1, caught=0, false_reflections=0)),
+    ("3+4=7 7*2=5 5-5=0 0+7=7 \\boxed{7}",
+     dict(correct=False, steps=4, errors=1, caught=0, false_reflections=0)),
     # a false reflection (re-check of a right step) and a caught error
     ("3+4=7 wait 3+4=7 7*2=1 wait 7*2=4 4-5=9 9+7=6 \\boxed{6}",
      dict(correct=True, steps=4, errors=1, caught=1, false_reflections=1, waits=2, right_reflected=1)),
@@ -83,7 +85,8 @@ def test_documents_keep_the_style_control():
     # a skipped operation: steps 2 and 3 use the question's 3rd and 4th operations at the 2nd and 3rd places
     ("3+4=7 7-5=2 2+7=9 \\boxed{9}", dict(correct=False, steps=3, errors=2)),
     # a wait with nothing before it is a false reflection; extra steps are errors
-    ("wait 3+4=7 7*2=4 4-5=9 9+7=6 6+1=7 \\boxed{6}", dict(correct=True, steps=5, errors=1, false_reflections=1)),
+    ("wait 3+4=7 7*2=4 4-5=9 9+7=6 6+1=7 \\boxed{6}",
+     dict(correct=True, steps=5, errors=1, false_reflections=1)),
     ("", dict(correct=False, steps=0, errors=0)),
     ("3+4=7 7*2=4 garbage \\boxed{6} \\boxed{5}", dict(correct=False, steps=2)),  # the last box counts
 ])
@@ -164,7 +167,8 @@ def test_tokenizer_is_character_level_with_a_chat_template():
 
 def test_pretraining_is_deterministic_and_lowers_the_loss(tmp_path):
     torch.set_num_threads(1)
-    kw = dict(steps=30, batch_size=16, hidden=32, layers=1, eval_every=10, eval_samples=8, quiet=True, warmup=5)
+    kw = dict(steps=30, batch_size=16, hidden=32, layers=1, eval_every=10, eval_samples=8, quiet=True,
+              warmup=5)
     m1, _, log1 = T.pretrain(tmp_path / "a", **kw)
     m2, _, log2 = T.pretrain(tmp_path / "b", **kw)
     for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
@@ -181,7 +185,8 @@ def test_shipped_base_loads_and_solves_the_world():
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     assert sum(f.stat().st_size for f in T.BASE.iterdir()) < 8_000_000  # a few MB
     m = common.measure(T, model, tok, common.held_out(T, 64), "teacher", "full")
-    assert m["accuracy"] > 0.8  # copying the full reference: a coarse check; the gates are measured in docs/toyworld.md
+    # copying the full reference: a coarse check; the gates are measured in docs/toyworld.md
+    assert m["accuracy"] > 0.8
 
 
 # ---- compare and plots, on a tiny budget
@@ -191,7 +196,8 @@ def test_compare_writes_summary_and_figure(tmp_path):
     shutil.copy(T.DATA / "train.jsonl", train)  # a copy this test may change
     cmd = [sys.executable, str(ROOT / "compare.py"), "--out", str(out), "--seeds", "1", "--formats",
            "sketch", "--gate-samples", "16", "steps=2", "eval_every=1", "eval_limit=8", "batch_size=4",
-           "micro_batch_size=4", f"data={train}"]  # one format: the suite's time (docs/toyworld.md's runs both)
+           # one format: the suite's time (docs/toyworld.md's runs both)
+           "micro_batch_size=4", f"data={train}"]
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # what a pipe gets: rich's 80 columns
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -203,8 +209,8 @@ def test_compare_writes_summary_and_figure(tmp_path):
             points = summary["results"][fmt][method]["0"]
             assert [p["step"] for p in points] == [0, 1, 2]
             for p in points:
-                assert set(p) >= {"accuracy", "markers_per_1k", "caught_frac", "false_reflections", "completion_len",
-                                  "cos_total_ref", "cos_total_it", "norm_ratio"}
+                assert set(p) >= {"accuracy", "markers_per_1k", "caught_frac", "false_reflections",
+                                  "completion_len", "cos_total_ref", "cos_total_it", "norm_ratio"}
                 assert 0 <= p["accuracy"] <= 1 and p["norm_ratio"] > 0
     assert summary["base_mismatches"] == []  # same base, same seed: the same step-0 evaluation in every run
     assert len(summary["gates"]) == len(T.GATES)
@@ -212,15 +218,20 @@ def test_compare_writes_summary_and_figure(tmp_path):
     table = (out / "summary.md").read_text().splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| sketch | base | 0 |")
     assert "base vs OPSD vs Purified" in proc.stdout and "2/2 runs done" in proc.stdout  # progress on a pipe
-    assert "…" not in proc.stdout and max(map(len, proc.stdout.splitlines())) <= 80  # a pipe: 80 columns, none cut
+    # a pipe: 80 columns, none cut
+    assert "…" not in proc.stdout and max(map(len, proc.stdout.splitlines())) <= 80
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0 and "2 runs reused" in again.stdout and "0 to run" in again.stdout, again.stdout
-    assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]  # the same runs, read again
+    assert (again.returncode == 0 and "2 runs reused" in again.stdout
+            and "0 to run" in again.stdout), again.stdout
+    # the same runs, read again
+    assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
     overrides = cmd[cmd.index("steps=2"):]
-    assert all(compare.cached(j) for j in compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], overrides))
+    assert all(compare.cached(j) for j in compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0],
+                                                               overrides))
     other = compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], ["steps=3", *overrides[1:]])
     assert compare.why_redo(other[0]) == "changed: config steps"
-    train.write_text("".join(train.read_text().splitlines(keepends=True)[:50]))  # the same file, other contents
+    # the same file, other contents
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:50]))
     for job in compare.compare_jobs(T, out, ["sketch"], 1, [10.0], [1.0], overrides):
         assert compare.why_redo(job) == f"changed: data {train}"
 
@@ -239,8 +250,9 @@ def test_the_compare_cache_keys_on_the_code_and_the_libraries(tmp_path, monkeypa
 
 @pytest.mark.parametrize("name,forbid", [("toyworld", None), ("carryworld", None), ("carryworld", "wait")])
 def test_a_static_cache_samples_what_dynamic_samples(name, forbid):
-    """The worlds measure their bases (gates, "wait" forbidden) with rollout_engine=static, for speed: the very same
-    samples as dynamic. (The recipes sample with engines/graph.py, batch halved: tests/test_graph_engine.py.)"""
+    """The worlds measure their bases (gates, "wait" forbidden) with rollout_engine=static, for speed: the
+    very same samples as dynamic. (The recipes sample with engines/graph.py, batch halved:
+    tests/test_graph_engine.py.)"""
     import popsd
     from worlds import get
     world = get(name)
@@ -249,7 +261,8 @@ def test_a_static_cache_samples_what_dynamic_samples(name, forbid):
     tok, model = common.load_base(world)
     prompts = [common.fill_prompt(world.TEMPLATES["student_template"], q) for q in common.held_out(world, 48)]
     out = {e: common.sample_texts(world, model, tok, prompts, seed=3, batch_size=48, forbid=forbid, engine=e)
-           for e in ("dynamic", "static")}  # what the worlds' gates measure, and (no ban) what the carry recipe samples
+           # what the worlds' gates measure, and (no ban) what the carry recipe samples
+           for e in ("dynamic", "static")}
     assert out["dynamic"] == out["static"]
     assert len(set(out["static"][0])) > 24  # real samples, not one repeated completion
 
@@ -262,16 +275,19 @@ def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
     train_world_recipe("toy", out, T.check, steps=2, eval_limit=16)
     assert (out / "plots.png").stat().st_size > 30_000
     cli = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--adapter", str(out / "adapter"), "--bench",
-                          "data/toyworld/test.jsonl", "--question-field", "question", "--grader", "toyworld", "--n", "1",
-                          "--limit", "16", "--temperature", "1", "--top-p", "1", "--max-new-tokens", "128",
-                          "--dtype", "fp32", "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True,
+                          "data/toyworld/test.jsonl", "--question-field", "question", "--grader", "toyworld",
+                          "--n", "1", "--limit", "16", "--temperature", "1", "--top-p", "1",
+                          "--max-new-tokens", "128", "--dtype", "fp32", "--out", str(tmp_path / "eval")],
+                         cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert {"avg@1", "caught_frac", "false_reflections", "first_try_errors"} <= set(summary["results"]["test"])
+    assert {"avg@1", "caught_frac", "false_reflections",
+            "first_try_errors"} <= set(summary["results"]["test"])
     # the README's command samples as the run did (its engine, batch and threads): the run's own evaluation
     assert (summary["settings"]["engine"], summary["settings"]["graph_keep_rows"]) == ("graph", False)
-    assert (tmp_path / "eval/samples.jsonl").read_text() == (out / "eval/step_000002/samples.jsonl").read_text()
+    assert (tmp_path / "eval/samples.jsonl").read_text() == (out
+                                                             / "eval/step_000002/samples.jsonl").read_text()
 
 
 def test_compare_refuses_per_run_overrides_and_folders_it_did_not_write(tmp_path):
@@ -301,20 +317,23 @@ def test_the_ablation_grid_flags_take_numbers_and_none_and_name_themselves_other
     assert compare.floats("--clip", "5, 20,none", none=True) == [5.0, 20.0, None]
     with pytest.raises(ValueError, match="--beta 'none'"):
         compare.floats("--beta", "none")  # β has no "none"
-    bad = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--clip", "5,abc"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    bad = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--clip", "5,abc"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--clip '5,abc': numbers, comma-separated (or none)" in bad.stdout
 
 
 def test_the_decision_rule_pairs_by_seed_and_needs_two_standard_errors_and_two_signs():
     def results(base, opsd):
-        return {"full": {"base": {str(s): [{"accuracy": a, "markers_per_1k": 10.0}] for s, a in enumerate(base)},
+        return {"full": {"base": {str(s): [{"accuracy": a, "markers_per_1k": 10.0}] for s,
+                                  a in enumerate(base)},
                          "opsd": {str(s): [{"accuracy": 0.0}, {"accuracy": a, "markers_per_1k": 2.0}]
                                   for s, a in enumerate(opsd)}}}
     d = compare.paired(results([0.5, 0.6, 0.7], [0.4, 0.52, 0.61]), "full", "opsd", "accuracy")
-    assert d["per_seed"] == pytest.approx([-0.1, -0.08, -0.09]) and d["counts"]  # paired: seed-to-seed spread gone
+    # paired: seed-to-seed spread gone
+    assert d["per_seed"] == pytest.approx([-0.1, -0.08, -0.09]) and d["counts"]
     assert d["se"] == pytest.approx(0.01 / 3 ** 0.5)
-    assert not compare.paired(results([0.5] * 3, [0.45, 0.46, 0.9]), "full", "opsd", "accuracy")["counts"]  # > 2 SE?
+    # > 2 SE?
+    assert not compare.paired(results([0.5] * 3, [0.45, 0.46, 0.9]), "full", "opsd", "accuracy")["counts"]
     assert not compare.paired(results([0.5] * 3, [0.3, 0.6, 0.6]), "full", "opsd", "accuracy")["counts"]
     v = {r["hypothesis"]: r["holds"] for r in compare.verdicts(results([0.5, 0.6, 0.7], [0.4, 0.52, 0.61]))}
     assert v == {"H1 OPSD lowers the markers": True, "H2 OPSD's accuracy falls below the base's": True}
@@ -322,7 +341,8 @@ def test_the_decision_rule_pairs_by_seed_and_needs_two_standard_errors_and_two_s
 
 def test_the_ablation_grid_one_factor_at_a_time_with_no_clip_and_the_official_opsd_loss(tmp_path):
     pairs = compare.purified_settings([5.0, 20.0, None], [0.5, 2.0], "one-at-a-time")
-    assert pairs == [(10.0, 1.0), (5.0, 1.0), (20.0, 1.0), (None, 1.0), (10.0, 0.5), (10.0, 2.0)]  # 5 + the paper's
+    # 5 + the paper's
+    assert pairs == [(10.0, 1.0), (5.0, 1.0), (20.0, 1.0), (None, 1.0), (10.0, 0.5), (10.0, 2.0)]
     assert len(compare.purified_settings([5.0, 10.0], [1.0, 2.0])) == 4  # product
     jobs = compare.compare_jobs(T, tmp_path, ["sketch"], 1, [None], [1.0], [], "one-at-a-time", opsd_fkl=True)
     by_name = {j.method: j.overrides for j in jobs}
@@ -332,36 +352,42 @@ def test_the_ablation_grid_one_factor_at_a_time_with_no_clip_and_the_official_op
     assert popsd.make_config(T.RECIPE, by_name["purified_cnone_b1"]).pmi_clip is None
     cfg = popsd.make_config(T.RECIPE, by_name["opsd_fkl"])
     assert (cfg.method, cfg.divergence, cfg.term_clamp) == ("opsd", "forward_kl", 0.05)
-    jobs = compare.compare_jobs(T, tmp_path, ["sketch"], 2, [10.0], [1.0], [], supports=["full", "topk", "sampled"])
+    jobs = compare.compare_jobs(T, tmp_path, ["sketch"], 2, [10.0], [1.0], [],
+                                supports=["full", "topk", "sampled"])
     by_name = {j.method: j.overrides for j in jobs}
-    assert set(by_name) == {"opsd", "purified", "opsd_topk", "purified_topk", "opsd_sampled", "purified_sampled"}
+    assert set(by_name) == {"opsd", "purified", "opsd_topk", "purified_topk", "opsd_sampled",
+                            "purified_sampled"}
     cfg = popsd.make_config(T.RECIPE, by_name["purified_sampled"])
     assert (cfg.method, cfg.support, cfg.divergence) == ("purified", "sampled", "reverse_kl")
     cfg = popsd.make_config(T.RECIPE, by_name["opsd_topk"])
-    assert (cfg.method, cfg.support, cfg.topk, cfg.divergence) == ("opsd", "topk", 16, "jsd")  # the toy recipe's k
+    # the toy recipe's k
+    assert (cfg.method, cfg.support, cfg.topk, cfg.divergence) == ("opsd", "topk", 16, "jsd")
     from rich.console import Console
     with pytest.raises(ValueError, match="--support 'top'"):
-        compare.compare(T, tmp_path / "d", ["sketch"], 1, [10.0], [1.0], 1, 16, [], False, Console(), supports=["top"])
+        compare.compare(T, tmp_path / "d", ["sketch"], 1, [10.0], [1.0], 1, 16, [], False, Console(),
+                        supports=["top"])
     with pytest.raises(ValueError, match="compare sets .*divergence"):
-        compare.compare(T, tmp_path / "c", ["sketch"], 1, [10.0], [1.0], 1, 16, ["divergence=jsd"], False, Console(),
-                        opsd_fkl=True)
+        compare.compare(T, tmp_path / "c", ["sketch"], 1, [10.0], [1.0], 1, 16, ["divergence=jsd"], False,
+                        Console(), opsd_fkl=True)
 
 
 def test_the_ablation_table_and_figures_from_synthetic_results(tmp_path):
     import random
     import plots
     rng = random.Random(0)
-    methods = ["base", "opsd", "opsd_fkl", "purified", "purified_c5_b1", "purified_c20_b1", "purified_cnone_b1",
-               "purified_c10_b0.5", "purified_c10_b2"]
+    methods = ["base", "opsd", "opsd_fkl", "purified", "purified_c5_b1", "purified_c20_b1",
+               "purified_cnone_b1", "purified_c10_b0.5", "purified_c10_b2"]
     point = lambda step, acc: {"step": step, "accuracy": acc, "markers_per_1k": rng.uniform(2, 20),  # noqa: E731
                                "caught_frac": rng.random(), "accuracy_no_wait": rng.random()}
     results = {fmt: {m: {str(s): ([point(0, 0.5 + 0.01 * s)] if m == "base" else
                                   [point(0, 0.5 + 0.01 * s), point(60, 0.6 + 0.01 * s + 0.001 * i)])
                          for s in range(3)} for i, m in enumerate(methods)} for fmt in ("full", "sketch")}
     assert compare.setting_of("purified_cnone_b1") == (None, 1.0) and compare.setting_of("opsd_fkl") is None
-    assert compare.setting_of("purified_c10_b0.5") == (10.0, 0.5) and compare.setting_of("purified") == (10.0, 1.0)
+    assert compare.setting_of("purified_c10_b0.5") == (10.0,
+                                                       0.5) and compare.setting_of("purified") == (10.0, 1.0)
     clip = compare.ablation_series(results, "clip")
-    assert clip["full"]["x"] == ["5", "10", "20", "none"] and set(clip["full"]["lines"]) == {"base", "opsd", "opsd_fkl"}
+    assert clip["full"]["x"] == ["5", "10", "20",
+                                 "none"] and set(clip["full"]["lines"]) == {"base", "opsd", "opsd_fkl"}
     assert compare.ablation_series(results, "beta")["sketch"]["x"] == ["0.5", "1", "2"]
     assert len(clip["sketch"]["series"]["Purified"]["accuracy"][3]) == 3  # every seed's last point
     table = compare.ablation_markdown(results).splitlines()
@@ -369,22 +395,27 @@ def test_the_ablation_table_and_figures_from_synthetic_results(tmp_path):
     row = next(r for r in table if "| sketch | purified_cnone_b1 |" in r)
     assert "| none | 1 |" in row and "+0.106 ± 0.000 *" in row  # 0.6 + 0.001·6 − 0.5, the same in every seed
     for name in compare.ABLATIONS:
-        png = plots.plot_ablation(compare.ablation_series(results, name), name, name, tmp_path / f"{name}.png")
+        png = plots.plot_ablation(compare.ablation_series(results, name), name, name,
+                                  tmp_path / f"{name}.png")
         assert png.stat().st_size > 20_000
     for fmt in results:
         for m in ("opsd", "purified"):
             results[fmt][f"{m}_topk"] = results[fmt]["purified_c5_b1"]
     supports = compare.support_series(results)
-    assert supports["full"]["x"] == ["full", "topk"] and set(supports["full"]["series"]) == {"OPSD", "Purified"}
-    assert supports["full"]["series"]["OPSD"]["accuracy"][0] == [p[-1]["accuracy"] for p in results["full"]["opsd"].values()]
+    assert supports["full"]["x"] == ["full",
+                                     "topk"] and set(supports["full"]["series"]) == {"OPSD", "Purified"}
+    assert supports["full"]["series"]["OPSD"]["accuracy"][0] == [p[-1]["accuracy"]
+                                                                 for p in results["full"]["opsd"].values()]
     assert plots.plot_ablation(supports, "support", "s", tmp_path / "s.png").stat().st_size > 20_000
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--workers", "0"], "--workers, --seeds and --gate-samples must be at least 1"),  # it hung after "12 to run"
+    # it hung after "12 to run"
+    (["--workers", "0"], "--workers, --seeds and --gate-samples must be at least 1"),
     (["--seeds", "0"], "--workers, --seeds and --gate-samples must be at least 1"),
     (["--clip", "-5"], "--clip -5: one or more finite numbers > 0"), (["--clip", "nan"], "--clip nan"),
-    (["--beta", "0"], "--beta 0: one or more finite numbers > 0"), (["lr=abc"], "config key 'lr' expects float"),
+    (["--beta", "0"], "--beta 0: one or more finite numbers > 0"),
+                                          (["lr=abc"], "config key 'lr' expects float"),
     (["--world", "toyworld,carryworld", "max_new_tokens=0"], "'max_new_tokens' must be at least 1")])
 def test_every_compare_argument_and_override_is_checked_before_any_work(tmp_path, args, message):
     """They were refused only after ~75 s of gate measurement (or never: --workers 0)."""

@@ -13,16 +13,17 @@ to 10, so every step is a bijection mod 100: a wrong step left standing always g
 
 No error is injected. Pre-training has two stages:
   1. direct steps only, all right, in every context, plus procedure practice (`P:47*7` → the sub-steps), until
-     its own first tries on the easy steps of a probe are wrong on at most `stage1_error` of them (checked every
-     stage1_check_every steps; 0: a fixed stage1_steps);
+     its own first tries on the easy steps of a probe are wrong on at most `stage1_error` of them (checked
+     every stage1_check_every steps; 0: a fixed stage1_steps);
   2. the stage-1 model's own traces: for each step it samples the two result digits itself (temperature 1)
      after the question and the clean trace so far; the checker marks the wrong ones, which are followed by
      "wait", the procedure and the right result (a right step is re-checked the same way 5% of the time).
      Training continues, at a lower rate, on these traces in the student context and in 20% of the documents
      of both teacher contexts (the style control of the first world: "question ⇒ reflective" is not a
      difference Δ_it could carry). A wrong first try is context, never a target; a right one is learned. The
-     easy steps' errors shrink in stage 2; the hard ones stay beyond the model's one-shot reach (stage 1's right
-     targets on every hard step leave their tens digit at chance), so most errors are the hard steps' own.
+     easy steps' errors shrink in stage 2; the hard ones stay beyond the model's one-shot reach (stage 1's
+     right targets on every hard step leave their tens digit at chance), so most errors are the hard steps'
+     own.
 The errors the base makes are the ones its own first tries make; its reflections are learned from them.
 With the full reference in context a teacher reads each step's value instead of computing it.
 """
@@ -114,10 +115,10 @@ def references(question: str) -> dict:
 
 
 def reflective(question: str, first_tries: list[int], rng: random.Random | None) -> list[tuple[str, bool]]:
-    """A trace from first-try results (one per step, after the right operands), as (text, trained) pieces: each
-    wrong one followed by "wait" and the procedure, a right one re-checked with probability P_RECHECK (rng None:
-    never). A wrong first try is read, never trained on (the model learns to reflect on its errors, not to make
-    them); a right one is learned."""
+    """A trace from first-try results (one per step, after the right operands), as (text, trained) pieces:
+    each wrong one followed by "wait" and the procedure, a right one re-checked with probability P_RECHECK
+    (rng None: never). A wrong first try is read, never trained on (the model learns to reflect on its errors,
+    not to make them); a right one is learned."""
     pieces = []
     for k, ((a, b, c), tried) in enumerate(zip(steps_of(question), first_tries)):
         pieces += [(f"{' ' if k else ''}{a:02d}*{b}=", True), (f"{tried:02d}", tried == c)]
@@ -132,7 +133,8 @@ def text_of(pieces: list[tuple[str, bool]]) -> str:
 
 def longest_trace() -> int:
     """Characters of the longest trace a document can hold: every step of the longest question reflected."""
-    step = max(len(f"{step_text(a, b, 1)} wait {procedure(a, b)} ") for a in range(100) for b in FACTORS + HARD)
+    step = max(len(f"{step_text(a, b, 1)} wait {procedure(a, b)} ") for a in range(100) for b in FACTORS
+               + HARD)
     return MAX_OPS * step + len("\\boxed{00}")
 
 
@@ -141,13 +143,14 @@ MAX_NEW_TOKENS = longest_trace() + 1  # characters are tokens; + EOS
 
 # ----------------------------------------------------------------------------- the checker
 
-ITEM = re.compile(r"(?<!\d)(?P<a>\d\d)\*(?P<b>\d\d?)=(?P<c>\d\d)(?!\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
+ITEM = re.compile(
+    r"(?<!\d)(?P<a>\d\d)\*(?P<b>\d\d?)=(?P<c>\d\d)(?!\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
 
 
 def check(question: str, completion: str) -> common.Check:
     """Direct steps (`aa*b=cc`, two-digit a and c, b the multiplier) are the attempts; the procedure's
-    single-digit sub-steps are not (a restated step after them is the retry). Locally wrong: not from the carried
-    value, not the question's next multiplier, or a wrong product."""
+    single-digit sub-steps are not (a restated step after them is the retry). Locally wrong: not from the
+    carried value, not the question's next multiplier, or a wrong product."""
     truth = steps_of(question)
     return common.check_trace(ITEM, completion, truth[0][0], len(truth), answer_of(question), lambda i, m: int(
         m["b"]) != truth[i][1] or int(m["c"]) != int(m["a"]) * int(m["b"]) % 100)
@@ -188,7 +191,8 @@ def own_first_tries(model, tok, questions: list[str], seed: int, batch_size: int
             prompts = []
             for i in live:
                 a, b, _ = steps_of(questions[i])[k]
-                prompts.append(chat_ids(tok, fill_prompt(TEMPLATES["student_template"], questions[i]), False) +
+                prompts.append(chat_ids(tok, fill_prompt(TEMPLATES["student_template"], questions[i]),
+                                        False) +
                                tok(prefix[i] + f"{a:02d}*{b}=", add_special_tokens=False)["input_ids"])
             texts = generate(model, tok, prompts, n=1, max_new_tokens=2, temperature=1.0, top_p=1.0, top_k=0,
                              eos_ids=[tok.eos_token_id], batch_size=batch_size,
@@ -225,7 +229,8 @@ def reflective_documents(questions, tries, seed: int):
             question, first = rng.choice(pool)
             kind = rng.random()
             if kind < 0.5:
-                docs.append((fill_prompt(TEMPLATES["student_template"], question), reflective(question, first, rng)))
+                docs.append((fill_prompt(TEMPLATES["student_template"], question),
+                             reflective(question, first, rng)))
                 continue
             fmt = "full" if rng.random() < 0.5 else "sketch"
             template = TEMPLATES["teacher_template" if kind < 0.75 else "refonly_template"]
@@ -252,15 +257,17 @@ def measure_base(model, tok, n: int = 400, seed: int = 0) -> dict:
     """Every context on n held-out questions, and the student with "wait" forbidden (the reflection gate)."""
     world = sys.modules[__name__]
     return {**common.measure_contexts(world, model, tok, n, seed),
-            "student_no_wait": common.measure(world, model, tok, common.held_out(world, n), seed=seed, forbid="wait")}
+            "student_no_wait": common.measure(world, model, tok, common.held_out(world, n), seed=seed,
+                                              forbid="wait")}
 
 
 def write_data():
     common.write_data(sys.modules[__name__])
 
 
-PRETRAIN = dict(stage1_steps=4000, stage1_error=0.10, stage1_check_every=100, stage2_steps=8000, stage2_lr=1e-3,
-                stage2_warmup=50, pool=5000, probe=500, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4,
+PRETRAIN = dict(stage1_steps=4000, stage1_error=0.10, stage1_check_every=100, stage2_steps=8000,
+                stage2_lr=1e-3, stage2_warmup=50, pool=5000, probe=500, batch_size=32, lr=3e-3, warmup=200,
+                hidden=128, layers=4,
                 threads=1, eval_every=500, eval_samples=200)  # pilots and the choice: docs/carryworld.md
 
 
@@ -276,7 +283,8 @@ def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple
     world = sys.modules[__name__]
     questions = common.held_out(world, s["eval_samples"])
     probe_rng = random.Random(seed + 3)
-    probe_questions = [sample_question(probe_rng) for _ in range(s["probe"])]  # training questions: test stays unseen
+    # training questions: test stays unseen
+    probe_questions = [sample_question(probe_rng) for _ in range(s["probe"])]
     common.save_prompts(world, out)
     probes = []
 
@@ -285,20 +293,23 @@ def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple
         common.write_jsonl(out / "stage1_probe.jsonl", [{"check": i + 1, "first_try_error_easy": e}
                                                        for i, e in enumerate(probes)])
         if not quiet:
-            print(f"stage 1 probe: own first tries wrong on {probes[-1]:.3f} of the probe's easy steps", flush=True)
+            print(f"stage 1 probe: own first tries wrong on {probes[-1]:.3f} of the probe's easy steps",
+                  flush=True)
         return probes[-1] <= s["stage1_error"]
 
     def evaluate(m):
         return {"student": common.measure(world, m, tok, questions),
                 "student_no_wait": common.measure(world, m, tok, questions, forbid="wait"),
-                "teacher_full": common.measure(world, m, tok, questions[:len(questions) // 2], "teacher", "full"),
+                "teacher_full": common.measure(world, m, tok, questions[:len(questions) // 2], "teacher",
+                                               "full"),
                 "first_try_error": first_try_error(m, tok, probe_questions, seed),
                 "first_try_error_easy": first_try_error(m, tok, probe_questions, seed, hard=False),
                 "first_try_error_hard": first_try_error(m, tok, probe_questions, seed, hard=True)}
-    log = common.train_lm(model, tok, lambda k: [direct_document(rng) for _ in range(k)], out, s["stage1_steps"],
-                          batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
-                          eval_every=s["eval_every"], label="stage 1", quiet=quiet,
-                          stop=probe if s["stage1_check_every"] else None, stop_every=max(s["stage1_check_every"], 1))
+    log = common.train_lm(model, tok, lambda k: [direct_document(rng) for _ in range(k)], out,
+                          s["stage1_steps"], batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"],
+                          evaluate=evaluate, eval_every=s["eval_every"], label="stage 1", quiet=quiet,
+                          stop=probe if s["stage1_check_every"] else None,
+                          stop_every=max(s["stage1_check_every"], 1))
     pool_rng = random.Random(seed + 1)
     pool = [sample_question(pool_rng) for _ in range(s["pool"])]
     tries = own_first_tries(model.eval(), tok, pool, seed)
@@ -306,5 +317,6 @@ def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple
                                                          for q, t in zip(pool, tries)])
     log = common.train_lm(model, tok, reflective_documents(pool, tries, seed + 2), out, s["stage2_steps"],
                           batch_size=s["batch_size"], lr=s["stage2_lr"], warmup=s["stage2_warmup"],
-                          evaluate=evaluate, eval_every=s["eval_every"], label="stage 2", quiet=quiet, log=log)
+                          evaluate=evaluate, eval_every=s["eval_every"], label="stage 2", quiet=quiet,
+                          log=log)
     return model, tok, log

@@ -4,8 +4,9 @@ world, pre-training on a world's documents, the gates. A world (worlds/<name>.py
     NAME, DATA, BASE, RECIPE       its name, data folder (train.jsonl, test.jsonl, base/), popsd recipe
     TEMPLATES, CHANCE, GATES       its prompt templates, chance accuracy, gates (name, value of measured, threshold)
     MAX_NEW_TOKENS                 the longest trace it can need (derived, not tuned)
-    sample_question(rng, split), references(q) -> {"full", "sketch"}, answer_of(q), check(q, completion) -> Check
-    write_data(), pretrain(out, seed, quiet) -> (model, tok, log), measure_base(model, tok, n, seed) -> dict
+    sample_question(rng, split), references(q) -> {"full", "sketch"}, answer_of(q), check(q, completion) ->
+    Check write_data(), pretrain(out, seed, quiet) -> (model, tok, log), measure_base(model, tok, n, seed) ->
+    dict
 
 Functions here take the world (the module) as their first argument; they never import a world.
 """
@@ -75,7 +76,8 @@ class Attempts:
 def check_trace(pattern, completion: str, start: int, steps: int, answer: str, wrong) -> Check:
     """The checker both worlds share. pattern finds, in text order, a step (groups `a`, the value it starts
     from, and `c`, its result), a `wait`, or a `boxed` answer; wrong(index, m) says whether step match m is
-    wrong for the question's step `index` beyond starting from the wrong value or running past the last step."""
+    wrong for the question's step `index` beyond starting from the wrong value or running past the last
+    step."""
     att, boxed, value = Attempts(), None, start
     for m in pattern.finditer(completion):
         if m["a"] is not None:
@@ -114,14 +116,16 @@ def write_jsonl(path: Path, rows: list[dict]):
 
 def save_prompts(world, out: Path):
     """popsd_prompts.json in a base folder: how the base was pre-trained to be prompted, so eval.py and popsd
-    prompt it right with no flags (popsd's prompt-settings file; the toy chat template has no thinking block)."""
+    prompt it right with no flags (popsd's prompt-settings file; the toy chat template has no thinking
+    block)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "popsd_prompts.json").write_text(json.dumps({**world.TEMPLATES, "student_thinking": False,
                                                         "teacher_thinking": False}, indent=1) + "\n")
 
 
 def write_data(world, train: int = 2000, test: int = 500, seed: int = 0):
-    """<world data>/{train,test}.jsonl: question, full and sketch references, answer (test: the held-out split)."""
+    """<world data>/{train,test}.jsonl: question, full and sketch references, answer (test: the held-out
+    split)."""
     rng = random.Random(seed)
     for split, n in (("train", train), ("test", test)):
         seen, rows = set(), []
@@ -137,7 +141,8 @@ def write_data(world, train: int = 2000, test: int = 500, seed: int = 0):
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>{% endif %}")  # role names left out: short prompts
+                 # role names left out: short prompts
+                 "{% if add_generation_prompt %}<|im_start|>{% endif %}")
 
 
 def build_tokenizer():
@@ -158,10 +163,10 @@ def build_tokenizer():
 def build_model(tok, hidden=128, layers=4, seed=0):
     """A random-init Qwen3; q/k-norm weights start at 2.5 (sharper initial attention helps copying)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
-    config = Qwen3Config(vocab_size=128, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, head_dim=hidden // 4,
-                         max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, bos_token_id=None)
+    config = Qwen3Config(vocab_size=128, hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         head_dim=hidden // 4, max_position_embeddings=512, tie_word_embeddings=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -219,9 +224,10 @@ def sample_texts(world, model, tok, prompts: list[str], seed: int = 0, batch_siz
     return got.texts, int(got.mask.sum())
 
 
-def measure(world, model, tok, questions: list[str], role: str = "student", reference: str = "full", seed: int = 0,
-            batch_size: int = 256, forbid: str | None = None) -> dict:
-    """Sample one completion per question at temperature 1 in one context and check it: summarize() metrics."""
+def measure(world, model, tok, questions: list[str], role: str = "student", reference: str = "full",
+            seed: int = 0, batch_size: int = 256, forbid: str | None = None) -> dict:
+    """Sample one completion per question at temperature 1 in one context and check it: summarize()
+    metrics."""
     template = world.TEMPLATES[f"{role}_template"]
     prompts = [fill_prompt(template, q, world.references(q)[reference]) for q in questions]
     texts, tokens = sample_texts(world, model, tok, prompts, seed, batch_size, forbid=forbid)
@@ -275,13 +281,13 @@ def batch_tensors(docs: list[tuple[str, str | list]], tok):
 
 
 def train_lm(model, tok, documents, out: Path, steps: int, *, batch_size: int, lr: float, warmup: int,
-             evaluate, eval_every: int, label: str = "pre-training", quiet: bool = False, log: list | None = None,
-             stop=None, stop_every: int = 100):
-    """Next-token training on documents(k) → k (prompt, completion) pairs, loss on completions only, AdamW with
-    warm-up and a cosine to 10% of lr. Every eval_every steps (and at the end) evaluate(model) → dict is logged
-    with the mean loss, appended to out/pretrain_log.jsonl, and the model saved to out (an interrupted run
-    leaves a usable base). stop(model) → bool, asked every stop_every steps, ends training early (the end: an
-    evaluation and a save). Deterministic for the documents' seed, the torch seed and the thread count."""
+             evaluate, eval_every: int, label: str = "pre-training", quiet: bool = False,
+             log: list | None = None, stop=None, stop_every: int = 100):
+    """Next-token training on documents(k) → k (prompt, completion) pairs, loss on completions only, AdamW
+    with warm-up and a cosine to 10% of lr. Every eval_every steps (and at the end) evaluate(model) → dict is
+    logged with the mean loss, appended to out/pretrain_log.jsonl, and the model saved to out (an interrupted
+    run leaves a usable base). stop(model) → bool, asked every stop_every steps, ends training early (the end:
+    an evaluation and a save). Deterministic for the documents' seed, the torch seed and the thread count."""
     from rich.progress import Progress
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
@@ -310,10 +316,10 @@ def train_lm(model, tok, documents, out: Path, steps: int, *, batch_size: int, l
                 losses = []
                 log.append(row)
                 s = row["student"]
-                bar.console.print(f"{label} step {step}  loss {row['loss']:.4f}  student acc {s['accuracy']:.3f}  "
-                                  f"errors {s['first_try_errors']:.2f}  caught {s['caught_frac']:.2f}  "
-                                  f"P(wait|wrong) {s['p_wait_wrong']:.2f}  P(wait|right) {s['p_wait_right']:.2f}  "
-                                  f"{row['minutes']:.1f} min")
+                bar.console.print(f"{label} step {step}  loss {row['loss']:.4f}  student acc "
+                                  f"{s['accuracy']:.3f}  errors {s['first_try_errors']:.2f}  caught "
+                                  f"{s['caught_frac']:.2f}  P(wait|wrong) {s['p_wait_wrong']:.2f}  "
+                                  f"P(wait|right) {s['p_wait_right']:.2f}  {row['minutes']:.1f} min")
                 write_jsonl(out / "pretrain_log.jsonl", log)
                 model.save_pretrained(out)
                 tok.save_pretrained(out)

@@ -1,5 +1,6 @@
-"""toyworld: the first toy world, small enough to pre-train a reasoning base on a CPU, where popsd can be watched
-working (compare.py measures its gates, pre-trains its base and runs the comparison: --world toyworld).
+"""toyworld: the first toy world, small enough to pre-train a reasoning base on a CPU, where popsd can be
+watched working (compare.py measures its gates, pre-trains its base and runs the comparison: --world
+toyworld).
 
 The world is last-digit arithmetic. A question is a start digit and 4-6 operations, each used once:
     Q:3+4*2-5+7          the answer is ((3+4)·2−5+7) mod 10 = 6
@@ -109,7 +110,8 @@ def verification(rng: random.Random) -> tuple[str, str]:
     c = apply(a, op, b)
     if rng.random() < 0.5:
         return "V:" + step_text(a, op, b, c), "ok"
-    return "V:" + step_text(a, op, b, rng.choice([x for x in range(10) if x != c])), "wait " + step_text(a, op, b, c)
+    return "V:" + step_text(a, op, b,
+                            rng.choice([x for x in range(10) if x != c])), "wait " + step_text(a, op, b, c)
 
 
 def document(rng: random.Random, p_verify: float = P_VERIFY) -> tuple[str, str]:
@@ -122,7 +124,8 @@ def document(rng: random.Random, p_verify: float = P_VERIFY) -> tuple[str, str]:
         return TEMPLATES["student_template"].replace("{question}", question), trace(question, rng)
     reflective = rng if rng.random() < P_TEACHER_REFLECTIVE else None
     if kind < 0.75:
-        prompt = TEMPLATES["teacher_template"].replace("{question}", question).replace("{reference}", reference)
+        prompt = TEMPLATES["teacher_template"].replace("{question}",
+                                                       question).replace("{reference}", reference)
     else:
         prompt = TEMPLATES["refonly_template"].replace("{reference}", reference)
     return prompt, trace(question, reflective)
@@ -130,11 +133,13 @@ def document(rng: random.Random, p_verify: float = P_VERIFY) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- the checker
 
-ITEM = re.compile(r"(?P<a>\d)(?P<op>[+\-*])(?P<b>\d)=(?P<c>\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
+ITEM = re.compile(
+    r"(?P<a>\d)(?P<op>[+\-*])(?P<b>\d)=(?P<c>\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
 
 
 def check(question: str, completion: str) -> Check:
-    """Locally wrong: not from the value the trace carries, not the question's next operation, or miscomputed."""
+    """Locally wrong: not from the value the trace carries, not the question's next operation, or
+    miscomputed."""
     truth = steps_of(question)
     return common.check_trace(ITEM, completion, truth[0][0], len(truth), str(truth[-1][3]), lambda i, m: (
         m["op"], int(m["b"])) != truth[i][1:3] or int(m["c"]) != apply(int(m["a"]), m["op"], int(m["b"])))
@@ -160,7 +165,8 @@ def write_data():
     common.write_data(sys.modules[__name__])
 
 
-PRETRAIN = dict(steps=12000, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4, threads=1)  # the shipped base
+# the shipped base
+PRETRAIN = dict(steps=12000, batch_size=32, lr=3e-3, warmup=200, hidden=128, layers=4, threads=1)
 
 
 def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple:
@@ -175,7 +181,8 @@ def pretrain(out: Path, seed: int = 0, quiet: bool = False, **settings) -> tuple
 
     def evaluate(m):
         return {"student": common.measure(world, m, tok, questions),
-                "teacher_full": common.measure(world, m, tok, questions[:len(questions) // 2], "teacher", "full")}
+                "teacher_full": common.measure(world, m, tok, questions[:len(questions) // 2], "teacher",
+                                               "full")}
     log = common.train_lm(model, tok, lambda k: [document(rng) for _ in range(k)], out, s["steps"],
                           batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
                           eval_every=s["eval_every"], quiet=quiet)
