@@ -14,7 +14,7 @@ FLOORS = {  # what each floor knows; a new module is placed here by what it is
     # benchmarks; worlds sample
     3: ("eval", "remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),
     4: ("popsd", "session"),  # the algorithm's loop and the run around it
-    5: ("compare",),  # the worlds' command line: drives popsd
+    5: ("compare", "explain"),  # the worlds' command line and the per-token view: drive popsd
 }
 FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}
 
