@@ -298,7 +298,8 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
     vocab = {int(t): tokenizer.decode([int(t)])
              for r in records for dist in r["top"].values() for row in dist for t, _ in row}
     settings = {"explained": target.label, "adapter": str(target.adapter) if target.adapter else None,
-                "base": target.base, "base_sha256": base_fingerprint(path), "trained_with": cfg.method,
+                "base": target.base, "base_sha256": base_fingerprint(path),
+                "trained_with": cfg.method if target.adapter is not None else None,
                 "reference_field": cfg.reference_field, "samples": len(records), "seed": seed, "topk": topk,
                 "temperature": cfg.temperature, "loss_temperature": cfg.loss_temperature or cfg.temperature,
                 "beta": cfg.beta, "pmi_clip": cfg.pmi_clip, "divergence": cfg.divergence,
@@ -397,8 +398,8 @@ function select(c, t) { document.querySelectorAll(".tok.sel").forEach(s => s.cla
   s.classList.add("sel"); s.scrollIntoView({block: "center"});
   panel(c, t); }
 const s = D.settings;
-document.getElementById("settings").textContent = `Trained with ${s.trained_with};
-  reference: ${s.reference_field};
+document.getElementById("settings").textContent = `${s.trained_with ? "Trained with " + s.trained_with
+  : "Not trained (the base)"}; reference: ${s.reference_field};
   τ = ${s.loss_temperature}, β = ${s.beta}, c = ${s.pmi_clip}, ${s.divergence}; seed ${s.seed}.`;
 const cards = document.getElementById("cards");
 D.completions.forEach((r, c) => {
@@ -447,7 +448,7 @@ def main(argv: list[str]):
     p.add_argument("--quiet", action="store_true", help="no terminal view")
     p.add_argument("overrides", nargs="*", help="key=value over the run's (or recipe's) settings, e.g.\n"
                                                 "reference_field=sketch")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value before or after the options
     if args.samples < 1 or args.topk < 1:
         p.error("--samples and --topk must be at least 1")
     try:

@@ -155,9 +155,11 @@ def test_the_page_in_a_real_browser_draws_every_token_coloured_and_shows_the_pan
 
 def test_a_checkpoint_step_and_bad_input_are_one_line_each(explained, tmp_path):
     run, _, _ = explained
-    done = run_main(explain.main, [run, "--step", "2", "--samples", "1", "--quiet", "--out", tmp_path / "s2"])
+    done = run_main(explain.main, [run, "--step", "2", "--samples", "1", "--quiet", "--out", tmp_path / "s2",
+                                   "reference_field=full"])  # key=value after the options, as in --help
     settings = json.loads((tmp_path / "s2/explain.json").read_text())["settings"]
-    assert done.returncode == 0 and settings["adapter"].endswith("step_000002")
+    assert done.returncode == 0 and settings["adapter"].endswith("step_000002"), done.stdout[-2000:]
+    assert settings["reference_field"] == "full" and settings["trained_with"] == "opsd"
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain/notes.txt").write_text("x")
     orphan = tmp_path / "orphan"
