@@ -191,14 +191,15 @@ def save_final_adapter(out: Path, model, tokenizer, weights: dict, config: dict)
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int,
-                    rank: int = 0, config: dict | None = None):
+                    rank: int = 0, config: dict | None = None, ahead: dict | None = None):
     """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then
     renamed.
 
     Every checkpoint keeps its adapter (the paper reports the best of several steps); the resume state
     (state.pt: optimizer and RNG, the bulk for a large adapter) is kept for the newest `keep` only.
     Weights and optimizer state are saved whole (gathered from the FSDP shards, keyed by parameter name),
-    so a checkpoint resumes under any number of ranks.
+    so a checkpoint resumes under any number of ranks. `ahead`: this rank's rollouts of the next step, sampled
+    ahead (Rollout.state(); rollout_ahead=1), kept with it so that a resume trains on the same.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     weights = trainable_state(model)
@@ -208,6 +209,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     teacher = ema.state(model)  # resume state, like the optimizer's ({} without an EMA teacher)
     rng = D.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+    ahead = D.gather(ahead)  # every rank's share, in rank order
     final = out / "checkpoints" / f"step_{step:06d}"
     if rank == 0:
         tmp = final.with_name(final.name + ".tmp")
@@ -219,7 +221,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
             usual_modes(tmp)
             torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
                         "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng,
-                        **({"ema": teacher} if teacher else {})}, tmp / "state.pt")
+                        **({"ema": teacher} if teacher else {}),
+                        **({"ahead": ahead} if all(a is not None for a in ahead) else {})}, tmp / "state.pt")
         except Exception as e:  # OSError, torch's RuntimeError, tokenizers' bare Exception
             shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is never left behind
             raise disk_full(e, out, f"the checkpoint of step {step}") or e
@@ -499,10 +502,11 @@ def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: boo
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream, seed: int = 0, rank: int = 0,
-                    world: int = 1) -> int:
+                    world: int = 1, ahead=None) -> int:
     """Restores a checkpoint written under any number of ranks. Each rank's RNG state comes back when the
     world size is the same; under another world size each rank's sampling RNG is reseeded from (seed, step,
-    rank)."""
+    rank). `ahead` (engines.ahead.Ahead) gets the next step's rollouts if the checkpoint kept them under as
+    many ranks (otherwise that step is sampled anew)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -529,4 +533,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream,
     else:
         random.seed(seed + state["step"])
         torch.manual_seed(seed + 1000 * state["step"] + rank)
+    if ahead is not None and len(state.get("ahead", [])) == world:
+        ahead.restore(state["step"] + 1, state["ahead"][rank])
     return state["step"]

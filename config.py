@@ -72,6 +72,8 @@ class Config:
     # (on the command line it replaces a recipe's rollout_engine=graph or vllm; both given there are an error)
     rollout_adapter_dir: str = ""  # folder the servers read each step's adapter from ("": <out_dir>/rollout_adapters)
     rollout_concurrency: int = 16  # requests in flight per rollout server
+    rollout_ahead: int = 0  # 1: the servers sample step t+1 while step t trains, from weights one step old
+    # (policy_lag 1; engines/ahead.py, docs/engines.md); 0: every step samples from the student it trains
     server_timeout: float = 30.0  # seconds a rollout server may leave a connection, /v1/models, /health or an adapter
     # load unanswered before popsd gives up on it (a completion may take longer: /health is probed meanwhile)
     vllm_gpu_memory: float = 0.3  # rollout_engine=vllm on a GPU: fraction of the card vLLM may take while it samples
@@ -257,6 +259,11 @@ def validate(cfg: Config):
         fail("sampler_gap_stop", f"must be at least sampler_gap_warn ({cfg.sampler_gap_warn})")
     if not 0 < cfg.vllm_gpu_memory <= 1:
         fail("vllm_gpu_memory", "must be in (0, 1]")
+    if cfg.rollout_ahead not in (0, 1):
+        fail("rollout_ahead", "must be 0 (synchronous) or 1 (one step ahead)")
+    if cfg.rollout_ahead and not cfg.rollout_server:
+        fail("rollout_ahead", "needs rollout_server=URL,...: an in-process engine samples with the weights "
+             "being trained (hf, graph) or on this process's device (vllm), so there is nothing to overlap")
     if cfg.rollout_server and cfg.rollout_engine in ("vllm", "graph"):
         fail("rollout_server", f"and rollout_engine={cfg.rollout_engine} both name the sampler: keep one")
     if cfg.device != "auto":

@@ -14,7 +14,8 @@ One optimizer step, as numbered in train() below:
   3. target and loss: Purified's P = softmax(log π_0 + c·tanh(centre(log π_T − log π_ref)/c)/β) (OPSD:
      P = π_T), and the student pass (LoRA on) against it: the per-token divergence D(P ‖ π_θ) (loss.py);
   4. step: the loss summed over the step's tokens and divided by their number, backward, clip, AdamW;
-  5. sync: the sampling engine gets the updated adapter, so every rollout is on-policy;
+  5. sync: the sampling engine gets the updated adapter, so every rollout is on-policy (rollout_ahead=1:
+     one step behind, for speed);
   6. log (and evaluate every eval_every steps); 7. save a checkpoint every save_every steps.
 Where the rest is: ŷ's engines in engines/ (chosen by rollout_engine / rollout_server); the four contexts and
 how ŷ lines up with them in rollout.py; the math in loss.py (loss_fused.py: the same, chunked); the run's
@@ -145,12 +146,16 @@ def train(cfg: Config) -> Path:
         model, sampler = run.model, run.sampler
         body, head_weight = model_parts(model)  # the loss reads hidden states and the frozen head [V, H]
         for step, batch in run.steps():  # this rank's share of the step's prompts
-            # 1. sample ŷ: n completions per prompt from the student
+            # 1. sample ŷ: n completions per prompt from the student (rollout_ahead=1: sampled already, while
+            #    the last step trained, by the adapter one step older; engines/ahead.py)
             with run.sampling(step, len(batch) * cfg.n_samples) as on_batch:  # a stop here drops the step
-                rollout = sample(sampler, batch, cfg, step, run.rank, run.world, on_batch)
+                rollout = (run.ahead.take(step, batch)
+                           or sample(sampler, batch, cfg, step, run.rank, run.world, on_batch))
+            if cfg.rollout_ahead and step < cfg.steps:  # the next step's ŷ are sampled while this one trains
+                run.ahead.start(step + 1, sample, sampler, run.upcoming(), cfg, step + 1, run.rank, run.world)
             # 2-4. score in the frozen contexts, target and loss per micro-batch, one optimizer step
-            row = {"step": step, **update(model, body, head_weight, rollout, cfg, run.pad_id, run.optimizer,
-                                          run.scheduler)}
+            row = {"step": step, "policy_lag": rollout.policy_lag(step),
+                   **update(model, body, head_weight, rollout, cfg, run.pad_id, run.optimizer, run.scheduler)}
             # 5. sync: the updated adapter reaches the engine before it samples again
             with run.timed(row, "time_sync"):
                 sampler.sync(model, step)

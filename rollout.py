@@ -66,6 +66,8 @@ class Rollout:
     texts: list[str]  # [B] decoded completions (for logging and grading only: the loss reads the ids)
     logprobs: torch.Tensor | None = None  # [B, T] the engine's raw log-prob of each sampled token, if it has
     contexts: list[Contexts] | None = None  # [B] each row's four contexts, repeated n times per prompt
+    weights_step: int | None = None  # the optimizer steps behind the adapter that sampled it, where the
+    # engine samples from a copy of the weights (the server pool); None: the training model's own
 
     def __len__(self):
         return len(self.texts)
@@ -75,7 +77,18 @@ class Rollout:
         t = int(mask.sum(1).max().item()) if mask.numel() else 0  # trim padding columns
         return Rollout(self.completions[rows, :t], mask[:, :t], self.truncated[rows], self.texts[rows],
                        None if self.logprobs is None else self.logprobs[rows, :t],
-                       None if self.contexts is None else self.contexts[rows])
+                       None if self.contexts is None else self.contexts[rows], self.weights_step)
+
+    def policy_lag(self, step: int) -> int:
+        """Optimizer steps between the weights that sampled these completions and the student that step
+        `step` trains on them (after step − 1 updates): 0 on-policy, 1 with rollout_ahead=1."""
+        return 0 if self.weights_step is None else step - 1 - self.weights_step
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of rollouts sampled ahead (the contexts come back from the data)."""
+        return {"completions": self.completions, "mask": self.mask, "truncated": self.truncated,
+                "texts": self.texts, "logprobs": self.logprobs, "weights_step": self.weights_step,
+                "prompts": [c.student for c in self.contexts]}
 
 
 def check_templates(student: str, teacher: str, refonly: str):

@@ -36,6 +36,7 @@ from checkpoints import (check_base, check_finite, latest_checkpoint, load_check
 from config import Config, derived_sizes, print_config
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from engines import graph_rows, make_sampler
+from engines.ahead import Ahead
 from models import base_fingerprint, eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, pick_device
 from rollout import Rollout, build_contexts, control_tokens
 from trackers import Trackers
@@ -136,7 +137,7 @@ class Session:
         import transformers
         transformers.utils.logging.disable_progress_bar()  # rich bars are ours
         self.cfg, self.out = cfg, Path(cfg.out_dir)  # config.validate expanded ~
-        self.lock = self.sampler = self.tracker = self.stop = self.bar = self.metrics_file = None
+        self.lock = self.sampler = self.tracker = self.stop = self.bar = self.metrics_file = self.ahead = None
         self.rank, self.world, self.device = D.setup(pick_device(cfg.device))
         console.quiet = E.console.quiet = self.rank != 0  # rank 0 prints, logs and saves; every rank samples
         if cfg.batch_size % self.world:
@@ -218,9 +219,10 @@ class Session:
         self.optimizer = make_optimizer(cfg, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.stream, self.start = DataStream(len(self.examples), cfg.seed), 0
+        self.ahead = Ahead()  # rollout_ahead=1: the next step's rollouts, sampled while a step trains
         if ckpt is not None:
             self.start = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.stream,
-                                         cfg.seed, rank, world)
+                                         cfg.seed, rank, world, self.ahead if cfg.rollout_ahead else None)
             console.print(f"resumed from {ckpt} at step {self.start}")
         if rank == 0:
             record_session(out, self.record, self.start)  # config.json, sessions.jsonl
@@ -231,6 +233,7 @@ class Session:
         self.eos, self.pad_id = eos_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id
         self.sampler = make_sampler(cfg, self.model, self.tokenizer, path, self.eos, self.device, out, rank,
                                     world, warn)
+        self.ahead.abort = getattr(self.sampler, "abort", None)
         self.stop, self.stalls = StopRequest(), 0
         # the engine samples from this run's adapter (resumed: the checkpoint's)
         self.sampler.sync(self.model, self.start)
@@ -265,6 +268,12 @@ class Session:
             self.t0, self.before = time.time(), position(self.stream)
             yield step, [self.examples[i]
                          for i in self.stream.take(self.cfg.batch_size)][self.rank::self.world]
+
+    def upcoming(self) -> list:
+        """This rank's share of the next step's prompts, the data stream left where it is (steps() takes
+        them)."""
+        peek = DataStream(self.stream.size, self.stream.seed, self.stream.epoch, self.stream.cursor)
+        return [self.examples[i] for i in peek.take(self.cfg.batch_size)][self.rank::self.world]
 
     def sampling(self, step: int, sequences: int):
         """A context for the step's sampling: yields the engine's progress callback (a bar; a line every 10 s
@@ -317,8 +326,15 @@ class Session:
             sys.exit(128 + (self.stop.signum or signal.SIGTERM))
 
     def checkpoint(self, step: int):
+        """A checkpoint after `step`, with the next step's rollouts if they were sampled ahead (waited for:
+        a resume trains on exactly them)."""
+        if self.ahead.thread is not None and self.ahead.thread.is_alive():
+            console.print(f"[dim]waiting for step {step + 1}'s rollouts (sampled ahead) to keep them with "
+                          "the checkpoint[/]")
+        ahead = self.ahead.wait(step + 1)
         save_checkpoint(self.out, step, self.model, self.optimizer, self.scheduler, self.stream,
-                        self.cfg.keep_checkpoints, self.rank, self.record)
+                        self.cfg.keep_checkpoints, self.rank, self.record,
+                        None if ahead is None else ahead.state())
 
     def finish(self):
         """The trained adapter (PEFT format, with the tokenizer and the prompt settings) and the run's
@@ -338,6 +354,8 @@ class Session:
             self.metrics_file.close()
         if self.stop is not None:
             self.stop.restore()
+        if self.ahead is not None:
+            self.ahead.close()  # rollouts still in flight end before the sampler closes
         if self.sampler is not None:
             self.sampler.close()
         if self.tracker is not None:

@@ -46,7 +46,8 @@ def make_sampler(cfg, model, tokenizer, path: str, eos: list[int], device, out: 
         run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
         return ServerPool(cfg.rollout_server, tokenizer, eos,
                           Path(cfg.rollout_adapter_dir or out / "rollout_adapters"),
-                          cfg.rollout_concurrency, run_id, rank, warn=warn, probe_timeout=cfg.server_timeout)
+                          cfg.rollout_concurrency, run_id, rank, warn=warn, probe_timeout=cfg.server_timeout,
+                          ahead=cfg.rollout_ahead)
     if cfg.rollout_engine in ("graph", "vllm") and world > 1:
         raise PopsdError(f"rollout_engine={cfg.rollout_engine} samples in one process from its whole "
                          "weights: under torchrun sample with rollout_engine=dynamic (sample_gathered) or "

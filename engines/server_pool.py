@@ -7,7 +7,8 @@ on other GPUs or nodes while training runs here (the HTTP client: engines/client
 
 After every optimizer step rank 0 writes the student's adapter to rollout_adapter_dir/popsd-RUN-step-N (a
 folder the servers can read: by default inside the run folder, right when they share this disk), loads
-it on every server (/v1/load_lora_adapter) and unloads the previous one. RUN is a hash of the run folder
+it on every server (/v1/load_lora_adapter) and unloads the previous one (rollout_ahead=1: the one before it,
+the previous one still samples the next step). RUN is a hash of the run folder
 and a nonce of the session: no name is ever used for two adapters. Each prompt goes as token ids to
 /v1/completions naming the step's adapter, with every sampling parameter explicit (a server fills what a
 request leaves out from the model's generation_config: Qwen3 ships top_k 20) and its own seed per sample;
@@ -33,12 +34,14 @@ class ServerPool:
     reports_logprobs = True
 
     def __init__(self, urls: str, tokenizer, eos_ids: list[int], adapter_dir: Path, concurrency: int,
-                 run_id: str, rank: int = 0, retries: int = 2, warn=print, probe_timeout: float = 30.0):
+                 run_id: str, rank: int = 0, retries: int = 2, warn=print, probe_timeout: float = 30.0,
+                 ahead: int = 0):
         self.servers = [Server(u, retries=retries, probe_timeout=probe_timeout) for u in urls.split(",")
                         if u.strip()]
         self.tokenizer, self.eos_ids, self.rank, self.concurrency = tokenizer, eos_ids, rank, concurrency
         self.warn = warn
         self.adapter_dir, self.name, self.lock = Path(adapter_dir).resolve(), None, threading.Lock()
+        self.step, self.loaded, self.keep = None, [], 1 + ahead  # adapters on the servers, oldest first
         # in every adapter name: a hash of the run folder (runs sharing a server never answer with each
         # other's adapter) and a nonce of this session, rank 0's on every rank: vLLM keys its prefix cache on
         # the adapter's
@@ -62,7 +65,7 @@ class ServerPool:
         last one; every rank (FSDP gathers the adapter) then learns which servers took it (a collective: a
         barrier)."""
         weights = trainable_state(model)
-        name, previous = f"popsd-{self.run}-step-{step}", self.name
+        name = f"popsd-{self.run}-step-{step}"
         alive = list(self.servers)
         if self.rank == 0:
             folder = self.adapter_dir / name
@@ -78,10 +81,12 @@ class ServerPool:
             if not alive:
                 raise PopsdError(f"no rollout server took the adapter {name}: start them (docs/engines.md), "
                                  "then resume=true")
-            if previous and previous != name:
-                self.unload(previous)
+            self.loaded = [n for n in self.loaded if n != name] + [name]
+            while len(self.loaded) > self.keep:
+                self.unload(self.loaded.pop(0))
         alive = D.gather([self.servers.index(s) for s in alive])[0]  # rank 0's view, on every rank
-        self.name, self.alive = name, [self.servers[i] for i in alive]
+        with self.lock:  # rollouts sampled ahead may be picking servers meanwhile
+            self.name, self.step, self.alive = name, step, [self.servers[i] for i in alive]
 
     def load(self, server: Server, name: str, folder: Path):
         try:
@@ -99,9 +104,12 @@ class ServerPool:
         """n completions per prompt ([B = prompts × n] rows) with the log-prob of each sampled token."""
         if self.name is None:
             raise PopsdError("the server pool has no adapter yet: sync(model, step) comes before sampling")
-        body = {"model": self.name, "n": 1, "logprobs": 0, "return_token_ids": True,
-                "stop_token_ids": self.eos_ids, "skip_special_tokens": False} | sampling_body(dict(max_new_tokens=max_new_tokens, top_k=top_k,
-                                                                  temperature=temperature, top_p=top_p))
+        with self.lock:  # the adapter this call samples with, whatever sync() loads meanwhile
+            name, weights_step = self.name, self.step
+        body = {"model": name, "n": 1, "logprobs": 0, "return_token_ids": True,
+                "stop_token_ids": self.eos_ids, "skip_special_tokens": False}
+        body |= sampling_body({"max_new_tokens": max_new_tokens, "top_k": top_k, "temperature": temperature,
+                               "top_p": top_p})
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
         results = {}
         workers = max(1, self.concurrency * len(self.servers))
@@ -116,11 +124,17 @@ class ServerPool:
                         on_batch(1)
             except BaseException:  # an error, Ctrl-C or SIGTERM: stop sending and end the requests in flight
                 pool.shutdown(wait=False, cancel_futures=True)
-                for s in self.servers:
-                    s.abort("sampling was stopped")  # sync() revives them
+                self.abort("sampling was stopped")
                 raise
         tokens = [results[job][0] for job in jobs]
-        return from_tokens(tokens, [results[job][1] for job in jobs], self.tokenizer, self.eos_ids)
+        rollout = from_tokens(tokens, [results[job][1] for job in jobs], self.tokenizer, self.eos_ids)
+        rollout.weights_step = weights_step
+        return rollout
+
+    def abort(self, why: str):
+        """Every request in flight on every server ends now (sync() and close() revive them)."""
+        for s in self.servers:
+            s.abort(why)
 
     def complete(self, k: int, body: dict) -> tuple[list[int], list[float]]:
         """One completion from the k-th server in turn; a server that fails is dropped for this step and the
@@ -156,8 +170,11 @@ class ServerPool:
         shutil.rmtree(self.adapter_dir / name, ignore_errors=True)
 
     def close(self):
-        if self.rank == 0 and self.name:
-            self.unload(self.name)
+        if self.rank == 0:
+            for s in self.servers:
+                s.revive()  # aborted by a stop: the adapters still come off
+            for name in self.loaded:
+                self.unload(name)
 
 
 def parse_completion(out: dict, name: str, url: str) -> tuple[list[int], list[float]]:

@@ -124,6 +124,10 @@ def test_engine_config_errors_are_clear():
     # the recipe's sampler, which servers asked for replace:
     assert popsd.make_config("toy").rollout_engine == "graph"
     assert popsd.make_config("toy", ["rollout_server=http://127.0.0.1:1"]).rollout_engine == "dynamic"
+    with pytest.raises(PopsdError, match="'rollout_ahead' needs rollout_server"):
+        popsd.make_config("toy", ["rollout_ahead=1"])
+    with pytest.raises(PopsdError, match="'rollout_ahead' must be 0 .synchronous. or 1"):
+        popsd.make_config("toy", ["rollout_ahead=2", "rollout_server=http://127.0.0.1:1"])
     with pytest.raises(PopsdError, match="not an http"):
         popsd.make_config("toy", ["rollout_server=localhost:8000"])
     with pytest.raises(PopsdError, match="no rollout server answered.*could not reach"):
@@ -166,6 +170,53 @@ def test_server_pool_trains_on_policy_and_resumes_exactly(server, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not [m for m in served(server) if m.startswith("popsd-")]
     assert not list((tmp_path / "straight/rollout_adapters").iterdir())
+
+
+@ENGINE_FIXTURES
+def test_one_step_ahead_trains_on_rollouts_one_step_old_and_resumes_after_kill_9_as_a_straight_run(server,
+                                                                                                    tmp_path):
+    """rollout_ahead=1: step 1 on-policy, every later step one adapter behind (policy_lag 1), its gap the
+    engine's log-probs against the student it trains (above engine precision: the weights moved, well under
+    the warning). Killed with SIGKILL during step 5 (a checkpoint at 4 keeps step 5's rollouts), resumed: the
+    straight run's metrics and adapter, bit for bit; both runs' adapters leave the server."""
+    import signal
+    import time
+    args = ["popsd.py", "--recipe", "toy", f"rollout_server={server}", "eval_every=0", "threads=1",
+            "lr=1e-2", "method=opsd", "save_every=2", "keep_checkpoints=3", "rollout_ahead=1", "steps=6"]
+    code, output = cli(*args, f"out_dir={tmp_path / 'straight'}", timeout=300)
+    assert code == 0, output[-3000:]
+    straight = rows(tmp_path / "straight/metrics.jsonl")
+    assert [m["policy_lag"] for m in straight] == [0, 1, 1, 1, 1, 1]
+    assert straight[0]["sampler_logprob_gap"] < GAP
+    assert all(GAP < m["sampler_logprob_gap"] < 0.05 for m in straight[1:])  # one lr=1e-2 step apart
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *args, f"out_dir={killed}"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (killed / "checkpoints/step_000004/state.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its checkpoint at 4"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # step 5 has begun: its rollouts were sampled during step 4
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (killed / "adapter").exists() and len(rows(killed / "metrics.jsonl")) <= 5
+    assert len(torch.load(killed / "checkpoints/step_000004/state.pt", weights_only=True)["ahead"]) == 1
+    code, output = cli(*args, f"out_dir={killed}", "resume=true", timeout=300)
+    assert code == 0 and "resumed from" in output and "step_000004" in output, output[-3000:]
+    resumed = rows(killed / "metrics.jsonl")
+    keys = ("step", "policy_lag", "loss", "completion_len", "markers_per_1k", "sampler_logprob_gap",
+            "grad_norm")
+    assert [{k: m[k] for k in keys} for m in resumed] == [{k: m[k] for k in keys} for m in straight]
+    a, b = (load_file(d / "adapter/adapter_model.safetensors") for d in (tmp_path / "straight", killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    left = [m for m in served(server) if m.startswith("popsd-")]  # the killed session's, which nobody unloads
+    for name in left:
+        urllib.request.urlopen(urllib.request.Request(
+            server + "/v1/unload_lora_adapter", json.dumps({"lora_name": name}).encode(),
+            {"Content-Type": "application/json"}), timeout=30).read()
+    assert len(left) <= 2 and not list((tmp_path / "straight/rollout_adapters").iterdir())
 
 
 @ENGINE_FIXTURES

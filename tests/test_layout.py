@@ -10,7 +10,7 @@ FLOORS = {  # what each floor knows; a new module is placed here by what it is
     # contexts, loading, runs
     1: ("rollout", "models", "config", "checkpoints", "trackers", "grading", "guards"),
     2: ("engines", "engines.hf", "engines.graph", "engines.vllm_engine", "engines.server_pool",
-        "engines.client"),
+        "engines.client", "engines.ahead"),
     # benchmarks; worlds sample
     3: ("eval", "remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),
     4: ("popsd", "session"),  # the algorithm's loop and the run around it

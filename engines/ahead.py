@@ -1,0 +1,77 @@
+"""engines/ahead.py: rollout_ahead=1, the next step's rollouts sampled while this step trains.
+
+Synchronously, the servers wait while the trainer scores and updates, and the trainer waits while they
+sample. One step ahead, right after step t's rollouts arrive, a thread asks the servers for step t+1's:
+its prompts and seeds are known already (the data order and the request seeds never depend on the
+weights), and the servers sample them with the adapter they hold, the one after step t − 1, while the
+trainer scores and updates step t. Step t+1 then trains on completions from weights one optimizer step
+older than the student it trains (Rollout.policy_lag: 1), and its sampler_logprob_gap compares the engine's
+log-probs with that student's, so it holds the one step's change on top of the engine's precision.
+
+A checkpoint keeps the rollouts sampled ahead for the step after it (waiting for them if they are still
+coming): a resumed run trains on exactly what the straight run trained on, and samples the step after with
+the same adapter the straight run's servers held then. docs/engines.md says why this loss needs no
+importance correction for the lag.
+"""
+import threading
+
+from rollout import Rollout
+
+
+class Ahead:
+    """At most one step's rollouts in flight (or restored from a checkpoint): start(), then take()."""
+
+    def __init__(self, abort=None):
+        self.abort = abort  # abort(why): ends the engine's requests in flight (a run that stops)
+        self.step = self.thread = self.rollout = self.error = self.prompts = None
+
+    def start(self, step: int, draw, *args):
+        """draw(*args) -> Rollout, in a thread: the rollouts of `step`, sampled while the trainer works."""
+        def work():
+            try:
+                self.rollout = draw(*args)
+            except BaseException as e:  # raised in the loop's thread, by take()
+                self.error = e
+        self.step, self.rollout, self.error, self.prompts = step, None, None, None
+        self.thread = threading.Thread(target=work, name=f"popsd-rollouts-step-{step}", daemon=True)
+        self.thread.start()
+
+    def restore(self, step: int, state: dict):
+        """The rollouts of `step` as a checkpoint kept them (Rollout.state)."""
+        state = dict(state)
+        self.prompts = state.pop("prompts")
+        self.step, self.rollout, self.error, self.thread = step, Rollout(**state), None, None
+
+    def wait(self, step: int) -> Rollout | None:
+        """The rollouts sampled ahead for `step` (waiting for them), or None if none were."""
+        if self.step != step:
+            return None
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.step = self.error, None
+            raise error
+        return self.rollout
+
+    def take(self, step: int, batch) -> Rollout | None:
+        """wait(step), handed over with each row's contexts from `batch` (the loop's share of the step's
+        prompts); None if nothing was sampled ahead for it, or a restored batch was sampled for other
+        prompts (a resume with another batch size or number of ranks: the step is sampled anew)."""
+        rollout = self.wait(step)
+        self.step = None
+        if rollout is None:
+            return None
+        n = len(rollout) // max(len(batch), 1)
+        contexts = [c for c in batch for _ in range(n)]
+        if self.prompts is not None and self.prompts != [c.student for c in contexts]:
+            return None
+        rollout.contexts = contexts
+        return rollout
+
+    def close(self):
+        """A run that ends with rollouts in flight (an error, a stop): the engine's requests end now."""
+        if self.thread is not None and self.thread.is_alive() and self.abort is not None:
+            self.abort("the run stopped")
+            self.thread.join(timeout=30)
+        self.step = self.thread = None
