@@ -220,6 +220,29 @@ def test_one_step_ahead_trains_on_rollouts_one_step_old_and_resumes_after_kill_9
 
 
 @ENGINE_FIXTURES
+def test_the_server_pool_under_torchrun_samples_each_ranks_share_as_one_process_would(server, tmp_path):
+    """torchrun --nproc_per_node 2 with rollout_server, synchronous and one step ahead: each rank asks the
+    servers for its share of the step's prompts (every world-th), seeded by its place in the whole batch, so
+    together they sample what one process samples; FSDP sums the update. Same tokens and markers, the loss
+    to float rounding, every step on-policy or one behind as asked."""
+    args = ["--recipe", "toy", f"rollout_server={server}", "eval_every=0", "threads=1", "lr=1e-2",
+            "method=opsd", "steps=3"]
+    for ahead in (0, 1):
+        code, output = cli("popsd.py", *args, f"rollout_ahead={ahead}", f"out_dir={tmp_path / f'one{ahead}'}")
+        assert code == 0, output[-3000:]
+        code, output = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "popsd.py",
+                           *args, f"rollout_ahead={ahead}", f"out_dir={tmp_path / f'two{ahead}'}")
+        assert code == 0 and "ranks" in output, output[-3000:]
+        one, two = rows(tmp_path / f"one{ahead}/metrics.jsonl"), rows(tmp_path / f"two{ahead}/metrics.jsonl")
+        for a, b in zip(one, two, strict=True):
+            assert {k: a[k] for k in ("tokens", "markers_per_1k", "policy_lag")} == \
+                {k: b[k] for k in ("tokens", "markers_per_1k", "policy_lag")}
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["sampler_logprob_gap"] < 0.05
+        assert [m["policy_lag"] for m in two] == [0, ahead, ahead]
+    assert not [m for m in served(server) if m.startswith("popsd-")]
+
+
+@ENGINE_FIXTURES
 def test_a_rerun_into_the_same_folder_is_never_answered_from_the_previous_runs_adapter(server, tmp_path):
     """vLLM keys its prefix cache on the adapter's name and path and keeps the blocks after an unload: a rerun
     (overwrite=true, same seed, so the same prompts at every step) naming its adapters as the first run did

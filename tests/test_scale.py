@@ -97,6 +97,31 @@ def test_two_ranks_give_the_update_of_one_and_checkpoints_cross_world_sizes(tmp_
         assert_close(adapter_at(dst, 2), adapter_at(one, 2), atol=0.02 * 1e-3)
 
 
+def test_two_nodes_of_one_rank_each_train_the_adapter_one_node_of_two_ranks_trains(tmp_path, tiny_dir):
+    """Multi-node for real: two torchrun launchers (--nnodes 2, one rank each, c10d rendezvous on loopback,
+    as two machines would run them) against one launcher of two ranks: the same metrics and adapter."""
+    from conftest import free_port
+    args = [ROOT / "popsd.py", "--recipe", "tiny", f"model={tiny_dir}", "steps=3", "save_every=0",
+            "eval_every=0"]
+    launch([*args, f"out_dir={tmp_path / 'one_node'}"], ranks=2)
+    port, nodes = free_port(), []
+    for node in (0, 1):
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+             f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+             "--rdzv_id=popsd-two-nodes", *map(str, args), f"out_dir={tmp_path / 'two_nodes'}"],
+            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [n.communicate(timeout=400)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert sum(o.count("step    3/3") for o in outputs) == 1  # one rank 0 in all, which prints
+    one, two = rows(tmp_path / "one_node/metrics.jsonl"), rows(tmp_path / "two_nodes/metrics.jsonl")
+    keys = ("step", "loss", "grad_norm", "tokens", "markers_per_1k", "entropy")
+    assert [{k: r[k] for k in keys} for r in two] == [{k: r[k] for k in keys} for r in one]
+    a, b = (load_file(d / "adapter/adapter_model.safetensors") for d in (tmp_path / "one_node",
+                                                                          tmp_path / "two_nodes"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides",
                          [["dtype=bf16"], ["dtype=bf16", "load_in_4bit=true", "optim=paged_adamw_8bit"]])
