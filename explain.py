@@ -431,6 +431,19 @@ def write_page(result: dict, path: Path):
 
 # ----------------------------------------------------------------------------- CLI
 
+def check_out(out: Path):
+    """explain.py writes explain.html and explain.json into a new or empty folder or one of its own, never
+    into a file, a run, a model, an adapter or a checkpoint (whose files it would sit among)."""
+    if out.exists() and not out.is_dir():
+        raise PopsdError(f"--out {out} is a file: explain.py writes a folder (explain.html, explain.json)")
+    if not out.is_dir() or (out / "explain.json").is_file() or not any(out.iterdir()):
+        return
+    for name, what in (("metrics.jsonl", "a training run"), (MARKER, "a training run"),
+                       ("adapter_config.json", "an adapter or checkpoint"), ("config.json", "a model")):
+        if (out / name).exists():
+            raise PopsdError(f"--out {out} is {what} ({name}): give a new or empty folder, or one "
+                             "explain.py wrote")
+
 def main(argv: list[str]):
     p = argparse.ArgumentParser(prog="explain.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -449,6 +462,8 @@ def main(argv: list[str]):
     p.add_argument("overrides", nargs="*", help="key=value over the run's (or recipe's) settings, e.g.\n"
                                                 "reference_field=sketch")
     args = p.parse_intermixed_args(argv)  # key=value before or after the options
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # no loading bar between the lines
     if args.samples < 1 or args.topk < 1:
         p.error("--samples and --topk must be at least 1")
     try:
@@ -462,9 +477,7 @@ def main(argv: list[str]):
         name = re.sub(r"[^\w.+-]+", "-", target.label).strip("-")
         default = target.run / "explain" / target.adapter.name if target.run else Path("runs/explain") / name
         out = Path(args.out) if args.out else default
-        if out.exists() and not out.is_dir():
-            raise PopsdError(f"--out {out} is a file: explain.py writes a folder (explain.html, "
-                             "explain.json)")
+        check_out(out)
         result = explain(target, args.bench, args.samples, args.seed, args.topk, args.device)
     except PopsdError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)

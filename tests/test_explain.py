@@ -171,7 +171,9 @@ def test_a_checkpoint_step_and_bad_input_are_one_line_each(explained, tmp_path):
                        ([orphan], "model folder '/nowhere/base' does not exist"),
                        ([run, "--samples", "0"], "--samples and --topk must be at least 1"),
                        ([run, "--step", "7"], "step 7 has no checkpoint (checkpoints at steps: 2"),
-                       ([tmp_path / "nope"], "no such folder")):
+                       ([tmp_path / "nope"], "no such folder"),
+                       ([run, "--out", run / "adapter"], "is an adapter or checkpoint (adapter_config.json)"),
+                       ([run, "--out", run], "is a training run")):
         done = run_main(explain.main, args)
         text = done.stdout + done.stderr
         assert done.returncode == 2 and said in text and "Traceback" not in text, (args, text[-1500:])
