@@ -66,8 +66,8 @@ class Rollout:
     texts: list[str]  # [B] decoded completions (for logging and grading only: the loss reads the ids)
     logprobs: torch.Tensor | None = None  # [B, T] the engine's raw log-prob of each sampled token, if it has
     contexts: list[Contexts] | None = None  # [B] each row's four contexts, repeated n times per prompt
-    weights_step: int | None = None  # the optimizer steps behind the adapter that sampled it, where the
-    # engine samples from a copy of the weights (the server pool); None: the training model's own
+    weights_step: int | None = None  # optimizer steps the sampling adapter had seen, where the engine
+    # samples from a copy of the weights (the server pool); None: it sampled the training model itself
 
     def __len__(self):
         return len(self.texts)
