@@ -1,5 +1,6 @@
 """rollout.py: the four contexts line up on ŷ, padding changes nothing, EOS masks; the loop's sampling
 (popsd.sample through the HF engine): KV-cached, each row with its contexts."""
+import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -7,7 +8,7 @@ import models
 import popsd
 import rollout
 from engines.hf import HFSampler, generate
-from rollout import (STUDENT_TEMPLATE, Contexts, build_contexts, check_templates, completion_hidden,
+from rollout import (STUDENT_TEMPLATE, Contexts, Rollout, build_contexts, check_templates, completion_hidden,
                      completion_mask, fill, marker_counts)
 
 
@@ -137,3 +138,37 @@ def test_every_rollout_engine_samples_what_the_dynamic_cache_samples(tiny):
             got[engine] = generate(model, tok, prompts, engine=engine, do_sample=do_sample, **kw).completions
         assert list(got) == ["dynamic", "static"]
         assert all(torch.equal(got["dynamic"], got[e]) for e in got), do_sample
+
+
+def test_rollouts_sampled_ahead_come_back_for_their_step_prompts_and_errors_included():
+    """engines.ahead.Ahead: a thread's rollouts are handed to the step they were drawn for, with that step's
+    contexts; a checkpoint's come back only for the prompts they were sampled from (a resume with another
+    batch samples anew); an error in the thread is raised in the loop's."""
+    from data import PopsdError
+    from engines.ahead import Ahead
+    batch = [Contexts([1, 2], [1, 5, 2], [5, 2]), Contexts([3], [3, 6], [6])]
+
+    def draw(contexts, n):
+        return Rollout(torch.ones(len(contexts) * n, 2, dtype=torch.long), torch.ones(len(contexts) * n, 2,
+                       dtype=torch.bool), torch.zeros(len(contexts) * n, dtype=torch.bool),
+                       ["ab"] * (len(contexts) * n), contexts=[c for c in contexts for _ in range(n)],
+                       weights_step=3)
+    ahead = Ahead()
+    ahead.start(5, draw, batch, 2)
+    assert ahead.take(4, batch) is None  # not this step's
+    ahead.start(5, draw, batch, 2)
+    got = ahead.take(5, batch)
+    assert len(got) == 4 and got.contexts == [batch[0]] * 2 + [batch[1]] * 2 and got.policy_lag(5) == 1
+    assert ahead.take(5, batch) is None  # handed over once
+    state = draw(batch, 2).state()
+    ahead.restore(6, state)
+    assert ahead.take(6, batch[::-1]) is None  # sampled for other prompts: the step samples anew
+    ahead.restore(6, state)
+    assert ahead.take(6, batch).contexts == [batch[0]] * 2 + [batch[1]] * 2
+
+    def fails(*_):
+        raise PopsdError("no rollout server answered")
+    ahead.start(7, fails)
+    with pytest.raises(PopsdError, match="no rollout server answered"):
+        ahead.take(7, batch)
+    assert ahead.take(7, batch) is None
