@@ -12,17 +12,15 @@ summary.md, and prints the table.
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import compare  # noqa: E402
-from rollout_ahead import ENV, free_port, start_server  # noqa: E402
+from rollout_ahead import ENV, toy_server  # noqa: E402
 
 RUNS, DOCS = ROOT / "runs/ahead_compare", ROOT / "docs/ahead_compare"
 METHODS, SEEDS, KEYS = ("opsd", "purified"), (0, 1, 2), ("accuracy", "markers_per_1k")
@@ -46,17 +44,8 @@ def train(url: str, method: str, ahead: int, seed: int) -> Path:
 
 def main():
     RUNS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        shutil.copytree(ROOT / "data/toyworld/base", tmp / "toy")
-        port = free_port()
-        server = start_server(tmp / "toy", port, tmp / "server.log")
-        try:
-            runs = {(m, a, s): train(f"http://127.0.0.1:{port}", m, a, s)
-                    for m in METHODS for s in SEEDS for a in (0, 1)}
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    with toy_server() as (url, _):
+        runs = {(m, a, s): train(url, m, a, s) for m in METHODS for s in SEEDS for a in (0, 1)}
     last = {k: compare.run_points(out)[-1] for k, out in runs.items()}
     assert all(p["step"] == 60 for p in last.values())
     # compare.paired's layout: the synchronous run is the "base" of each seed, one ahead the "method"

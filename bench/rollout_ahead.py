@@ -13,6 +13,7 @@ possible gain one step ahead gets, (speed-up − 1) / (ideal − 1). Prints a ta
 --out).
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -57,6 +58,21 @@ def start_server(base: Path, port: int, log: Path) -> subprocess.Popen:
     sys.exit("the vLLM server did not come up in 300 s")
 
 
+@contextlib.contextmanager
+def toy_server():
+    """A vLLM server of a copy of the toy base on core 0: yields its URL and a scratch folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shutil.copytree(ROOT / "data/toyworld/base", tmp / "toy")
+        port = free_port()
+        server = start_server(tmp / "toy", port, tmp / "server.log")
+        try:
+            yield f"http://127.0.0.1:{port}", tmp
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
 def run(url: str, ahead: int, steps: int, out: Path) -> dict:
     """One toy run on core 1; the medians of its steps 2..N."""
     done = subprocess.run(["taskset", "-c", "1", sys.executable, "popsd.py", "--recipe", "toy",
@@ -81,20 +97,12 @@ def main(argv):
     if (os.cpu_count() or 1) < 2:
         sys.exit("this bench puts the server and the trainer on a core each: it needs 2 cores")
     runs = {0: [], 1: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        shutil.copytree(ROOT / "data/toyworld/base", tmp / "toy")
-        port = free_port()
-        server = start_server(tmp / "toy", port, tmp / "server.log")
-        try:
-            for i in range(args.repeats):
-                for ahead in (0, 1):
-                    got = run(f"http://127.0.0.1:{port}", ahead, args.steps, tmp / f"run_{ahead}_{i}")
-                    runs[ahead].append(got)
-                    print(f"rollout_ahead={ahead} run {i + 1}: {got['time_step']:.3f} s/step", flush=True)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    with toy_server() as (url, tmp):
+        for i in range(args.repeats):
+            for ahead in (0, 1):
+                got = run(url, ahead, args.steps, tmp / f"run_{ahead}_{i}")
+                runs[ahead].append(got)
+                print(f"rollout_ahead={ahead} run {i + 1}: {got['time_step']:.3f} s/step", flush=True)
     best = {a: min(r, key=lambda x: x["time_step"]) for a, r in runs.items()}
     sample, rest = best[0]["time_sample"], best[0]["rest"]
     ideal = (sample + rest) / max(sample, rest)
