@@ -24,7 +24,7 @@ import torch
 
 import distributed as D
 import ema
-from config import RENAMED
+from config import current_names
 from data import DataStream, PopsdError
 
 MARKER, LOCK, SESSIONS = "popsd_run.json", "popsd_run.lock", "sessions.jsonl"
@@ -86,7 +86,7 @@ def record_session(out: Path, config: dict, start: int):
     before = {}
     if start and (out / "config.json").is_file():
         try:
-            before = {RENAMED.get(k, k): v for k, v in json.loads((out / "config.json").read_text()).items()}
+            before = current_names(json.loads((out / "config.json").read_text()))
         except (ValueError, AttributeError):
             pass
     changed = {k: [before[k], v] for k, v in config.items()
@@ -483,7 +483,7 @@ def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: boo
                          "write this one elsewhere with out_dir=..., or replace it with overwrite=true")
     saved_path = out / "config.json"
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-    saved = {RENAMED.get(k, k): v for k, v in saved.items()}  # a run saved before the keys were renamed
+    saved = current_names(saved)  # a run saved before the keys were renamed
     changed = {k: (saved[k], v) for k, v in config.items() if k in saved and saved[k] != v}
     fixed = {k: ov for k, ov in changed.items() if k not in MAY_CHANGE}
     if fixed:

@@ -173,6 +173,11 @@ RENAMED = {"jsd_beta": "jsd_mix", "clip": "pmi_clip", "token_clip": "term_clamp"
 # clips)
 
 
+def current_names(saved: dict) -> dict:
+    """A saved config's keys under their current names (a run saved before a key was renamed)."""
+    return {RENAMED.get(k, k): v for k, v in saved.items()}
+
+
 def current_name(key: str) -> str:
     """A renamed key's new name, with a one-line note (the old name keeps working for now)."""
     if key in RENAMED:

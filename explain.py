@@ -38,8 +38,8 @@ from rich.text import Text
 import eval as E
 import loss as L
 import popsd
-from checkpoints import MARKER
-from config import FIELDS, RENAMED, Config, make_config, set_field, validate, validated
+from checkpoints import MARKER, folder_kind
+from config import FIELDS, Config, current_names, make_config, set_field, validate, validated
 from data import PopsdError, model_load_error, read_rows, resolve_local
 from engines import make_sampler, request_seed
 from models import base_fingerprint, eos_ids, load_model, model_parts, pick_device
@@ -68,8 +68,7 @@ def run_config(folder: Path) -> Config:
     except (OSError, ValueError) as e:
         raise PopsdError(f"{folder / 'config.json'} cannot be read as a popsd run's config ({e})") from None
     cfg = Config()
-    for key, value in saved.items():
-        key = RENAMED.get(key, key)
+    for key, value in current_names(saved).items():
         if key in FIELDS:
             setattr(cfg, key, value)
     return validated(cfg)
@@ -82,7 +81,7 @@ def resolve(path: str, step: int | None, recipe: str | None) -> Target:
     if not folder.is_dir():
         raise PopsdError(f"{path}: no such folder (give a run folder, a checkpoint or adapter folder, "
                          "or a model)")
-    if (folder / MARKER).is_file() or is_run(folder):
+    if folder_kind(folder, FIELDS) == "run":
         cfg = run_config(folder)
         if step is not None:
             adapter = folder / "checkpoints" / f"step_{step:06d}"
@@ -103,7 +102,7 @@ def resolve(path: str, step: int | None, recipe: str | None) -> Target:
     if step is not None:
         raise PopsdError("--step picks a checkpoint of a run: give the run folder, not an adapter or a model")
     if (folder / "adapter_config.json").is_file():
-        runs = [d for d in folder.resolve().parents[:3] if is_run(d)]
+        runs = [d for d in folder.resolve().parents[:3] if folder_kind(d, FIELDS) == "run"]
         cfg = make_config(recipe) if recipe else run_config(runs[0]) if runs else make_config("")
         base = E.base_model_of(folder)
         if base.startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():  # before any other work
@@ -118,11 +117,6 @@ def resolve(path: str, step: int | None, recipe: str | None) -> Target:
     raise PopsdError(f"{folder} is not a popsd run, a checkpoint or adapter (adapter_config.json), nor a "
                      "model folder (config.json)")
 
-
-def is_run(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "metrics.jsonl").is_file()
-
-
 def questions(cfg: Config, bench: str | None, k: int) -> list[tuple[str, str, str | None]]:
     """The first k (question, reference, gold answer or None) of --bench, else of the run's evaluation file
     (held out from training), else of its training data."""
@@ -132,15 +126,12 @@ def questions(cfg: Config, bench: str | None, k: int) -> list[tuple[str, str, st
         raise PopsdError("no local question file: pass --bench FILE (jsonl with the run's question and "
                          "reference fields)")
     fields = (cfg.question_field, cfg.reference_field)
-    advice = (f"--bench needs the run's question field {cfg.question_field!r} and reference field "
-              f"{cfg.reference_field!r} in every row")
-    rows, _ = read_rows(sources[0], "train", fields, advice=advice)
-    gold = {}
     try:
-        gold = {q: a for q, a in read_rows(sources[0], "train", (cfg.question_field, answer_field))[0]}
-    except PopsdError:
-        pass  # no answers: correctness is not shown
-    return [(q, r, gold.get(q)) for q, r in rows[:k]]
+        return read_rows(sources[0], "train", (*fields, answer_field))[0][:k]
+    except PopsdError:  # no answers (correctness is not shown), or the question or reference is missing
+        advice = (f"--bench needs the run's question field {cfg.question_field!r} and reference field "
+                  f"{cfg.reference_field!r} in every row")
+        return [(q, r, None) for q, r in read_rows(sources[0], "train", fields, advice=advice)[0][:k]]
 
 
 # ----------------------------------------------------------------------------- the numbers

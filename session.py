@@ -328,7 +328,7 @@ class Session:
     def checkpoint(self, step: int):
         """A checkpoint after `step`, with the next step's rollouts if they were sampled ahead (waited for:
         a resume trains on exactly them)."""
-        if self.ahead.thread is not None and self.ahead.thread.is_alive():
+        if self.ahead.in_flight:
             console.print(f"[dim]waiting for step {step + 1}'s rollouts (sampled ahead) to keep them with "
                           "the checkpoint[/]")
         ahead = self.ahead.wait(step + 1)

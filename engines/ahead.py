@@ -42,6 +42,11 @@ class Ahead:
         self.prompts = state.pop("prompts")
         self.step, self.rollout, self.error, self.thread = step, Rollout(**state), None, None
 
+    @property
+    def in_flight(self) -> bool:
+        """Rollouts still being sampled."""
+        return self.thread is not None and self.thread.is_alive()
+
     def wait(self, step: int) -> Rollout | None:
         """The rollouts sampled ahead for `step` (waiting for them), or None if none were."""
         if self.step != step:
@@ -71,7 +76,7 @@ class Ahead:
 
     def close(self):
         """A run that ends with rollouts in flight (an error, a stop): the engine's requests end now."""
-        if self.thread is not None and self.thread.is_alive() and self.abort is not None:
+        if self.in_flight and self.abort is not None:
             self.abort("the run stopped")
             self.thread.join(timeout=30)
         self.step = self.thread = None
