@@ -1,4 +1,4 @@
-"""Helper for test_fsdp.py: optimizer steps from fixed sequences, under torchrun or as one plain process.
+"""Helper for test_scale.py: optimizer steps from fixed sequences, under torchrun or as one plain process.
 
     python tests/fsdp_update.py TINY_MODEL OUT_DIR STEPS                 # one rank
     torchrun --nproc_per_node 2 tests/fsdp_update.py TINY_MODEL OUT_DIR STEPS
@@ -51,8 +51,7 @@ def main(model_dir: str, out_dir: str, steps: int, *overrides):
     stream, start, out = DataStream(len(contexts), cfg.seed), 0, Path(out_dir)
     if cfg.resume:
         start = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out), model, optimizer, scheduler,
-                                            stream, cfg.seed,
-                                      rank, world)
+                                            stream, cfg.seed, rank, world)
     for step in range(start + 1, steps + 1):
         full = fixed_rollout(contexts, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, step)
         row = popsd.update(model, body, head, full.select(slice(rank, None, world)), cfg,
@@ -61,6 +60,7 @@ def main(model_dir: str, out_dir: str, steps: int, *overrides):
         if rank == 0:
             with (out / "rows.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "world": world, **row}) + "\n")
+    D.finish()  # gloo torn down while both ranks live: left to exit, it aborts a rank now and then (SIGABRT)
 
 
 if __name__ == "__main__":
