@@ -7,7 +7,8 @@ each world's base: its gates, its pre-training, its data files.
     python compare.py gates --world carryworld          # a shipped base's gates, measured and printed (~1 min)
     python compare.py pretrain --world carryworld --out runs/carry_base   # pre-train a base from scratch (--replace:
                                                         # over the shipped one; its docs say how long)
-    python compare.py data --world carryworld           # rewrite a world's train.jsonl and test.jsonl
+    python compare.py data --world carryworld           # a world's train.jsonl and test.jsonl, remade
+                                                        # (--replace: over files that differ)
 
 The paper's ablations, after the default comparison (18 more runs, 21 min; world one's with the supports: 17
 min):
@@ -718,6 +719,10 @@ def main(argv: list[str]):
                        help="write over a base already in --out (or the shipped one)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("settings", nargs="*", help="key=value over the world's PRETRAIN (a pilot's settings)")
+    elif command == "data":
+        p.add_argument("--out", default=None, help="default: the world's shipped data folder")
+        p.add_argument("--replace", action="store_true",
+                       help="write over files that differ from what the generator makes")
     args = p.parse_args(argv)
     try:
         names = [w.strip() for w in args.world.split(",") if w.strip()]
@@ -728,7 +733,9 @@ def main(argv: list[str]):
         chosen = [worlds.get(name) for name in names]
         world = chosen[0]
         if command == "data":
-            world.write_data()
+            out = Path(args.out or world.DATA)
+            for name, what in world.write_data(out, args.replace).items():
+                console.print(f"{out / name}: {what}", soft_wrap=True)
         elif command == "gates":
             torch.set_num_threads(2)
             tok, model = common.load_base(world, args.base)

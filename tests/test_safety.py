@@ -631,6 +631,32 @@ def test_pretraining_never_writes_over_a_base_unless_told():
         assert "--replace" in done.stdout and f"data/{world}/base" in done.stdout
 
 
+def test_the_data_command_remakes_the_shipped_files_and_never_writes_over_others_unless_told(tmp_path):
+    """compare.py data used to rewrite a world's files in place, whatever they held. The generator is
+    deterministic: it remakes the shipped files byte for byte, says so, and refuses to replace files that
+    differ (a cut train.jsonl, say) unless --replace."""
+    import compare
+    for world in ("toyworld", "carryworld"):
+        out = tmp_path / world
+        made = run_main(compare.main, ["data", "--world", world, "--out", out])
+        assert made.returncode == 0 and made.stdout.count(": written") == 2, made.stdout
+        for split in ("train", "test"):
+            assert (out / f"{split}.jsonl").read_bytes() == (ROOT / f"data/{world}/{split}.jsonl").read_bytes()
+        shipped = run_main(compare.main, ["data", "--world", world])  # the shipped folder: nothing to write
+        assert shipped.returncode == 0 and shipped.stdout.count(": unchanged") == 2, shipped.stdout
+    out = tmp_path / "toyworld"
+    cut = "".join((out / "train.jsonl").read_text().splitlines(keepends=True)[:50])
+    (out / "train.jsonl").write_text(cut)
+    (out / "test.jsonl").unlink()
+    refused = run_main(compare.main, ["data", "--world", "toyworld", "--out", out])
+    assert refused.returncode == 2 and "train.jsonl: 1950 of 2000 rows differ" in refused.stdout, refused.stdout
+    assert "--replace" in refused.stdout and (out / "train.jsonl").read_text() == cut  # untouched
+    assert not (out / "test.jsonl").exists()  # both files checked before either is written
+    replaced = run_main(compare.main, ["data", "--world", "toyworld", "--out", out, "--replace"])
+    assert "train.jsonl: replaced" in replaced.stdout and "test.jsonl: written" in replaced.stdout
+    assert (out / "train.jsonl").read_bytes() == (ROOT / "data/toyworld/train.jsonl").read_bytes()
+
+
 def test_each_session_of_a_resumed_run_is_recorded_with_its_sampler(tmp_path):
     run_tiny(tmp_path, "steps=1", "save_every=1")
     run_tiny(tmp_path, "steps=2", "save_every=1", "resume=true", "rollout_engine=static")

@@ -261,8 +261,8 @@ def measure_base(model, tok, n: int = 400, seed: int = 0) -> dict:
                                               forbid="wait")}
 
 
-def write_data():
-    common.write_data(sys.modules[__name__])
+def write_data(out=None, replace=False):
+    return common.write_data(sys.modules[__name__], out, replace)
 
 
 PRETRAIN = dict(stage1_steps=4000, stage1_error=0.10, stage1_check_every=100, stage2_steps=8000,

@@ -123,10 +123,18 @@ def save_prompts(world, out: Path):
                                                         "teacher_thinking": False}, indent=1) + "\n")
 
 
-def write_data(world, train: int = 2000, test: int = 500, seed: int = 0):
-    """<world data>/{train,test}.jsonl: question, full and sketch references, answer (test: the held-out
-    split)."""
-    rng = random.Random(seed)
+def rows_differing(a: str, b: str) -> int:
+    a_rows, b_rows = a.splitlines(), b.splitlines()
+    return sum(x != y for x, y in zip(a_rows, b_rows)) + abs(len(a_rows) - len(b_rows))
+
+
+def write_data(world, out: Path | None = None, replace: bool = False, train: int = 2000, test: int = 500,
+               seed: int = 0) -> dict[str, str]:
+    """<out, default the world's data folder>/{train,test}.jsonl: question, full and sketch references,
+    answer (test: the held-out split). Deterministic, so the shipped files are what this writes; a file that
+    differs (edited, or made by other code) is replaced only when asked. {file name: what happened to it}."""
+    out, rng = Path(out or world.DATA), random.Random(seed)
+    texts = {}
     for split, n in (("train", train), ("test", test)):
         seen, rows = set(), []
         while len(rows) < n:
@@ -134,7 +142,20 @@ def write_data(world, train: int = 2000, test: int = 500, seed: int = 0):
             if q not in seen:
                 seen.add(q)
                 rows.append({"question": q, **world.references(q), "answer": world.answer_of(q)})
-        write_jsonl(world.DATA / f"{split}.jsonl", rows)
+        texts[out / f"{split}.jsonl"] = "".join(json.dumps(r) + "\n" for r in rows)
+    old = {path: path.read_text(encoding="utf-8", errors="replace") for path in texts if path.exists()}
+    differ = [path for path, text in texts.items() if path in old and old[path] != text]
+    if differ and not replace:  # checked for both files before either is written
+        said = "; ".join(f"{path}: {rows_differing(old[path], texts[path])} of "
+                         f"{len(texts[path].splitlines())} rows differ" for path in differ)
+        raise ValueError(f"{said} from what the generator writes: pass --replace to write over them, or "
+                         "--out DIR for a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for path, text in texts.items():
+        if old.get(path) != text:
+            path.write_text(text, encoding="utf-8")
+    return {path.name: "unchanged" if old.get(path) == text else "replaced" if path in old else "written"
+            for path, text in texts.items()}
 
 
 # ----------------------------------------------------------------------------- tokenizer and model

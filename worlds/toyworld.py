@@ -161,8 +161,8 @@ def measure_base(model, tok, n: int = 400, seed: int = 0) -> dict:
     return common.measure_contexts(sys.modules[__name__], model, tok, n, seed)
 
 
-def write_data():
-    common.write_data(sys.modules[__name__])
+def write_data(out=None, replace=False):
+    return common.write_data(sys.modules[__name__], out, replace)
 
 
 # the shipped base
