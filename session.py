@@ -4,7 +4,7 @@
         for step, batch in run.steps():    #   checkpoint, logs, trackers, sampler, signals, progress bar
             with run.sampling(step, n) as on_batch: ...   # progress; a stop while sampling drops the step
             with run.timed(row, "time_sync"): ...
-            run.log(row, rollout)          # guards, evaluation when due, metrics.jsonl, trackers, the step line
+            run.log(row, rollout)          # guards, evaluation when due, metrics.jsonl, trackers, step line
             run.save(step, rollout)        # checkpoints, and the exit a Ctrl-C or SIGTERM asked for
         run.finish()                       # the final adapter and plots.png
 
@@ -37,7 +37,8 @@ from config import Config, derived_sizes, print_config
 from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from engines import graph_rows, make_sampler
 from engines.ahead import Ahead
-from models import base_fingerprint, eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts, pick_device
+from models import (base_fingerprint, eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts,
+                    pick_device)
 from rollout import Rollout, build_contexts, control_tokens
 from trackers import Trackers
 
@@ -397,7 +398,8 @@ class _Sampling:
             sys.exit(128 + (run.stop.signum or signal.SIGTERM))
         if kind is RuntimeError and "probability tensor contains" in str(error):
             raise PopsdError(f"step {self.step}: the student's next-token probabilities are not finite: the "
-                             "run diverged; lower lr or max_grad_norm and resume from the last checkpoint") from None
+                             "run diverged; lower lr or max_grad_norm and resume from the last checkpoint"
+                             ) from None
         if run.device.type == "cuda":
             torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
         return False

@@ -641,7 +641,8 @@ def test_the_data_command_remakes_the_shipped_files_and_never_writes_over_others
         made = run_main(compare.main, ["data", "--world", world, "--out", out])
         assert made.returncode == 0 and made.stdout.count(": written") == 2, made.stdout
         for split in ("train", "test"):
-            assert (out / f"{split}.jsonl").read_bytes() == (ROOT / f"data/{world}/{split}.jsonl").read_bytes()
+            shipped_file = ROOT / f"data/{world}/{split}.jsonl"
+            assert (out / f"{split}.jsonl").read_bytes() == shipped_file.read_bytes()
         shipped = run_main(compare.main, ["data", "--world", world])  # the shipped folder: nothing to write
         assert shipped.returncode == 0 and shipped.stdout.count(": unchanged") == 2, shipped.stdout
     out = tmp_path / "toyworld"
@@ -649,7 +650,8 @@ def test_the_data_command_remakes_the_shipped_files_and_never_writes_over_others
     (out / "train.jsonl").write_text(cut)
     (out / "test.jsonl").unlink()
     refused = run_main(compare.main, ["data", "--world", "toyworld", "--out", out])
-    assert refused.returncode == 2 and "train.jsonl: 1950 of 2000 rows differ" in refused.stdout, refused.stdout
+    assert refused.returncode == 2, refused.stdout
+    assert "train.jsonl: 1950 of 2000 rows differ" in refused.stdout, refused.stdout
     assert "--replace" in refused.stdout and (out / "train.jsonl").read_text() == cut  # untouched
     assert not (out / "test.jsonl").exists()  # both files checked before either is written
     replaced = run_main(compare.main, ["data", "--world", "toyworld", "--out", out, "--replace"])
@@ -781,8 +783,9 @@ def test_a_server_that_accepts_but_never_answers_is_named_in_bounded_time(tmp_pa
                                ROOT / "data/toyworld/base", "--bench", ROOT / "data/toyworld/test.jsonl",
                                "--question-field", "question", "--server-timeout", "2", "--out",
                                tmp_path / "e"])
-        assert ev.returncode == 2 and f"the server at {hung.url} accepted the connection but answered nothing to " \
-            "/v1/models within 2 s" in ev.stdout, ev.stdout[-2000:]
+        said = (f"the server at {hung.url} accepted the connection but answered nothing to /v1/models "
+                "within 2 s")
+        assert ev.returncode == 2 and said in ev.stdout, ev.stdout[-2000:]
         run = cli("--recipe", "toy", f"rollout_server={hung.url}", "server_timeout=2",
                   f"out_dir={tmp_path / 'r'}")
         assert run.returncode == 2 and "no rollout server answered" in run.stdout and "answered nothing" in \
@@ -830,8 +833,8 @@ def test_bad_devices_a_malformed_server_and_plot_paths_are_one_line(tmp_path):
         ev = run_main(E.main, ["--server", url, "--served-model", "toy", "--model",
                                ROOT / "data/toyworld/base", "--bench", ROOT / "data/toyworld/test.jsonl",
                                "--question-field", "question", "--out", tmp_path / "s"])
-        assert ev.returncode == 2 and "answered /v1/models with \"['toy']\"" in ev.stdout and "Traceback" not in \
-            ev.stdout, ev.stdout[-2000:]
+        assert ev.returncode == 2 and "answered /v1/models with \"['toy']\"" in ev.stdout, ev.stdout[-2000:]
+        assert "Traceback" not in ev.stdout, ev.stdout[-2000:]
     finally:
         httpd.shutdown()
     run_tiny(tmp_path / "run", "steps=1")
