@@ -657,6 +657,8 @@ def test_the_data_command_remakes_the_shipped_files_and_never_writes_over_others
     replaced = run_main(compare.main, ["data", "--world", "toyworld", "--out", out, "--replace"])
     assert "train.jsonl: replaced" in replaced.stdout and "test.jsonl: written" in replaced.stdout
     assert (out / "train.jsonl").read_bytes() == (ROOT / "data/toyworld/train.jsonl").read_bytes()
+    into_a_file = run_main(compare.main, ["data", "--out", out / "train.jsonl"])
+    assert into_a_file.returncode == 2 and "is a file" in into_a_file.stdout, into_a_file.stdout
 
 
 def test_each_session_of_a_resumed_run_is_recorded_with_its_sampler(tmp_path):

@@ -134,6 +134,8 @@ def write_data(world, out: Path | None = None, replace: bool = False, train: int
     answer (test: the held-out split). Deterministic, so the shipped files are what this writes; a file that
     differs (edited, or made by other code) is replaced only when asked. {file name: what happened to it}."""
     out, rng = Path(out or world.DATA), random.Random(seed)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: the data files go into a folder")
     texts = {}
     for split, n in (("train", train), ("test", test)):
         seen, rows = set(), []
