@@ -51,7 +51,7 @@ class Config:
     skip_bad_rows: bool = False  # skip (and count) rows with a missing/empty field instead of stopping
     max_prompt_len: int = 4096  # rows whose longest context is longer (tokens) are skipped and counted
     # prompts: {question} and {reference} are replaced; thinking mode is passed to the chat template
-    prompts: str = "popsd"  # template preset (rollout.PROMPTS): popsd (ours) | opsd (the OPSD paper's wording)
+    prompts: str = "popsd"  # template preset (rollout.PROMPTS): popsd (ours) | opsd (the OPSD paper's)
     student_template: str = ""  # student and clean base ("": the preset's)
     teacher_template: str = ""  # teacher: question + reference ("": the preset's)
     refonly_template: str = ""  # reference-only teacher: no question ("": the preset's)
@@ -64,41 +64,46 @@ class Config:
     top_p: float = 0.95  # nucleus sampling
     top_k: int = 20  # top-k sampling (0: off)
     gen_batch_size: int = 32  # sequences per generate call
-    rollout_engine: str = "dynamic"  # dynamic | static: HF generate, KV cache grown | preallocated; vllm: vLLM in
-    # this process; graph: a static KV cache, the decoding step replayed as a CUDA graph (engines/: the table)
-    graph_keep_rows: bool = True  # graph: step every row to the end (seeded samples = dynamic's); false: halve the batch as rows finish (eager: grow its cache)
-    graph_kv_gb: float = 0.0  # graph: GiB its KV caches may hold (0: 25% of the GPU's free memory at start-up; 8 on a CPU)
-    rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (server_pool.py; docs/engines.md has the command)
-    # (on the command line it replaces a recipe's rollout_engine=graph or vllm; both given there are an error)
-    rollout_adapter_dir: str = ""  # folder the servers read each step's adapter from ("": <out_dir>/rollout_adapters)
+    rollout_engine: str = "dynamic"  # dynamic | static: HF generate, KV cache grown | preallocated;
+        # vllm: vLLM in this process; graph: a static KV cache, the decoding step replayed as a CUDA graph
+        # (engines/: the table)
+    graph_keep_rows: bool = True  # graph: step every row to the end (seeded samples = dynamic's);
+        # false: halve the batch as rows finish (eager: grow its cache)
+    graph_kv_gb: float = 0.0  # graph: GiB its KV caches may hold (0: 25% of the GPU's free memory; CPU: 8)
+    rollout_server: str = ""  # URL[,URL...]: vLLM servers sample instead (docs/engines.md has the command);
+        # on the command line it replaces a recipe's rollout_engine=graph or vllm (both there: an error)
+    rollout_adapter_dir: str = ""  # where servers read each step's adapter ("": <out_dir>/rollout_adapters)
     rollout_concurrency: int = 16  # requests in flight per rollout server
     rollout_ahead: int = 0  # 1: the servers sample step t+1 while step t trains, from weights one step old
-    # (policy_lag 1; engines/ahead.py, docs/engines.md); 0: every step samples from the student it trains
-    server_timeout: float = 30.0  # seconds a rollout server may leave a connection, /v1/models, /health or an adapter
-    # load unanswered before popsd gives up on it (a completion may take longer: /health is probed meanwhile)
-    vllm_gpu_memory: float = 0.3  # rollout_engine=vllm on a GPU: fraction of the card vLLM may take while it samples
+        # (policy_lag 1; engines/ahead.py, docs/engines.md); 0: every step samples from the student it trains
+    server_timeout: float = 30.0  # seconds a rollout server may leave a connection, /v1/models, /health or
+        # an adapter load unanswered before popsd gives up on it (a completion may take longer: /health is
+        # probed meanwhile)
+    vllm_gpu_memory: float = 0.3  # rollout_engine=vllm on a GPU: the card's share vLLM takes while sampling
     vllm_kv_cache_gb: float = 0.0  # vLLM's KV cache in GiB (0: from vllm_gpu_memory on a GPU, 1 GiB on a CPU)
-    vllm_enforce_eager: bool = False  # vLLM on a GPU without CUDA graphs (starts faster; a CPU is always eager)
-    sample_gathered: bool = True  # FSDP: gather the weights once per generate call (each GPU holds the whole model)
-    sampler_gap_warn: float = 0.05  # engines: a mean |log p_engine − log p_student| per token above it warns each step
+    vllm_enforce_eager: bool = False  # vLLM on a GPU without CUDA graphs (starts faster; CPU: always eager)
+    sample_gathered: bool = True  # FSDP: gather the weights once per generate call (each GPU: all of them)
+    sampler_gap_warn: float = 0.05  # a mean |log p_engine − log p_student| per token above it warns each step
     sampler_gap_stop: float = 0.5  # ... above it the run stops: the engine is not sampling from the student
     # algorithm
     method: str = "purified"  # purified (PMI target) | opsd (target = teacher)
-    teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached) | ema (an EMA of the LoRA: ema.py)
-    ema_rate: float = 0.05  # teacher=ema: θ_T ← (1 − rate)·θ_T + rate·θ per step (TRL's 0.05; OPSD's decay 0.999 is 0.001)
+    teacher: str = "frozen"  # frozen (LoRA disabled) | live (current weights, detached) | ema (an EMA of the
+        # LoRA: ema.py)
+    ema_rate: float = 0.05  # teacher=ema: θ_T ← (1 − rate)·θ_T + rate·θ per step (TRL's 0.05; OPSD's decay
+        # 0.999 is 0.001)
     divergence: str = "jsd"  # jsd | forward_kl | reverse_kl
     jsd_mix: float = 0.5  # b: the generalized JSD's mixture weight of the target, M = b·P + (1 − b)·π_θ
     beta: float = 1.0  # β: KL strength of the PMI target
     pmi_clip: float | None = 10.0  # c: soft clip c·tanh(·/c) of the centred PMI Δ_it (none: no clip)
-    loss_temperature: float | None = None  # τ dividing all logits in the loss (none: the sampling temperature)
-    term_clamp: float | None = None  # cap each (token, vocab entry) term of D before the vocab sum (OPSD: 0.05)
-    support: str = "full"  # full (every vocab entry) | topk (the target's top-k) | sampled (ŷ_t alone: reverse_kl)
+    loss_temperature: float | None = None  # τ dividing all logits in the loss (none: sampling temperature)
+    term_clamp: float | None = None  # cap each (token, vocab entry) term of D before summing (OPSD: 0.05)
+    support: str = "full"  # full (every vocab entry) | topk (the target's top-k) | sampled (ŷ_t: reverse_kl)
     topk: int = 100  # support=topk: entries per position (TRL's default; the toy recipes 16 of 128)
-    topk_tail: bool = False  # support=topk: one more bucket holding the rest of each side's mass (else renormalised)
+    topk_tail: bool = False  # support=topk: a bucket for the rest of each side's mass (else renormalised)
     diagnostics: bool = True  # also run the reference-only pass under opsd, to log the signal cosines
     loss_impl: str = "fused"  # fused (chunked, memory flat in N) | reference (materialised logits, readable)
     loss_chunk_mb: int = 512  # fused: memory for one chunk's [tokens, V] float32 buffers
-    loss_compile: str = "auto"  # fused, support=full: torch.compile each chunk's elementwise chain (auto: on CUDA only)
+    loss_compile: str = "auto"  # fused, support=full: torch.compile the chunk's elementwise math (auto: CUDA)
     # optimisation
     steps: int = 200  # optimizer steps
     batch_size: int = 32  # prompts per optimizer step
@@ -107,19 +112,19 @@ class Config:
     lr_schedule: str = "constant"  # constant | cosine (to 0), after linear warm-up
     warmup_steps: int = 0  # linear warm-up steps
     weight_decay: float = 0.0  # AdamW weight decay
-    optim: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes: 8-bit states, paged out under memory pressure)
+    optim: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes: 8-bit states, paged out under pressure)
     max_grad_norm: float = 0.1  # gradient-norm clip (OPSD: 0.1)
     seed: int = 0  # seeds data order, LoRA init and sampling
     # evaluation (eval.py) on held-out benchmarks: before step 1, every eval_every steps and at the end
     eval_every: int = 0  # steps between evaluations (0: off); logged as eval/<bench>/avg@<n> etc.
-    eval_bench: str = "aime24,aime25,hmmt25"  # benchmark names (eval.BENCHMARKS) or local files, comma-separated
+    eval_bench: str = "aime24,aime25,hmmt25"  # benchmarks (eval.BENCHMARKS) or local files, comma-separated
     eval_fields: str = "problem,answer"  # question and gold-answer fields of local benchmark files
     eval_n: int = 12  # samples per question (paper: avg@12)
     eval_limit: int = 0  # first K questions per benchmark (0: all)
     eval_max_new_tokens: int = 32768  # completion budget at evaluation
     eval_temperature: float = 0.6  # sampling temperature at evaluation
     eval_top_p: float = 0.95  # nucleus sampling at evaluation
-    eval_grader: str = "math"  # math (math-verify on the last \boxed{}) | a world's name (worlds/: its exact checker)
+    eval_grader: str = "math"  # math (math-verify on the last \boxed{}) | a world's name (its exact checker)
     # run
     recipe: str = ""  # set by --recipe
     out_dir: str = ""  # run folder (default runs/<recipe>)
@@ -129,7 +134,7 @@ class Config:
     overwrite: bool = False  # replace the run in out_dir (without it, a folder holding a run is refused)
     samples_per_step: int = 2  # completions written to samples.txt each step
     threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models
-    report_to: str = "none"  # none | tensorboard | wandb (comma-separated for both): metrics also to a tracker
+    report_to: str = "none"  # none | tensorboard | wandb (comma-separated for both): metrics to a tracker too
 
 
 CHOICES = {"loss_impl": ("fused", "reference"), "loss_compile": ("auto", "on", "off"),
@@ -344,7 +349,16 @@ def validated(cfg: Config) -> Config:
 def field_docs() -> list[tuple[str, str, str, str]]:
     """(name, type, default, comment) of every Config field, the comment read from this file's source."""
     import inspect
-    comments = dict(re.findall(r"^    (\w+): [^=]+=.*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    comments, name = {}, None
+    for line in inspect.getsource(Config).splitlines():  # a field's comment goes on in lines indented deeper
+        field = re.match(r"^    (\w+): [^=]+=.*?#\s*(.*)$", line)
+        more = re.match(r"^        #\s*(.*)$", line)
+        if field:
+            name, comments[field[1]] = field[1], field[2]
+        elif more and name:
+            comments[name] += " " + more[1]
+        else:
+            name = None
     return [(f.name, getattr(f.type, "__name__", str(f.type)), repr(f.default), comments.get(f.name, ""))
             for f in dataclasses.fields(Config)]
 
