@@ -375,10 +375,11 @@ class Session:
 
 class _Sampling:
     def __init__(self, run: Session, step: int, sequences: int):
-        self.run, self.step = run, step
+        self.run, self.step, self.sequences, self.sampled = run, step, sequences, 0
         self.task = run.bar.add_task(f"step {step}: sampling", total=sequences)
 
     def on_batch(self, k: int):
+        self.sampled += k
         E.advance(self.run.bar, self.task, k, end_line=False)
         if self.run.stop.signum and self.run.world == 1:
             raise SamplingStopped
@@ -393,8 +394,9 @@ class _Sampling:
         if kind is SamplingStopped:  # the step is dropped: the run stands where it stood before it
             go_back(run.stream, run.before)
             run.checkpoint(self.step - 1)
-            console.print(f"[yellow]stopped while sampling step {self.step}: checkpoint saved at step "
-                          f"{self.step - 1} in {run.out}; resume with resume=true[/]")
+            console.print(f"[yellow]stopped while sampling step {self.step} ({self.sampled} of its "
+                          f"{self.sequences} sequences sampled): checkpoint saved at step {self.step - 1} in "
+                          f"{run.out}; resume with resume=true[/]")
             sys.exit(128 + (run.stop.signum or signal.SIGTERM))
         if kind is RuntimeError and "probability tensor contains" in str(error):
             raise PopsdError(f"step {self.step}: the student's next-token probabilities are not finite: the "
