@@ -477,7 +477,8 @@ def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: boo
         return None
     if links := links_in(out):
         raise PopsdError(f"{links[0]} is a symbolic link: a run writes only inside its folder; remove the "
-                         "link (or start afresh with overwrite=true, which removes it, not what it points to)")
+                         "link (or start afresh with overwrite=true, which removes it, not what it points "
+                         "to)")
     if not resume:
         raise PopsdError(f"{out} already holds a run ({', '.join(held)}): continue it with resume=true, "
                          "write this one elsewhere with out_dir=..., or replace it with overwrite=true")

@@ -1,18 +1,19 @@
 """compare.py: base vs OPSD vs Purified in a toy world (worlds/), both reference formats, several seeds; and
 each world's base: its gates, its pre-training, its data files.
 
-    python compare.py                                   # toyworld: the table and figure of docs/toyworld.md (6 min)
+    python compare.py                                   # toyworld: docs/toyworld.md's table, figure (6 min)
     python compare.py --world carryworld                # the second world, docs/carryworld.md (13 min)
     python compare.py --world toyworld,carryworld       # both worlds' default comparisons (19 min)
-    python compare.py gates --world carryworld          # a shipped base's gates, measured and printed (~1 min)
-    python compare.py pretrain --world carryworld --out runs/carry_base   # pre-train a base from scratch (--replace:
-                                                        # over the shipped one; its docs say how long)
+    python compare.py gates --world carryworld          # a shipped base's gates, measured (~1 min)
+    python compare.py pretrain --world carryworld --out runs/carry_base   # pre-train a base from scratch
+                                                        # (--replace: over the shipped one; docs: how long)
     python compare.py data --world carryworld           # a world's train.jsonl and test.jsonl, remade
                                                         # (--replace: over files that differ)
 
 The paper's ablations, after the default comparison (18 more runs, 21 min; world one's with the supports: 17
 min):
-    python compare.py --world carryworld --formats sketch --grid one-at-a-time --clip 5,20,none --beta 0.5,2 --opsd-fkl
+    python compare.py --world carryworld --formats sketch --grid one-at-a-time --clip 5,20,none --beta 0.5,2 \
+        --opsd-fkl
 Minutes measured on this project's 2-core Xeon (2026-12-03; docs/toyworld.md and docs/carryworld.md).
 
 Each run is `python popsd.py --recipe <the world's recipe>` with only the method, the reference format and the

@@ -2,7 +2,7 @@
 average of the trained one, used by the teacher and reference-only passes (the clean base stays the initial
 policy, LoRA off). After every optimizer step, for the LoRA factors A and B separately (not their product):
 
-    θ_T ← (1 − rate)·θ_T + rate·θ          rate = ema_rate (TRL's default 0.05; the OPSD code's decay 0.999 is 0.001)
+    θ_T ← (1 − rate)·θ_T + rate·θ          rate = ema_rate (TRL's default 0.05; OPSD's decay 0.999 is 0.001)
 
 The EMA adapter never trains and is never the active adapter outside `active`: peft's set_adapter moves
 requires_grad to the adapter it activates, so `active` switches the layers' active adapter directly.
@@ -46,7 +46,7 @@ def update(model, rate: float):
 
 @contextmanager
 def active(model):
-    """Inside, every LoRA layer runs the EMA adapter instead of the trained one; requires_grad is untouched."""
+    """Inside, every LoRA layer runs the EMA adapter instead of the trained one; requires_grad untouched."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     saved = [m._active_adapter for m in layers]

@@ -1,8 +1,8 @@
 """eval.py: math benchmarks: avg@k, pass@k, completion lengths, truncation and epistemic markers.
 
     python eval.py --model Qwen/Qwen3-8B --adapter runs/single_gpu/adapter --bench aime24,aime25,hmmt25 --n 12
-    python eval.py --adapter runs/single_gpu/checkpoints --bench aime24       # every checkpoint, the best step
-    python eval.py --server http://localhost:8000 --served-model popsd ...    # generation by vLLM & co (remote.py)
+    python eval.py --adapter runs/single_gpu/checkpoints --bench aime24     # every checkpoint, the best step
+    python eval.py --server http://localhost:8000 --served-model popsd ...  # sampled by vLLM & co (remote.py)
     python eval.py merge --adapter runs/single_gpu/adapter --out merged       # base + adapter as one model
 
 Prompts use the student's template and thinking mode: --template/--thinking, else the adapter's
@@ -582,7 +582,8 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=0, help="first K questions per benchmark (0: all)")
     p.add_argument("--template",
                    help="the prompt, with {question} (default: the adapter's saved prompt settings,\n"
-                                      "the run's, or the model folder's popsd_prompts.json; else popsd's own)")
+                                      "the run's, or the model folder's popsd_prompts.json; else popsd's "
+                                      "own)")
     p.add_argument("--thinking", choices=("on", "off"),
                    help="chat-template thinking mode (default: the training run's; with no run: "
                         "on, said aloud)")
@@ -605,7 +606,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--grader", choices=("math", *worlds.NAMES), default="math",
-                   help="math: math-verify on the last \\boxed{}; a world's name (worlds/): its exact checker")
+                   help="math: math-verify on the last \\boxed{}; a world's name (worlds/): its exact "
+                        "checker")
     p.add_argument("--out", help="folder for summary.json and samples.jsonl (default: runs/eval/<what is "
                                  "evaluated>);\none holding an evaluation with the same settings is read "
                                  "back, with others refused")

@@ -1,7 +1,8 @@
 """grading.py: is a completion's answer right? math-verify on the last \\boxed{}, after the reasoning block.
 
     is_correct("... so \\boxed{\\frac12}", "0.5")   → True
-    answer_part("<think>… \\boxed{3} …</think> The answer is \\boxed{4}")  → (" The answer is \\boxed{4}", True)
+    answer_part("<think>… \\boxed{3} …</think> The answer is \\boxed{4}")
+        → (" The answer is \\boxed{4}", True)
 
 A thinking model's completion is graded on what follows its reasoning block; one that never closes the
 block (cut inside its reasoning) is wrong, whatever tentative \\boxed{} it wrote mid-thought.

@@ -1,6 +1,6 @@
 """guards.py: a run that diverges, collapses or cannot learn says so and why, and stops before it wastes more.
 
-    health(row, ...)       after every step: skipped or gradient-free steps counted (three in a row stop the run),
+    health(row, ...)       after every step: skipped or gradient-free steps counted (three in a row stop),
                            a collapse or degenerate repetition warned (and marked in metrics), the sampler's
                            log-prob gap warned or stopped on, the setting to blame named where one is extreme
     check_outputs(...)     before a checkpoint: finite weights can still give infinite logits (lr=1e30)

@@ -263,7 +263,8 @@ def _support_chunk(s, q, t, tmp, out, *, support, k, tail, kind, b, term_clamp, 
     idx = t.topk(k, dim=-1).indices  # [c, k]
     s_b, t_b = s.gather(-1, idx), t.gather(-1, idx)  # [c, k]
     if tail:  # log of the mass off the support, each side
-        rest = lambda x: tmp.copy_(x).scatter_(-1, idx, -math.inf).logsumexp(-1, keepdim=True).clamp_min(-1e30)  # noqa
+        def rest(x):  # one shared buffer: x's entries off the support, their log-sum-exp
+            return tmp.copy_(x).scatter_(-1, idx, -math.inf).logsumexp(-1, keepdim=True).clamp_min(-1e30)
         s_rest = rest(s)  # [c, 1]
         s_b, t_b = torch.cat([s_b, s_rest], -1), torch.cat([t_b, rest(t)], -1)  # [c, k + 1]
     else:

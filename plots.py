@@ -1,7 +1,7 @@
 """plots.py: curves of popsd runs against the step, read from their metrics.jsonl; the toy comparison figure.
 
     python plots.py runs/toy                          # → runs/toy/plots.png
-    python plots.py runs/a runs/b --out ab.png        # several runs overlaid, one colour each (default: runs/plots.png)
+    python plots.py runs/a runs/b --out ab.png        # runs overlaid, a colour each (default: runs/plots.png)
 
 Panels: loss, the three Δ diagnostics, markers per 1k, completion length, entropy, then every evaluation
 metric (eval/<bench>/<name>). popsd.py writes plots.png into each run folder at the end of training.

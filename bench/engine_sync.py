@@ -1,6 +1,6 @@
 """bench/engine_sync.py: how the student's weights reach vLLM after an optimizer step, measured two ways.
 
-    python bench/engine_sync.py                       # CPU: the toy base and a scaled-down Qwen3-8B (head_dim 32)
+    python bench/engine_sync.py                       # CPU: the toy base and a scaled-down Qwen3-8B (head 32)
     python bench/engine_sync.py --models qwen3_8b     # a GPU: the real architecture, random weights, bf16
 
   adapter  what rollout_engine=vllm does: the LoRA adapter written to a RAM folder (/dev/shm) in PEFT format,

@@ -2,9 +2,10 @@
 toy run's adapter) timed with each sampler eval.py offers, side by side in one run of this script, on an idle
 machine and with one other process busy on a core (what a 2-core machine running anything else is like).
 
-    python bench/eval_engines.py                  # CPU: a 2-step toy run's adapter, best of --repeats per variant
+    python bench/eval_engines.py                  # CPU: a 2-step toy run's adapter, best of --repeats each
 
-  before   what eval.py did before it read the run's sampling settings: HF generate (dynamic KV cache), torch's
+  before   what eval.py did before it read the run's sampling settings: HF generate (dynamic KV cache),
+          torch's
            default threads, the generation batch from the memory budget (256 here)
   dynamic  HF generate, one thread, the toy recipe's batch of 400
   graph    engines/graph.py eagerly (the toy recipe's rollout_engine=graph graph_keep_rows=false), one thread,
@@ -75,7 +76,8 @@ def main(argv):
     for r in rows:
         before = next(x["seconds"] for x in rows if x["load"] == r["load"] and x["variant"] == "before")
         r["speedup"] = round(before / r["seconds"], 2)
-        print(f"{r['load']:<15}{r['variant']:<10}{r['seconds']:>9.1f}{r['speedup']:>10.2f}{r['accuracy']:>10.3f}")
+        print(f"{r['load']:<15}{r['variant']:<10}{r['seconds']:>9.1f}{r['speedup']:>10.2f}"
+              f"{r['accuracy']:>10.3f}")
     with open(ROOT / args.out, "a") as f:
         for r in rows:
             print(json.dumps(r))

@@ -1,4 +1,5 @@
-"""bench/fsdp_generate.py: decoding-step time of a sharded model, weights gathered at every step vs once per call.
+"""bench/fsdp_generate.py: decoding-step time of a sharded model, weights gathered at every step vs once per
+call.
 
     torchrun --nproc_per_node 2 bench/fsdp_generate.py                 # CPU, gloo: the toy base, LoRA r16
     torchrun --nproc_per_node 8 bench/fsdp_generate.py --model qwen3_8b --device cuda --tokens 256
@@ -90,7 +91,8 @@ def main(argv):
                    "seconds": round(best[g], 3), "ms_per_step": round(1000 * best[g] / args.tokens, 2),
                    "same_tokens": same}
             out_rows.append(row)
-            print(f"{'once per call' if g else 'at every step':<28}{best[g]:>10.2f}{1000 * best[g] / args.tokens:>22.1f}")
+            mode = 'once per call' if g else 'at every step'
+            print(f"{mode:<28}{best[g]:>10.2f}{1000 * best[g] / args.tokens:>22.1f}")
         print(f"speed-up {best[False] / best[True]:.2f}x; same tokens with and without: {same}")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:

@@ -173,10 +173,12 @@ def estimate(config: dict, length: int, prompt_len: int, reference_len: int, lor
                     and the untied head in bf16 (bitsandbytes leaves them unquantised)
       lora          LoRA r on every linear layer: fp32 weights + fp32 grads + 8-bit Adam's two states
       checkpoints   gradient checkpointing keeps each layer's input [T, H] in bf16 for the student pass
-      recompute     one layer's forward activations and their grads during its backward: T × (4H + 3I), bf16, × 2
-      loss          the fused loss's chunk buffers (loss_chunk_mb) and five [N, H] float32 tensors (four contexts'
+      recompute     one layer's forward activations and their grads in its backward: T × (4H + 3I), bf16, × 2
+      loss          the fused loss's chunk buffers (loss_chunk_mb) and five [N, H] float32 tensors (four
+                    contexts'
                     hidden states and the student's gradient)
-      frozen pass   the widest frozen pass (the teacher: prompt + reference + completion), one layer's activations
+      frozen pass   the widest frozen pass (the teacher: prompt + reference + completion), one layer's
+                    activations
       sample_kv     gen_batch sequences of prompt + completion in the bf16 KV cache (the sampling phase; freed
                     before the update)"""
     h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]

@@ -1,6 +1,6 @@
 """bench/loss.py: full-vocabulary loss, fwd+bwd time and peak memory, popsd vs TRL vs the matmul floor.
 
-    pip install -r bench/requirements.txt && python bench/loss.py                # CPU, V=151,936, H=1024, fp32
+    pip install -r bench/requirements.txt && python bench/loss.py    # CPU, V=151,936, H=1024, fp32
     python bench/loss.py --n 512,2048 --dtype bf16 --device cuda                  # on a GPU
 
 Each case runs in its own subprocess, so its peak memory is its own: peak resident memory (CPU,

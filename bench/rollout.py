@@ -1,15 +1,15 @@
 """bench/rollout.py: how fast popsd samples, as a fraction of what the hardware allows (the decode floor).
 
-    python bench/rollout.py --cpu-test                          # a scaled-down Qwen3 on the CPU (a test runs this)
+    python bench/rollout.py --cpu-test                          # a scaled-down Qwen3 on the CPU (tested)
     python bench/rollout.py --model qwen3_8b --dtype nf4        # on a GPU: Qwen3-8B in 4-bit, LoRA r64
     python bench/rollout.py --model qwen3_8b --dtype bf16 --batch 32 --max-new-tokens 1024
-    python bench/rollout.py --model toy --batch 16 --prompt-len 16 --max-new-tokens 128 --lora-r 16   # the toy recipe
+    python bench/rollout.py --model toy --batch 16 --prompt-len 16 --max-new-tokens 128 --lora-r 16  # toy
 
 Engines, each with a LoRA adapter active on all linear layers (r64 as single_gpu; random, non-zero):
-  dynamic     engines.hf.generate as the loop runs it: HF generate, a KV cache grown step by step, one static batch
+  dynamic     engines.hf.generate as the loop runs it: HF generate, a KV cache grown step by step, one batch
   static      engines.hf.generate(engine="static"): HF's preallocated KV cache (cache_implementation="static")
   compile     static + torch.compile of the forward (GPU only: compiling on a CPU takes minutes)
-  graph       rollout_engine=graph (engines/graph.py): a static cache, each decoding step a replayed CUDA graph
+  graph       rollout_engine=graph (engines/graph.py): a static cache, each decoding step a CUDA graph replay
               (on a CPU the same loop, eager); graph-drop: graph_keep_rows=false, the batch halved as rows
               finish
   continuous  transformers' continuous batching (paged KV cache, a finished sequence frees its slot at once)

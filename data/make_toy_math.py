@@ -1,5 +1,6 @@
 """Writes data/toy_math.jsonl: small arithmetic problems with worked solutions (problem, solution), and
-data/toy_math_test.jsonl: 32 held-out problems (none in the training file) with gold answers (problem, answer).
+data/toy_math_test.jsonl: 32 held-out problems (none in the training file) with gold answers (problem,
+answer).
 
 The tiny recipe trains its tokenizer and model on these; the numbers they produce mean nothing,
 they only show that the pipeline runs. Rerun: python data/make_toy_math.py
@@ -14,7 +15,8 @@ def example(rng: random.Random) -> dict:
     kind = rng.choice(["add", "sub", "mul", "half"])
     if kind == "add":
         q = f"What is {a} + {b}?"
-        s = f"We add the two numbers. {a} + {b} = {a + b}. Let me check: {a + b} - {b} = {a}. The answer is \\boxed{{{a + b}}}."
+        s = (f"We add the two numbers. {a} + {b} = {a + b}. Let me check: {a + b} - {b} = {a}. "
+             f"The answer is \\boxed{{{a + b}}}.")
     elif kind == "sub":
         a, b = max(a, b), min(a, b)
         q = f"What is {a} - {b}?"
@@ -22,10 +24,12 @@ def example(rng: random.Random) -> dict:
     elif kind == "mul":
         a, b = a % 13 + 2, b % 11 + 2
         q = f"Compute {a} times {b}."
-        s = f"{a} times {b} is {a} added {b} times, which is {a * b}. Wait, check: {a * b} / {b} = {a}. So the answer is \\boxed{{{a * b}}}."
+        s = (f"{a} times {b} is {a} added {b} times, which is {a * b}. Wait, check: {a * b} / {b} = {a}. "
+             f"So the answer is \\boxed{{{a * b}}}.")
     else:
         q = f"What is half of {2 * a}?"
-        s = f"Half of {2 * a} is {2 * a} / 2 = {a}. Maybe verify: {a} + {a} = {2 * a}. The answer is \\boxed{{{a}}}."
+        s = (f"Half of {2 * a} is {2 * a} / 2 = {a}. Maybe verify: {a} + {a} = {2 * a}. "
+             f"The answer is \\boxed{{{a}}}.")
     return {"problem": q, "solution": s}
 
 
@@ -40,7 +44,8 @@ if __name__ == "__main__":
         r = example(rng)
         if r["problem"] not in seen:
             seen.add(r["problem"])
-            test.append({"problem": r["problem"], "answer": r["solution"].rsplit("\\boxed{", 1)[1].rstrip("}.")})
+            answer = r["solution"].rsplit("\\boxed{", 1)[1].rstrip("}.")
+            test.append({"problem": r["problem"], "answer": answer})
     path = Path(__file__).with_name("toy_math_test.jsonl")
     path.write_text("".join(json.dumps(r) + "\n" for r in test))
     print(f"wrote {len(test)} rows to {path}")

@@ -11,11 +11,11 @@ Every engine is a class with
     close()
     reports_logprobs    whether its Rollouts carry the engine's log-prob of each sampled token
 
-    engine           file            samples with                                         config
-    dynamic, static  hf.py           HF generate on the training model                    rollout_engine=dynamic|static
-    graph            graph.py        a static KV cache, each decoding step a CUDA graph   rollout_engine=graph
-    vllm             vllm_engine.py  vLLM in this process, a LoRA adapter per step        rollout_engine=vllm
-    server pool      server_pool.py  vLLM servers over HTTP (the client: client.py)       rollout_server=URL,...
+    engine           file            samples with                                config
+    dynamic, static  hf.py           HF generate on the training model           rollout_engine=dynamic|static
+    graph            graph.py        a static KV cache, each step a CUDA graph   rollout_engine=graph
+    vllm             vllm_engine.py  vLLM in-process, a LoRA adapter per step    rollout_engine=vllm
+    server pool      server_pool.py  vLLM servers over HTTP (client: client.py)  rollout_server=URL,...
 
 `make_sampler` picks the one the config names: the loop (popsd.py) never branches on which. Heavy engines are
 imported only when chosen. Every engine samples from exactly the distribution the config describes (no model

@@ -1,7 +1,7 @@
 """engines/hf.py: HF generate on the training model itself (rollout_engine=dynamic | static).
 
     dynamic   the KV cache grown step by step (HF's default)
-    static    a preallocated KV cache (cache_implementation="static"): the same samples, faster on small models
+    static    a preallocated KV cache (cache_implementation="static"): the same samples, faster when small
 
 The training model samples, LoRA active: always on-policy, nothing to sync. Its random numbers come from
 torch's generator (seeded per run, saved in checkpoints); it reports no log-probs. The worlds (worlds/) sample

@@ -2,7 +2,8 @@
 on other GPUs or nodes while training runs here (the HTTP client: engines/client.py).
 
     python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-8B --enable-lora --max-lora-rank 64 \
-        --logprobs-mode raw_logprobs --generation-config vllm --port 8000     # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+        --logprobs-mode raw_logprobs --generation-config vllm --port 8000
+        # with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment
     python popsd.py --recipe single_gpu rollout_server=http://gpu1:8000,http://gpu2:8000
 
 After every optimizer step rank 0 writes the student's adapter to rollout_adapter_dir/popsd-RUN-step-N (a

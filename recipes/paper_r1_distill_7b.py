@@ -6,7 +6,8 @@ Differs from Qwen3: its chat template always opens a <think> block (no enable_th
 so every role thinks; sampling at the DeepSeek-R1 temperature 0.6 is NOT used for training.
 Prompts: the OPSD paper's wording (prompts=opsd).
 Checkpoints every 50 steps, every adapter kept: evaluate them all (best step) with
-python eval.py --adapter runs/paper_r1_distill_7b/checkpoints, or through vLLM with --server (docs/evaluation.md).
+python eval.py --adapter runs/paper_r1_distill_7b/checkpoints, or through vLLM with --server
+(docs/evaluation.md).
 """
 device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"

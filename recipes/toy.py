@@ -1,6 +1,7 @@
 """toy: Purified OPSD on the shipped toy base (worlds/toyworld.py): watch it work on a laptop CPU.
 
-Hardware: any CPU (2 cores).   Command: python popsd.py --recipe toy   Expected time: about 1 min (65 s on 2026-12-07).
+Hardware: any CPU (2 cores).   Command: python popsd.py --recipe toy
+Expected time: about 1 min (65 s on 2026-12-07).
 The base (data/toyworld/base, 0.9M parameters, pre-trained from scratch by `python compare.py pretrain`)
 solves last-digit arithmetic with a reflective chain of thought: `3+4=7 7*2=5 wait 7*2=4 ... \\boxed{6}`.
 The teachers see the full worked reference (the paper's format); `reference_field=sketch` gives them only

@@ -72,7 +72,8 @@ def main(adapter: str):
     other = parts(engine.generate(prompts, n=2, temperature=1.0, seeds=[s + 100 for s in seeds], **kw))
     out["same_seeds_same_samples"] = torch.equal(first[0], again[0])
     out["other_seeds_other_samples"] = not torch.equal(first[0], other[0])
-    out["pairs_differ"] = sum(not torch.equal(first[0][2 * i], first[0][2 * i + 1]) for i in range(len(prompts)))
+    out["pairs_differ"] = sum(not torch.equal(first[0][2 * i], first[0][2 * i + 1])
+                              for i in range(len(prompts)))
     rep = [p for p in prompts for _ in range(2)]
     out["sampled_gap_mean"] = (student_logprobs(model, body, head, rep, first[0], first[1], tok.pad_token_id)
                                - first[4][first[1]]).abs().mean().item()

@@ -1,5 +1,5 @@
-"""The README and docs/*.md: links that resolve, pages that are reachable, commands that are CI's, every `module.name`
-they cite exists, and the walkthrough's figure is what its script prints."""
+"""The README and docs/*.md: links that resolve, pages that are reachable, commands that are CI's, every
+`module.name` they cite exists, and the walkthrough's figure is what its script prints."""
 import importlib
 import re
 import subprocess
@@ -36,7 +36,8 @@ def test_the_readme_opens_with_the_set_up_commands_ci_runs():
     assert test_command in first and "requirements-test.txt" in first and "install_vllm.sh cpu" in first
 
 
-FILE_ENDINGS = ("json", "jsonl", "py", "md", "png", "txt", "safetensors", "sh", "pt", "lock", "jinja", "log", "html")
+FILE_ENDINGS = ("json", "jsonl", "py", "md", "png", "txt", "safetensors", "sh", "pt", "lock", "jinja", "log",
+                "html")
 
 
 def test_every_module_name_cited_in_the_docs_exists():

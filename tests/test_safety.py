@@ -371,8 +371,8 @@ def test_help_lists_fields_with_type_default_and_comment_and_says_recipes_are_co
     assert out.returncode == 0
     assert "  lr: float = 5e-06  # AdamW learning rate" in out.stdout
     assert "  pmi_clip: float | None = 10.0  # c: soft clip" in out.stdout
-    assert ("vllm: vLLM in this process; graph: a static KV cache, the decoding step replayed as a CUDA graph "
-            "(engines/: the table)\n  graph_keep_rows:") in out.stdout  # a comment on several lines, whole
+    assert ("vllm: vLLM in this process; graph: a static KV cache, the decoding step replayed as a CUDA "
+            "graph (engines/: the table)\n  graph_keep_rows:") in out.stdout  # a comment on several lines
     assert "tiny                  the whole pipeline on a laptop CPU" in out.stdout
     assert "Python that popsd executes" in out.stdout
     assert len(config.field_docs()) == len(config.FIELDS) and all(c for *_, c in config.field_docs())

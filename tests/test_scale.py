@@ -212,7 +212,8 @@ def test_engine_check_lets_greedy_tokens_part_only_at_a_near_tie():
     logits = torch.randn(2, 5, 11, generator=g)  # [B, T, V]; EOS = 10
     logits[..., 10] = 30.0  # EOS would win, but it is banned: the near-tie test must ignore it
     ref = logits[..., :10].argmax(-1).tolist()
-    check = lambda tokens, got_logits, tol=0.1: bench.compare_greedy(tokens, got_logits, ref, logits, 10, tol)  # noqa: E731
+    def check(tokens, got_logits, tol=0.1):
+        return bench.compare_greedy(tokens, got_logits, ref, logits, 10, tol)
     assert check(ref, logits) == "" and check(ref, None) == ""
     second = logits[0, 2, :10].topk(2).indices[1].item()
     parted = [ref[0][:2] + [second] + ref[0][3:], ref[1]]

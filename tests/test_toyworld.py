@@ -377,8 +377,9 @@ def test_the_ablation_table_and_figures_from_synthetic_results(tmp_path):
     rng = random.Random(0)
     methods = ["base", "opsd", "opsd_fkl", "purified", "purified_c5_b1", "purified_c20_b1",
                "purified_cnone_b1", "purified_c10_b0.5", "purified_c10_b2"]
-    point = lambda step, acc: {"step": step, "accuracy": acc, "markers_per_1k": rng.uniform(2, 20),  # noqa: E731
-                               "caught_frac": rng.random(), "accuracy_no_wait": rng.random()}
+    def point(step, acc):
+        return {"step": step, "accuracy": acc, "markers_per_1k": rng.uniform(2, 20),
+                "caught_frac": rng.random(), "accuracy_no_wait": rng.random()}
     results = {fmt: {m: {str(s): ([point(0, 0.5 + 0.01 * s)] if m == "base" else
                                   [point(0, 0.5 + 0.01 * s), point(60, 0.6 + 0.01 * s + 0.001 * i)])
                          for s in range(3)} for i, m in enumerate(methods)} for fmt in ("full", "sketch")}

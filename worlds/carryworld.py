@@ -152,8 +152,9 @@ def check(question: str, completion: str) -> common.Check:
     single-digit sub-steps are not (a restated step after them is the retry). Locally wrong: not from the
     carried value, not the question's next multiplier, or a wrong product."""
     truth = steps_of(question)
-    return common.check_trace(ITEM, completion, truth[0][0], len(truth), answer_of(question), lambda i, m: int(
-        m["b"]) != truth[i][1] or int(m["c"]) != int(m["a"]) * int(m["b"]) % 100)
+    def wrong(i, m):  # step i's multiplier is not the question's, or its product is wrong
+        return int(m["b"]) != truth[i][1] or int(m["c"]) != int(m["a"]) * int(m["b"]) % 100
+    return common.check_trace(ITEM, completion, truth[0][0], len(truth), answer_of(question), wrong)
 
 
 # ----------------------------------------------------------------------------- documents and pre-training

@@ -2,7 +2,7 @@
 world, pre-training on a world's documents, the gates. A world (worlds/<name>.py) supplies the rest:
 
     NAME, DATA, BASE, RECIPE       its name, data folder (train.jsonl, test.jsonl, base/), popsd recipe
-    TEMPLATES, CHANCE, GATES       its prompt templates, chance accuracy, gates (name, value of measured, threshold)
+    TEMPLATES, CHANCE, GATES       its prompt templates, chance accuracy, gates (name, measured value, bound)
     MAX_NEW_TOKENS                 the longest trace it can need (derived, not tuned)
     sample_question(rng, split), references(q) -> {"full", "sketch"}, answer_of(q), check(q, completion) ->
     Check write_data(), pretrain(out, seed, quiet) -> (model, tok, log), measure_base(model, tok, n, seed) ->
