@@ -1,6 +1,11 @@
 """Imports run one way: every module sits on a floor and imports only from its floor or below, and no module
-imports, even inside a function, a module that imports it back. docs/walkthrough.md draws the house."""
+imports, even inside a function, a module that imports it back. docs/walkthrough.md draws the house. And
+every line of code fits 110 columns."""
 import ast
+import shutil
+import subprocess
+
+import pytest
 
 from conftest import ROOT
 
@@ -72,3 +77,14 @@ def test_the_import_graph_has_no_circle():
         state[node] = "done"
     for name in sorted(graph):
         visit(name, [])
+
+
+def test_every_line_of_code_fits_110_columns():
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs the git checkout: the tracked files are the code")
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.sh", ".ci/run"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    long = [f"{name}:{i}" for name in tracked
+            for i, line in enumerate((ROOT / name).read_text(encoding="utf-8").splitlines(), 1)
+            if len(line) > 110]
+    assert len(tracked) > 50 and not long, long
