@@ -31,11 +31,12 @@ from rich.console import Console
 from rich.table import Table
 
 import worlds
+from adapters import base_model_of, load_for_eval, load_tokenizer, run_sampling, run_settings, swap_adapter
 from grading import grade, pass_at_k
-from data import PopsdError, model_load_error, read_rows, resolve_local
-from checkpoints import MARKER, PROMPT_KEYS, PROMPTS_FILE, check_out_dir
+from data import PopsdError, read_rows, resolve_local
+from checkpoints import MARKER, check_out_dir
 from models import (base_fingerprint, eos_ids, fit_new_tokens, generation_batch, memory_budget, merge_adapter,
-                    pick_device, quantization_config)
+                    pick_device)
 from distributed import gather
 from engines import request_seed
 from engines.client import VLLM_FIELDS, Server
@@ -297,10 +298,9 @@ def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, ba
     metrics, records = evaluate(
         None, tokenizer, benches, n=cfg.eval_n, max_new_tokens=cfg.eval_max_new_tokens,
         temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0, eos_ids=sampler.eos_ids,
-                                batch_size=0,
-        device=getattr(sampler, "device", "cpu"), template=cfg.student_template,
-                                thinking=cfg.student_thinking,
-        seed=cfg.seed, progress=bar, rank=rank, world=world, grader=cfg.eval_grader, sampler=sampler)
+        batch_size=0, device=getattr(sampler, "device", "cpu"), template=cfg.student_template,
+        thinking=cfg.student_thinking, seed=cfg.seed, progress=bar, rank=rank, world=world,
+        grader=cfg.eval_grader, sampler=sampler)
     if rank == 0:
         write_results(out / "eval" / f"step_{step:06d}", metrics, records,
                       {"step": step, "model_sha256": base_sha})
@@ -310,44 +310,7 @@ def in_training(step: int, sampler, tokenizer, benches: dict, cfg, out: Path, ba
 
 # ----------------------------------------------------------------------------- CLI
 
-def run_settings(adapter: str | None, model_path: str | None = None) -> dict:
-    """The prompt settings to evaluate with, first found of: the adapter's popsd_prompts.json (popsd saves one
-    with every adapter), the training run's config.json above it, the model folder's popsd_prompts.json (a
-    base that ships its own, like the toy base); {} when none (then the built-in defaults). Flags override
-    them."""
-    def read(path: Path) -> dict:
-        try:
-            got = json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError:
-            raise PopsdError(f"{path} is not valid JSON") from None
-        return {k: v for k, v in got.items() if k in PROMPT_KEYS} if isinstance(got, dict) else {}
-    if adapter and (found := read(Path(adapter) / PROMPTS_FILE)):
-        return found
-    if adapter:
-        for d in [Path(adapter), *Path(adapter).resolve().parents][:4]:
-            if "student_template" in (found := read(d / "config.json")):
-                return found
-    local = resolve_local(model_path) if model_path else None
-    return read(local / PROMPTS_FILE) if local is not None and local.is_dir() else {}
-
-
-SAMPLING_KEYS = ("rollout_engine", "graph_keep_rows", "gen_batch_size", "threads")
 ENGINES = ("dynamic", "static", "graph")  # HF generate's caches, engines/graph.py (vLLM: --server)
-
-
-def run_sampling(adapter: str | None) -> dict:
-    """How the training run above an adapter sampled (its config.json: engine, graph_keep_rows, batch,
-    threads): eval.py samples the same way by default, so checking a result takes what the run's own
-    evaluation took, and gives the run's own evaluation, sample for sample, with the same questions, seed and
-    settings."""
-    for d in [Path(adapter), *Path(adapter).resolve().parents][:4] if adapter else []:
-        try:
-            got = json.loads((d / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(got, dict) and "rollout_engine" in got:
-            return {k: got[k] for k in SAMPLING_KEYS if k in got}
-    return {}
 
 
 def eval_sampler(engine: str, model, tokenizer, rows: int, device, eos: list[int], keep_rows: bool):
@@ -369,66 +332,6 @@ def thinking_mode(flag: str | None, run: dict) -> bool:
     console.print("[yellow]thinking mode: on (no --thinking and no training run's config.json to read it "
                   "from; pass --thinking off for a model that does not think)[/]")
     return True
-
-
-def load_tokenizer(model_path: str, adapter: str | None, trust: bool):
-    """The adapter's tokenizer when it saved one (a run's adapter/), else the base model's."""
-    from transformers import AutoTokenizer
-    # adapter/ has one, checkpoints not
-    has_tok = adapter and (Path(adapter) / "tokenizer_config.json").exists()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(adapter if has_tok else model_path, trust_remote_code=trust)
-    except OSError as e:
-        raise model_load_error(model_path, e) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def check_adapter_config(path: Path):
-    """A LoRA adapter as popsd writes them: nothing besides low-rank updates (modules_to_save would replace
-    whole layers of the base), a positive integer rank."""
-    try:
-        config = json.loads(path.read_text())
-        assert isinstance(config, dict)
-    except (ValueError, AssertionError):
-        raise PopsdError(f"{path} is not a JSON object") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise PopsdError(f"{path}: peft_type {config.get('peft_type')!r}; eval.py evaluates LoRA adapters")
-    if config.get("modules_to_save"):
-        raise PopsdError(f"{path}: modules_to_save {config['modules_to_save']!r} would replace whole layers "
-                         "of the base model; a popsd adapter holds LoRA weights only")
-    if not isinstance(config.get("r"), int) or config["r"] < 1:
-        raise PopsdError(f"{path}: the rank r must be a positive integer, got {config.get('r')!r}")
-
-
-def load_for_eval(model_path: str, adapter: str | None, dtype: str, load_in_4bit: bool, device, trust: bool):
-    """Tokenizer and base model, with the adapter on top when one is given."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-    transformers.utils.logging.disable_progress_bar()
-    kwargs = {"dtype": torch.bfloat16 if dtype == "bf16" else torch.float32, "trust_remote_code": trust}
-    if load_in_4bit:
-        kwargs |= {"device_map": {"": device}, "quantization_config": quantization_config()}
-    tokenizer = load_tokenizer(model_path, adapter, trust)
-    if adapter and (Path(adapter) / "adapter_config.json").is_file():
-        check_adapter_config(Path(adapter) / "adapter_config.json")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    except OSError as e:
-        raise model_load_error(model_path, e) from None
-    if adapter:
-        from peft import PeftModel
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except OSError as e:
-            raise model_load_error(adapter if not Path(adapter).exists() else model_path, e) from None
-        except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that do not match the base
-            raise PopsdError(f"the adapter in {adapter} does not fit {model_path}: "
-                             f"{str(e).strip().splitlines()[0][:300]}") from None
-    if not load_in_4bit:
-        model.to(device)
-    return tokenizer, model
 
 
 def evaluate_server(args, tokenizer, benches: dict, template: str, thinking: bool, out: Path, settings: dict):
@@ -473,26 +376,6 @@ def checkpoint_folders(adapter: str | None) -> list[Path]:
         console.print(f"[yellow]warning: left out of the sweep, not complete step_N checkpoints: "
                       f"{', '.join(sorted(repr(p.name) for p in other))}[/]", soft_wrap=True)
     return sorted(good, key=lambda p: int(p.name[5:]))  # step order, not text order
-
-
-def base_model_of(adapter: str | Path | None) -> str | None:
-    """The base model an adapter names; a relative local path is found from here or from the repo."""
-    config = Path(adapter or "") / "adapter_config.json"
-    if not (adapter and config.exists()):
-        return None
-    base = json.loads(config.read_text())["base_model_name_or_path"]
-    local = resolve_local(base) if not Path(base).is_absolute() else None
-    return str(local.resolve()) if local is not None else base
-
-
-def swap_adapter(model, path: Path):
-    """Loads another checkpoint's LoRA weights into the model's adapter (same shapes), in place."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing:
-        raise PopsdError(f"{path}: the adapter does not match the first checkpoint's ({missing[0]} missing)")
 
 
 NOT_SETTINGS = ("seconds", "generation_batch", "out", "left_to_the_server", "max_new_tokens_run",

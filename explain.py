@@ -38,10 +38,12 @@ from rich.text import Text
 import eval as E
 import loss as L
 import popsd
+from adapters import base_model_of, run_settings, swap_adapter
 from checkpoints import MARKER, folder_kind
 from config import FIELDS, Config, current_names, make_config, set_field, validate, validated
 from data import PopsdError, model_load_error, read_rows, resolve_local
 from engines import make_sampler, request_seed
+from grading import grade
 from models import base_fingerprint, eos_ids, load_model, model_parts, pick_device
 from rollout import MARKERS, build_contexts, completion_hidden
 
@@ -97,20 +99,20 @@ def resolve(path: str, step: int | None, recipe: str | None) -> Target:
             if not done:
                 raise PopsdError(f"{folder}: the run holds no adapter yet (no adapter/ and no checkpoint)")
             adapter = done[-1].parent
-        base = str(folder / "tiny_model") if cfg.model == "tiny" else E.base_model_of(adapter) or cfg.model
+        base = str(folder / "tiny_model") if cfg.model == "tiny" else base_model_of(adapter) or cfg.model
         return Target(cfg, base, adapter, f"{folder.name}, {adapter.name}", folder)
     if step is not None:
         raise PopsdError("--step picks a checkpoint of a run: give the run folder, not an adapter or a model")
     if (folder / "adapter_config.json").is_file():
         runs = [d for d in folder.resolve().parents[:3] if folder_kind(d, FIELDS) == "run"]
         cfg = make_config(recipe) if recipe else run_config(runs[0]) if runs else make_config("")
-        base = E.base_model_of(folder)
+        base = base_model_of(folder)
         if base.startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():  # before any other work
             raise model_load_error(base, FileNotFoundError(base))
         return Target(cfg, base, folder, str(folder))
     if (folder / "config.json").is_file():
         cfg = make_config(recipe) if recipe else make_config("")
-        prompts = E.run_settings(None, str(folder))  # a base that ships popsd_prompts.json (the toy bases)
+        prompts = run_settings(None, str(folder))  # a base that ships popsd_prompts.json (the toy bases)
         for key, value in ([] if recipe else prompts.items()):
             setattr(cfg, key, value)
         return Target(cfg, str(folder), None, f"{folder.name} (the base: π_θ = π_0)")
@@ -255,7 +257,7 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
                                   lora_alpha=int(adapter_config["lora_alpha"]), lora_dropout=0.0)
     tokenizer, model = load_model(dataclasses.replace(cfg, gradient_checkpointing=False), device, path)
     if target.adapter is not None:
-        E.swap_adapter(model, target.adapter)
+        swap_adapter(model, target.adapter)
     cfg = dataclasses.replace(cfg, teacher=cfg.teacher if cfg.teacher != "ema" else "frozen",
                               rollout_server="", rollout_engine="dynamic" if cfg.rollout_engine == "vllm" else
                               cfg.rollout_engine, n_samples=1)
@@ -279,7 +281,7 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
         texts = token_texts(tokenizer, nums["ids"])
         graded = [{"completion": sampled.texts[i]}]
         if gold is not None:
-            E.grade(graded, q, gold, checker, cfg.student_thinking)
+            grade(graded, q, gold, checker, cfg.student_thinking)
         records.append({"index": i, "question": q, "reference": r, "gold": gold,
                         "completion": sampled.texts[i], "correct": graded[0].get("correct"),
                         "markers": len(MARKERS.findall(sampled.texts[i])),

@@ -11,10 +11,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import eval as E  # noqa: E402
 import loss as L  # noqa: E402
 import models  # noqa: E402
 import popsd  # noqa: E402
+from adapters import swap_adapter  # noqa: E402
 from engines import request_seed  # noqa: E402
 from engines.hf import HFSampler, generate  # noqa: E402
 from engines.vllm_engine import VLLMEngine  # noqa: E402
@@ -39,7 +39,7 @@ def main(adapter: str):
     cfg = popsd.make_config("toy", ["out_dir=unused"])
     base = str(ROOT / cfg.model)
     tok, model = models.load_model(cfg, torch.device("cpu"), base)
-    E.swap_adapter(model, Path(adapter))  # the trained adapter
+    swap_adapter(model, Path(adapter))  # the trained adapter
     body, head = models.model_parts(model)
     eos = models.eos_ids(model, tok)
     rows = [json.loads(line) for line in (ROOT / "data/toyworld/test.jsonl").read_text().splitlines()[:16]]

@@ -13,7 +13,7 @@ FLOORS = {  # what each floor knows; a new module is placed here by what it is
     # math, data, ranks; world names
     0: ("loss", "loss_fused", "data", "distributed", "ema", "plots", "worlds"),
     # contexts, loading, runs
-    1: ("rollout", "models", "config", "checkpoints", "trackers", "grading", "guards"),
+    1: ("rollout", "models", "config", "checkpoints", "adapters", "trackers", "grading", "guards"),
     2: ("engines", "engines.hf", "engines.graph", "engines.vllm_engine", "engines.server_pool",
         "engines.client", "engines.ahead"),
     # benchmarks; worlds sample
