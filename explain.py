@@ -436,6 +436,9 @@ def check_out(out: Path):
         if (out / name).exists():
             raise PopsdError(f"--out {out} is {what} ({name}): give a new or empty folder, or one "
                              "explain.py wrote")
+    raise PopsdError(f"--out {out} is not empty and holds no explain.json: explain.py writes only into a new "
+                     "or empty folder or one it wrote")
+
 
 def main(argv: list[str]):
     p = argparse.ArgumentParser(prog="explain.py", description=__doc__.split("\n")[0],

@@ -173,7 +173,10 @@ def test_a_checkpoint_step_and_bad_input_are_one_line_each(explained, tmp_path):
                        ([run, "--step", "7"], "step 7 has no checkpoint (checkpoints at steps: 2"),
                        ([tmp_path / "nope"], "no such folder"),
                        ([run, "--out", run / "adapter"], "is an adapter or checkpoint (adapter_config.json)"),
-                       ([run, "--out", run], "is a training run")):
+                       ([run, "--out", run], "is a training run"),
+                       ([run, "--out", tmp_path / "plain"], "is not empty and holds no explain.json")):
         done = run_main(explain.main, args)
         text = done.stdout + done.stderr
         assert done.returncode == 2 and said in text and "Traceback" not in text, (args, text[-1500:])
+    # someone's folder: untouched
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["notes.txt"]
