@@ -267,14 +267,17 @@ class Session:
         self.t_run = time.time()
         for step in range(self.start + 1, self.cfg.steps + 1):
             self.t0, self.before = time.time(), position(self.stream)
-            yield step, [self.examples[i]
-                         for i in self.stream.take(self.cfg.batch_size)][self.rank::self.world]
+            yield step, self.share(self.stream)
 
     def upcoming(self) -> list:
         """This rank's share of the next step's prompts, the data stream left where it is (steps() takes
         them)."""
-        peek = DataStream(self.stream.size, self.stream.seed, self.stream.epoch, self.stream.cursor)
-        return [self.examples[i] for i in peek.take(self.cfg.batch_size)][self.rank::self.world]
+        stream = self.stream
+        return self.share(DataStream(stream.size, stream.seed, stream.epoch, stream.cursor))
+
+    def share(self, stream: DataStream) -> list:
+        """This rank's share of the next batch_size prompts `stream` gives (taken from it)."""
+        return [self.examples[i] for i in stream.take(self.cfg.batch_size)][self.rank::self.world]
 
     def sampling(self, step: int, sequences: int):
         """A context for the step's sampling: yields the engine's progress callback (a bar; a line every 10 s
