@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import worlds
-from checkpoints import remove_entries
-from data import PopsdError
+from plumbing.checkpoints import remove_entries
+from plumbing.data import PopsdError
 from worlds import common
 
 ROOT = Path(__file__).resolve().parent
@@ -71,7 +71,7 @@ def sha256(path: Path) -> str:
 
 
 def base_sha(world) -> str:
-    from models import base_fingerprint
+    from plumbing.models import base_fingerprint
     return base_fingerprint(str(world.BASE))
 
 
@@ -102,7 +102,7 @@ def run_key(world, overrides: list[str]) -> dict:
     base's weights and of the data files it trains and is evaluated on, of the code, and the library
     versions."""
     import popsd
-    from data import resolve_local
+    from plumbing.data import resolve_local
     cfg = popsd.make_config(world.RECIPE, overrides)
     files = [cfg.data, *cfg.eval_bench.split(",")]
     return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"},

@@ -38,13 +38,13 @@ from rich.text import Text
 import eval as E
 import loss as L
 import popsd
-from adapters import base_model_of, run_settings, swap_adapter
-from checkpoints import MARKER, folder_kind
-from config import FIELDS, Config, current_names, make_config, set_field, validate, validated
-from data import PopsdError, model_load_error, read_rows, resolve_local
 from engines import make_sampler, request_seed
-from grading import grade
-from models import base_fingerprint, eos_ids, load_model, model_parts, pick_device
+from plumbing.adapters import base_model_of, run_settings, swap_adapter
+from plumbing.checkpoints import MARKER, folder_kind
+from plumbing.config import FIELDS, Config, current_names, make_config, set_field, validate, validated
+from plumbing.data import PopsdError, model_load_error, read_rows, resolve_local
+from plumbing.grading import grade
+from plumbing.models import base_fingerprint, eos_ids, load_model, model_parts, pick_device
 from rollout import MARKERS, build_contexts, completion_hidden
 
 console = Console()

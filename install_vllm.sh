@@ -34,5 +34,5 @@ fi
 if [[ "$target" == cpu ]]; then
   "${pip[@]}" --no-warn-conflicts "transformers>=5.24,<6"
 fi
-python -c "import models, vllm, peft, transformers
+python -c "from plumbing import models; import vllm, peft, transformers
 print(f'vLLM {vllm.__version__}, transformers {transformers.__version__}: ready')"

@@ -29,16 +29,14 @@ from pathlib import Path
 
 import torch
 
-import distributed as D
-import ema
 import loss as L
-import loss_fused
-from config import Config, field_docs, make_config, recipe_list
-from data import PopsdError
 from engines import request_seed
-from models import model_parts
+from plumbing import distributed as D, ema, loss_fused
+from plumbing.config import Config, field_docs, make_config, recipe_list
+from plumbing.data import PopsdError
+from plumbing.models import model_parts
+from plumbing.session import Session, console
 from rollout import Rollout, completion_hidden, marker_counts, repeated_ngrams
-from session import Session, console
 
 
 def sample(sampler, batch, cfg: Config, step: int, rank: int, world: int, on_batch=None) -> Rollout:

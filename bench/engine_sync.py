@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import gpu_memory  # noqa: E402  (bench/: its architecture builder)
-from checkpoints import save_adapter, trainable_state  # noqa: E402
+from plumbing.checkpoints import save_adapter, trainable_state  # noqa: E402
 from engines.vllm_engine import ram_folder  # noqa: E402
 
 

@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import distributed as D  # noqa: E402
+from plumbing import distributed as D  # noqa: E402
 from engines.hf import generate  # noqa: E402
 
 

@@ -32,10 +32,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import models  # noqa: E402
+from plumbing import models  # noqa: E402
 import popsd  # noqa: E402
 import rollout  # noqa: E402
-from data import build_tiny_model  # noqa: E402
+from plumbing.data import build_tiny_model  # noqa: E402
 from engines.hf import generate  # noqa: E402
 from rollout import Contexts, Rollout  # noqa: E402
 

@@ -36,7 +36,7 @@ def run_case(case, n, h, v, dtype_name, device, chunk_mb):
     import torch
     sys.path.insert(0, str(ROOT))
     import loss as L
-    import loss_fused
+    from plumbing import loss_fused
     torch.manual_seed(0)
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
     impl, method, *support = case.split("-")

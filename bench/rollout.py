@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 import rollout  # noqa: E402
 from engines.hf import generate  # noqa: E402
-from models import kv_bytes_per_token, quantization_config  # noqa: E402
+from plumbing.models import kv_bytes_per_token, quantization_config  # noqa: E402
 
 ENGINES = ("dynamic", "static", "compile", "continuous", "graph", "graph-drop", "vllm")
 GRAPH = {}  # (engine, rows) → its GraphSampler, kept across calls (caches and graphs are made once per shape)

@@ -16,11 +16,11 @@ sys.path.insert(0, str(ROOT))
 import engines  # noqa: E402
 import loss as L  # noqa: E402
 import popsd  # noqa: E402
-from config import make_config  # noqa: E402
-from data import DataStream, read_rows  # noqa: E402
-from models import eos_ids, load_model, model_parts  # noqa: E402
+from plumbing.config import make_config  # noqa: E402
+from plumbing.data import DataStream, read_rows  # noqa: E402
+from plumbing.models import eos_ids, load_model, model_parts  # noqa: E402
 from rollout import completion_hidden, pad_left  # noqa: E402
-from session import prepare_contexts  # noqa: E402
+from plumbing.session import prepare_contexts  # noqa: E402
 
 
 def shape(t) -> str:
@@ -90,8 +90,8 @@ def main():
           f"{shape(rollout.completions)}, {shape(rollout.mask)} |")
     print(f"| 2 score | hidden states at the N = {n_step} valid positions, per pass "
           f"(`rollout.completion_hidden`) | {shape(h_student)} × 4 |")
-    print(f"| 2 score | frozen output head W (`models.model_parts`) | {shape(head_weight)} |")
-    print("| 3 target | logits h @ Wᵀ, one pass (in chunks of C rows in `loss_fused.py`) | "
+    print(f"| 2 score | frozen output head W (`plumbing.models.model_parts`) | {shape(head_weight)} |")
+    print("| 3 target | logits h @ Wᵀ, one pass (in chunks of C rows in `plumbing/loss_fused.py`) | "
           f"{shape(student)} |")
     print(f"| 3 target | Δ_it = log π_T − log π_ref (`loss.purified_target`) | {shape(delta_it)} |")
     print(f"| 3 target | log P = log_softmax(log π_0 + c·tanh(centre(Δ_it)/c)/β) | {shape(target)} |")

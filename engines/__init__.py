@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from data import PopsdError
-from models import model_positions
+from plumbing.data import PopsdError
+from plumbing.models import model_positions
 
 
 def request_seed(seed: int, step: int | str, index: int) -> int:

@@ -1,5 +1,5 @@
 """engines/client.py: a client of OpenAI-compatible servers (vLLM, SGLang, `transformers serve`), standard
-library only, shared by eval.py --server (remote.py) and the server pool (server_pool.py).
+library only, shared by eval.py --server (plumbing/remote.py) and the server pool (server_pool.py).
 
 Every sampling parameter is sent explicitly (sampling_body): a server fills what a request leaves out from the
 model's generation_config (Qwen3: top_k 20). A server that is down, or that accepts connections but never
@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.parse
 
-from data import PopsdError
+from plumbing.data import PopsdError
 
 
 def base_url(url: str) -> str:

@@ -30,7 +30,7 @@ import inspect
 
 import torch
 
-from data import PopsdError
+from plumbing.data import PopsdError
 from rollout import Rollout, from_tokens, pad_left
 
 ROUND = 64  # cache length rounded up to a multiple of this: one graph serves prompts of many widths
@@ -44,7 +44,7 @@ def _warpers(temperature: float, top_k: int, top_p: float):
     """HF generate's sampling warpers, in its order (transformers' own classes, so the samples are its
     samples)."""
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                         TopKLogitsWarper, TopPLogitsWarper)
+                                                        TopKLogitsWarper, TopPLogitsWarper)
     out = LogitsProcessorList()
     if temperature != 1.0:
         out.append(TemperatureLogitsWarper(temperature))
@@ -157,7 +157,7 @@ def plan(model, batch_size: int, seq_len: int, budget_bytes: float, keep_rows: b
     """Rows per batch whose static caches fit budget_bytes at seq_len tokens (rounded up to ROUND): one cache
     of the batch with keep_rows; without, 2× the rows (its halves, or, eager, a growing cache and the copy it
     moves into). Returns (rows, a line for the log)."""
-    from models import generation_batch, kv_bytes_per_token
+    from plumbing.models import generation_batch, kv_bytes_per_token
     length = _rounded(seq_len)
     rows, _ = generation_batch(model, length, budget_bytes / (1 if keep_rows else 2), cap=batch_size)
     wide = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-import distributed as D
+from plumbing import distributed as D
 from rollout import Rollout, from_tokens, pad_left
 
 

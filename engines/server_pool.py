@@ -23,10 +23,10 @@ import shutil
 import threading
 from pathlib import Path
 
-import distributed as D
-from checkpoints import save_adapter, trainable_state
-from data import PopsdError
 from engines.client import Server, ServerError, Unavailable, sampling_body, watched
+from plumbing import distributed as D
+from plumbing.checkpoints import save_adapter, trainable_state
+from plumbing.data import PopsdError
 from rollout import Rollout, from_tokens
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import save_adapter, trainable_state
-from data import PopsdError
+from plumbing.checkpoints import save_adapter, trainable_state
+from plumbing.data import PopsdError
 from rollout import Rollout, from_tokens
 
 INSTALL = ("vLLM is not installed: `bash install_vllm.sh cuda` on a GPU machine, `bash "

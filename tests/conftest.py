@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny recipe's random-init Qwen3 and tokenizer, built once for the session."""
-    import data
+    from plumbing import data
     import rollout
     rows = [json.loads(line) for line in (ROOT / "data/toy_math.jsonl").read_text().splitlines()]
     texts = [t for r in rows for t in (r["problem"], r["solution"])] + [
@@ -37,7 +37,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
     """(tokenizer, peft model) of the tiny model, fp32 on CPU, LoRA r8."""
-    import models
+    from plumbing import models
     import popsd
     cfg = popsd.make_config("tiny", ["out_dir=unused"])
     return models.load_model(cfg, models.pick_device("cpu"), str(tiny_dir))

@@ -12,9 +12,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import loss as L  # noqa: E402
-import models  # noqa: E402
+from plumbing import models  # noqa: E402
 import popsd  # noqa: E402
-from adapters import swap_adapter  # noqa: E402
+from plumbing.adapters import swap_adapter  # noqa: E402
 from engines import request_seed  # noqa: E402
 from engines.hf import HFSampler, generate  # noqa: E402
 from engines.vllm_engine import VLLMEngine  # noqa: E402

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoints  # noqa: E402
-import distributed as D  # noqa: E402
-import models  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
+from plumbing import distributed as D  # noqa: E402
+from plumbing import models  # noqa: E402
 import popsd  # noqa: E402
-import session  # noqa: E402
-from data import DataStream, read_rows  # noqa: E402
+from plumbing import session  # noqa: E402
+from plumbing.data import DataStream, read_rows  # noqa: E402
 from rollout import Rollout, completion_mask  # noqa: E402
 
 

@@ -223,7 +223,7 @@ def test_gates_pass_and_fail_on_their_numbers(change, failed):
 
 def test_the_world_is_found_by_name_and_data_ship_with_a_held_out_split():
     import eval as E
-    import grading
+    from plumbing import grading
     import worlds
     assert worlds.get("carryworld") is C and "carryworld" in worlds.NAMES
     samples = [{"completion": FIX + " 29*9=61 \\boxed{61}"}]

@@ -45,6 +45,7 @@ def test_every_module_name_cited_in_the_docs_exists():
     constant of the project as the code stands (a rename cannot leave a pointer leading nowhere)."""
     from test_layout import project_modules
     modules = set(project_modules())
+    short = {m.rsplit(".", 1)[1]: m for m in modules if "." in m}  # session → plumbing.session
     cited = 0
     for page in PAGES:
         for dotted in set(re.findall(r"`((?:[a-z_]+\.)+[A-Za-z_]\w*)", page.read_text())):
@@ -52,6 +53,7 @@ def test_every_module_name_cited_in_the_docs_exists():
             if parts[-1] in FILE_ENDINGS:
                 continue  # a file (config.json, model.safetensors)
             k = max((i for i in range(1, len(parts)) if ".".join(parts[:i]) in modules), default=0)
+            assert k or parts[0] not in short, f"{page.name}: `{dotted}`: the module is {short[parts[0]]}"
             if not k:
                 continue  # not a project module (torch.compile, ...)
             target = importlib.import_module(".".join(parts[:k]))

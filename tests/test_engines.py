@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import engines
 import eval as E
-import models
+from plumbing import models
 import popsd
 from conftest import ROOT, free_port, run_main, serving
 
@@ -116,7 +116,7 @@ def test_toy_recipe_trains_end_to_end_with_the_vllm_engine_and_resumes_exactly(t
 
 
 def test_engine_config_errors_are_clear():
-    from data import PopsdError
+    from plumbing.data import PopsdError
     with pytest.raises(PopsdError, match="rollout_server.*rollout_engine=vllm both name the sampler"):
         popsd.make_config("toy", ["rollout_engine=vllm", "rollout_server=http://127.0.0.1:1"])
     with pytest.raises(PopsdError, match="rollout_engine=graph both name the sampler"):
@@ -341,7 +341,7 @@ def test_eval_through_a_vllm_server_takes_both_url_forms_and_sends_top_k_off(ser
 def test_a_reply_from_another_adapter_or_without_token_ids_is_refused():
     """What a server answers is checked before a completion is used: the step's adapter, token ids,
     log-probs."""
-    from data import PopsdError
+    from plumbing.data import PopsdError
     from engines.server_pool import parse_completion
     good = {"model": "popsd-r-step-3",
             "choices": [{"token_ids": [5, 2], "logprobs": {"token_logprobs": [-0.1, -0.2]}}]}
@@ -357,7 +357,7 @@ def test_a_reply_from_another_adapter_or_without_token_ids_is_refused():
 
 def test_missing_vllm_is_one_line_naming_the_install_command(monkeypatch):
     from engines import vllm_engine
-    from data import PopsdError
+    from plumbing.data import PopsdError
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name,
                         *a: None if name == "vllm" else real(name, *a))

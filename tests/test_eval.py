@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import eval as E
-import grading as G
+from plumbing import grading as G
 from conftest import ROOT, run_main
 
 FIVE = ROOT / "tests/data/five_questions.jsonl"
@@ -293,7 +293,7 @@ def test_cli_errors_are_clear(tiny_dir, tmp_path):
 
 def test_generation_batch_fits_the_kv_cache_in_the_budget():
     from transformers import AutoModelForCausalLM, Qwen3Config
-    from models import generation_batch, kv_bytes_per_token
+    from plumbing.models import generation_batch, kv_bytes_per_token
     fields = json.loads((ROOT / "bench/configs/qwen3_8b.json").read_text())
     config = Qwen3Config(**{k: v for k, v in fields.items() if not k.startswith("_")})
     assert kv_bytes_per_token(config, 2) == 2 * 36 * 8 * 128 * 2  # 144 KiB per token in bf16
@@ -388,7 +388,7 @@ def test_merge_writes_one_model_that_computes_what_base_plus_adapter_does(tmp_pa
 
 
 def test_a_partial_server_evaluation_is_regraded_and_a_torn_line_dropped(tmp_path):
-    import remote
+    from plumbing import remote
     benches = {"b": [("1+1?", "2"), ("2+2?", "4")]}
     forged = {"bench": "b", "index": 0, "question": "1+1?", "gold": "2",
               "samples": [{"completion": "\\boxed{3}", "tokens": 3, "truncated": False, "correct": True}]}

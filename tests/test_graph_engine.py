@@ -10,10 +10,10 @@ from peft import LoraConfig, get_peft_model
 
 import engines
 import engines.graph as G
-import models
+from plumbing import models
 import popsd
 import rollout
-from data import PopsdError
+from plumbing.data import PopsdError
 from engines.hf import generate
 from worlds import common, toyworld
 

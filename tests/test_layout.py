@@ -11,21 +11,24 @@ from conftest import ROOT
 
 FLOORS = {  # what each floor knows; a new module is placed here by what it is
     # math, data, ranks; world names
-    0: ("loss", "loss_fused", "data", "distributed", "ema", "plots", "worlds"),
+    0: ("loss", "plumbing", "plumbing.loss_fused", "plumbing.data", "plumbing.distributed", "plumbing.ema",
+        "plots", "worlds"),
     # contexts, loading, runs
-    1: ("rollout", "models", "config", "checkpoints", "adapters", "trackers", "grading", "guards"),
+    1: ("rollout", "plumbing.models", "plumbing.config", "plumbing.checkpoints", "plumbing.adapters",
+        "plumbing.trackers", "plumbing.grading", "plumbing.guards"),
     2: ("engines", "engines.hf", "engines.graph", "engines.vllm_engine", "engines.server_pool",
         "engines.client", "engines.ahead"),
     # benchmarks; worlds sample
-    3: ("eval", "remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),
-    4: ("popsd", "session"),  # the algorithm's loop and the run around it
+    3: ("eval", "plumbing.remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),
+    4: ("popsd", "plumbing.session"),  # the algorithm's loop and the run around it
     5: ("compare", "explain"),  # the worlds' command line and the per-token view: drive popsd
 }
 FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}
 
 
 def project_modules() -> dict:
-    files = [*ROOT.glob("*.py"), *(ROOT / "worlds").glob("*.py"), *(ROOT / "engines").glob("*.py")]
+    files = [*ROOT.glob("*.py"), *(ROOT / "worlds").glob("*.py"), *(ROOT / "engines").glob("*.py"),
+             *(ROOT / "plumbing").glob("*.py")]
     return {(f"{p.parent.name}.{p.stem}" if p.parent != ROOT else p.stem).replace(".__init__", ""): p
             for p in files}
 
@@ -55,15 +58,16 @@ def test_every_module_has_a_floor_and_no_import_goes_up():
 def test_the_import_graph_has_no_circle():
     modules = project_modules()
     graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
-    assert "worlds" not in graph["grading"] and "worlds" in graph["eval"]  # worlds are looked up by name
+    # worlds are looked up by name
+    assert "worlds" not in graph["plumbing.grading"] and "worlds" in graph["eval"]
     for name in graph:
         if name.startswith("worlds"):
             # a world knows none
-            assert not graph[name] & {"popsd", "eval", "compare", "grading", "plots"}, name
+            assert not graph[name] & {"popsd", "eval", "compare", "plumbing.grading", "plots"}, name
         if name.startswith("engines"):
             # nor an engine the run's plumbing
-            assert not graph[name] & {"popsd", "session", "guards", "eval"}, name
-    assert "loss" in graph["loss_fused"] and "loss_fused" not in graph["loss"]
+            assert not graph[name] & {"popsd", "plumbing.session", "plumbing.guards", "eval"}, name
+    assert "loss" in graph["plumbing.loss_fused"] and "plumbing.loss_fused" not in graph["loss"]
     state = {}
 
     def visit(node, path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import loss as L
-import loss_fused
+from plumbing import loss_fused
 
 N, V, H = 7, 50, 16
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import config
-import data
+from plumbing import config
+from plumbing import data
 import eval as E
-import models
+from plumbing import models
 import popsd
-import session
-from checkpoints import latest_checkpoint
+from plumbing import session
+from plumbing.checkpoints import latest_checkpoint
 from conftest import ROOT, run_main
-from data import PopsdError
+from plumbing.data import PopsdError
 
 
 def run_tiny(out, *overrides):
@@ -310,7 +310,7 @@ def test_topk_above_the_vocabulary_is_a_config_error(tmp_path):
 
 def test_a_lora_rank_beyond_the_layers_or_the_memory_is_refused_before_allocating(tmp_path, monkeypatch):
     """lora_r=100000 was accepted: the process grew to 22.8 GB and the kernel killed it."""
-    import models
+    from plumbing import models
     with pytest.raises(PopsdError,
                        match="'lora_r' is 100000, beyond the dimensions .*k_proj: 64 → 32.* above 32"):
         run_tiny(tmp_path / "a", "steps=1", "lora_r=100000")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import eval as E
-import grading as G
+from plumbing import grading as G
 from conftest import ROOT, free_port, run_main, serving
 
 pytestmark = pytest.mark.xdist_group("transformers_serve")  # one server per module, one worker (-n 2)
@@ -103,7 +103,7 @@ def test_every_sample_of_a_server_evaluation_has_its_own_seed_the_engines_seed(t
     eval.evaluate's (engines.request_seed per question, + sample), so a server samples what an engine
     would."""
     import threading
-    import remote
+    from plumbing import remote
     from rich.progress import Progress
     from engines import request_seed
 

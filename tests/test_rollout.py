@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import models
+from plumbing import models
 import popsd
 import rollout
 from engines.hf import HFSampler, generate
@@ -144,7 +144,7 @@ def test_rollouts_sampled_ahead_come_back_for_their_step_prompts_and_errors_incl
     """engines.ahead.Ahead: a thread's rollouts are handed to the step they were drawn for, with that step's
     contexts; a checkpoint's come back only for the prompts they were sampled from (a resume with another
     batch samples anew); an error in the thread is raised in the loop's."""
-    from data import PopsdError
+    from plumbing.data import PopsdError
     from engines.ahead import Ahead
     batch = [Contexts([1, 2], [1, 5, 2], [5, 2]), Contexts([3], [3, 6], [6])]
 

@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
+from plumbing import checkpoints
 import eval as E
-import guards
+from plumbing import guards
 import popsd
 import rollout
-import session
-from checkpoints import latest_checkpoint
+from plumbing import session
+from plumbing.checkpoints import latest_checkpoint
 from conftest import ROOT, run_main
-from data import PopsdError
+from plumbing.data import PopsdError
 
 
 def run_tiny(out, *overrides):
@@ -288,8 +288,8 @@ def test_non_finite_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkey
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import config  # noqa: E402
-import data  # noqa: E402
+from plumbing import config  # noqa: E402
+from plumbing import data  # noqa: E402
 
 TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["0", "-1", "1e30", "nan", "inf", "-inf", "none",
                                                         "true", "", "1.5", "0.0", "jsd", "opsd", "x=y",
@@ -309,9 +309,8 @@ def test_fuzzed_overrides_give_a_config_or_a_popsd_error(key, value):
 def exercise(cfg):
     """The consumers of the config's numbers, on tiny inputs: no exception and finite numbers out."""
     import math
-
     import loss as L
-    from models import make_optimizer
+    from plumbing.models import make_optimizer
     from peft import LoraConfig
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer = make_optimizer(dataclasses_replace(cfg, optim="adamw"), [param])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from data import PopsdError, model_load_error
+from plumbing.data import PopsdError, model_load_error
 
 # an optional hub kernel for bitsandbytes on a CPU, not
 for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):

@@ -16,9 +16,9 @@ import concurrent.futures
 import json
 from pathlib import Path
 
-from data import PopsdError
 from engines import request_seed
 from engines.client import Server, ServerError, watched
+from plumbing.data import PopsdError
 
 
 def read_partial(partial: Path, benches: dict, grade, warn) -> dict:

@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from data import PopsdError
+from plumbing.data import PopsdError
 
 TRACKERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}

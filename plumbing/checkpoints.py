@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-import distributed as D
-import ema
-from config import current_names
-from data import DataStream, PopsdError
+from plumbing import distributed as D, ema
+from plumbing.config import current_names
+from plumbing.data import DataStream, PopsdError
 
 MARKER, LOCK, SESSIONS = "popsd_run.json", "popsd_run.lock", "sessions.jsonl"
 # in every adapter popsd saves (and a model folder may ship one): how to prompt it

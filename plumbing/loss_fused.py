@@ -24,6 +24,7 @@ import torch
 
 from loss import check_options, divergence, pmi_shift_
 
+
 def _project(out, h, w, temperature):
     """out [C, V] float32 ← (h @ wᵀ) / τ, fp32 accumulation and output whatever the input dtype."""
     if w.dtype == torch.float32:

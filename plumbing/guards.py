@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from config import Config
-from data import PopsdError
+from plumbing.config import Config
+from plumbing.data import PopsdError
 from rollout import Rollout, completion_hidden
 
 

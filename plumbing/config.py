@@ -22,12 +22,12 @@ import torch
 from rich.table import Table
 
 import loss as L
-import trackers
 import worlds
-from data import PopsdError
+from plumbing import trackers
+from plumbing.data import PopsdError
 from rollout import PROMPTS, check_templates
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 @dataclass

@@ -26,21 +26,20 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-import distributed as D
-import ema
 import eval as E
-import guards
 import plots
-from checkpoints import (check_base, check_finite, latest_checkpoint, load_checkpoint, prepare_run_folder,
-                         record_session, save_checkpoint, save_final_adapter, trainable_state, trim_logs)
-from config import Config, derived_sizes, print_config
-from data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
 from engines import graph_rows, make_sampler
 from engines.ahead import Ahead
-from models import (base_fingerprint, eos_ids, fit_new_tokens, load_model, make_optimizer, model_parts,
-                    pick_device)
+from plumbing import distributed as D, ema, guards
+from plumbing.checkpoints import (check_base, check_finite, latest_checkpoint, load_checkpoint,
+                                  prepare_run_folder, record_session, save_checkpoint, save_final_adapter,
+                                  trainable_state, trim_logs)
+from plumbing.config import Config, derived_sizes, print_config
+from plumbing.data import DataStream, PopsdError, build_tiny_model, read_rows, resolve_local
+from plumbing.models import (base_fingerprint, eos_ids, fit_new_tokens, load_model, make_optimizer,
+                             model_parts, pick_device)
+from plumbing.trackers import Trackers
 from rollout import Rollout, build_contexts, control_tokens
-from trackers import Trackers
 
 console = Console()
 warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*")
@@ -428,7 +427,8 @@ def runs_with(cfg: Config) -> dict:
         "dynamic": "HF generate, dynamic KV cache (engines/hf.py)", "static": "HF generate, static KV cache "
         "(engines/hf.py)", "graph": f"graph sampler, keep_rows={cfg.graph_keep_rows} (engines/graph.py)",
         "vllm": "vLLM in this process (engines/vllm_engine.py)"}[cfg.rollout_engine]
-    path = "fused, chunked (loss_fused.py)" if cfg.loss_impl == "fused" else "reference (loss.reference_loss)"
+    path = ("fused, chunked (plumbing/loss_fused.py)" if cfg.loss_impl == "fused"
+            else "reference (loss.reference_loss)")
     return {"sampler": sampler, "loss path": path,
             "dtype": cfg.dtype + (", 4-bit nf4 base" if cfg.load_in_4bit else ""),
             "torch threads": cfg.threads or torch.get_num_threads()}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import PROMPT_KEYS, PROMPTS_FILE
-from data import PopsdError, model_load_error, resolve_local
-from models import quantization_config
+from plumbing.checkpoints import PROMPTS_FILE, PROMPT_KEYS
+from plumbing.data import PopsdError, model_load_error, resolve_local
+from plumbing.models import quantization_config
 
 
 def run_settings(adapter: str | None, model_path: str | None = None) -> dict:

@@ -17,7 +17,6 @@ import multiprocessing
 import re
 import threading
 
-
 THINK_END = "</think>"
 
 GRADE_TIMEOUT = 5  # seconds per math-verify parse / comparison
