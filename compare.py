@@ -98,12 +98,12 @@ def versions() -> dict:
 
 
 def run_key(world, overrides: list[str]) -> dict:
-    """Everything that decides a run's result: its resolved config (popsd.make_config), the checksums of the
+    """Everything that decides a run's result: its resolved config (make_config), the checksums of the
     base's weights and of the data files it trains and is evaluated on, of the code, and the library
     versions."""
-    import popsd
+    from plumbing.config import make_config
     from plumbing.data import resolve_local
-    cfg = popsd.make_config(world.RECIPE, overrides)
+    cfg = make_config(world.RECIPE, overrides)
     files = [cfg.data, *cfg.eval_bench.split(",")]
     return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"},
             "base": base_sha(world),
@@ -557,7 +557,7 @@ def print_gates(world, measured: dict, console=None):
 
 def planned_jobs(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides,
                  grid="product", opsd_fkl=False, supports=("full",)) -> list[Job]:
-    """Every argument checked, and every run's config resolved (popsd.make_config validates each), before any
+    """Every argument checked, and every run's config resolved (make_config validates each), before any
     work: the jobs of the comparison, or a ValueError / PopsdError naming what is wrong."""
     if workers < 1 or seeds < 1 or gate_samples < 1:
         raise ValueError(f"--workers, --seeds and --gate-samples must be at least 1 (got {workers}, {seeds}, "
@@ -593,8 +593,8 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     measured = world.measure_base(model, tok, gate_samples)
     gate_rows = print_gates(world, measured, console)
     del model
-    import popsd
-    cfg = popsd.make_config(world.RECIPE, [o for o in overrides])
+    from plumbing.config import make_config
+    cfg = make_config(world.RECIPE, [o for o in overrides])
     console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every "
                   f"{cfg.eval_every} steps on {cfg.eval_limit} held-out questions), runs in "
                   f"{out}/<reference>/<method>/seed_<n>/, their logs beside them (seed_<n>.log)")

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from plumbing import models  # noqa: E402
 import popsd  # noqa: E402
+from plumbing.config import make_config  # noqa: E402
 import rollout  # noqa: E402
 from plumbing.data import build_tiny_model  # noqa: E402
 from engines.hf import generate  # noqa: E402
@@ -114,7 +115,7 @@ class Phases:
 def load(path: Path, args, overrides: list[str]):
     """The single_gpu recipe's model, optimizer and synthetic prompts: loaded once per model, for every
     length."""
-    cfg = popsd.make_config("single_gpu", [f"out_dir={path}_run", *(["device=cpu"] if args.cpu_test else []),
+    cfg = make_config("single_gpu", [f"out_dir={path}_run", *(["device=cpu"] if args.cpu_test else []),
                                            *overrides])
     device = models.pick_device(cfg.device)
     torch.manual_seed(0)
@@ -257,7 +258,7 @@ def main(argv):
     if args.estimate:
         return print_estimates(args.models.split(","), [int(x) for x in args.lengths.split(",")], args)
     if args.check_args:  # the overrides are recipe fields: checked by popsd's own config
-        popsd.make_config("single_gpu", [*overrides, "out_dir=unused"])
+        make_config("single_gpu", [*overrides, "out_dir=unused"])
         print(f"arguments ok: {vars(args)} {overrides}")
         return
     device = torch.device("cpu" if args.cpu_test else "cuda")

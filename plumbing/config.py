@@ -370,3 +370,38 @@ def recipe_list() -> list[tuple[str, str]]:
         doc = (path.read_text().split('"""') + ["", ""])[1].strip().splitlines()
         out.append((path.stem, doc[0].split(":", 1)[-1].strip() if doc else ""))
     return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+def usage(doc: str) -> str:
+    """--help: the script's docstring, every recipe with its first line, every field's type, default and
+    comment."""
+    recipes = "\n".join(f"  {name:<22}{line}" for name, line in recipe_list())
+    fields = "\n".join(f"  {name}: {kind} = {default}{f'  # {comment}' if comment else ''}"
+                       for name, kind, default, comment in field_docs())
+    return (f"{doc}\nRecipes (recipes/*.py: each is Python that popsd executes: read one you downloaded "
+            f"before running it):\n{recipes}\n\nConfig fields (key=value):\n{fields}\n")
+
+
+def from_command_line(argv: list[str], doc: str) -> Config:
+    """popsd.py's arguments: `--recipe NAME` (or --recipe=NAME) and key=value overrides, as a checked
+    Config. No arguments print a short usage and exit 2; -h or --help anywhere prints every recipe and
+    field and exits 0."""
+    if not argv:
+        print(usage(doc).split("\nConfig fields")[0] + "\nAll fields: python popsd.py --help")
+        sys.exit(2)
+    if "-h" in argv or "--help" in argv:
+        print(usage(doc))
+        sys.exit(0)
+    recipe, overrides, i = "", [], 0
+    while i < len(argv):
+        if argv[i] == "--recipe":
+            recipe, i = argv[i + 1] if i + 1 < len(argv) else "", i + 2
+            continue
+        if argv[i].startswith("--recipe="):
+            recipe = argv[i].split("=", 1)[1]
+        else:
+            overrides.append(argv[i])
+        i += 1
+    return make_config(recipe, overrides)

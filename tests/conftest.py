@@ -38,8 +38,8 @@ def tiny_dir(tmp_path_factory):
 def tiny(tiny_dir):
     """(tokenizer, peft model) of the tiny model, fp32 on CPU, LoRA r8."""
     from plumbing import models
-    import popsd
-    cfg = popsd.make_config("tiny", ["out_dir=unused"])
+    from plumbing.config import make_config
+    cfg = make_config("tiny", ["out_dir=unused"])
     return models.load_model(cfg, models.pick_device("cpu"), str(tiny_dir))
 
 

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 import loss as L  # noqa: E402
 from plumbing import models  # noqa: E402
 import popsd  # noqa: E402
+from plumbing.config import make_config  # noqa: E402
 from plumbing.adapters import swap_adapter  # noqa: E402
 from engines import request_seed  # noqa: E402
 from engines.hf import HFSampler, generate  # noqa: E402
@@ -36,7 +37,7 @@ def student_logprobs(model, body, head, prompts, completions, mask, pad_id):
 
 def main(adapter: str):
     torch.manual_seed(0)
-    cfg = popsd.make_config("toy", ["out_dir=unused"])
+    cfg = make_config("toy", ["out_dir=unused"])
     base = str(ROOT / cfg.model)
     tok, model = models.load_model(cfg, torch.device("cpu"), base)
     swap_adapter(model, Path(adapter))  # the trained adapter

@@ -16,6 +16,7 @@ from plumbing import checkpoints  # noqa: E402
 from plumbing import distributed as D  # noqa: E402
 from plumbing import models  # noqa: E402
 import popsd  # noqa: E402
+from plumbing.config import make_config  # noqa: E402
 from plumbing import session  # noqa: E402
 from plumbing.data import DataStream, read_rows  # noqa: E402
 from rollout import Rollout, completion_mask  # noqa: E402
@@ -36,7 +37,7 @@ def fixed_rollout(contexts, vocab: int, eos: int, pad: int, step: int) -> Rollou
 
 
 def main(model_dir: str, out_dir: str, steps: int, *overrides):
-    cfg = popsd.make_config("tiny", [f"out_dir={out_dir}", f"steps={steps}", "eval_every=0", *overrides])
+    cfg = make_config("tiny", [f"out_dir={out_dir}", f"steps={steps}", "eval_every=0", *overrides])
     rank, world, device = D.setup(models.pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
     tokenizer, model = models.load_model(cfg, device, model_dir)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import popsd
+from plumbing.config import make_config
 from conftest import ROOT, train_world_recipe
 from rollout import build_contexts
 from worlds import carryworld as C
@@ -124,8 +124,8 @@ def test_the_lengths_are_derived_from_the_longest_trace_and_the_recipe_uses_them
     worst = max((reflected(f"{a:02d}" + f"*{b}" * C.MAX_OPS) for a in (19, 59, 99) for b in C.HARD), key=len)
     assert len(sampled) <= len(worst) <= C.longest_trace() < C.MAX_NEW_TOKENS == C.longest_trace() + 1
     assert worst.count(" wait ") == C.MAX_OPS and C.longest_trace() - len(worst) <= 2 * C.MAX_OPS
-    cfg = popsd.make_config("carry")
-    toy = popsd.make_config("toy")
+    cfg = make_config("carry")
+    toy = make_config("toy")
     assert cfg.max_new_tokens == cfg.eval_max_new_tokens == C.MAX_NEW_TOKENS
     same = {"lr", "steps", "batch_size", "lora_r", "lora_alpha", "temperature", "beta", "pmi_clip", "jsd_mix",
             "eval_limit", "eval_every", "divergence", "seed"}

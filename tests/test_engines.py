@@ -17,6 +17,7 @@ import engines
 import eval as E
 from plumbing import models
 import popsd
+from plumbing.config import make_config
 from conftest import ROOT, free_port, run_main, serving
 
 TOY = ROOT / "data/toyworld/base"
@@ -46,7 +47,7 @@ def cli(*args, timeout=600):
 def trained_adapter(tmp_path_factory):
     """A toy adapter that moved away from the base: 2 OPSD steps at a high learning rate, HF sampling."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    popsd.train(popsd.make_config("toy", [f"out_dir={out}", "steps=2", "eval_every=0", "lr=1e-2",
+    popsd.train(make_config("toy", [f"out_dir={out}", "steps=2", "eval_every=0", "lr=1e-2",
                                           "method=opsd", "threads=1", "batch_size=8", "micro_batch_size=8"]))
     return out / "adapter"
 
@@ -118,20 +119,20 @@ def test_toy_recipe_trains_end_to_end_with_the_vllm_engine_and_resumes_exactly(t
 def test_engine_config_errors_are_clear():
     from plumbing.data import PopsdError
     with pytest.raises(PopsdError, match="rollout_server.*rollout_engine=vllm both name the sampler"):
-        popsd.make_config("toy", ["rollout_engine=vllm", "rollout_server=http://127.0.0.1:1"])
+        make_config("toy", ["rollout_engine=vllm", "rollout_server=http://127.0.0.1:1"])
     with pytest.raises(PopsdError, match="rollout_engine=graph both name the sampler"):
-        popsd.make_config("", ["rollout_engine=graph", "rollout_server=http://127.0.0.1:1"])
+        make_config("", ["rollout_engine=graph", "rollout_server=http://127.0.0.1:1"])
     # the recipe's sampler, which servers asked for replace:
-    assert popsd.make_config("toy").rollout_engine == "graph"
-    assert popsd.make_config("toy", ["rollout_server=http://127.0.0.1:1"]).rollout_engine == "dynamic"
+    assert make_config("toy").rollout_engine == "graph"
+    assert make_config("toy", ["rollout_server=http://127.0.0.1:1"]).rollout_engine == "dynamic"
     with pytest.raises(PopsdError, match="'rollout_ahead' needs rollout_server"):
-        popsd.make_config("toy", ["rollout_ahead=1"])
+        make_config("toy", ["rollout_ahead=1"])
     with pytest.raises(PopsdError, match="'rollout_ahead' must be 0 .synchronous. or 1"):
-        popsd.make_config("toy", ["rollout_ahead=2", "rollout_server=http://127.0.0.1:1"])
+        make_config("toy", ["rollout_ahead=2", "rollout_server=http://127.0.0.1:1"])
     with pytest.raises(PopsdError, match="not an http"):
-        popsd.make_config("toy", ["rollout_server=localhost:8000"])
+        make_config("toy", ["rollout_server=localhost:8000"])
     with pytest.raises(PopsdError, match="no rollout server answered.*could not reach"):
-        engines.make_sampler(popsd.make_config("toy", [f"rollout_server=http://127.0.0.1:{free_port()}"]),
+        engines.make_sampler(make_config("toy", [f"rollout_server=http://127.0.0.1:{free_port()}"]),
                              None, None,
                            "", [2], torch.device("cpu"), ROOT / "runs/unused", 0, 1)
 
@@ -282,7 +283,7 @@ def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_a
     pool = server_pool.ServerPool(f"{dead},{server}", tok, [2], tmp_path / "adapters", 2, "t",
                                   warn=warnings.append)
     assert len(warnings) == 1 and "could not reach" in warnings[0]
-    cfg = popsd.make_config("toy", ["out_dir=unused"])
+    cfg = make_config("toy", ["out_dir=unused"])
     _, model = models.load_model(cfg, torch.device("cpu"), str(TOY))
     pool.sync(model, 0)
     assert len(warnings) == 2 and pool.alive == pool.servers[1:]

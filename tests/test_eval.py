@@ -307,8 +307,9 @@ def test_generation_batch_fits_the_kv_cache_in_the_budget():
 
 def test_cli_evaluates_every_checkpoint_resumes_and_names_the_best(tmp_path):
     import popsd
+    from plumbing.config import make_config
     run = tmp_path / "run"
-    popsd.train(popsd.make_config("tiny", [f"out_dir={run}", "steps=3", "save_every=1", "eval_every=0"]))
+    popsd.train(make_config("tiny", [f"out_dir={run}", "steps=3", "save_every=1", "eval_every=0"]))
     common = ["--bench", str(FIVE), "--n", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--limit", "3",
               "--temperature", "1.0", "--out", str(tmp_path / "sweep")]
     out = eval_cli("--adapter", str(run / "checkpoints"), *common)
@@ -341,8 +342,9 @@ def test_cli_evaluates_every_checkpoint_resumes_and_names_the_best(tmp_path):
 
 def test_a_sweep_takes_complete_checkpoints_in_step_order_and_keys_results_on_the_adapter(tmp_path):
     import popsd
+    from plumbing.config import make_config
     run = tmp_path / "run"
-    popsd.train(popsd.make_config("tiny", [f"out_dir={run}", "steps=2", "save_every=1", "eval_every=0"]))
+    popsd.train(make_config("tiny", [f"out_dir={run}", "steps=2", "save_every=1", "eval_every=0"]))
     ckpts = run / "checkpoints"
     shutil.copytree(ckpts / "step_000002", ckpts / "step_000010")  # 10 after 2 (text order puts it first)
     shutil.copytree(ckpts / "step_000001", ckpts / "step_000003.tmp")  # an unfinished save
@@ -355,7 +357,7 @@ def test_a_sweep_takes_complete_checkpoints_in_step_order_and_keys_results_on_th
     assert ("left out of the sweep" in out.stdout and "'step_abc'" in out.stdout
             and "step_000003.tmp" in out.stdout)
     assert list(json.loads((tmp_path / "sweep/sweep.json").read_text())["steps"]) == ["1", "2", "10"]
-    popsd.train(popsd.make_config("tiny", [f"out_dir={run}", "steps=2", "save_every=1", "eval_every=0",
+    popsd.train(make_config("tiny", [f"out_dir={run}", "steps=2", "save_every=1", "eval_every=0",
                                            "lr=5e-3",
                                            # retrained: other adapters under the same names
                                            "overwrite=true"]))
@@ -366,9 +368,10 @@ def test_a_sweep_takes_complete_checkpoints_in_step_order_and_keys_results_on_th
 
 def test_merge_writes_one_model_that_computes_what_base_plus_adapter_does(tmp_path):
     import popsd
+    from plumbing.config import make_config
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    run = popsd.train(popsd.make_config("tiny", [f"out_dir={tmp_path / 'run'}", "steps=2", "eval_every=0",
+    run = popsd.train(make_config("tiny", [f"out_dir={tmp_path / 'run'}", "steps=2", "eval_every=0",
                                                  "lr=0.05"]))  # a large step: the adapter is far from zero
     out = eval_cli("merge", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged"), "--dtype",
                    "fp32")

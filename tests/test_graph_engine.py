@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 import engines
 import engines.graph as G
 from plumbing import models
-import popsd
+from plumbing.config import make_config
 import rollout
 from plumbing.data import PopsdError
 from engines.hf import generate
@@ -160,14 +160,14 @@ def test_plan_fits_the_budget_and_counts_the_halves():
 
 
 def test_the_loop_takes_the_graph_engine_and_refuses_it_where_it_cannot_work(tmp_path, tiny_dir):
-    cfg = popsd.make_config("tiny", ["rollout_engine=graph", f"out_dir={tmp_path}"])
+    cfg = make_config("tiny", ["rollout_engine=graph", f"out_dir={tmp_path}"])
     tok, model = models.load_model(cfg, CPU, str(tiny_dir))
     sampler = engines.make_sampler(cfg, model, tok, str(tiny_dir), [tok.eos_token_id], CPU, tmp_path, 0, 1)
     assert isinstance(sampler, G.GraphSampler) and sampler.reports_logprobs
     with pytest.raises(PopsdError, match="rollout_engine=graph samples in one process"):
         engines.make_sampler(cfg, model, tok, str(tiny_dir), [tok.eos_token_id], CPU, tmp_path, 0, 2)
     with pytest.raises(PopsdError, match="rollout_engine=graph both name the sampler"):
-        popsd.make_config("tiny", ["rollout_engine=graph", "rollout_server=http://127.0.0.1:1"])
+        make_config("tiny", ["rollout_engine=graph", "rollout_server=http://127.0.0.1:1"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it)")

@@ -17,6 +17,7 @@ from plumbing import data
 import eval as E
 from plumbing import models
 import popsd
+from plumbing.config import make_config
 from plumbing import session
 from plumbing.checkpoints import latest_checkpoint
 from conftest import ROOT, run_main
@@ -25,7 +26,7 @@ from plumbing.data import PopsdError
 
 def run_tiny(out, *overrides):
     quiet = [] if any(o.startswith("eval_every=") for o in overrides) else ["eval_every=0"]  # a key once
-    return popsd.train(popsd.make_config("tiny", [f"out_dir={out}", *quiet, *overrides]))
+    return popsd.train(make_config("tiny", [f"out_dir={out}", *quiet, *overrides]))
 
 
 def adapter(path):
@@ -41,33 +42,33 @@ def assert_same_adapter(a, b, atol=0.0):
 # ---- config
 
 def test_overrides_are_typed_and_unknown_keys_named():
-    cfg = popsd.make_config("tiny", ["steps=3", "lr=1e-4", "resume=true", "pmi_clip=none", "term_clamp=0.05"])
+    cfg = make_config("tiny", ["steps=3", "lr=1e-4", "resume=true", "pmi_clip=none", "term_clamp=0.05"])
     assert (cfg.steps, cfg.lr, cfg.resume, cfg.pmi_clip, cfg.term_clamp) == (3, 1e-4, True, None, 0.05)
     assert cfg.out_dir == "runs/tiny" and cfg.model == "tiny"
     with pytest.raises(PopsdError, match="unknown config key 'lrr' \\(did you mean 'lr'\\?\\)"):
-        popsd.make_config("tiny", ["lrr=1"])
+        make_config("tiny", ["lrr=1"])
     with pytest.raises(PopsdError, match="config key 'steps' expects int, got 'three'"):
-        popsd.make_config("tiny", ["steps=three"])
+        make_config("tiny", ["steps=three"])
     with pytest.raises(PopsdError, match="config key 'resume' expects bool"):
-        popsd.make_config("", ["resume=maybe"])
+        make_config("", ["resume=maybe"])
     with pytest.raises(PopsdError, match="'method' must be one of"):
-        popsd.make_config("", ["method=grpo"])
+        make_config("", ["method=grpo"])
     with pytest.raises(PopsdError, match="expected key=value"):
-        popsd.make_config("", ["steps"])
+        make_config("", ["steps"])
     with pytest.raises(PopsdError, match="recipe 'nope' not found"):
-        popsd.make_config("nope")
+        make_config("nope")
 
 
 def test_renamed_keys_keep_working_with_a_note_naming_the_new_key(capsys):
     """jsd_beta, clip and token_clip were renamed (no two knobs share a name): the old names still work, for
     now."""
-    cfg = popsd.make_config("tiny", ["jsd_beta=0.3", "clip=5", "token_clip=0.05"])
+    cfg = make_config("tiny", ["jsd_beta=0.3", "clip=5", "token_clip=0.05"])
     assert (cfg.jsd_mix, cfg.pmi_clip, cfg.term_clamp) == (0.3, 5.0, 0.05)
     err = capsys.readouterr().err
     for old, new in (("jsd_beta", "jsd_mix"), ("clip", "pmi_clip"), ("token_clip", "term_clamp")):
         assert f"config key {old!r} is now {new!r}" in err
     with pytest.raises(PopsdError, match="given twice"):
-        popsd.make_config("tiny", ["clip=5", "pmi_clip=6"])
+        make_config("tiny", ["clip=5", "pmi_clip=6"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -89,20 +90,20 @@ def test_renamed_keys_keep_working_with_a_note_naming_the_new_key(capsys):
 ])
 def test_values_that_would_waste_a_run_are_errors(override, message):
     with pytest.raises(PopsdError, match=message):
-        popsd.make_config("tiny", [override])
+        make_config("tiny", [override])
 
 
 def test_prompt_presets_fill_the_templates():
     from rollout import PROMPTS
-    cfg = popsd.make_config("", ["prompts=opsd"])
+    cfg = make_config("", ["prompts=opsd"])
     assert (cfg.student_template, cfg.teacher_template, cfg.refonly_template) == PROMPTS["opsd"]
     assert "explore different approaches" in cfg.teacher_template and "{question}" not in cfg.refonly_template
     assert cfg.refonly_template in cfg.teacher_template  # the teacher's prompt with the problem removed
-    mine = popsd.make_config("", ["prompts=opsd", "student_template=Q: {question}"])
+    mine = make_config("", ["prompts=opsd", "student_template=Q: {question}"])
     assert mine.student_template == "Q: {question}" and mine.teacher_template == PROMPTS["opsd"][1]
-    assert popsd.make_config("").teacher_template == PROMPTS["popsd"][1]
+    assert make_config("").teacher_template == PROMPTS["popsd"][1]
     for name in ("single_gpu", "fsdp_8gpu", "paper_qwen3_8b", "paper_qwen3_4b"):  # the paper's models think
-        cfg = popsd.make_config(name)
+        cfg = make_config(name)
         assert cfg.student_thinking and cfg.teacher_thinking and cfg.prompts == "opsd", name
         doc = (ROOT / "recipes" / f"{name}.py").read_text().split('"""')[1]
         assert "Thinking: on" in doc and "prompts=opsd" in doc
@@ -112,15 +113,15 @@ def test_recipe_values_are_checked(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("stepz = 3\n")
     with pytest.raises(PopsdError, match="unknown config key 'stepz' \\(did you mean 'steps'\\?\\)"):
-        popsd.make_config(str(bad))
+        make_config(str(bad))
     bad.write_text("steps = '3'\n")
     with pytest.raises(PopsdError, match="'steps' expects int"):
-        popsd.make_config(str(bad))
+        make_config(str(bad))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "recipes").glob("*.py")))
 def test_every_recipe_loads_and_documents_itself(name):
-    cfg = popsd.make_config(name)
+    cfg = make_config(name)
     doc = (ROOT / "recipes" / f"{name}.py").read_text().split('"""')[1]
     command = "torchrun --nproc_per_node 8 popsd.py --recipe " if name == "fsdp_8gpu" else ("python popsd.py "
                                                                                             "--recipe ")
@@ -134,14 +135,14 @@ def test_every_recipe_loads_and_documents_itself(name):
 
 
 def test_derived_sizes():
-    cfg = popsd.make_config("", ["batch_size=32", "n_samples=2", "micro_batch_size=5", "steps=100"])
+    cfg = make_config("", ["batch_size=32", "n_samples=2", "micro_batch_size=5", "steps=100"])
     sizes = config.derived_sizes(cfg, 1600)
     assert (sizes["sequences per step"] == 64 and sizes["micro-batches per step"] == 13 and sizes["epochs"]
             == 2.0)
 
 
 def test_lr_schedule():
-    cfg = popsd.make_config("", ["warmup_steps=4", "steps=14", "lr_schedule=cosine"])
+    cfg = make_config("", ["warmup_steps=4", "steps=14", "lr_schedule=cosine"])
     f = [session.lr_factor(s, cfg) for s in range(14)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0 and f[9] == pytest.approx(0.5) and f[-1] > 0
 
@@ -194,7 +195,7 @@ def test_offline_hub_ids_give_a_clear_error(tmp_path):
 def test_overlong_prompts_are_skipped_and_counted(tiny):
     tok, _ = tiny
     rows = [("What is 1 + 1?", "2"), ("What is 1 + 1? " * 80, "2")]
-    cfg = popsd.make_config("tiny", ["max_prompt_len=300"])
+    cfg = make_config("tiny", ["max_prompt_len=300"])
     kept, too_long = session.prepare_contexts(rows, tok, cfg)
     assert len(kept) == 1 and too_long == 1
     assert max(len(kept[0].teacher), len(kept[0].student)) <= 300
@@ -323,7 +324,7 @@ def test_a_lora_rank_beyond_the_layers_or_the_memory_is_refused_before_allocatin
 
 def test_qlora_4bit_gradients_survive_an_eval_forward(tiny_dir):
     # sampling runs in eval mode first; the student's 4-bit backward must still reach the first layer
-    cfg = popsd.make_config("tiny", ["load_in_4bit=true", "dtype=bf16", "out_dir=unused"])
+    cfg = make_config("tiny", ["load_in_4bit=true", "dtype=bf16", "out_dir=unused"])
     x = torch.tensor([[1, 20, 30, 40, 50, 60]])
 
     def first_layer_grad(eval_first):
@@ -372,12 +373,12 @@ def test_eval_during_training_is_what_eval_py_gives_and_leaves_training_alone(tm
 
 
 def test_eval_questions_seen_in_training_are_left_out(tmp_path):
-    cfg = popsd.make_config("tiny", [f"out_dir={tmp_path}", "eval_bench=data/toy_math.jsonl",
+    cfg = make_config("tiny", [f"out_dir={tmp_path}", "eval_bench=data/toy_math.jsonl",
                                      "eval_fields=problem,solution"])
     with pytest.raises(PopsdError, match="every question is in the training data"):
         popsd.train(cfg)
     with pytest.raises(PopsdError, match="eval_fields"):
-        popsd.make_config("tiny", ["eval_fields=problem"])
+        make_config("tiny", ["eval_fields=problem"])
 
 
 # ---- the CLI, as a user runs it
@@ -557,7 +558,7 @@ def test_trackers_are_imported_only_when_asked_and_a_missing_one_says_how_to_ins
     with pytest.raises(PopsdError, match="report_to=wandb needs its package .*pip install wandb"):
         run_tiny(tmp_path / "b", "steps=1", "report_to=wandb")
     with pytest.raises(PopsdError, match="report_to: unknown tracker 'mlflow'"):
-        popsd.make_config("tiny", ["report_to=tensorboard,mlflow"])
+        make_config("tiny", ["report_to=tensorboard,mlflow"])
 
 
 # ---- teacher=ema: a second LoRA adapter, an EMA of the trained one
@@ -612,4 +613,4 @@ def adapter_at_step(out, step):
 def test_ema_rate_is_checked():
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(PopsdError, match="'ema_rate' must be in \\(0, 1\\]"):
-            popsd.make_config("tiny", ["teacher=ema", f"ema_rate={bad}"])
+            make_config("tiny", ["teacher=ema", f"ema_rate={bad}"])

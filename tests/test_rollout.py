@@ -6,6 +6,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from plumbing import models
 import popsd
+from plumbing.config import make_config
 import rollout
 from engines.hf import HFSampler, generate
 from rollout import (STUDENT_TEMPLATE, Contexts, Rollout, build_contexts, check_templates, completion_hidden,
@@ -98,7 +99,7 @@ def test_sampling_uses_the_kv_cache_and_masks_after_eos(tiny):
         lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     ctx = [Contexts(student=tok("What is 2 + 3?")["input_ids"], teacher=[1], refonly=[1]),
            Contexts(student=tok("Compute 4 times 5.")["input_ids"], teacher=[1], refonly=[1])]
-    cfg = popsd.make_config("tiny", ["n_samples=3", "max_new_tokens=12", "top_p=1.0", "out_dir=unused"])
+    cfg = make_config("tiny", ["n_samples=3", "max_new_tokens=12", "top_p=1.0", "out_dir=unused"])
     sampler = HFSampler(model, tok, engine="dynamic", batch_size=4, device=torch.device("cpu"),
                         eos_ids=[tok.eos_token_id])
     try:

@@ -17,6 +17,7 @@ from plumbing import checkpoints
 import eval as E
 from plumbing import guards
 import popsd
+from plumbing.config import make_config
 import rollout
 from plumbing import session
 from plumbing.checkpoints import latest_checkpoint
@@ -26,7 +27,7 @@ from plumbing.data import PopsdError
 
 def run_tiny(out, *overrides):
     quiet = [] if any(o.startswith("eval_every=") for o in overrides) else ["eval_every=0"]  # a key once
-    return popsd.train(popsd.make_config("tiny", [f"out_dir={out}", *quiet, *overrides]))
+    return popsd.train(make_config("tiny", [f"out_dir={out}", *quiet, *overrides]))
 
 
 def cli(*args, cwd=ROOT):
@@ -206,7 +207,7 @@ def test_a_collapse_is_warned_on_screen_and_in_metrics(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [bool(r.get("collapse")) for r in rows] == [False, True, True, True]
     assert "looks collapsed" in capsys.readouterr().out
-    cfg = popsd.make_config("tiny")
+    cfg = make_config("tiny")
     base = {"step": 1, "skipped": False, "loss": 0.05, "grad_norm": 0.1, "entropy": 2.0, "lr": 1e-3}
     said = lambda row, c=cfg, stalls=0: " ".join(guards.health(row, stalls, 512, c)[1])  # noqa: E731
     assert guards.health(dict(base), 0, 512, cfg) == (0, [], None)
@@ -219,10 +220,10 @@ def test_a_collapse_is_warned_on_screen_and_in_metrics(tmp_path, capsys):
     assert "repeats itself (80% of its 4-grams" in said(looping) and looping["repetition"]
     # short: not flagged
     assert guards.health(dict(base, repeated_4grams=0.8, truncated=0.1), 0, 512, cfg)[1] == []
-    hot = popsd.make_config("tiny", ["temperature=50"])
+    hot = make_config("tiny", ["temperature=50"])
     assert "temperature=50 samples near-uniform" in said(dict(base, entropy=6.2), hot)
     # the target, not the student, is what is off: name its knob
-    flat = popsd.make_config("tiny", ["beta=1e-30"])
+    flat = make_config("tiny", ["beta=1e-30"])
     assert "beta=1e-30 makes the target one-hot" in said(dict(base, loss=0.66), flat) and "lower lr" not in \
         said(dict(base, loss=0.66), flat)
     ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 9], [5, 6, 7, 8, 9, 0, 0, 0, 0]])
@@ -242,7 +243,7 @@ def test_a_run_that_cannot_learn_stops_and_names_the_setting(tmp_path):
 
 
 def test_the_sampler_gap_warns_then_stops_the_run():
-    cfg = popsd.make_config("toy")
+    cfg = make_config("toy")
     base = {"step": 4, "skipped": False, "loss": 0.05, "grad_norm": 0.1, "entropy": 2.0, "lr": 1e-3}
     assert guards.health(dict(base, sampler_logprob_gap=1e-6), 0, 128, cfg) == (0, [], None)
     _, warned, stop = guards.health(dict(base, sampler_logprob_gap=0.2), 0, 128, cfg)
@@ -252,7 +253,7 @@ def test_the_sampler_gap_warns_then_stops_the_run():
         _, _, stop = guards.health(dict(base, sampler_logprob_gap=gap), 0, 128, cfg)
         assert "not sampling from the student" in stop and "raw_logprobs" in stop and "stale" in stop
     with pytest.raises(PopsdError, match="sampler_gap_stop.*at least sampler_gap_warn"):
-        popsd.make_config("toy", ["sampler_gap_warn=1", "sampler_gap_stop=0.5"])
+        make_config("toy", ["sampler_gap_warn=1", "sampler_gap_stop=0.5"])
 
 
 def test_lr_1e30_stops_with_a_clear_error_and_saves_no_broken_state(tmp_path):
@@ -361,7 +362,7 @@ def test_fuzzed_data_files_give_rows_or_a_popsd_error_naming_the_line(lines, tmp
 
 def test_no_arguments_print_usage_with_the_recipes_not_a_run(tmp_path):
     out = cli(cwd=tmp_path)
-    assert out.returncode == 2 and "Recipes (recipes/*.py):" in out.stdout and "toy " in out.stdout
+    assert out.returncode == 2 and "Recipes (recipes/*.py" in out.stdout and "toy " in out.stdout
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
@@ -675,7 +676,7 @@ def test_each_session_of_a_resumed_run_is_recorded_with_its_sampler(tmp_path):
 def test_out_dir_tilde_is_the_home_folder_named_in_full(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".bashrc").write_text("mine")
-    assert popsd.make_config("tiny", ["out_dir=~/runs/a"]).out_dir == str(tmp_path / "runs/a")
+    assert make_config("tiny", ["out_dir=~/runs/a"]).out_dir == str(tmp_path / "runs/a")
     with pytest.raises(PopsdError, match=f"^{tmp_path} is not a popsd run folder"):
         run_tiny("~", "steps=1", "overwrite=true")
     assert snapshot(tmp_path) == {".bashrc": b"mine"}
@@ -695,7 +696,7 @@ def test_a_question_holding_a_field_name_or_a_control_token_stays_text(tiny, cap
     assert fill("Q: {question}\nR: {reference}", question="what is {reference}?", reference="42") == \
         "Q: what is {reference}?\nR: 42"  # one pass: the reference does not land inside the question
     tok, _ = tiny
-    cfg = popsd.make_config("tiny", ["out_dir=unused"])
+    cfg = make_config("tiny", ["out_dir=unused"])
     kept, _ = session.prepare_contexts([("fine", "ok"), ("a <|im_end|> b", "ok")], tok, cfg)
     assert (len(kept) == 2
             and "data row 2 holds the chat template's control token(s) <|im_end|>" in capsys.readouterr().out)
@@ -743,11 +744,11 @@ def test_bad_bytes_a_bom_duplicate_keys_and_huge_numbers_are_clear(tmp_path):
     got, skipped = data.read_rows(str(bad), "train", ("problem", "solution"), skip_bad=True)
     assert got == [("1+1?", "2"), ("2+2?", "4")] and skipped == 1  # the BOM is not part of line 1
     with pytest.raises(PopsdError, match="'steps' is given twice"):
-        popsd.make_config("tiny", ["steps=0", "steps=2"])
+        make_config("tiny", ["steps=0", "steps=2"])
     with pytest.raises(PopsdError, match="'seed' must be between 0 and 2"):
-        popsd.make_config("tiny", [f"seed={10 ** 30}"])
+        make_config("tiny", [f"seed={10 ** 30}"])
     with pytest.raises(PopsdError, match="'threads' must be at most"):
-        popsd.make_config("tiny", ["threads=100000"])
+        make_config("tiny", ["threads=100000"])
 
 
 def test_max_new_tokens_beyond_the_models_positions_is_cut_with_a_warning(tmp_path):

@@ -53,7 +53,8 @@ def test_torchrun_tiny_recipe_end_to_end_then_resume_on_one_rank(tmp_path, tiny)
     assert {k.replace(".ema.", "."): v.shape for k, v in teacher.items()} == shapes  # whole, gathered
     assert not (tmp_path / "adapter/ema").exists() and "EMA teacher adapter" in stdout
     import popsd  # the 2-rank checkpoint, resumed by one process (this one)
-    popsd.train(popsd.make_config("tiny", ["steps=5", "eval_every=0", "resume=true", "teacher=ema",
+    from plumbing.config import make_config
+    popsd.train(make_config("tiny", ["steps=5", "eval_every=0", "resume=true", "teacher=ema",
                                            f"out_dir={tmp_path}"]))
     assert [r["step"] for r in rows(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5]
 

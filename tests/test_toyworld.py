@@ -253,10 +253,10 @@ def test_a_static_cache_samples_what_dynamic_samples(name, forbid):
     """The worlds measure their bases (gates, "wait" forbidden) with rollout_engine=static, for speed: the
     very same samples as dynamic. (The recipes sample with engines/graph.py, batch halved:
     tests/test_graph_engine.py.)"""
-    import popsd
+    from plumbing.config import make_config
     from worlds import get
     world = get(name)
-    cfg = popsd.make_config(world.RECIPE)
+    cfg = make_config(world.RECIPE)
     assert (cfg.rollout_engine, cfg.graph_keep_rows) == ("graph", False)
     tok, model = common.load_base(world)
     prompts = [common.fill_prompt(world.TEMPLATES["student_template"], q) for q in common.held_out(world, 48)]
@@ -268,8 +268,8 @@ def test_a_static_cache_samples_what_dynamic_samples(name, forbid):
 
 
 def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
-    import popsd
-    cfg = popsd.make_config("toy")
+    from plumbing.config import make_config
+    cfg = make_config("toy")
     assert {k: getattr(cfg, k) for k in T.TEMPLATES} == T.TEMPLATES  # the prompts the base was pre-trained on
     out = tmp_path / "run"
     train_world_recipe("toy", out, T.check, steps=2, eval_limit=16)
@@ -348,18 +348,18 @@ def test_the_ablation_grid_one_factor_at_a_time_with_no_clip_and_the_official_op
     by_name = {j.method: j.overrides for j in jobs}
     assert set(by_name) == {"opsd", "opsd_fkl", "purified", "purified_cnone_b1"}
     assert "pmi_clip=none" in by_name["purified_cnone_b1"] and "term_clamp=0.05" in by_name["opsd_fkl"]
-    import popsd
-    assert popsd.make_config(T.RECIPE, by_name["purified_cnone_b1"]).pmi_clip is None
-    cfg = popsd.make_config(T.RECIPE, by_name["opsd_fkl"])
+    from plumbing.config import make_config
+    assert make_config(T.RECIPE, by_name["purified_cnone_b1"]).pmi_clip is None
+    cfg = make_config(T.RECIPE, by_name["opsd_fkl"])
     assert (cfg.method, cfg.divergence, cfg.term_clamp) == ("opsd", "forward_kl", 0.05)
     jobs = compare.compare_jobs(T, tmp_path, ["sketch"], 2, [10.0], [1.0], [],
                                 supports=["full", "topk", "sampled"])
     by_name = {j.method: j.overrides for j in jobs}
     assert set(by_name) == {"opsd", "purified", "opsd_topk", "purified_topk", "opsd_sampled",
                             "purified_sampled"}
-    cfg = popsd.make_config(T.RECIPE, by_name["purified_sampled"])
+    cfg = make_config(T.RECIPE, by_name["purified_sampled"])
     assert (cfg.method, cfg.support, cfg.divergence) == ("purified", "sampled", "reverse_kl")
-    cfg = popsd.make_config(T.RECIPE, by_name["opsd_topk"])
+    cfg = make_config(T.RECIPE, by_name["opsd_topk"])
     # the toy recipe's k
     assert (cfg.method, cfg.support, cfg.topk, cfg.divergence) == ("opsd", "topk", 16, "jsd")
     from rich.console import Console
