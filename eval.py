@@ -119,15 +119,15 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
     """Sample n completions per question of each benchmark, grade them; returns (metrics, records) per bench.
 
     sampler: who generates (an engine of engines/; during training, the run's own, so an engine evaluates
-    too); None: HF generate on `model`. Engines take a seed per question, HF generate torch's generator.
+    too); None: HF generate on `model`. Every engine takes a seed per question (engines.request_seed).
     grader: "math" (is_correct: the last \\boxed{} against the gold answer) or a world's name (worlds/: its
     exact checker, which also counts step errors, caught errors and false reflections).
     thinking: the chat template's thinking mode; then only the text after the reasoning block is graded, and
     a completion that never closes the block is wrong (grading.grade).
 
-    Seeded per benchmark, so a benchmark's results do not depend on which others run with it; the caller's
-    RNG state is left as it was. Under torchrun each rank takes every world-th question and rank 0's
-    results hold them all.
+    Seeded per question (the benchmark's name and the question's index), so a benchmark's results do not
+    depend on which others run with it or on the ranks; the caller's RNG state is left as it was. Under
+    torchrun each rank takes every world-th question and rank 0's results hold them all.
     """
     from rich.progress import Progress
     sampler = sampler or HFSampler(model, tokenizer, engine="dynamic", batch_size=batch_size, device=device,
@@ -135,7 +135,6 @@ def evaluate(model, tokenizer, benches: dict, *, n: int, max_new_tokens: int, te
     metrics, records = {}, {}
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         for name, rows in benches.items():
-            torch.manual_seed(seed + rank)
             mine = list(range(rank, len(rows), world))
             # as many generate calls on every rank
             padded = mine + [0] * (math.ceil(len(rows) / world) - len(mine))

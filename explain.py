@@ -266,7 +266,6 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
                                teacher_thinking=cfg.teacher_thinking) for q, r, _ in rows]
     sampler = make_sampler(cfg, model, tokenizer, path, eos_ids(model, tokenizer), device,
                            Path("runs/explain"), 0, 1, warn=lambda m: console.print(f"[yellow]{m}[/]"))
-    torch.manual_seed(seed)
     try:
         sampled = sampler.generate([c.student for c in contexts], n=1, max_new_tokens=cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

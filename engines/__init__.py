@@ -13,13 +13,23 @@ Every engine is a class with
 
     engine           file            samples with                                config
     dynamic, static  hf.py           HF generate on the training model           rollout_engine=dynamic|static
+                                     (the default: dynamic)
     graph            graph.py        a static KV cache, each step a CUDA graph   rollout_engine=graph
+                                     (the toy recipes', run eagerly on a CPU)
     vllm             vllm_engine.py  vLLM in-process, a LoRA adapter per step    rollout_engine=vllm
     server pool      server_pool.py  vLLM servers over HTTP (client: client.py)  rollout_server=URL,...
 
 `make_sampler` picks the one the config names: the loop (popsd.py) never branches on which. Heavy engines are
 imported only when chosen. Every engine samples from exactly the distribution the config describes (no model
 folder's sampling settings apply: tests/test_graph_engine.py, tests/test_engines.py).
+
+Seeds. The loop and every evaluation give each prompt a seed (request_seed: the run's seed, the step or the
+benchmark, the prompt's place in the whole batch). HF generate and the graph sampler draw each row's tokens
+from its own seed (sampling.py), so their samples do not depend on the rank, the other prompts in the batch,
+the generation batch size or the call order (tests/test_sampling.py), and the two give the same samples from
+the same seeds (tests/test_graph_engine.py). vLLM, in-process or served, takes the same seeds with its own
+generator: a server pool's samples do not depend on which server answers. Across engines the numerics and
+generators differ, so one seed gives each engine other samples.
 """
 import hashlib
 from pathlib import Path
@@ -31,9 +41,9 @@ from plumbing.models import model_positions
 
 
 def request_seed(seed: int, step: int | str, index: int) -> int:
-    """The seed of one prompt's requests at one step (or in one evaluation, named; sample j uses + j): a run's
-    samples depend on its seed, the step and the prompt's place in the batch, never on the engine, server or
-    rank."""
+    """The seed of one prompt's requests at one step (or in one evaluation, named; sample j uses + j): from
+    the run's seed, the step and the prompt's place in the whole batch, so not from the rank or the server
+    that samples it (what each engine makes of it: this module's docstring)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()[:6], "big")
 
 

@@ -8,14 +8,13 @@ LoRA that was ~170 ms a step on an H200, 1% of the decode floor. This engine sam
 itself (LoRA active: on-policy, nothing to sync) with a preallocated KV cache (transformers' StaticCache), one
 prefill per batch, and a decoding step whose shapes never change. On CUDA that step is captured once per batch
 shape as a CUDA graph and replayed (one launch a step); elsewhere the same loop runs eagerly. Sampling is HF's
-own (its temperature, top-k and top-p warpers, softmax, torch.multinomial on torch's generator), outside the
-graph, so:
-  keep_rows=True   every row steps until the last one is done: with a seed, the very same samples as
-                   engines.hf.generate (tests/test_graph_engine.py)
+own warpers (temperature, top-k, top-p), then each row's token drawn from its own seed (engines/sampling.py),
+outside the graph; so with the same seeds it samples what engines.hf.generate does, in either mode:
+  keep_rows=True   every row steps until the last one is done
   keep_rows=False  when half the rows are done the live ones move to a batch half the size (its own cache and
                    graph): a long tail stops holding the batch; run eagerly, the cache also grows ROUND slots
-                   at a time (attention reads only what is written). The random stream then differs, so this
-                   mode is checked by greedy equality and the per-token log-probs
+                   at a time (attention reads only what is written)
+(tests/test_graph_engine.py: the same tokens and per-token log-probs as HF generate, seeded and greedy)
 A replayed graph reads the weights at the addresses it was captured with. Training changes them in place
 (optimizer steps, the EMA teacher's lerp, a resume's load_state_dict copies into them); before every call the
 sampler compares the parameters' addresses with those it captured and drops its graphs if any moved. The
@@ -30,6 +29,7 @@ import inspect
 
 import torch
 
+from engines.sampling import draw, row_seeds, warpers
 from plumbing.data import PopsdError
 from rollout import Rollout, from_tokens, pad_left
 
@@ -38,21 +38,6 @@ ROUND = 64  # cache length rounded up to a multiple of this: one graph serves pr
 
 def _rounded(tokens: int) -> int:
     return -(-tokens // ROUND) * ROUND
-
-
-def _warpers(temperature: float, top_k: int, top_p: float):
-    """HF generate's sampling warpers, in its order (transformers' own classes, so the samples are its
-    samples)."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
-    out = LogitsProcessorList()
-    if temperature != 1.0:
-        out.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        out.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        out.append(TopPLogitsWarper(top_p))
-    return out
 
 
 class _Step:
@@ -243,20 +228,22 @@ class GraphSampler:
                  lengths=None) -> Rollout:
         """n completions per prompt, with the log-prob of each sampled token, as a Rollout; rows in batches of
         batch_size, as engines.hf.generate. lengths [B] (benchmarks: a fixed workload): row i ends exactly at
-        lengths[i] tokens, EOS banned before and forced there. seeds: unused, as in HFSampler (torch's
-        generator, seeded per run). Caches of shapes this call did not use are freed after it, so at most one
-        call's caches are held (what plan() budgets)."""
+        lengths[i] tokens, EOS banned before and forced there. seeds: prompt i's seed (sample j: + j), each
+        row's tokens drawn from its own; None: one per prompt from torch's generator. Caches of shapes this
+        call did not use are freed after it, so at most one call's caches are held (what plan() budgets)."""
         self._check_addresses()
         self.used, self.trail = set(), []
         do_sample = temperature != 0
         if not do_sample:  # greedy, as engines.hf.generate
             temperature, top_p, top_k = 1.0, 1.0, 0
-        warp = _warpers(temperature, top_k, top_p)
+        warp = warpers(temperature, top_k, top_p)
         self.model.eval()
         rows = [p for p in prompts for _ in range(n)]
+        every_row = row_seeds(seeds, len(prompts), n, self.device) if do_sample else None  # [B]
         tokens, logprobs = [], []
         for i in range(0, len(rows), self.batch_size):
-            ids, lp = self._batch(rows[i:i + self.batch_size], max_new_tokens, warp, do_sample,
+            batch_seeds = None if every_row is None else every_row[i:i + self.batch_size]
+            ids, lp = self._batch(rows[i:i + self.batch_size], max_new_tokens, warp, batch_seeds,
                                   None if lengths is None else lengths[i:i + self.batch_size])
             tokens += ids.tolist()
             logprobs += lp.tolist()
@@ -266,9 +253,9 @@ class GraphSampler:
             del self.steps[key]
         return from_tokens(tokens, logprobs, self.tokenizer, self.eos_ids)
 
-    def _batch(self, prompts, max_new_tokens, warp, do_sample, lengths=None):
+    def _batch(self, prompts, max_new_tokens, warp, seeds, lengths=None):
         """One batch: prefill, then decode until every row has its EOS or max_new_tokens → (tokens [b, T],
-        their log-probs [b, T])."""
+        their log-probs [b, T]). seeds [b]: each row's (sampling.draw); None: greedy."""
         pad = self.tokenizer.pad_token_id
         ids, attn = pad_left(prompts, pad)  # [b, P]
         ids, attn = ids.to(self.device), attn.to(self.device)
@@ -294,10 +281,8 @@ class GraphSampler:
                 logits[last] = float("-inf")
                 logits[last, eos[0]] = 0.0
             scores = warp(ids, logits)  # these warpers do not read the ids
-            if do_sample:
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                token = scores.argmax(-1)
+            # each live slot's token from the seed of the batch row it holds
+            token = scores.argmax(-1) if seeds is None else draw(scores, seeds[where], t)  # [b']
             token = token * unfinished + pad * (1 - unfinished)  # finished rows write pads, as HF
             live = unfinished.bool()
             out[where[live], t] = token[live]

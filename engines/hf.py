@@ -3,14 +3,17 @@
     dynamic   the KV cache grown step by step (HF's default)
     static    a preallocated KV cache (cache_implementation="static"): the same samples, faster when small
 
-The training model samples, LoRA active: always on-policy, nothing to sync. Its random numbers come from
-torch's generator (seeded per run, saved in checkpoints); it reports no log-probs. The worlds (worlds/) sample
-their measurements with `generate` too.
+The training model samples, LoRA active: always on-policy, nothing to sync. With seeds (the loop's and
+every evaluation's), each row's tokens are drawn from its own seed (engines/sampling.py): HF generate runs its
+greedy step on the token a seeded logits processor chose. Without (the worlds' measurements and pre-training,
+worlds/), HF's own sampler draws from torch's generator. It reports no log-probs.
 """
 import contextlib
 
 import torch
+from transformers import LogitsProcessorList
 
+from engines.sampling import SeededSampling, row_seeds
 from plumbing import distributed as D
 from rollout import Rollout, from_tokens, pad_left
 
@@ -34,8 +37,10 @@ def neutral_generation_config(model):
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, temperature, top_p, top_k,
              eos_ids, batch_size, device, on_batch=None, min_new_tokens=0, engine="dynamic", do_sample=True,
-             logits_processor=None, gather=True) -> Rollout:
-    """n completions per prompt ([B = prompts × n]), KV cache on, batched with left padding.
+             logits_processor=None, gather=True, seeds=None) -> Rollout:
+    """n completions per prompt ([B = prompts × n]), KV cache on, batched with left padding. seeds
+    [prompts]: each row drawn from its own (sample j: seeds[i] + j, engines/sampling.py); None: torch's
+    generator, through HF's sampler.
 
     Under torchrun (FSDP) every rank runs the same number of decoding steps (synced_gpus): a sharded
     forward is a collective, so a rank that is done keeps stepping until all are. With gather (the
@@ -45,6 +50,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
     if temperature == 0:  # greedy (eval.py --temperature 0)
         do_sample, temperature, top_p, top_k = False, 1.0, 1.0, 0
     rows = [p for p in prompts for _ in range(n)]  # [B]
+    seeded = do_sample and seeds is not None
+    every_row = row_seeds(seeds, len(prompts), n, device) if seeded else None  # [B]
     model.eval()  # gradient checkpointing only acts in train mode, so the KV cache stays on
     extra = {"cache_implementation": "static"} if engine == "static" else {}
     tokens = []
@@ -52,12 +59,17 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
     with D.gathered(model) if gather else contextlib.nullcontext(), neutral_generation_config(model):
         for i in range(0, len(rows), batch_size):
             ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                 do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+            processors, sampling = list(logits_processor or []), {}
+            if seeded:  # the draw is the seeded processor's, last; HF's greedy step takes its token
+                processors.append(SeededSampling(every_row[i:i + batch_size], ids.shape[1], temperature,
+                                                 top_k, top_p))
+            else:
+                sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **sampling,
                                  max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
                                  use_cache=True, min_new_tokens=min_new_tokens,
                                  synced_gpus=torch.distributed.is_initialized(),
-                                 logits_processor=logits_processor, **extra)  # [b, P + T_i]
+                                 logits_processor=LogitsProcessorList(processors), **extra)  # [b, P + T_i]
             tokens += out[:, ids.shape[1]:].tolist()  # [b] rows of T_i ids, pad after EOS
             if on_batch:
                 on_batch(len(ids))  # progress: sequences done
@@ -77,11 +89,11 @@ class HFSampler:
         pass  # the training model's own weights
 
     def generate(self, prompts, *, n, max_new_tokens, temperature, top_p, top_k, seeds=None, on_batch=None):
-        """seeds: unused (torch's generator, seeded per run, draws every sample)."""
+        """seeds: prompt i's seed (sample j: + j); each row's tokens come from its own (sampling.py)."""
         return generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=self.eos_ids,
                         batch_size=self.batch_size, device=self.device, on_batch=on_batch, engine=self.engine,
-                        gather=self.gather)
+                        gather=self.gather, seeds=seeds)
 
     def close(self):
         pass

@@ -16,8 +16,8 @@ FLOORS = {  # what each floor knows; a new module is placed here by what it is
     # contexts, loading, runs
     1: ("rollout", "plumbing.models", "plumbing.config", "plumbing.checkpoints", "plumbing.adapters",
         "plumbing.trackers", "plumbing.grading", "plumbing.guards"),
-    2: ("engines", "engines.hf", "engines.graph", "engines.vllm_engine", "engines.server_pool",
-        "engines.client", "engines.ahead"),
+    2: ("engines", "engines.sampling", "engines.hf", "engines.graph", "engines.vllm_engine",
+        "engines.server_pool", "engines.client", "engines.ahead"),
     # benchmarks; worlds sample
     3: ("eval", "plumbing.remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),
     4: ("popsd", "plumbing.session"),  # the algorithm's loop and the run around it
