@@ -67,13 +67,15 @@ RUN_FILES = ("config.json", SESSIONS, "metrics.jsonl", "samples.txt", "plots.png
              "checkpoints", "eval", "tiny_model", "rollout_adapters", "tensorboard", "wandb")
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
-    "gen_batch_size", "micro_batch_size", "loss_chunk_mb", "rollout_engine", "sample_gathered", "recipe",
-              "out_dir",
-    "rollout_server", "rollout_adapter_dir", "rollout_concurrency", "vllm_gpu_memory", "vllm_kv_cache_gb",
-    "vllm_enforce_eager", "report_to", "sampler_gap_warn", "sampler_gap_stop", "server_timeout",
+    "recipe", "out_dir", "report_to",
+    # speed: the same numbers (both loss paths: tests/test_popsd.py; the graph sampler's modes draw each row
+    # from its own seed: tests/test_graph_engine.py)
+    "gen_batch_size", "micro_batch_size", "loss_impl", "loss_chunk_mb", "loss_compile", "graph_keep_rows",
+    "graph_kv_gb", "sample_gathered",
+    "rollout_engine", "rollout_server", "rollout_adapter_dir", "rollout_concurrency", "vllm_gpu_memory",
+    "vllm_kv_cache_gb", "vllm_enforce_eager", "sampler_gap_warn", "sampler_gap_stop", "server_timeout",
     "eval_every", "eval_bench", "eval_fields", "eval_n", "eval_limit", "eval_max_new_tokens",
-              "eval_temperature",
-    "eval_top_p", "eval_grader"}
+    "eval_temperature", "eval_top_p", "eval_grader"}
 
 
 def record_session(out: Path, config: dict, start: int):

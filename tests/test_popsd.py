@@ -93,20 +93,25 @@ def test_values_that_would_waste_a_run_are_errors(override, message):
         make_config("tiny", [override])
 
 
-def test_prompt_presets_fill_the_templates():
+def test_prompt_presets_fill_the_templates(capsys):
     from rollout import PROMPTS
-    cfg = make_config("", ["prompts=opsd"])
-    assert (cfg.student_template, cfg.teacher_template, cfg.refonly_template) == PROMPTS["opsd"]
+    cfg = make_config("", ["prompts=opsd_wording"])
+    assert (cfg.student_template, cfg.teacher_template, cfg.refonly_template) == PROMPTS["opsd_wording"]
     assert "explore different approaches" in cfg.teacher_template and "{question}" not in cfg.refonly_template
     assert cfg.refonly_template in cfg.teacher_template  # the teacher's prompt with the problem removed
-    mine = make_config("", ["prompts=opsd", "student_template=Q: {question}"])
-    assert mine.student_template == "Q: {question}" and mine.teacher_template == PROMPTS["opsd"][1]
+    mine = make_config("", ["prompts=opsd_wording", "student_template=Q: {question}"])
+    assert mine.student_template == "Q: {question}" and mine.teacher_template == PROMPTS["opsd_wording"][1]
     assert make_config("").teacher_template == PROMPTS["popsd"][1]
+    # the old name of the preset (it read like method=opsd) still works, with a note
+    assert make_config("", ["prompts=opsd"]).prompts == "opsd_wording"
+    assert "prompts=opsd is now prompts=opsd_wording" in capsys.readouterr().err
+    from plumbing.config import current_names
+    assert current_names({"prompts": "opsd", "jsd_beta": 0.5}) == {"prompts": "opsd_wording", "jsd_mix": 0.5}
     for name in ("single_gpu", "fsdp_8gpu", "paper_qwen3_8b", "paper_qwen3_4b"):  # the paper's models think
         cfg = make_config(name)
-        assert cfg.student_thinking and cfg.teacher_thinking and cfg.prompts == "opsd", name
+        assert cfg.student_thinking and cfg.teacher_thinking and cfg.prompts == "opsd_wording", name
         doc = (ROOT / "recipes" / f"{name}.py").read_text().split('"""')[1]
-        assert "Thinking: on" in doc and "prompts=opsd" in doc
+        assert "Thinking: on" in doc and "prompts=opsd_wording" in doc
 
 
 def test_recipe_values_are_checked(tmp_path):
@@ -274,9 +279,15 @@ def test_micro_batching_does_not_change_the_update(tmp_path):
     assert_same_adapter(adapter(one / "adapter"), adapter(many / "adapter"), atol=0.02 * 5e-4)
 
 
-def test_fused_and_reference_losses_give_the_same_update(tmp_path):
+def test_fused_and_reference_losses_give_the_same_update(tmp_path, capsys):
     fused = run_tiny(tmp_path / "a", "steps=2", "loss_impl=fused", "loss_chunk_mb=0")  # one token per chunk
     reference = run_tiny(tmp_path / "b", "steps=2", "loss_impl=reference")
+    # so a run may change its loss path on resume (a checkpoint from before the toy recipes ran the
+    # reference path resumes after)
+    switched = run_tiny(tmp_path / "d", "steps=1", "loss_impl=fused")
+    run_tiny(tmp_path / "d", "steps=2", "resume=true", "loss_impl=reference")
+    assert "loss_impl changes 'fused' → 'reference'" in capsys.readouterr().out
+    assert_same_adapter(adapter(switched / "adapter"), adapter(reference / "adapter"), atol=0.02 * 1e-3)
     # the CUDA default, on CPU
     compiled = run_tiny(tmp_path / "c", "steps=2", "loss_impl=fused", "loss_compile=on")
     assert_same_adapter(adapter(fused / "adapter"), adapter(reference / "adapter"), atol=0.02 * 1e-3)
