@@ -1,15 +1,18 @@
-"""rollout.py: the four contexts, the sampled completion ŷ, and how ŷ lines up with every context's scores.
+"""rollout.py: the three contexts, the sampled completion ŷ, and how ŷ lines up with every context.
+
+Three contexts, four distributions:
 
     student π_θ    (LoRA on)   chat(student_template(q))        + ŷ
     clean base π_0 (LoRA off)  the student's context, same ids   + ŷ
     teacher π_T    (LoRA off)  chat(teacher_template(q, r))     + ŷ
     ref-only π_ref (LoRA off)  chat(refonly_template(r))        + ŷ
 
-A word for GRPO readers: here "ref" / `refonly` is the reference *solution* r (the teacher's context without
-the question), not GRPO's frozen reference *model*; the frozen base model is the clean base π_0.
+For GRPO readers: "ref" / `refonly` is the reference *solution* r (the teacher's context without the
+question), not GRPO's frozen reference *model*; the frozen base model is the clean base π_0.
 
-ŷ is sampled once, from the student context (engines/), and appended as token ids to every context: it is
-never decoded and re-tokenized, so all four score exactly the same tokens. `completion_hidden` says where.
+ŷ is sampled once, from the student's context (engines/), and appended as token ids to every
+context: it is never decoded and re-tokenized, so all four passes score exactly the same tokens.
+`completion_hidden` says where.
 """
 import re
 from dataclasses import dataclass
@@ -19,30 +22,34 @@ import torch
 STUDENT_TEMPLATE = ("Problem: {question}\n\n"
                     "Please reason step by step, and put your final answer within \\boxed{}.")
 REFERENCE_BLOCK = (
-    "Here is a reference solution to this problem:\n=== Reference Solution Begin ===\n{reference}\n"
-    "=== Reference Solution End ===\n\n"
-    "After understanding the reference solution, solve the problem with your own reasoning. Do not copy "
-    "the reference: derive the same final answer independently.\n"
+    "Here is a reference solution to this problem:\n"
+    "=== Reference Solution Begin ===\n{reference}\n=== Reference Solution End ===\n\n"
+    "After understanding the reference solution, solve the problem with your own reasoning. "
+    "Do not copy the reference: derive the same final answer independently.\n"
     "Please reason step by step, and put your final answer within \\boxed{}."
 )
 TEACHER_TEMPLATE = "Problem: {question}\n\n" + REFERENCE_BLOCK
 REFONLY_TEMPLATE = REFERENCE_BLOCK  # the teacher's prompt with the problem removed
 
-# The OPSD paper's wording, verbatim: siyan-zhao/OPSD, data_collator.py (_build_prompts, math branch), commit
-# c181e5bff7b94edef58cc64b4c0ba3a4d9e0d0dd. Its teacher is asked to "explore different approaches" and to
-# "backtrack or reconsider": wording that may itself move the epistemic markers the paper measures.
+# The OPSD code's wording, verbatim: siyan-zhao/OPSD, data_collator.py (_build_prompts, math
+# branch), commit c181e5bff7b94edef58cc64b4c0ba3a4d9e0d0dd. Its teacher is asked to "explore
+# different approaches" and to "backtrack or reconsider": wording that may itself move the epistemic
+# markers the paper measures.
 OPSD_STUDENT = ("Problem: {question}\n\n"
                 "Please reason step by step, and put your final answer within \\boxed{}.")
 OPSD_REFERENCE_BLOCK = (
-    "Here is a reference solution to this problem:\n=== Reference Solution Begin ===\n{reference}\n"
-    "=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you truly "
-    "understand the reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your own "
-    "words and independent reasoning, derive the same final answer to the problem above. Think step by step, "
-    "explore different approaches, and don't be afraid to backtrack or reconsider if something doesn't work "
-    "out:\n\nPlease reason step by step, and put your final answer within \\boxed{}.")
-PROMPTS = {  # preset: (student and clean base, teacher, reference-only = the teacher without the problem)
+    "Here is a reference solution to this problem:\n"
+    "=== Reference Solution Begin ===\n{reference}\n=== Reference Solution End ===\n\n\n"
+    "After reading the reference solution above, make sure you truly understand the reasoning "
+    "behind each step \u2014 do not copy or paraphrase it. Now, using your own words and independent "
+    "reasoning, derive the same final answer to the problem above. Think step by step, explore "
+    "different approaches, and don't be afraid to backtrack or reconsider if something doesn't "
+    "work out:\n\nPlease reason step by step, and put your final answer within \\boxed{}.")
+# prompts=...: (student and clean base, teacher, reference-only = the teacher without the problem)
+PROMPTS = {
     "popsd": (STUDENT_TEMPLATE, TEACHER_TEMPLATE, REFONLY_TEMPLATE),
-    "opsd": (OPSD_STUDENT, "Problem: {question}\n\n" + OPSD_REFERENCE_BLOCK, OPSD_REFERENCE_BLOCK),
+    "opsd_wording": (OPSD_STUDENT, "Problem: {question}\n\n" + OPSD_REFERENCE_BLOCK,
+                     OPSD_REFERENCE_BLOCK),
 }
 
 MARKERS = re.compile(r"\b(wait|maybe|perhaps|check)\b", re.IGNORECASE)
@@ -58,16 +65,17 @@ class Contexts:
 
 @dataclass
 class Rollout:
-    """Sampled completions: B = prompts × n sequences, T = the longest completion. An engine returns one
-    (engines/); the loop adds each row's contexts, which the scoring passes read."""
+    """Sampled completions: B = prompts × n sequences, T = the longest completion. An engine returns
+    one (engines/); the loop adds each row's contexts, which the scoring passes read."""
     completions: torch.Tensor  # [B, T] long, pad after EOS
     mask: torch.Tensor  # [B, T] bool, True up to and including EOS
     truncated: torch.Tensor  # [B] bool, no EOS within max_new_tokens
-    texts: list[str]  # [B] decoded completions (for logging and grading only: the loss reads the ids)
-    logprobs: torch.Tensor | None = None  # [B, T] the engine's raw log-prob of each sampled token, if it has
-    contexts: list[Contexts] | None = None  # [B] each row's four contexts, repeated n times per prompt
-    weights_step: int | None = None  # optimizer steps the sampling adapter had seen, where the engine
-    # samples from a copy of the weights (the server pool); None: it sampled the training model itself
+    texts: list[str]  # [B] decoded (for logging and grading only: the loss reads the ids)
+    logprobs: torch.Tensor | None = None  # [B, T] the engine's raw log-prob of each token, if it has
+    contexts: list[Contexts] | None = None  # [B] each row's contexts, repeated n times per prompt
+    # optimizer steps the sampling adapter had seen, where the engine samples from a copy of the
+    # weights (the server pool); None: it sampled the training model itself
+    weights_step: int | None = None
 
     def __len__(self):
         return len(self.texts)
@@ -75,17 +83,17 @@ class Rollout:
     def select(self, rows: slice) -> "Rollout":
         mask = self.mask[rows]
         t = int(mask.sum(1).max().item()) if mask.numel() else 0  # trim padding columns
-        return Rollout(self.completions[rows, :t], mask[:, :t], self.truncated[rows], self.texts[rows],
-                       None if self.logprobs is None else self.logprobs[rows, :t],
+        return Rollout(self.completions[rows, :t], mask[:, :t], self.truncated[rows],
+                       self.texts[rows], None if self.logprobs is None else self.logprobs[rows, :t],
                        None if self.contexts is None else self.contexts[rows], self.weights_step)
 
     def policy_lag(self, step: int) -> int:
-        """Optimizer steps between the weights that sampled these completions and the student that step
-        `step` trains on them (after step − 1 updates): 0 on-policy, 1 with rollout_ahead=1."""
+        """Optimizer steps between the weights that sampled these completions and the student that
+        step `step` trains on them (after step − 1 updates): 0 on-policy, 1 with rollout_ahead=1."""
         return 0 if self.weights_step is None else step - 1 - self.weights_step
 
     def state(self) -> dict:
-        """What a checkpoint keeps of rollouts sampled ahead (the contexts come back from the data)."""
+        """What a checkpoint keeps of rollouts sampled ahead (their contexts come from the data)."""
         return {"completions": self.completions, "mask": self.mask, "truncated": self.truncated,
                 "texts": self.texts, "logprobs": self.logprobs, "weights_step": self.weights_step,
                 "prompts": [c.student for c in self.contexts]}
@@ -98,18 +106,21 @@ def check_templates(student: str, teacher: str, refonly: str):
     for key, (text, has_q, has_r) in want.items():
         for field, needed in (("{question}", has_q), ("{reference}", has_r)):
             if (field in text) != needed:
-                raise ValueError(f"config key {key!r} must {'' if needed else 'not '}contain {field}")
+                must = "must" if needed else "must not"
+                raise ValueError(f"config key {key!r} {must} contain {field}")
 
 
 def fill(template: str, question: str = "", reference: str = "") -> str:
-    # One pass over the template, not str.format: LaTeX braces stay, and a question holding "{reference}"
-    # stays that text (replacing one field after the other would put the reference inside the question).
-    return re.sub(r"\{(question|reference)\}", lambda m: question if m[1] == "question" else reference,
-                  template)
+    # One pass over the template, not str.format: LaTeX braces stay, and a question holding
+    # "{reference}" stays that text (replacing one field after the other would put the reference
+    # inside the question).
+    def value(field):
+        return question if field[1] == "question" else reference
+    return re.sub(r"\{(question|reference)\}", value, template)
 
 
 def control_tokens(tokenizer) -> list[str]:
-    """The tokenizer's control tokens (<|im_end|>, </think>, ...): in data they act as controls, not text."""
+    """The tokenizer's control tokens (<|im_end|>, </think>, ...): in data they act as controls."""
     added = [t.content for t in tokenizer.added_tokens_decoder.values()
              if getattr(t, "special", False) or t.content.endswith("think>")]
     specials = set(tokenizer.all_special_tokens) | set(added)
@@ -119,14 +130,15 @@ def control_tokens(tokenizer) -> list[str]:
 def chat_ids(tokenizer, user_text: str, thinking: bool) -> list[int]:
     """Token ids of one user turn with the generation prompt, thinking mode as given."""
     if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template: use an instruct/chat model, or set one on the "
-                         "tokenizer")
+        raise ValueError("the tokenizer has no chat template: use an instruct/chat model, or set one "
+                         "on the tokenizer")
     text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=thinking)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_contexts(tokenizer, question, reference, *, templates, student_thinking, teacher_thinking):
+def build_contexts(tokenizer, question, reference, *, templates, student_thinking,
+                   teacher_thinking):
     """The three prompts of one (question, reference) row as token ids: a Contexts."""
     student_t, teacher_t, refonly_t = templates
     return Contexts(
@@ -154,10 +166,11 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]):
     return ~after, ~is_eos.any(1)
 
 
-def from_tokens(tokens: list[list[int]], logprobs: list[list[float]] | None, tokenizer, eos_ids: list[int]):
-    """What an engine sampled (per sequence its token ids, EOS included where it stopped, and the log-prob of
-    each) → a Rollout: padded after the first EOS, masked up to and including it, truncated where none came.
-    Every engine returns what this makes, so all of them mean the same by a mask."""
+def from_tokens(tokens: list[list[int]], logprobs: list[list[float]] | None, tokenizer,
+                eos_ids: list[int]):
+    """What an engine sampled (per sequence its token ids, EOS included where it stopped, and the
+    log-prob of each) → a Rollout: padded after the first EOS, masked up to and including it,
+    truncated where none came. Every engine returns what this makes: all mean the same by a mask."""
     pad_id = tokenizer.pad_token_id
     width = max([len(t) for t in tokens] + [1])
     completions = torch.full((len(tokens), width), pad_id, dtype=torch.long)  # [B, T]
@@ -171,10 +184,11 @@ def from_tokens(tokens: list[list[int]], logprobs: list[list[float]] | None, tok
     completions = completions.masked_fill(~mask, pad_id)
     texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completions, mask)],
                                    skip_special_tokens=True)
-    return Rollout(completions, mask, truncated, texts, None if lp is None else lp.masked_fill(~mask, 0.0))
+    lp = None if lp is None else lp.masked_fill(~mask, 0.0)
+    return Rollout(completions, mask, truncated, texts, lp)
 
 
-def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id: int) -> torch.Tensor:
+def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id: int):
     """Final hidden states [N, H] of one context at the positions that score the completion tokens.
 
     Sequence = left-padded prompt [B, P] ++ completion [B, T]. The hidden state at position i gives
@@ -194,7 +208,8 @@ def completion_hidden(body, prompts: list[list[int]], completions, mask, pad_id:
 
 
 def repeated_ngrams(completions: torch.Tensor, mask: torch.Tensor, n: int = 4) -> tuple[int, int]:
-    """(n-grams seen before in the same completion, all n-grams), valid tokens only: degenerate repetition."""
+    """(n-grams seen before in the same completion, all n-grams), valid tokens only: degenerate
+    repetition."""
     repeats = total = 0
     for ids, m in zip(completions.tolist(), mask.tolist()):
         ids = [t for t, keep in zip(ids, m) if keep]

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engines  # noqa: E402
-import loss as L  # noqa: E402
+import loss  # noqa: E402
 import popsd  # noqa: E402
 from plumbing.config import make_config  # noqa: E402
 from plumbing.data import DataStream, read_rows  # noqa: E402
@@ -59,7 +59,6 @@ def main():
     rows, _ = read_rows(str(ROOT / cfg.data), cfg.data_split, (cfg.question_field, cfg.reference_field))
     examples, _ = prepare_contexts(rows, tok, cfg)
     batch = [examples[i] for i in DataStream(len(examples), cfg.seed).take(cfg.batch_size)]
-    torch.manual_seed(cfg.seed)  # the loop seeds sampling so (seed + rank)
     sampler = engines.make_sampler(cfg, model, tok, str(ROOT / cfg.model), eos_ids(model, tok),
                                    torch.device("cpu"), ROOT / "runs/unused", 0, 1)
     rollout = popsd.sample(sampler, batch, cfg, step=1, rank=0, world=1)  # 1. sample
@@ -72,9 +71,10 @@ def main():
     w = head_weight.float()
     student, teacher, refonly, base = (h.float() @ w.T for h in (h_student, h_teacher, h_refonly, h_base))
     tau = cfg.loss_temperature or cfg.temperature
-    delta_it = L._logp(teacher, tau) - L._logp(refonly, tau)
-    target = L.purified_target(teacher, refonly, base, beta=cfg.beta, pmi_clip=cfg.pmi_clip, temperature=tau)
-    per_token = L.divergence(student, target, kind=cfg.divergence, jsd_mix=cfg.jsd_mix, temperature=tau)
+    delta_it = loss._logp(teacher, tau) - loss._logp(refonly, tau)
+    target = loss.purified_target(teacher, refonly, base, beta=cfg.beta, pmi_clip=cfg.pmi_clip,
+                                  temperature=tau)
+    per_token = loss.divergence(student, target, kind=cfg.divergence, jsd_mix=cfg.jsd_mix, temperature=tau)
     n_step = int(rollout.mask.sum())
     contexts = {role: pad_left([getattr(c, role) for c in rollout.contexts], pad)[0]
                 for role in ("student", "teacher", "refonly")}
@@ -91,8 +91,8 @@ def main():
     print(f"| 2 score | hidden states at the N = {n_step} valid positions, per pass "
           f"(`rollout.completion_hidden`) | {shape(h_student)} × 4 |")
     print(f"| 2 score | frozen output head W (`plumbing.models.model_parts`) | {shape(head_weight)} |")
-    print("| 3 target | logits h @ Wᵀ, one pass (in chunks of C rows in `plumbing/loss_fused.py`) | "
-          f"{shape(student)} |")
+    print("| 3 target | logits h @ Wᵀ, one pass (`loss.reference_loss`, the toy's path; "
+          f"`plumbing/loss_fused.py` works in chunks of C rows) | {shape(student)} |")
     print(f"| 3 target | Δ_it = log π_T − log π_ref (`loss.purified_target`) | {shape(delta_it)} |")
     print(f"| 3 target | log P = log_softmax(log π_0 + c·tanh(centre(Δ_it)/c)/β) | {shape(target)} |")
     print(f"| 3 loss | D_t, the per-token JSD (`loss.divergence`) | {shape(per_token)} |")

@@ -51,7 +51,8 @@ class Config:
     skip_bad_rows: bool = False  # skip (and count) rows with a missing/empty field instead of stopping
     max_prompt_len: int = 4096  # rows whose longest context is longer (tokens) are skipped and counted
     # prompts: {question} and {reference} are replaced; thinking mode is passed to the chat template
-    prompts: str = "popsd"  # template preset (rollout.PROMPTS): popsd (ours) | opsd (the OPSD paper's)
+    prompts: str = "popsd"  # template preset (rollout.PROMPTS): popsd (ours) | opsd_wording (the OPSD
+        # code's teacher wording; any method can use it)
     student_template: str = ""  # student and clean base ("": the preset's)
     teacher_template: str = ""  # teacher: question + reference ("": the preset's)
     refonly_template: str = ""  # reference-only teacher: no question ("": the preset's)
@@ -172,15 +173,17 @@ def coerce(key: str, value, typ, text: bool):
         raise PopsdError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
 
 
-# old name: new (2026-12): no
+# old name: new (2026-12), so that no two knobs share a name (β of the PMI target; the JSD's b; c, the
+# per-term cap and max_grad_norm were three clips)
 RENAMED = {"jsd_beta": "jsd_mix", "clip": "pmi_clip", "token_clip": "term_clamp"}
-# two knobs share a name (β of the PMI target; the JSD's b; c, the per-term cap and max_grad_norm were three
-# clips)
+# key: {old value: new} (2026-12: prompts=opsd read as if it were method=opsd)
+RENAMED_VALUES = {"prompts": {"opsd": "opsd_wording"}}
 
 
 def current_names(saved: dict) -> dict:
-    """A saved config's keys under their current names (a run saved before a key was renamed)."""
-    return {RENAMED.get(k, k): v for k, v in saved.items()}
+    """A saved config's keys and values under their current names (a run saved before a rename)."""
+    named = {RENAMED.get(k, k): v for k, v in saved.items()}
+    return {k: RENAMED_VALUES.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in named.items()}
 
 
 def current_name(key: str) -> str:
@@ -196,7 +199,12 @@ def set_field(cfg: Config, key: str, value, text: bool = False):
     if key not in FIELDS:
         near = difflib.get_close_matches(key, FIELDS, n=1)
         raise PopsdError(f"unknown config key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    setattr(cfg, key, coerce(key, value, FIELDS[key].type, text))
+    value = coerce(key, value, FIELDS[key].type, text)
+    if isinstance(value, str) and value in RENAMED_VALUES.get(key, {}):
+        new = RENAMED_VALUES[key][value]
+        print(f"note: {key}={value} is now {key}={new} (the old value still works, for now)", file=sys.stderr)
+        value = new
+    setattr(cfg, key, value)
 
 
 def load_recipe(name: str) -> dict:

@@ -1,22 +1,26 @@
 """loss_fused.py: loss.reference_loss's numbers, computed chunk by chunk in place (loss_impl=fused, the
-default).
+default for real vocabularies; the toy recipes run loss.reference_loss).
 
-The readable math is loss.py; this is the same math arranged for memory and speed. At V = 151,936 one fp32 [N,
-V] tensor of a 4,096-token step is 2.5 GB and the reference path holds several: here no more than one chunk of
-[C, V] rows per quantity exists at a time, the buffers are allocated once per call, and the student's gradient
-is computed during the forward, chunk by chunk, so the backward only scales a stored [N, H] gradient (no
-projection is redone). Each buffer is named for the reference quantity it holds; where one is reused, the new
-name says so.
+The readable math is loss.py; this is the same math arranged for memory and speed. At V = 151,936 one fp32
+[N, V] tensor of a 4,096-token step is 2.5 GB and the reference path holds several: here no more than one
+chunk of [C, V] rows per quantity exists at a time, the buffers are allocated once per call, and the
+student's gradient is computed during the forward, chunk by chunk, so the backward only scales a stored
+[N, H] gradient (no projection is redone). Each buffer is named for the reference quantity it holds; where
+one is reused, the new name says so. From loss.py it calls pmi_shift_, check_options and (top-k support)
+divergence; the rest (the divergences' gradients in closed form, the cosines from three norms) is derived
+here.
 
-Proved equal to the reference path (values and gradients, float64 brute force behind both) by
-tests/test_loss.py: test_fused_matches_reference,
-test_token_logprob_is_the_raw_log_softmax_of_the_sampled_token_in_ both_paths,
-test_fused_opsd_without_refonly_and_bf16_inputs, test_fused_is_stable_where_probabilities_underflow,
-test_the_compiled_chunk_equals_the_eager_chain_and_the_reference,
-test_topk_support_value_and_grad_match_brute_ force_in_both_paths,
-test_sampled_token_loss_value_and_grad_match_brute_force_in_both_paths; on CUDA,
-test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size. tests/test_popsd.py:
-test_fused_and_reference_losses_give_the_same_update.
+Proved equal to the reference path (values and gradients, float64 brute force behind both) by these tests
+(tests/test_docs.py checks that each exists):
+    tests/test_loss.py::test_fused_matches_reference
+    tests/test_loss.py::test_token_logprob_is_the_raw_log_softmax_of_the_sampled_token_in_both_paths
+    tests/test_loss.py::test_fused_opsd_without_refonly_and_bf16_inputs
+    tests/test_loss.py::test_fused_is_stable_where_probabilities_underflow
+    tests/test_loss.py::test_the_compiled_chunk_equals_the_eager_chain_and_the_reference
+    tests/test_loss.py::test_topk_support_value_and_grad_match_brute_force_in_both_paths
+    tests/test_loss.py::test_sampled_token_loss_value_and_grad_match_brute_force_in_both_paths
+    tests/test_loss.py::test_fused_bf16_on_cuda_matches_the_fp32_reference_at_qwen3_8b_size (CUDA only)
+    tests/test_popsd.py::test_fused_and_reference_losses_give_the_same_update
 """
 import math
 

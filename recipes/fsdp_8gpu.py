@@ -11,11 +11,11 @@ LoRA r64/α128 on all linear layers, lr 5e-6, batch 32, 1 rollout per prompt, 10
 200 steps, checkpoints every 50 (whole adapters: they resume under any number of ranks; every adapter
 is kept).
 Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
-long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
+long-CoT numbers are. Prompts: the OPSD code's wording (prompts=opsd_wording, rollout.PROMPTS).
 """
 device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "Qwen/Qwen3-8B"
-prompts = "opsd"
+prompts = "opsd_wording"
 student_thinking = True
 teacher_thinking = True
 dtype = "bf16"

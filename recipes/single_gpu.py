@@ -7,12 +7,12 @@ model=Qwen/Qwen3-4B. Data: the OPSD training set. Paper: LoRA r64/α128 on all l
 lr 5e-6, batch 32, 1 rollout per prompt, 1024 new tokens, ≤ 200 steps, checkpoints every 50
 (every adapter kept: evaluate them all with eval.py --adapter runs/single_gpu/checkpoints).
 Thinking: on for every context (student, clean base, teacher, reference-only), as the paper's
-long-CoT numbers are. Prompts: the OPSD paper's wording (prompts=opsd, rollout.PROMPTS).
+long-CoT numbers are. Prompts: the OPSD code's wording (prompts=opsd_wording, rollout.PROMPTS).
 """
 device = "cuda"  # a CUDA GPU: on a machine without one this recipe stops at once and says so
 model = "Qwen/Qwen3-8B"
 data = "siyanzhao/Openthoughts_math_30k_opsd"
-prompts = "opsd"
+prompts = "opsd_wording"
 student_thinking = True
 teacher_thinking = True
 load_in_4bit = True  # the one key that makes it fit 24 GB

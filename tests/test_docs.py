@@ -64,6 +64,17 @@ def test_every_module_name_cited_in_the_docs_exists():
     assert cited > 30  # the check looks at something
 
 
+def test_every_test_a_module_cites_exists():
+    """A test cited as tests/<file>.py::<name> in a module (loss_fused.py cites the tests that prove it
+    equal to loss.py) names a test that is there."""
+    cited = 0
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("*/*.py")]:
+        for file, name in re.findall(r"(tests/test_\w+\.py)::(test_\w+)", path.read_text()):
+            assert f"def {name}(" in (ROOT / file).read_text(), f"{path.name}: {file}::{name}"
+            cited += 1
+    assert cited >= 9
+
+
 def test_the_walkthrough_shows_what_its_script_prints():
     done = subprocess.run([sys.executable, str(ROOT / "docs/walkthrough.py")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
