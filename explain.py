@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.text import Text
 
 import eval as E
-import loss as L
+import loss
 import popsd
 from engines import make_sampler, request_seed
 from plumbing.adapters import base_model_of, run_settings, swap_adapter
@@ -199,16 +199,16 @@ def score(model, rollout, cfg: Config, pad_id: int, topk: int, chunk_mb: int) ->
         sl = slice(i, i + rows)
         y = tokens[sl].to(w.device)[:, None]  # [C, 1]
         logits = {k: hidden[k][sl].float() @ w.T for k in hidden}  # [C, V] each
-        logp = {k: L._logp(x, tau) for k, x in logits.items()}  # [C, V] each, at the loss temperature
+        logp = {k: loss._logp(x, tau) for k, x in logits.items()}  # [C, V] each, at the loss temperature
         at = {k: x.gather(-1, y)[:, 0] for k, x in logp.items()}  # [C]
         per["delta_ref"].append(at["refonly"] - at["student"])
         per["delta_it"].append(at["teacher"] - at["refonly"])
         per["delta_total"].append(at["teacher"] - at["student"])
-        purified = L.purified_target(logits["teacher"], logits["refonly"], logits["base"], beta=cfg.beta,
+        purified = loss.purified_target(logits["teacher"], logits["refonly"], logits["base"], beta=cfg.beta,
                                      pmi_clip=cfg.pmi_clip, temperature=tau)  # [C, V] log P
-        opsd = L.opsd_target(logits["teacher"], temperature=tau)  # [C, V] log π_T
-        per["loss_purified"].append(L.divergence(logits["student"], purified, **options))  # [C]
-        per["loss_opsd"].append(L.divergence(logits["student"], opsd, **options))  # [C]
+        opsd = loss.opsd_target(logits["teacher"], temperature=tau)  # [C, V] log π_T
+        per["loss_purified"].append(loss.divergence(logits["student"], purified, **options))  # [C]
+        per["loss_opsd"].append(loss.divergence(logits["student"], opsd, **options))  # [C]
         for k, x in (*logp.items(), ("purified", purified), ("opsd", opsd)):
             p, ids = x.exp().topk(min(topk, v), dim=-1)  # [C, k]
             top[k].append((ids.cpu(), p.cpu()))

@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from plumbing import distributed as D  # noqa: E402
+from plumbing import distributed  # noqa: E402
 from engines.hf import generate  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main(argv):
     p.add_argument("--out", default="bench/results/fsdp_generate.jsonl")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rank, world, device = D.setup(torch.device(args.device))
+    rank, world, device = distributed.setup(torch.device(args.device))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     where = (Path(tempfile.gettempdir())
@@ -50,18 +50,18 @@ def main(argv):
             path = where / args.model
             if rank == 0:
                 gpu_memory.build(args.model, where, device.type == "cpu", device)
-            D.barrier()
+            distributed.barrier()
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device.type == "cpu"
                                                      else torch.bfloat16)
-        D.barrier()
+        distributed.barrier()
     finally:
         if rank == 0:
             shutil.rmtree(where, ignore_errors=True)
     model.to(device)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    D.shard_model(model, device, bf16=device.type == "cuda")
+    distributed.shard_model(model, device, bf16=device.type == "cuda")
     g = torch.Generator().manual_seed(rank)
     prompts = [torch.randint(10, min(400, len(tok)), (16,), generator=g).tolist() for _ in range(args.batch)]
     eos = tok.eos_token_id
@@ -74,13 +74,13 @@ def main(argv):
 
     rows, outputs = [], {}
     for gather in (False, True) * args.repeats:
-        D.barrier()
+        distributed.barrier()
         t0 = time.perf_counter()
         outputs[gather] = sample(gather)
-        D.barrier()
+        distributed.barrier()
         seconds = time.perf_counter() - t0
         rows.append({"gather": gather, "seconds": seconds})
-    same = all(D.gather(torch.equal(outputs[False], outputs[True])))
+    same = all(distributed.gather(torch.equal(outputs[False], outputs[True])))
     best = {g: min(r["seconds"] for r in rows if r["gather"] == g) for g in (False, True)}
     if rank == 0:
         print(f"{'weights gathered':<28}{'seconds':>10}{'ms / decoding step':>22}")
@@ -99,7 +99,7 @@ def main(argv):
             for row in out_rows:
                 print(json.dumps(row))
                 f.write(json.dumps(row) + "\n")
-    D.finish()
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def rss_mb(field):
 def run_case(case, n, h, v, dtype_name, device, chunk_mb):
     import torch
     sys.path.insert(0, str(ROOT))
-    import loss as L
+    import loss
     from plumbing import loss_fused
     torch.manual_seed(0)
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
@@ -78,7 +78,7 @@ def run_case(case, n, h, v, dtype_name, device, chunk_mb):
             loss_sum, _ = loss_fused.fused_loss(student_k, *rest, w, method=method, chunk_mb=chunk_mb,
                                                 compile="on" if compiled else "off", **kw)
         else:
-            loss_sum, _ = L.reference_loss(student_k, *rest, w, method=method)
+            loss_sum, _ = loss.reference_loss(student_k, *rest, w, method=method)
         loss_sum.backward()
         student.grad = None
 

@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from engines.sampling import SeededSampling, row_seeds
-from plumbing import distributed as D
+from plumbing import distributed
 from rollout import Rollout, from_tokens, pad_left
 
 
@@ -56,7 +56,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n, max_new_tokens, t
     extra = {"cache_implementation": "static"} if engine == "static" else {}
     tokens = []
     # FSDP: the weights all-gathered once, not at every step; no model-folder sampling setting applies
-    with D.gathered(model) if gather else contextlib.nullcontext(), neutral_generation_config(model):
+    gathered = distributed.gathered(model) if gather else contextlib.nullcontext()
+    with gathered, neutral_generation_config(model):
         for i in range(0, len(rows), batch_size):
             ids, attn = pad_left(rows[i:i + batch_size], pad_id)  # [b, P]
             processors, sampling = list(logits_processor or []), {}

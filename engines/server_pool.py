@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from engines.client import Server, ServerError, Unavailable, sampling_body, watched
-from plumbing import distributed as D
+from plumbing import distributed
 from plumbing.checkpoints import save_adapter, trainable_state
 from plumbing.data import PopsdError
 from rollout import Rollout, from_tokens
@@ -48,7 +48,7 @@ class ServerPool:
         # the adapter's
         # name and path, and unloading an adapter keeps its blocks, so a rerun into the same folder would
         # otherwise be answered from KV computed by the previous run's adapter of the same step
-        self.run = f"{run_id}-{D.gather(secrets.token_hex(4))[0]}"
+        self.run = f"{run_id}-{distributed.gather(secrets.token_hex(4))[0]}"
         problems = []
         for s in self.servers:  # a clear error now rather than after the first step's work
             try:
@@ -85,7 +85,7 @@ class ServerPool:
             self.loaded = [n for n in self.loaded if n != name] + [name]
             while len(self.loaded) > self.keep:
                 self.unload(self.loaded.pop(0))
-        alive = D.gather([self.servers.index(s) for s in alive])[0]  # rank 0's view, on every rank
+        alive = distributed.gather([self.servers.index(s) for s in alive])[0]  # rank 0's view, on every rank
         with self.lock:  # rollouts sampled ahead may be picking servers meanwhile
             self.name, self.step, self.alive = name, step, [self.servers[i] for i in alive]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from plumbing import distributed as D, ema
+from plumbing import distributed, ema
 from plumbing.config import current_names
 from plumbing.data import DataStream, PopsdError
 
@@ -208,9 +208,9 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     optim = get_optimizer_state_dict(model, optimizer,
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     teacher = ema.state(model)  # resume state, like the optimizer's ({} without an EMA teacher)
-    rng = D.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
+    rng = distributed.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
-    ahead = D.gather(ahead)  # every rank's share, in rank order
+    ahead = distributed.gather(ahead)  # every rank's share, in rank order
     final = out / "checkpoints" / f"step_{step:06d}"
     if rank == 0:
         tmp = final.with_name(final.name + ".tmp")
@@ -231,7 +231,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
         os.replace(tmp, final)
         for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:  # every adapter stays: the best
             (old / "state.pt").unlink(missing_ok=True)  # step is chosen later; only resume state is pruned
-    D.barrier()
+    distributed.barrier()
     return final
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-import loss as L
+import loss
 import worlds
 from plumbing import trackers
 from plumbing.data import PopsdError
@@ -140,7 +140,7 @@ class Config:
 
 CHOICES = {"loss_impl": ("fused", "reference"), "loss_compile": ("auto", "on", "off"),
            "dtype": ("bf16", "fp32"), "method": ("purified", "opsd"),
-           "teacher": ("frozen", "live", "ema"), "divergence": L.KINDS, "support": L.SUPPORTS,
+           "teacher": ("frozen", "live", "ema"), "divergence": loss.KINDS, "support": loss.SUPPORTS,
            "lr_schedule": ("constant", "cosine"), "optim": ("adamw", "paged_adamw_8bit"),
            "eval_grader": ("math", *worlds.NAMES), "prompts": tuple(PROMPTS),
            "rollout_engine": ("dynamic", "static", "graph", "vllm")}

@@ -30,7 +30,7 @@ import eval as E
 import plots
 from engines import graph_rows, make_sampler
 from engines.ahead import Ahead
-from plumbing import distributed as D, ema, guards
+from plumbing import distributed, ema, guards
 from plumbing.checkpoints import (check_base, check_finite, latest_checkpoint, load_checkpoint,
                                   prepare_run_folder, record_session, save_checkpoint, save_final_adapter,
                                   trainable_state, trim_logs)
@@ -138,7 +138,7 @@ class Session:
         transformers.utils.logging.disable_progress_bar()  # rich bars are ours
         self.cfg, self.out = cfg, Path(cfg.out_dir)  # config.validate expanded ~
         self.lock = self.sampler = self.tracker = self.stop = self.bar = self.metrics_file = self.ahead = None
-        self.rank, self.world, self.device = D.setup(pick_device(cfg.device))
+        self.rank, self.world, self.device = distributed.setup(pick_device(cfg.device))
         console.quiet = E.console.quiet = self.rank != 0  # rank 0 prints, logs and saves; every rank samples
         if cfg.batch_size % self.world:
             raise PopsdError(f"batch_size={cfg.batch_size} must be a multiple of the number of ranks "
@@ -171,7 +171,7 @@ class Session:
                      != "tiny"]
             ckpt, self.lock = prepare_run_folder(out, dataclasses.asdict(cfg), cfg.resume, cfg.overwrite,
                                                  warn, [p for p in reads if p is not None])
-        D.barrier()
+        distributed.barrier()
         if self.rank != 0 and cfg.resume:
             ckpt = latest_checkpoint(out, lambda m: None)
         random.seed(cfg.seed)
@@ -190,7 +190,7 @@ class Session:
                                                       cfg.refonly_template]
             path = str(build_tiny_model(out / "tiny_model", texts, cfg.seed) if rank == 0 else out
                        / "tiny_model")
-            D.barrier()  # rank 0 builds it, the others load it
+            distributed.barrier()  # rank 0 builds it, the others load it
         # LoRA from cfg.seed, the same on every rank
         self.tokenizer, self.model = load_model(cfg, self.device, path)
         # the base's checksum: config.json, checkpoints, evaluations
@@ -202,7 +202,7 @@ class Session:
         if cfg.teacher == "ema":
             ema.add(self.model)
         if world > 1:
-            D.shard_model(self.model, self.device, bf16=cfg.dtype == "bf16")
+            distributed.shard_model(self.model, self.device, bf16=cfg.dtype == "bf16")
         torch.manual_seed(cfg.seed + rank)  # sampling: each rank its own completions, whatever ran before
         self.vocab = model_parts(self.model)[1].shape[0]
         if cfg.support == "topk" and cfg.topk > self.vocab:
@@ -318,7 +318,7 @@ class Session:
     def save(self, step: int, rollout: Rollout):
         """A checkpoint every save_every steps, at the end, or when a stop was asked for (then exit). Every
         rank takes part: the adapter and optimizer are gathered from the shards."""
-        stopping = D.all_sum([self.stop.signum or 0])[0] > 0  # ranks stop together
+        stopping = distributed.all_sum([self.stop.signum or 0])[0] > 0  # ranks stop together
         if (self.cfg.save_every and step % self.cfg.save_every == 0) or step == self.cfg.steps or stopping:
             body, head_weight = model_parts(self.model)
             guards.check_outputs(self.model, body, head_weight, rollout, self.pad_id, step)
@@ -372,7 +372,7 @@ class Session:
         if kind is None:
             console.print(f"done: adapter in {self.out / 'adapter'}, metrics in "
                           f"{self.out / 'metrics.jsonl'}, curves in {self.out / 'plots.png'}")
-            D.finish()
+            distributed.finish()
 
 
 class _Sampling:

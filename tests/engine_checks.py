@@ -11,7 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import loss as L  # noqa: E402
+import loss  # noqa: E402
 from plumbing import models  # noqa: E402
 import popsd  # noqa: E402
 from plumbing.config import make_config  # noqa: E402
@@ -32,7 +32,7 @@ def student_logprobs(model, body, head, prompts, completions, mask, pad_id):
     model.train()
     with torch.no_grad():
         h = completion_hidden(body, prompts, completions, mask, pad_id)
-    return L.token_logprob(h.float() @ head.float().T, completions[mask])
+    return loss.token_logprob(h.float() @ head.float().T, completions[mask])
 
 
 def main(adapter: str):

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plumbing import checkpoints  # noqa: E402
-from plumbing import distributed as D  # noqa: E402
+from plumbing import distributed  # noqa: E402
 from plumbing import models  # noqa: E402
 import popsd  # noqa: E402
 from plumbing.config import make_config  # noqa: E402
@@ -38,11 +38,11 @@ def fixed_rollout(contexts, vocab: int, eos: int, pad: int, step: int) -> Rollou
 
 def main(model_dir: str, out_dir: str, steps: int, *overrides):
     cfg = make_config("tiny", [f"out_dir={out_dir}", f"steps={steps}", "eval_every=0", *overrides])
-    rank, world, device = D.setup(models.pick_device(cfg.device))
+    rank, world, device = distributed.setup(models.pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
     tokenizer, model = models.load_model(cfg, device, model_dir)
     if world > 1:
-        D.shard_model(model, device, bf16=cfg.dtype == "bf16")
+        distributed.shard_model(model, device, bf16=cfg.dtype == "bf16")
     body, head = models.model_parts(model)
     rows, _ = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field))
     contexts, _ = session.prepare_contexts(rows[:cfg.batch_size], tokenizer, cfg)
@@ -61,7 +61,8 @@ def main(model_dir: str, out_dir: str, steps: int, *overrides):
         if rank == 0:
             with (out / "rows.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "world": world, **row}) + "\n")
-    D.finish()  # gloo torn down while both ranks live: left to exit, it aborts a rank now and then (SIGABRT)
+    # gloo torn down while both ranks live: left to exit, it aborts a rank now and then (SIGABRT)
+    distributed.finish()
 
 
 if __name__ == "__main__":
