@@ -257,31 +257,92 @@ def collect(jobs: list[Job]) -> dict:
     return results
 
 
+def measured_file(job: Job) -> Path:  # beside the run: what was measured of its final student
+    return job.out.with_name(job.out.name + ".measured.json")
+
+
+def read_measured(path: Path, key: dict) -> dict:
+    """What an earlier comparison measured, if it was measured of the same run (the same key), else {}."""
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return done.get("measured", {}) if done.get("key") == key else {}
+
+
+def write_measured(path: Path, key: dict, measured: dict):
+    path.write_text(json.dumps({"key": key, "measured": measured}) + "\n")
+
+
 def add_no_wait(world, jobs: list[Job], results: dict, measured: dict, n: int):
     """Each trained student's held-out accuracy with "wait" forbidden (common.Forbid), its final adapter
-    merged into the base, written into its last point; the base's (measure_base's) into each seed's step-0
-    point."""
+    merged into the base, written into its last point (kept beside the run: measured once); the base's
+    (measure_base's) into each seed's step-0 point."""
     from peft import PeftModel
     tok, model = common.load_base(world)
     questions = common.held_out(world, n)
     base = measured.get("student_no_wait") or common.measure(world, model, tok, questions, forbid="wait")
     for job in jobs:
-        model = PeftModel.from_pretrained(common.load_base(world)[1],
-                                          str(job.out / "adapter")).merge_and_unload()
-        points = results[job.fmt][job.method][str(job.seed)]
-        points[-1]["accuracy_no_wait"] = common.measure(world, model.eval(), tok, questions,
-                                                        forbid="wait")["accuracy"]
+        done = read_measured(measured_file(job), job.key)
+        if "no_wait" not in done:
+            model = PeftModel.from_pretrained(common.load_base(world)[1],
+                                              str(job.out / "adapter")).merge_and_unload()
+            done["no_wait"] = common.measure(world, model.eval(), tok, questions, forbid="wait")["accuracy"]
+            write_measured(measured_file(job), job.key, done)
+        results[job.fmt][job.method][str(job.seed)][-1]["accuracy_no_wait"] = done["no_wait"]
         for point in results[job.fmt]["base"].get(str(job.seed), []):
             point["accuracy_no_wait"] = base["accuracy"]
 
 
-def paired(results: dict, fmt: str, method: str, key: str) -> dict | None:
-    """method − base in `key` at the last evaluated step, paired by seed, and whether it counts by the
-    decision rule written before the runs: |mean| > 2 standard errors (sample sd / √n) and the same sign in ≥
-    2 of 3."""
-    seeds = [s for s in results[fmt].get(method, {}) if s in results[fmt]["base"] and results[fmt][method][s]]
-    diffs = [results[fmt][method][s][-1][key] - results[fmt]["base"][s][0][key] for s in seeds
-             if results[fmt][method][s][-1].get(key) is not None]
+SWEPT = ("opsd", "purified")  # the default comparison's methods: the sweep evaluates their final students
+
+
+def sweep(world, jobs: list[Job], results: dict, temperatures: list[float], out: Path, model) -> dict:
+    """The temperature sweep (measure.py): per seed the base on the evaluated and the pick rows, and every
+    final student of the default comparison, at each temperature below the runs' own (theirs is their last
+    evaluation); each evaluation kept beside what it measured (a run's seed_<n>.measured.json, the base's
+    base_seed_<n>.measured.json, keyed as the runs), so a rerun with every run cached evaluates nothing again.
+    Returns {"temperatures", "base": {seed: {T: {"report", "pick"}}}, "best": {seed: T},
+    "students": {reference: {method: {seed: {T: metrics}}}}, "mismatches"}."""
+    import measure
+    from plumbing.config import make_config
+    temps = [f"{t:g}" for t in temperatures]
+    own = f"{make_config(world.RECIPE, jobs[0].overrides).eval_temperature:g}"  # the runs' evaluations'
+    swept, base, students = [j for j in jobs if j.method in SWEPT], {}, {}
+    for seed in sorted({str(j.seed) for j in swept}):
+        first = next(j for j in swept if str(j.seed) == seed)
+        ignored = PER_JOB + FKL_KEYS + ("support",)  # what a run sets that the base's evaluation ignores
+        key = {**first.key, "config": {k: v for k, v in first.key["config"].items() if k not in ignored}}
+        path = out / f"base_seed_{seed}.measured.json"
+        done = read_measured(path, key)
+        todo = [float(t) for t in temps if t not in done]
+        if todo:
+            done |= model().sweep_base(int(seed), todo)
+            write_measured(path, key, done)
+        base[seed] = {t: done[t] for t in temps}
+    for job in swept:
+        done = read_measured(measured_file(job), job.key)
+        sweep_done = done.get("sweep", {})
+        todo = [float(t) for t in temps if t != own and t not in sweep_done]
+        if todo:
+            sweep_done |= model().sweep_student(job.out / "adapter", job.seed, todo)
+            write_measured(measured_file(job), job.key, done | {"sweep": sweep_done})
+        last = results[job.fmt][job.method][str(job.seed)][-1]
+        students.setdefault(job.fmt, {}).setdefault(job.method, {})[str(job.seed)] = {
+            t: {k: last.get(k) for k in measure.KEYS} if t == own else sweep_done[t] for t in temps}
+    best = {seed: measure.best_temperature(b) for seed, b in base.items()}
+    # the base at the runs' own temperature, evaluated again on their rows, must be their step-0 evaluation
+    mismatches = [f"seed {seed}" for seed, b in base.items() if own in b for fmt in results
+                  if seed in results[fmt]["base"] and any(
+                      abs(b[own]["report"][k] - results[fmt]["base"][seed][0][k]) > 1e-12
+                      for k in ("accuracy", "markers_per_1k"))]
+    return {"temperatures": temps, "own": own, "base": base, "best": best, "students": students,
+            "mismatches": sorted(set(mismatches))}
+
+
+def rule(diffs: list[float]) -> dict | None:
+    """Paired differences (one per seed) and whether they count by the decision rule written before the runs:
+    |mean| > 2 standard errors (sample sd / √n) and the same sign in ≥ 2 of 3. None for fewer than two."""
     if len(diffs) < 2:
         return None
     mean = sum(diffs) / len(diffs)
@@ -289,6 +350,13 @@ def paired(results: dict, fmt: str, method: str, key: str) -> dict | None:
     same = sum((d > 0) == (mean > 0) and d != 0 for d in diffs)
     return {"mean": mean, "se": se, "per_seed": diffs,
             "counts": abs(mean) > 2 * se and same >= min(2, len(diffs))}
+
+
+def paired(results: dict, fmt: str, method: str, key: str) -> dict | None:
+    """method − base in `key` at the last evaluated step, paired by seed, judged by the decision rule."""
+    seeds = [s for s in results[fmt].get(method, {}) if s in results[fmt]["base"] and results[fmt][method][s]]
+    return rule([results[fmt][method][s][-1][key] - results[fmt]["base"][s][0][key] for s in seeds
+                 if results[fmt][method][s][-1].get(key) is not None])
 
 
 HYPOTHESES = [  # (name, method, key, holds(paired difference)): docs/carryworld.md, written before any run
@@ -310,6 +378,75 @@ def verdicts(results: dict) -> list[dict]:
             if d is not None:
                 rows.append({"reference": fmt, "hypothesis": name, **d, "holds": holds(d)})
     return rows
+
+
+def beyond_sharpening(sweep: dict) -> list[dict]:
+    """The extended rule (docs/toyworld.md, registered before any sweep): per reference and method, paired by
+    seed, its student at T = 1 against the base at the base's best temperature, and its student against the
+    base at each matched temperature; the gain counts as learning beyond sharpening only if every one of these
+    differences counts by the rule and is positive."""
+    rows, base, best = [], sweep["base"], sweep["best"]
+    for fmt, methods in sweep["students"].items():
+        for method, seeds in methods.items():
+            seeds = [s for s in seeds if s in best]
+            vs_best = rule([student_accuracy(sweep, fmt, method, s, "1")
+                            - base[s][best[s]]["report"]["accuracy"] for s in seeds])
+            matched = {t: rule([student_accuracy(sweep, fmt, method, s, t) - base[s][t]["report"]["accuracy"]
+                                for s in seeds]) for t in sweep["temperatures"]}
+            if vs_best is None:
+                continue
+            learned = all(d is not None and d["counts"] and d["mean"] > 0
+                          for d in (vs_best, *matched.values()))
+            rows.append({"reference": fmt, "method": method, "vs_base_at_best": vs_best,
+                         "vs_base_at": matched, "learning_beyond_sharpening": learned})
+    return rows
+
+
+def student_accuracy(sweep: dict, fmt: str, method: str, seed: str, t: str) -> float:
+    return sweep["students"][fmt][method][seed][t]["accuracy"]
+
+
+def samples_of(run: Path, step: int) -> list[tuple[str, str]]:
+    """(question, completion) of every sample of a run's evaluation at a step."""
+    path = run / "eval" / f"step_{step:06d}" / "samples.jsonl"
+    return [(r["question"], s["completion"]) for r in map(json.loads, _lines(path)) for s in r["samples"]]
+
+
+def role_study(world, jobs: list[Job], results: dict, out: Path, model) -> dict:
+    """The per-role tables (measure.role_tables) of the default comparison: teacher-forced on the base's
+    own samples (the first seed's step-0 evaluation), each arm's students pooled over seeds, and the error
+    rates on each one's own samples (the base's step-0 evaluations, each student's last); kept in
+    roles.json, keyed by the runs, so a rerun with every run cached computes nothing again."""
+    import measure
+    swept = [j for j in jobs if j.method in SWEPT]
+    key = [j.key for j in swept]
+    path = out / "roles.json"
+    if (done := read_measured(path, key)):
+        return done
+    first = min(swept, key=lambda j: j.seed)
+    own = {"base": [x for j in {j.seed: j for j in swept}.values() for x in samples_of(j.out, 0)]}
+    students = {}
+    for job in swept:
+        arm = f"{job.method}, {job.fmt}"
+        students.setdefault(arm, []).append(job.out / "adapter")
+        last = results[job.fmt][job.method][str(job.seed)][-1]["step"]
+        own.setdefault(arm, []).extend(samples_of(job.out, last))
+    tables = measure.role_tables(world, model(), samples_of(first.out, 0), students, own)
+    write_measured(path, key, tables)
+    return tables
+
+
+def role_screen(tables: dict, width: int, name: str) -> list:
+    """The per-role tables for the screen, as narrow_tables (roles.md has them whole)."""
+    def cell(v):
+        return "" if v is None else f"{v:.2f}"
+    p, e = tables["p_right"], tables["error_rate"]
+    body = [[r, *(cell(p[h][r]) for h in p)] for r in tables["roles"]]
+    shown = narrow_tables(f"{name}: P(right outcome) on the base's own samples, teacher-forced", ["role", *p],
+                          body, 1, width)
+    body = [[r, *(cell(e[w][r]) for w in e)] for r in tables["roles"]]
+    return shown + narrow_tables(f"{name}: error rate per role on each one's own samples", ["role", *e],
+                                 body, 1, width)
 
 
 def base_mismatches(results: dict) -> list[str]:
@@ -351,40 +488,108 @@ def last_step_rows(results: dict, cols) -> list[tuple]:
     return rows
 
 
-def compare_table(results: dict, width: int = 80, name: str = "toyworld") -> list:
-    """Mean ± sd over seeds at the last evaluated step (every number, per seed, is in summary.json). Tables,
-    not one: the metric columns are split so each table fits `width` (a pipe's 80 columns cut no header)."""
+def narrow_tables(title: str, heads: list[str], body: list[list[str]], keys: int, width: int) -> list:
+    """Rich tables of body's rows, not one: the columns after the first `keys` (repeated in each) are split so
+    each table fits `width` (a pipe's 80 columns cut no header)."""
     from rich import box
     from rich.table import Table
+    cost = [max([len(h), *(len(r[i]) for r in body)]) + 3 for i, h in enumerate(heads)]  # cell, padding, gap
+    groups, used = [[]], sum(cost[:keys]) + 1
+    for i in range(keys, len(heads)):
+        if groups[-1] and used + cost[i] > width:
+            groups.append([])
+            used = sum(cost[:keys]) + 1
+        groups[-1].append(i)
+        used += cost[i]
+    tables = []
+    for k, group in enumerate(groups):
+        table = Table(title=title if k == 0 else "(continued)", box=box.SIMPLE_HEAD)
+        for i in [*range(keys), *group]:
+            table.add_column(heads[i], justify="left" if i < min(keys, 2) else "right", no_wrap=True)
+        for r in body:
+            table.add_row(*(r[i] for i in [*range(keys), *group]))
+        tables.append(table)
+    return tables
+
+
+def compare_table(results: dict, width: int = 80, name: str = "toyworld") -> list:
+    """Mean ± sd over seeds at the last evaluated step (every number, per seed, is in summary.json), as
+    narrow_tables."""
     rows = last_step_rows(results, TABLE)
     seeds = {len(last) for *_, last in rows}
-    keys = ["ref", "method", "step"]
     body = []
     for fmt, method, step, stats, last in rows:
         cells = ["" if c not in stats else f"{stats[c][0]:.1f}±{stats[c][1]:.1f}" if abs(stats[c][0]) >= 10
                  else f"{stats[c][0]:.2f}±{stats[c][1]:.2f}" for c in TABLE]
         body.append([fmt, method if len(seeds) == 1 else f"{method} ({len(last)})", str(step), *cells])
-    heads = keys + list(TABLE.values())
-    cost = [max(len(h), *(len(r[i]) for r in body)) + 3 for i, h in enumerate(heads)]  # cell, padding, gap
-    groups, used = [[]], sum(cost[:len(keys)]) + 1
-    for i in range(len(keys), len(heads)):
-        if groups[-1] and used + cost[i] > width:
-            groups.append([])
-            used = sum(cost[:len(keys)]) + 1
-        groups[-1].append(i)
-        used += cost[i]
     n = "the seeds in ()" if len(seeds) != 1 else "1 seed" if seeds == {1} else f"{seeds.pop()} seeds"
-    tables = []
-    for k, group in enumerate(groups):
-        title = (f"{name}: base vs OPSD vs Purified at the last evaluated step; ref = the reference format; "
-                 f"mean ± sd over {n} (sample sd, n − 1)") if k == 0 else "(continued)"
-        table = Table(title=title, box=box.SIMPLE_HEAD)
-        for i in [*range(len(keys)), *group]:
-            table.add_column(heads[i], justify="left" if i < 2 else "right", no_wrap=True)
-        for r in body:
-            table.add_row(*(r[i] for i in [*range(len(keys)), *group]))
-        tables.append(table)
-    return tables
+    title = (f"{name}: base vs OPSD vs Purified at the last evaluated step; ref = the reference format; "
+             f"mean ± sd over {n} (sample sd, n − 1)")
+    return narrow_tables(title, ["ref", "method", "step", *TABLE.values()], body, 3, width)
+
+
+def sweep_rows(sweep: dict) -> list[tuple[str, str, dict]]:
+    """(reference, arm, {T: (mean accuracy, sd, mean markers)}) over seeds: the base, with its best
+    temperature (per seed) as "best", then each student."""
+    def stats(points):
+        acc = [m["accuracy"] for m in points]
+        return (statistics.fmean(acc), statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                statistics.fmean(m["markers_per_1k"] for m in points))
+    base = sweep["base"]
+    cells = {t: stats([b[t]["report"] for b in base.values()]) for t in sweep["temperatures"]}
+    cells["best"] = stats([base[s][t]["report"] for s, t in sweep["best"].items()])
+    out = [("", "base", cells)]
+    for fmt, methods in sweep["students"].items():
+        for method, seeds in methods.items():
+            out.append((fmt, method,
+                        {t: stats([v[t] for v in seeds.values()]) for t in sweep["temperatures"]}))
+    return out
+
+
+def sweep_markdown(sweep: dict, verdicts_beyond: list[dict]) -> str:
+    """The sweep (accuracy mean ± sd over seeds, markers per 1k) and the extended verdicts as Markdown."""
+    temps = sweep["temperatures"]
+    best = ", ".join(f"seed {s}: {t}" for s, t in sweep["best"].items())
+    lines = ["", "Accuracy at each sampling temperature, mean ± sd over seeds (markers per 1k in brackets); "
+             f"the base's best temperature, picked on held-out rows the runs never score: {best}", "",
+             "| reference | arm | " + " | ".join(f"T = {t}" for t in temps) + " | at the base's best T |",
+             "|---|---|" + "---:|" * (len(temps) + 1)]
+    for fmt, arm, cells in sweep_rows(sweep):
+        row = [f"{cells[t][0]:.3f} ± {cells[t][1]:.3f} [{cells[t][2]:.1f}]" if t in cells else ""
+               for t in (*temps, "best")]
+        lines.append(f"| {fmt} | {arm} | " + " | ".join(row) + " |")
+
+    def diff(d):
+        return "" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f}" + (" *" if d["counts"] else "")
+    lines += ["", "Learning beyond sharpening (docs/toyworld.md): student − base, paired by seed (mean ± SE, "
+              "* when it counts by the rule); the student at T = 1 against the base at its best T, and at "
+              "each matched T", "",
+              "| reference | method | vs base at its best T | " + " | ".join(f"at T = {t}" for t in temps)
+              + " | learning beyond sharpening |", "|---|---|---:|" + "---:|" * len(temps) + "---|"]
+    for v in verdicts_beyond:
+        lines.append(f"| {v['reference']} | {v['method']} | {diff(v['vs_base_at_best'])} | "
+                     + " | ".join(diff(v["vs_base_at"][t]) for t in temps)
+                     + f" | {'yes' if v['learning_beyond_sharpening'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_tables(sweep: dict, verdicts_beyond: list[dict], width: int, name: str) -> list:
+    """The sweep and the extended verdicts for the screen, as narrow_tables."""
+    temps = sweep["temperatures"]
+    body = [[fmt, arm, *(f"{cells[t][0]:.3f}±{cells[t][1]:.3f}" if t in cells else "" for t in temps),
+             f"{cells['best'][0]:.3f}±{cells['best'][1]:.3f}" if "best" in cells else ""]
+            for fmt, arm, cells in sweep_rows(sweep)]
+    tables = narrow_tables(f"{name}: accuracy at each temperature, mean ± sd over seeds", ["ref", "arm",
+                           *(f"T={t}" for t in temps), "best T"], body, 2, width)
+    def diff(d):
+        return "" if d is None else f"{d['mean']:+.3f}{'*' if d['counts'] else ''}"
+    body = [[v["reference"], v["method"], diff(v["vs_base_at_best"]), *map(diff, v["vs_base_at"].values()),
+             "yes" if v["learning_beyond_sharpening"] else "no"] for v in verdicts_beyond]
+    if not body:  # fewer than two seeds: nothing to judge
+        return tables
+    return tables + narrow_tables(f"{name}: student − base (* counts); learning beyond sharpening?",
+                                  ["ref", "method", "best T", *(f"T={t}" for t in temps), "beyond"], body, 2,
+                                  width)
 
 
 def markdown_table(results: dict) -> str:
@@ -500,7 +705,7 @@ FKL_KEYS = ("divergence", "term_clamp")  # set for each run too under --opsd-fkl
 MARKER = "popsd_compare.json"  # written when a comparison folder is created: what --overwrite may remove
 
 
-def prepare_out(out: Path, formats, overwrite: bool):
+def prepare_out(out: Path, formats, overwrite: bool, seeds: int = 0):
     """A new or empty folder, or an earlier comparison's: its finished runs are reused where they match
     (compare checks each), or with --overwrite removed (only what it wrote, a link as a link). Any other
     folder is refused."""
@@ -518,7 +723,8 @@ def prepare_out(out: Path, formats, overwrite: bool):
     else:
         entries = []
     out.mkdir(parents=True, exist_ok=True)
-    entries = sorted(set(entries) | {*formats, "summary.json", "summary.md", "summary.png"})
+    entries = sorted(set(entries) | {*formats, "summary.json", "summary.md", "summary.png", "roles.json",
+                                     "roles.md", *(f"base_seed_{s}.measured.json" for s in range(seeds))})
     (out / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
 
 
@@ -556,9 +762,16 @@ def print_gates(world, measured: dict, console=None):
 
 
 def planned_jobs(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides,
-                 grid="product", opsd_fkl=False, supports=("full",)) -> list[Job]:
+                 grid="product", opsd_fkl=False, supports=("full",), temperatures=(1.0,)) -> list[Job]:
     """Every argument checked, and every run's config resolved (make_config validates each), before any
     work: the jobs of the comparison, or a ValueError / PopsdError naming what is wrong."""
+    from plumbing.config import make_config
+    own = make_config(world.RECIPE, list(overrides)).eval_temperature
+    if not temperatures or any(not (t > 0 and math.isfinite(t)) for t in temperatures) or \
+            f"{own:g}" not in {f"{t:g}" for t in temperatures}:
+        given = ",".join(f"{t:g}" for t in temperatures)
+        raise ValueError(f"--temperatures {given}: numbers > 0 that include the runs' own evaluation "
+                         f"temperature ({own:g}), which the sweep takes from the runs")
     if workers < 1 or seeds < 1 or gate_samples < 1:
         raise ValueError(f"--workers, --seeds and --gate-samples must be at least 1 (got {workers}, {seeds}, "
                          f"{gate_samples})")
@@ -582,12 +795,14 @@ def planned_jobs(world, out: Path, formats, seeds, clips, betas, workers, gate_s
 
 
 def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_samples, overrides, overwrite,
-            console, grid: str = "product", opsd_fkl: bool = False, supports=("full",)):
+            console, grid: str = "product", opsd_fkl: bool = False, supports=("full",),
+            temperatures=(1.0, 0.7, 0.5)):
+    import measure
     import plots
     out = out.resolve()  # one folder for the runs and for reading them back, whatever the working directory
     jobs = planned_jobs(world, out, formats, seeds, clips, betas, workers, gate_samples, overrides, grid,
-                        opsd_fkl, supports)
-    prepare_out(out, formats, overwrite)
+                        opsd_fkl, supports, temperatures)
+    prepare_out(out, formats, overwrite, seeds)
     t0 = time.time()
     tok, model = common.load_base(world)
     measured = world.measure_base(model, tok, gate_samples)
@@ -613,6 +828,15 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     results = collect(jobs)
     console.print("each trained student with \"wait\" forbidden ...")
     add_no_wait(world, jobs, results, measured, gate_samples)
+    loaded = []
+
+    def run_model():  # the runs' model and sampler, loaded once, only if something must be measured
+        if not loaded:
+            console.print("measuring (the temperature sweep, the roles) ...")
+            loaded.append(measure.RunModel(cfg))
+        return loaded[0]
+    swept = sweep(world, jobs, results, temperatures, out, run_model)
+    roles = role_study(world, jobs, results, out, run_model)
     summary = {"settings": {"command": " ".join(sys.argv), "world": world.NAME, "recipe": world.RECIPE,
                             "overrides": list(overrides), "formats": list(formats), "seeds": seeds,
                             "clips": list(clips), "betas": list(betas),
@@ -626,8 +850,15 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
         console.print(f"[bold red]step-0 evaluations differ between methods of one seed: {mismatches}[/]")
     summary["base_mismatches"] = mismatches
     summary["verdicts"] = verdicts(results)
+    summary["sweep"], summary["beyond_sharpening"] = swept, beyond_sharpening(swept)
+    summary["roles"] = roles
+    if swept["mismatches"]:
+        console.print(f"[bold red]the base evaluated again at T = {swept['own']} differs from the runs' "
+                      f"step-0 evaluation: {swept['mismatches']}[/]")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "summary.md").write_text(markdown_table(results))
+    (out / "summary.md").write_text(markdown_table(results)
+                                    + sweep_markdown(swept, summary["beyond_sharpening"]))
+    (out / "roles.md").write_text(measure.roles_markdown(roles))
     plots.plot_compare(summary, out / "summary.png")
     if any(setting_of(m) not in (None, (10.0, 1.0)) for methods in results.values() for m in methods):
         # every method and setting, with supports
@@ -648,6 +879,9 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
         console.print(f"{v['reference']}: {v['hypothesis']}: {'holds' if v['holds'] else 'does not hold'} "
                       f"(paired difference {v['mean']:+.3f} ± {v['se']:.3f} SE, per seed "
                       f"{', '.join(f'{d:+.3f}' for d in v['per_seed'])})", soft_wrap=True)
+    for table in (*sweep_tables(swept, summary["beyond_sharpening"], console.width, world.NAME),
+                  *role_screen(roles, console.width, world.NAME)):
+        console.print(table)
     if not all(g["passed"] for g in gate_rows):
         console.print(f"[bold white on red] reminder: the {world.NAME} base failed a gate (table above) [/]")
     console.print(f"{summary['settings']['minutes']:.1f} min; {out / 'summary.json'} and "
@@ -705,6 +939,9 @@ def main(argv: list[str]):
                        help="loss supports, comma-separated: full, topk, sampled, full_rkl "
                        "(each beyond full adds OPSD and Purified on it; full_rkl: reverse KL on the "
                        "full vocabulary)")
+        p.add_argument("--temperatures", default="1,0.7,0.5",
+                       help="the sweep: the base and every final student at each sampling temperature "
+                            "(docs/toyworld.md)")
         p.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
         p.add_argument("--gate-samples", type=int, default=400)
         p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
@@ -761,14 +998,15 @@ def main(argv: list[str]):
             clips, betas = floats("--clip", args.clip, none=True), floats("--beta", args.beta)
             formats = [f.strip() for f in args.formats.split(",")]
             supports = [x.strip() for x in args.support.split(",") if x.strip()]
+            temperatures = floats("--temperatures", args.temperatures)
             for world in chosen:  # every world's arguments and runs checked before the first one starts
                 planned_jobs(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds,
                              clips, betas, args.workers, args.gate_samples, args.overrides, args.grid,
-                             args.opsd_fkl, supports)
+                             args.opsd_fkl, supports, temperatures)
             for world in chosen:
                 compare(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds, clips,
                         betas, args.workers, args.gate_samples, args.overrides, args.overwrite, console,
-                        args.grid, args.opsd_fkl, supports)
+                        args.grid, args.opsd_fkl, supports, temperatures)
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError, PopsdError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

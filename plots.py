@@ -146,8 +146,9 @@ def plot_compare(summary: dict, out: Path) -> Path:
     the min-max over seeds (band); the untrained base (step 0) as a dotted line."""
     plt = _pyplot()
     results, cols = summary["results"], len(COMPARE_KEYS) // 2
-    fig, axes = plt.subplots(2 * len(results), cols, figsize=(3.6 * cols, 2.7 * 2 * len(results)),
-                             squeeze=False)
+    sweep = summary.get("sweep")
+    rows = 2 * len(results) + (1 if sweep else 0)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
     colours = {"base": "grey"}
     for i, (fmt, methods) in enumerate(results.items()):
         for ax, key in zip(axes[2 * i:2 * i + 2].flat, COMPARE_KEYS):
@@ -171,9 +172,37 @@ def plot_compare(summary: dict, out: Path) -> Path:
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
+    if sweep:
+        _plot_sweep(sweep, axes[-1], colours)
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=9, frameon=False)
     return save(plt, fig, out, rect=(0, 0, 1, 0.96))
+
+
+def _plot_sweep(sweep: dict, row, colours: dict):
+    """The temperature sweep's row: per reference format, accuracy and markers against the sampling
+    temperature (mean over seeds; the base dotted, with its accuracy at its best temperature as a band over
+    the seeds' min-max); the panels left over stay empty."""
+    temps = [float(t) for t in sweep["temperatures"]]
+    base = sweep["base"]
+    best = [base[s][t]["report"]["accuracy"] for s, t in sweep["best"].items()]
+    panels = [(fmt, key) for fmt in sweep["students"] for key in ("accuracy", "markers_per_1k")]
+    for ax, (fmt, key) in zip(row, panels):
+        ax.plot(temps, [statistics.fmean(b[t]["report"][key] for b in base.values())
+                        for t in sweep["temperatures"]], color="grey", ls=":", marker="o", ms=3, label="base")
+        if key == "accuracy":  # the seeds' min-max, and their mean
+            ax.axhspan(min(best), max(best), color="grey", alpha=0.15, lw=0)
+            ax.axhline(statistics.fmean(best), color="grey", lw=1, label="base at its best T")
+        for method, seeds in sweep["students"][fmt].items():
+            means = [statistics.fmean(v[t][key] for v in seeds.values()) for t in sweep["temperatures"]]
+            ax.plot(temps, means, marker="o", ms=3, lw=1.5, color=colours.get(method), label=method)
+        ax.set_title(f"{fmt} reference: {TITLES.get(key, key)} at each T", fontsize=9)
+        ax.set_xlabel("sampling temperature T", fontsize=8)
+        ax.invert_xaxis()  # sharper to the right
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in row[len(panels):]:
+        ax.axis("off")
 
 
 def plot_ablation(series: dict, xlabel: str, title: str, out: Path) -> Path:

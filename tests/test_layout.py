@@ -21,7 +21,8 @@ FLOORS = {  # what each floor knows; a new module is placed here by what it is
     # benchmarks; worlds sample
     3: ("eval", "plumbing.remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),
     4: ("popsd", "plumbing.session"),  # the algorithm's loop and the run around it
-    5: ("compare", "explain"),  # the worlds' command line and the per-token view: drive popsd
+    # the worlds' command line, what it measures of students, the per-token view: drive popsd
+    5: ("compare", "measure", "explain"),
 }
 FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}
 

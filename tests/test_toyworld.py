@@ -215,14 +215,31 @@ def test_compare_writes_summary_and_figure(tmp_path):
     assert summary["base_mismatches"] == []  # same base, same seed: the same step-0 evaluation in every run
     assert len(summary["gates"]) == len(T.GATES)
     assert (out / "summary.png").stat().st_size > 10_000
-    table = (out / "summary.md").read_text().splitlines()
+    table = (out / "summary.md").read_text().split("\n\n")[0].splitlines()  # the comparison's table, first
     assert len(table) == 2 + 3 and table[2].startswith("| sketch | base | 0 |")
     assert "base vs OPSD vs Purified" in proc.stdout and "2/2 runs done" in proc.stdout  # progress on a pipe
+    # the temperature sweep: the base per seed on the evaluated and the pick rows, every final student, at
+    # each T
+    sweep = summary["sweep"]
+    assert sweep["temperatures"] == ["1", "0.7", "0.5"] and sweep["mismatches"] == []
+    assert set(sweep["base"]["0"]) == {"1", "0.7", "0.5"} and sweep["best"]["0"] in sweep["temperatures"]
+    assert all(b["report"]["questions"] == 8 and b["pick"]["questions"] == 100
+               for b in sweep["base"]["0"].values())
+    for method in ("opsd", "purified"):
+        assert set(sweep["students"]["sketch"][method]["0"]) == {"1", "0.7", "0.5"}
+        # T = 1 is the run's own last evaluation
+        assert sweep["students"]["sketch"][method]["0"]["1"]["accuracy"] == \
+            summary["results"]["sketch"][method]["0"][-1]["accuracy"]
+    assert "T = 0.7" in (out / "summary.md").read_text() and "accuracy at each temperature" in proc.stdout
+    assert set(summary["roles"]["p_right"]) == {"base", "π_T, sketch", "P, sketch", "opsd, sketch",
+                                                "purified, sketch"}
+    assert "| operand |" in (out / "roles.md").read_text()
     # a pipe: 80 columns, none cut
     assert "…" not in proc.stdout and max(map(len, proc.stdout.splitlines())) <= 80
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert (again.returncode == 0 and "2 runs reused" in again.stdout
             and "0 to run" in again.stdout), again.stdout
+    assert "measuring" not in again.stdout  # every sweep evaluation and role table kept: none measured again
     # the same runs, read again
     assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
     overrides = cmd[cmd.index("steps=2"):]

@@ -147,14 +147,54 @@ ITEM = re.compile(
     r"(?<!\d)(?P<a>\d\d)\*(?P<b>\d\d?)=(?P<c>\d\d)(?!\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
 
 
+def wrong_step(truth):
+    """wrong(i, m): step match m's multiplier is not the question's i-th, or its product is wrong
+    (check_trace adds: not from the carried value)."""
+    def wrong(i, m):
+        return int(m["b"]) != truth[i][1] or int(m["c"]) != int(m["a"]) * int(m["b"]) % 100
+    return wrong
+
+
 def check(question: str, completion: str) -> common.Check:
     """Direct steps (`aa*b=cc`, two-digit a and c, b the multiplier) are the attempts; the procedure's
     single-digit sub-steps are not (a restated step after them is the retry). Locally wrong: not from the
     carried value, not the question's next multiplier, or a wrong product."""
     truth = steps_of(question)
-    def wrong(i, m):  # step i's multiplier is not the question's, or its product is wrong
-        return int(m["b"]) != truth[i][1] or int(m["c"]) != int(m["a"]) * int(m["b"]) % 100
-    return common.check_trace(ITEM, completion, truth[0][0], len(truth), answer_of(question), wrong)
+    return common.check_trace(ITEM, completion, truth[0][0], len(truth), answer_of(question),
+                              wrong_step(truth))
+
+
+# the roles of a trace's tokens (measure.py's per-role tables), in table order
+ROLES = ("multiplier (copied from the question)", "units digit", "tens digit, easy step",
+         "tens digit, hard step", "tens digit, first step", "tens digit, last step",
+         "wait after a wrong easy step", "wait after a wrong hard step", "wait after a right step")
+
+
+def roles(question: str, completion: str) -> list[common.Role]:
+    """The first tries' roles: the multiplier copied from the question (each of its digits), the result's
+    digits (the product of a and b as written: the checker's test) with the tens digit by the step's kind
+    (easy: one digit; hard: two) and by its place (the first step, the last), and the "wait" decision after
+    the step."""
+    truth = steps_of(question)
+
+    def hard(i):
+        return truth[i][1] >= 10
+
+    def step_roles(i, m, before):
+        multiplier, product = str(truth[i][1]), f"{int(m['a']) * int(m['b']) % 100:02d}"
+        tens, units = m.start("c"), m.start("c") + 1
+        out = [common.Role(m.start("b") + k, ROLES[0], d) for k, d in enumerate(multiplier)]
+        out += [common.Role(units, "units digit", product[1]),
+                common.Role(tens, f"tens digit, {'hard' if hard(i) else 'easy'} step", product[0])]
+        out += [common.Role(tens, f"tens digit, {place} step", product[0])
+                for place, at in (("first", 0), ("last", len(truth) - 1)) if i == at]
+        return out
+
+    def wait_role(i, bad):
+        kind = "hard" if hard(i) else "easy"
+        return f"wait after a wrong {kind} step" if bad else "wait after a right step"
+    return common.trace_roles(ITEM, completion, truth[0][0], len(truth), wrong_step(truth), step_roles,
+                              wait_role)
 
 
 # ----------------------------------------------------------------------------- documents and pre-training

@@ -92,6 +92,46 @@ def check_trace(pattern, completion: str, start: int, steps: int, answer: str, w
     return att.out
 
 
+@dataclass
+class Role:
+    """One token of a completion whose right outcome the world knows, by its checker's local judgement: at
+    character `at` of the completion (the toy tokenizers are character-level, so also its token index) a
+    correct trace writes `right`. Where the question is whether "wait" starts (the character after a step and
+    its space), right is "w": after a wrong step "w" is the right outcome, after a right step (avoid) anything
+    but "w" is."""
+    at: int
+    role: str
+    right: str
+    avoid: bool = False
+
+    def met(self, char: str) -> bool:
+        """Whether `char`, written at this position, is the right outcome."""
+        return (char == self.right) != self.avoid
+
+
+def trace_roles(pattern, completion: str, start: int, steps: int, wrong, step_roles, wait_role) -> list[Role]:
+    """The roles of a completion's first tries, found as check_trace finds its attempts: step_roles(index, m,
+    before) gives a first try's own (its digits, operands), wait_role(index, wrong) names the "wait" decision
+    after it (None: none), and the step's local judgement (check_trace's) decides whether "wait" is right
+    there. Retries after a "wait" are re-derivations, not first tries: they get no roles."""
+    att, value, out = Attempts(), start, []
+    for m in pattern.finditer(completion):
+        if m["a"] is not None:
+            index, before, first = att.position(value)
+            bad = index >= steps or int(m["a"]) != before or wrong(index, m)
+            att.attempt(index, before, first, bad)
+            value = int(m["c"])
+            if first and index < steps:
+                out += step_roles(index, m, before)
+                decision = m.end() + 1  # after the step's space: "w", or the next step or the answer
+                name = wait_role(index, bad)
+                if name and completion[m.end():decision] == " " and decision < len(completion):
+                    out.append(Role(decision, name, "w", avoid=not bad))
+        elif m["wait"]:
+            att.wait()
+    return out
+
+
 def summarize(checks: list[Check], tokens: int) -> dict:
     """World metrics over samples; tokens = completion tokens of all of them (EOS included)."""
     n, total = len(checks), Check()

@@ -137,12 +137,39 @@ ITEM = re.compile(
     r"(?P<a>\d)(?P<op>[+\-*])(?P<b>\d)=(?P<c>\d)|\b(?P<wait>wait)\b|\\boxed\{(?P<boxed>[^{}]*)\}")
 
 
+def wrong_step(truth):
+    """wrong(i, m): step match m is not the question's operation i, or miscomputes (check_trace adds: not
+    from the carried value)."""
+    def wrong(i, m):
+        a, op, b = int(m["a"]), m["op"], int(m["b"])
+        return (op, b) != truth[i][1:3] or int(m["c"]) != apply(a, op, b)
+    return wrong
+
+
 def check(question: str, completion: str) -> Check:
     """Locally wrong: not from the value the trace carries, not the question's next operation, or
     miscomputed."""
     truth = steps_of(question)
-    return common.check_trace(ITEM, completion, truth[0][0], len(truth), str(truth[-1][3]), lambda i, m: (
-        m["op"], int(m["b"])) != truth[i][1:3] or int(m["c"]) != apply(int(m["a"]), m["op"], int(m["b"])))
+    return common.check_trace(ITEM, completion, truth[0][0], len(truth), str(truth[-1][3]), wrong_step(truth))
+
+
+# the roles of a trace's tokens (measure.py's per-role tables), in table order
+ROLES = ("carried value", "operand", "result digit", "wait after a wrong step", "wait after a right step")
+
+
+def roles(question: str, completion: str) -> list[common.Role]:
+    """The first tries' roles: the carried value (the previous result the trace wrote, or the start), the
+    operand copied from the question, the result digit (a op b as written: the checker's miscompute test) and
+    the "wait" decision after the step."""
+    truth = steps_of(question)
+
+    def step_roles(i, m, before):
+        return [common.Role(m.start("a"), "carried value", str(before)),
+                common.Role(m.start("b"), "operand", str(truth[i][2])),
+                common.Role(m.start("c"), "result digit", str(apply(int(m["a"]), m["op"], int(m["b"]))))]
+
+    return common.trace_roles(ITEM, completion, truth[0][0], len(truth), wrong_step(truth), step_roles,
+                              lambda i, bad: "wait after a wrong step" if bad else "wait after a right step")
 
 
 # ----------------------------------------------------------------------------- gates and pre-training
