@@ -257,6 +257,9 @@ def collect(jobs: list[Job]) -> dict:
     return results
 
 
+MEASURED = "measured-2"  # what a kept measurement holds; another version is measured again
+
+
 def measured_file(job: Job) -> Path:  # beside the run: what was measured of its final student
     return job.out.with_name(job.out.name + ".measured.json")
 
@@ -267,11 +270,11 @@ def read_measured(path: Path, key: dict) -> dict:
         done = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return done.get("measured", {}) if done.get("key") == key else {}
+    return done.get("measured", {}) if done.get("key") == key and done.get("version") == MEASURED else {}
 
 
-def write_measured(path: Path, key: dict, measured: dict):
-    path.write_text(json.dumps({"key": key, "measured": measured}) + "\n")
+def write_measured(path: Path, key, measured: dict):
+    path.write_text(json.dumps({"key": key, "version": MEASURED, "measured": measured}) + "\n")
 
 
 def add_no_wait(world, jobs: list[Job], results: dict, measured: dict, n: int):
@@ -412,7 +415,7 @@ def samples_of(run: Path, step: int) -> list[tuple[str, str]]:
     return [(r["question"], s["completion"]) for r in map(json.loads, _lines(path)) for s in r["samples"]]
 
 
-def role_study(world, jobs: list[Job], results: dict, out: Path, model) -> dict:
+def role_study(world, jobs: list[Job], results: dict, sweep: dict, out: Path, model) -> dict:
     """The per-role tables (measure.role_tables) of the default comparison: teacher-forced on the base's
     own samples (the first seed's step-0 evaluation), each arm's students pooled over seeds, and the error
     rates on each one's own samples (the base's step-0 evaluations, each student's last); kept in
@@ -431,7 +434,11 @@ def role_study(world, jobs: list[Job], results: dict, out: Path, model) -> dict:
         students.setdefault(arm, []).append(job.out / "adapter")
         last = results[job.fmt][job.method][str(job.seed)][-1]["step"]
         own.setdefault(arm, []).extend(samples_of(job.out, last))
-    tables = measure.role_tables(world, model(), samples_of(first.out, 0), students, own)
+    pooled = {t: [b[t]["report"]["role_errors"] for b in sweep["base"].values()]
+              for t in sweep["temperatures"]}
+    base_at = {t: {r: (sum(e[r][0] for e in es), sum(e[r][1] for e in es)) for r in world.ROLES}
+               for t, es in pooled.items()}
+    tables = measure.role_tables(world, model(), samples_of(first.out, 0), students, own, base_at)
     write_measured(path, key, tables)
     return tables
 
@@ -833,10 +840,10 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     def run_model():  # the runs' model and sampler, loaded once, only if something must be measured
         if not loaded:
             console.print("measuring (the temperature sweep, the roles) ...")
-            loaded.append(measure.RunModel(cfg))
+            loaded.append(measure.RunModel(cfg, world))
         return loaded[0]
     swept = sweep(world, jobs, results, temperatures, out, run_model)
-    roles = role_study(world, jobs, results, out, run_model)
+    roles = role_study(world, jobs, results, swept, out, run_model)
     summary = {"settings": {"command": " ".join(sys.argv), "world": world.NAME, "recipe": world.RECIPE,
                             "overrides": list(overrides), "formats": list(formats), "seeds": seeds,
                             "clips": list(clips), "betas": list(betas),

@@ -38,20 +38,25 @@ KEYS = ("accuracy", "markers_per_1k", "caught_frac", "first_try_errors", "false_
         "completion_len")
 
 
-def metrics_of(records: list[dict]) -> dict:
-    """The world metrics of graded evaluation records, named as compare's points name them."""
+def metrics_of(records: list[dict], world=None) -> dict:
+    """The world metrics of graded evaluation records, named as compare's points name them; with a world,
+    also its role errors: {role: [wrong outcomes written, tokens]} (error_counts)."""
     m = E.records_metrics(records)
     renamed = {"accuracy": next(v for k, v in m.items() if k.startswith("avg@")),
                "completion_len": m["len_mean"]}
-    return {k: renamed.get(k, m.get(k)) for k in KEYS} | {"questions": len(records)}
+    out = {k: renamed.get(k, m.get(k)) for k in KEYS} | {"questions": len(records)}
+    if world is not None:
+        samples = [(r["question"], x["completion"]) for r in records for x in r["samples"]]
+        out["role_errors"] = {r: list(c) for r, c in error_counts(world, samples).items()}
+    return out
 
 
 class RunModel:
     """One comparison's model as its runs had it (the world's recipe with the comparison's overrides): the
     tokenizer, the base + LoRA, the sampler the runs sampled and evaluated with, and the held-out rows."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, world=None):
+        self.cfg, self.world = cfg, world  # the world: role errors in every measurement
         local = resolve_local(cfg.model)
         path = str(local.resolve()) if local is not None else cfg.model
         self.device = pick_device(cfg.device)
@@ -87,14 +92,14 @@ class RunModel:
         with self.model.disable_adapter():  # the step-0 student's fresh LoRA adds exactly nothing
             for t in temperatures:
                 recs = self.records(self.rows, seed, t)
-                out[f"{t:g}"] = {"report": metrics_of(recs[:n]), "pick": metrics_of(recs[n:])}
+                out[f"{t:g}"] = {"report": metrics_of(recs[:n], self.world), "pick": metrics_of(recs[n:])}
         return out
 
     def sweep_student(self, adapter: Path, seed: int, temperatures) -> dict:
         """{T: metrics of the evaluated rows} for a run's final adapter."""
         swap_adapter(self.model, adapter)
         rows = self.rows[:self.cfg.eval_limit]
-        return {f"{t:g}": metrics_of(self.records(rows, seed, t)) for t in temperatures}
+        return {f"{t:g}": metrics_of(self.records(rows, seed, t), self.world) for t in temperatures}
 
 
 def best_temperature(base: dict) -> str:
@@ -180,11 +185,13 @@ def mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def role_tables(world, run: RunModel, base_samples: list, students: dict, own_samples: dict) -> dict:
+def role_tables(world, run: RunModel, base_samples: list, students: dict, own_samples: dict,
+                base_at: dict | None = None) -> dict:
     """The per-role numbers. base_samples: the base's own (question, completion) samples at T = 1, where every
     distribution is teacher-forced; students: {arm: [adapter folders, one per seed]}, an arm being
     "<method>, <reference>"; own_samples: {"base" or arm: [(question, completion)]} at T = 1, each model's own
-    (pooled over seeds), for the error rates."""
+    (pooled over seeds), for the error rates; base_at: {T: {role: (wrong, tokens)}}, the base's own samples
+    at each temperature of the sweep (seeds pooled), for its error rates there."""
     tok = run.tok
     formats = sorted({arm.split(", ")[1] for arm in students})
     columns = {"base": None}
@@ -201,6 +208,7 @@ def role_tables(world, run: RunModel, base_samples: list, students: dict, own_sa
                 pooled[r] += ps
         columns[arm] = pooled
     errors = {who: error_counts(world, samples) for who, samples in own_samples.items()}
+    errors |= {f"base, T = {t}": counts for t, counts in (base_at or {}).items() if t != "1"}
     return {"samples": len(base_samples), "roles": list(world.ROLES),
             "p_right": {who: {r: mean(ps) for r, ps in col.items()} for who, col in columns.items()},
             "tokens": {r: len(columns["base"][r]) for r in world.ROLES},
@@ -223,7 +231,8 @@ def roles_markdown(tables: dict) -> str:
         lines.append(f"| {r} | {tables['tokens'][r]} | " + " | ".join(cell(p[h][r]) for h in heads) + " |")
     who = list(e)
     lines += ["", "Sampled error rate per role: how often each writes a wrong outcome there, on its own "
-              "samples at T = 1 (the base's step-0 and each student's last evaluation, seeds pooled; tokens "
+              "samples at T = 1 (the base's step-0 and each student's last evaluation), and the base's at "
+              "the lower temperatures of the sweep (seeds pooled; tokens "
               "in parentheses)", "", "| role | " + " | ".join(who) + " |", "|---|" + "---:|" * len(who)]
     for r in tables["roles"]:
         cells = (f"{cell(e[w][r])} ({tables['error_tokens'][w][r]})" for w in who)

@@ -201,6 +201,8 @@ def _plot_sweep(sweep: dict, row, colours: dict):
         ax.invert_xaxis()  # sharper to the right
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+    if panels:
+        row[0].legend(fontsize=7, loc="lower left")
     for ax in row[len(panels):]:
         ax.axis("off")
 
