@@ -11,8 +11,9 @@ Expected result (seed 0, measured 2026-12-08): with the full reference Purified 
 (both teacher contexts copy the same trace, so Δ_it ≈ 0): the loss stays between 2e-5 and 7e-4 and held-out
 accuracy at the base's 0.91-0.92, with ~17 markers per 1,000 tokens and ~81% of first-try errors caught.
 reference_field=sketch: accuracy 0.93, markers ~13. method=opsd: accuracy 0.97, markers ~4 (the markers
-collapse). The 3-seed comparisons: docs/toyworld.md. Each step prints the loss and the Δ diagnostics;
-runs/toy/plots.png holds the curves.
+collapse). The base sampled at T = 0.5 scores 0.998, above every trained student: the 3-seed comparison
+against it, docs/toyworld.md. Each step prints the loss and the Δ diagnostics; runs/toy/plots.png holds the
+curves.
 These settings were fixed before any OPSD-vs-Purified comparison was run; compare changes only the method.
 Since then only the sampler (rollout_engine, below: the same law, faster; each row from its own seed) and the
 loss path (loss_impl: the same numbers, the readable code) changed, and the comparisons were rerun.
