@@ -46,7 +46,7 @@ from plumbing import distributed, ema, loss_fused
 from plumbing.config import Config, from_command_line
 from plumbing.data import PopsdError
 from plumbing.models import model_parts
-from plumbing.session import Session, console
+from plumbing.session import RunDone, Session, console, fatal
 from rollout import Rollout, completion_hidden, marker_counts, repeated_ngrams
 
 
@@ -176,7 +176,7 @@ def train(cfg: Config) -> Path:
             # 1. sample ŷ: n completions per prompt from the student (rollout_ahead=1: sampled
             #    already, while the last step trained, by the adapter one step older)
             with run.sampling(step, len(batch) * cfg.n_samples) as on_batch:  # a stop: dropped
-                rollout = (run.ahead.take(step, batch)
+                rollout = (run.ahead.take(step, batch, on_batch)
                            or sample(sampler, batch, cfg, step, run.rank, run.world, on_batch))
             if cfg.rollout_ahead and step < cfg.steps:  # the next step's ŷ, while this one trains
                 run.ahead.start(step + 1, sample, sampler, run.upcoming(), cfg, step + 1,
@@ -199,9 +199,10 @@ def train(cfg: Config) -> Path:
 def main(argv: list[str]):
     try:
         train(from_command_line(argv, __doc__))  # --help: every recipe and field, then exit
+    except RunDone as e:  # resume=true on a run done up to the steps asked for
+        console.print(str(e), soft_wrap=True)
     except PopsdError as e:
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-        sys.exit(2)
+        sys.exit(fatal(e))
     except KeyboardInterrupt:  # Ctrl-C at start-up, or a second one in the loop: no traceback
         console.print("[yellow]interrupted: stopped at once; the run folder keeps what its last "
                       "checkpoint saved (resume=true continues from it)[/]")

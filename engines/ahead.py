@@ -10,9 +10,12 @@ log-probs with that student's, so it holds the one step's change on top of the e
 
 A checkpoint keeps the rollouts sampled ahead for the step after it (waiting for them if they are still
 coming): a resumed run trains on exactly what the straight run trained on, and samples the step after with
-the same adapter the straight run's servers held then. docs/engines.md says why this loss needs no
-importance correction for the lag.
+the same adapter the straight run's servers held then. A checkpoint saved without them (a stop, a failure
+while they were sampled, the run's last step) keeps the adapter that samples them instead, one step older
+than its own, and a resumed run samples that step with it, the same seeds and policy_lag 1, as the straight
+run did. docs/engines.md says why this loss needs no importance correction for the lag.
 """
+import contextlib
 import threading
 
 from rollout import Rollout
@@ -23,16 +26,21 @@ class Ahead:
 
     def __init__(self, abort=None):
         self.abort = abort  # abort(why): ends the engine's requests in flight (a run that stops)
-        self.step = self.thread = self.rollout = self.error = self.prompts = None
+        self.step = self.thread = self.rollout = self.error = self.prompts = self.pin = None
 
-    def start(self, step: int, draw, *args):
-        """draw(*args) -> Rollout, in a thread: the rollouts of `step`, sampled while the trainer works."""
+    def start(self, step: int, draw, sampler, *args):
+        """draw(sampler, *args) -> Rollout, in a thread: the rollouts of `step`, sampled while the trainer
+        works, with the adapter the sampler holds now (pinned here, in the loop's thread: a sync that runs
+        before the thread gets going does not change it)."""
+        pin = sampler.pin() if hasattr(sampler, "pin") else None
+
         def work():
             try:
-                self.rollout = draw(*args)
-            except BaseException as e:  # raised in the loop's thread, by take()
+                with sampler.pinned(pin) if pin is not None else contextlib.nullcontext():
+                    self.rollout = draw(sampler, *args)
+            except BaseException as e:  # raised in the loop's thread, by take() or wait()
                 self.error = e
-        self.step, self.rollout, self.error, self.prompts = step, None, None, None
+        self.step, self.rollout, self.error, self.prompts, self.pin = step, None, None, None, pin
         self.thread = threading.Thread(target=work, name=f"popsd-rollouts-step-{step}", daemon=True)
         self.thread.start()
 
@@ -47,23 +55,27 @@ class Ahead:
         """Rollouts still being sampled."""
         return self.thread is not None and self.thread.is_alive()
 
-    def wait(self, step: int) -> Rollout | None:
-        """The rollouts sampled ahead for `step` (waiting for them), or None if none were."""
+    def wait(self, step: int, on_batch=None) -> Rollout | None:
+        """The rollouts sampled ahead for `step` (waiting for them), or None if none were. on_batch(0): the
+        loop's progress callback, called while waiting, at least every 0.2 s; what it raises (a stop) ends
+        the wait."""
         if self.step != step:
             return None
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        while self.in_flight:
+            self.thread.join(0.2)
+            if on_batch is not None:
+                on_batch(0)
+        self.thread = None
         if self.error is not None:
             error, self.step = self.error, None
             raise error
         return self.rollout
 
-    def take(self, step: int, batch) -> Rollout | None:
+    def take(self, step: int, batch, on_batch=None) -> Rollout | None:
         """wait(step), handed over with each row's contexts from `batch` (the loop's share of the step's
         prompts); None if nothing was sampled ahead for it, or a restored batch was sampled for other
         prompts (a resume with another batch size or number of ranks: the step is sampled anew)."""
-        rollout = self.wait(step)
+        rollout = self.wait(step, on_batch)
         self.step = None
         if rollout is None:
             return None
@@ -74,9 +86,13 @@ class Ahead:
         rollout.contexts = contexts
         return rollout
 
+    def stop(self, why: str):
+        """Rollouts in flight end now (their requests aborted); wait() then raises their error."""
+        if self.in_flight and self.abort is not None:
+            self.abort(why)
+            self.thread.join(timeout=30)
+
     def close(self):
         """A run that ends with rollouts in flight (an error, a stop): the engine's requests end now."""
-        if self.in_flight and self.abort is not None:
-            self.abort("the run stopped")
-            self.thread.join(timeout=30)
+        self.stop("the run stopped")
         self.step = self.thread = None

@@ -190,9 +190,11 @@ def watched(servers: list[Server]):
     (checked every half of it, at most every 15 s); one that does not has its requests aborted with a message
     naming it. An HTTP error is an answer: only silence counts."""
     stop = threading.Event()
+    servers = list(servers)  # a snapshot: the caller's list may change meanwhile
+    every = min(15.0, max(0.5, min((s.probe_timeout for s in servers), default=30.0) / 2))
 
     def loop():
-        while not stop.wait(min(15.0, max(0.5, min(s.probe_timeout for s in servers) / 2))):
+        while not stop.wait(every):
             for s in servers:
                 if s.open and not s.gone:
                     try:

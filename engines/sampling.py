@@ -50,6 +50,8 @@ def draw(scores: torch.Tensor, seeds: torch.Tensor, t: int) -> torch.Tensor:
     row's uniform number at position t (inverse CDF). seeds: [b] int64 on scores' device."""
     probs = torch.softmax(scores.double(), dim=-1)  # [b, V]
     cdf = probs.cumsum(-1)  # [b, V]
+    if not torch.isfinite(cdf[:, -1]).all():  # torch.multinomial's words, which the loop recognises
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
     target = uniforms(seeds, t) * cdf[:, -1]  # [b]
     # the first entry whose cumulative mass exceeds the target: a token cut by top-k or top-p (mass 0)
     # never is, since its cumulative mass equals its predecessor's

@@ -45,7 +45,8 @@ def extreme_settings(cfg: Config) -> list[str]:
     return found
 
 
-def health(row: dict, stalls: int, vocab: int, cfg: Config) -> tuple[int, list[str], str | None]:
+def health(row: dict, stalls: int, vocab: int, cfg: Config, saved: int | None = None
+           ) -> tuple[int, list[str], str | None]:
     """(steps in a row that changed nothing, warnings for this step, why the run must stop or None).
 
     A step changes nothing when its loss or gradient is not finite (the update is skipped) or its gradient is
@@ -53,7 +54,8 @@ def health(row: dict, stalls: int, vocab: int, cfg: Config) -> tuple[int, list[s
     warned and marked `collapse` in metrics: entropy near ln V (uniform), a zero gradient with a loss left, or
     a JSD near its ceiling H(b) (student and target almost disjoint: no gradient left); so is degenerate
     repetition (`repetition`). The sampler's log-prob gap (engines) above sampler_gap_warn is warned, above
-    sampler_gap_stop the run stops: the engine is not sampling from the student."""
+    sampler_gap_stop the run stops: the engine is not sampling from the student. saved: the step of the run's
+    newest checkpoint (None: none yet), which a stop points to."""
     step, warnings, stop = row["step"], [], None
     settings = extreme_settings(cfg)
     blame = ": " + "; ".join(settings) if settings else ""
@@ -61,9 +63,12 @@ def health(row: dict, stalls: int, vocab: int, cfg: Config) -> tuple[int, list[s
     if row["skipped"]:
         warnings.append(f"step {step}: non-finite loss or gradient, update skipped ({stalls} in a row)")
         if stalls >= MAX_SKIPS:
+            then = (f"resume from the last checkpoint (step {saved}), which holds finite weights"
+                    if saved is not None else "no checkpoint was saved yet: start the run again")
+            fix = (f"the settings likely to blame{blame}; change them and {then}" if settings else
+                   f"the run is diverging; lower lr or max_grad_norm and {then}")
             stop = (f"{stalls} steps in a row had a non-finite loss or gradient (step {step}, lr "
-                    f"{row['lr']:.2g}): the run is diverging; lower lr or max_grad_norm and resume from the "
-                    "last checkpoint, which holds finite weights")
+                    f"{row['lr']:.2g}): {fix}")
     elif row["grad_norm"] == 0:
         warnings.append(f"step {step}: the gradient is exactly zero, this step taught nothing "
                         f"({stalls} in a row)"
@@ -100,7 +105,11 @@ def health(row: dict, stalls: int, vocab: int, cfg: Config) -> tuple[int, list[s
         causes = ("likely causes: an adapter on the engine other than this step's (a stale or another "
                   "run's), a sampling setting the trainer does not know (the server's logprobs mode must be "
                   "raw_logprobs), or another model or dtype on the engine than the trainer's")
-        if not gap <= cfg.sampler_gap_stop:
+        lagged = row.get("policy_lag", 0) > 0
+        if lagged:  # one step ahead the gap holds one optimizer step's change too: a warning, never a stop
+            said += (f" (policy_lag {row['policy_lag']}: it includes the change of the optimizer step since "
+                     "they were sampled; the run's first step, on-policy, checked the engine itself)")
+        if not gap <= cfg.sampler_gap_stop and not lagged:
             stop = (f"step {step}: {said} (sampler_gap_stop={cfg.sampler_gap_stop:g}): the engine is not "
                     f"sampling from the student; {causes}")
         else:

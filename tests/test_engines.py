@@ -288,6 +288,7 @@ def test_server_pool_retries_a_dead_server_elsewhere(server, tmp_path, trained_a
     pool.sync(model, 0)
     assert len(warnings) == 2 and pool.alive == pool.servers[1:]
     pool.alive = list(pool.servers)  # as if the dead one had taken the adapter, then died mid-step
+    pool.held[pool.servers[0]].add(pool.name)
     prompts = [tok("Q:1+2*3")["input_ids"], tok("Q:4-5")["input_ids"]]
     got = pool.generate(prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seeds=[1, 2])
     assert len(got) == 6 and got.logprobs.shape == got.completions.shape and pool.alive == pool.servers[1:]

@@ -149,19 +149,19 @@ def test_rollouts_sampled_ahead_come_back_for_their_step_prompts_and_errors_incl
     from engines.ahead import Ahead
     batch = [Contexts([1, 2], [1, 5, 2], [5, 2]), Contexts([3], [3, 6], [6])]
 
-    def draw(contexts, n):
+    def draw(sampler, contexts, n):  # the sampler: an engine's (here none)
         return Rollout(torch.ones(len(contexts) * n, 2, dtype=torch.long), torch.ones(len(contexts) * n, 2,
                        dtype=torch.bool), torch.zeros(len(contexts) * n, dtype=torch.bool),
                        ["ab"] * (len(contexts) * n), contexts=[c for c in contexts for _ in range(n)],
                        weights_step=3)
     ahead = Ahead()
-    ahead.start(5, draw, batch, 2)
+    ahead.start(5, draw, None, batch, 2)
     assert ahead.take(4, batch) is None  # not this step's
-    ahead.start(5, draw, batch, 2)
+    ahead.start(5, draw, None, batch, 2)
     got = ahead.take(5, batch)
     assert len(got) == 4 and got.contexts == [batch[0]] * 2 + [batch[1]] * 2 and got.policy_lag(5) == 1
     assert ahead.take(5, batch) is None  # handed over once
-    state = draw(batch, 2).state()
+    state = draw(None, batch, 2).state()
     ahead.restore(6, state)
     assert ahead.take(6, batch[::-1]) is None  # sampled for other prompts: the step samples anew
     ahead.restore(6, state)
@@ -169,7 +169,7 @@ def test_rollouts_sampled_ahead_come_back_for_their_step_prompts_and_errors_incl
 
     def fails(*_):
         raise PopsdError("no rollout server answered")
-    ahead.start(7, fails)
+    ahead.start(7, fails, None)
     with pytest.raises(PopsdError, match="no rollout server answered"):
         ahead.take(7, batch)
     assert ahead.take(7, batch) is None
