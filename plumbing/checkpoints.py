@@ -25,6 +25,7 @@ import torch
 from plumbing import distributed, ema
 from plumbing.config import current_names
 from plumbing.data import DataStream, PopsdError
+from plumbing.models import FINGERPRINT, same_base
 
 MARKER, LOCK, SESSIONS = "popsd_run.json", "popsd_run.lock", "sessions.jsonl"
 # in every adapter popsd saves (and a model folder may ship one): how to prompt it
@@ -48,26 +49,33 @@ def save_prompts(folder: Path, config: dict):
                                                     "sha256": config["base_sha256"]}) + "\n")
 
 
-def check_base(ckpt: Path, sha: str | None):
-    """Resuming from another base than the one a checkpoint was trained from is an error (a checkpoint written
-    before popsd recorded bases has no record: nothing to compare)."""
+def check_base(ckpt: Path, sha: str | None, path: str):
+    """Resuming from another base than the one a checkpoint was trained from is an error (sha: the base's
+    fingerprint now, at `path`; a checkpoint written before popsd recorded bases has no record: nothing to
+    compare)."""
     try:
         saved = json.loads((ckpt / BASE_FILE).read_text())
     except (OSError, ValueError):
         return
-    if sha and saved.get("sha256") != sha:
-        raise PopsdError(f"resume=true: {ckpt} was trained from a base whose weights' checksum is "
-                         f"{str(saved.get('sha256'))[:12]}…, and {saved.get('model')} now holds {sha[:12]}…: "
-                         "the base changed since (replaced in place?). Resume with the base the run started "
-                         "from, or start a new run in another out_dir")
+    if sha and not same_base(saved.get("sha256"), path, sha):
+        raise PopsdError(f"resume=true: {ckpt} was trained from a base whose checksum is "
+                         f"{short_sha(saved.get('sha256'))}, and {saved.get('model')} now holds "
+                         f"{short_sha(sha)}: the base changed since (replaced in place? its config, "
+                         "tokenizer or chat template edited?). Resume with the base the run started from, or "
+                         "start a new run in another out_dir")
+
+
+def short_sha(sha) -> str:
+    return f"{str(sha).removeprefix(FINGERPRINT)[:12]}…"
 
 
 RUN_FILES = ("config.json", SESSIONS, "metrics.jsonl", "samples.txt", "plots.png", "adapter", "adapter.tmp",
              # all overwrite removes
-             "checkpoints", "eval", "tiny_model", "rollout_adapters", "tensorboard", "wandb")
+             "adapter.old", "checkpoints", "eval", "tiny_model", "rollout_adapters", "tensorboard", "wandb")
+RECORD_ONLY = ("base_sha256", "data_sha256", "data_rows")  # in config.json beside the Config's fields
 MAY_CHANGE = {  # config fields a resumed run may change: run control, evaluation, speed knobs
     "steps", "save_every", "keep_checkpoints", "resume", "overwrite", "samples_per_step", "threads", "device",
-    "recipe", "out_dir", "report_to",
+    "recipe", "out_dir", "report_to", "resume_data_changed",
     # speed: the same numbers (both loss paths: tests/test_popsd.py; the graph sampler's modes draw each row
     # from its own seed: tests/test_graph_engine.py)
     "gen_batch_size", "micro_batch_size", "loss_impl", "loss_chunk_mb", "loss_compile", "graph_keep_rows",
@@ -173,6 +181,32 @@ def disk_full(e: BaseException, folder: Path, what: str) -> PopsdError | None:
                       "then resume=true")
 
 
+def replace_folder(tmp: Path, final: Path):
+    """final ← tmp, a folder each. A folder cannot be replaced in one step, so the old one is first renamed
+    aside (final.old) and removed after: an interruption anywhere leaves a whole folder under final's name or
+    under final.old's (recover_folders puts it back)."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def recover_folders(parent: Path, pattern: str, warn=print):
+    """A folder left as <name>.old by an interrupted replace_folder goes back to its name (or is removed when
+    the new one made it)."""
+    for old in parent.glob(pattern + ".old"):
+        final = old.with_name(old.name[:-len(".old")])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+            warn(f"{final}: put back from {old.name}, where an interrupted save left it")
+
+
 def save_final_adapter(out: Path, model, tokenizer, weights: dict, config: dict):
     """out/adapter: the trained adapter in PEFT format with the tokenizer and the prompt settings, written to
     adapter.tmp and renamed, so a failed write (a full disk) leaves no partial adapter behind."""
@@ -187,12 +221,16 @@ def save_final_adapter(out: Path, model, tokenizer, weights: dict, config: dict)
     except Exception as e:  # tokenizers reports a full disk as a bare Exception
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk_full(e, out, "the final adapter") or e
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)
+
+
+# in a checkpoint kept without the next step's rollouts: the adapter that samples them
+SAMPLING_ADAPTER = "sampling_adapter"
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: DataStream, keep: int,
-                    rank: int = 0, config: dict | None = None, ahead: dict | None = None):
+                    rank: int = 0, config: dict | None = None, ahead: dict | None = None,
+                    sampling: tuple[int, Path] | None = None):
     """Adapter (PEFT format) + optimizer, scheduler, step, RNG and data position; written to .tmp, then
     renamed.
 
@@ -200,13 +238,20 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
     (state.pt: optimizer and RNG, the bulk for a large adapter) is kept for the newest `keep` only.
     Weights and optimizer state are saved whole (gathered from the FSDP shards, keyed by parameter name),
     so a checkpoint resumes under any number of ranks. `ahead`: this rank's rollouts of the next step, sampled
-    ahead (Rollout.state(); rollout_ahead=1), kept with it so that a resume trains on the same.
+    ahead (Rollout.state(); rollout_ahead=1), kept with it so that a resume trains on the same; or, where
+    they are not (a stop, their failure, the last step), `sampling`: (its step, its folder), the adapter that
+    samples them (one step older than this one), kept as sampling_adapter/ so that a resume samples them as
+    the straight run did.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     weights = trainable_state(model)
     check_finite(weights)
-    optim = get_optimizer_state_dict(model, optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # an optimizer that has not stepped yet (a stop before step 1) is saved as none: torch's state-dict
+    # helpers would first initialise it with a zero-lr step, and the resumed AdamW would count one step more
+    # than the straight run's (another bias correction, another update)
+    stepped = distributed.all_sum([len(optimizer.state)])[0] > 0
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True)) if stepped else None
     teacher = ema.state(model)  # resume state, like the optimizer's ({} without an EMA teacher)
     rng = distributed.gather({"python": random.getstate(), "torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
@@ -220,15 +265,20 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
             if config:
                 save_prompts(tmp, config)
             usual_modes(tmp)
+            kept_ahead = all(a is not None for a in ahead)
+            if sampling is not None and not kept_ahead:
+                shutil.copytree(sampling[1], tmp / SAMPLING_ADAPTER)
             torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
                         "data": {"epoch": stream.epoch, "cursor": stream.cursor}, "rng": rng,
                         **({"ema": teacher} if teacher else {}),
-                        **({"ahead": ahead} if all(a is not None for a in ahead) else {})}, tmp / "state.pt")
+                        **({"ahead": ahead} if kept_ahead else {}),
+                        **({"sampling_step": sampling[0]} if sampling is not None and not kept_ahead
+                           else {})},
+                       tmp / "state.pt")
         except Exception as e:  # OSError, torch's RuntimeError, tokenizers' bare Exception
             shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is never left behind
             raise disk_full(e, out, f"the checkpoint of step {step}") or e
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for old in sorted((out / "checkpoints").glob("step_??????"))[:-keep]:  # every adapter stays: the best
             (old / "state.pt").unlink(missing_ok=True)  # step is chosen later; only resume state is pruned
     distributed.barrier()
@@ -238,6 +288,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, stream: D
 def latest_checkpoint(out: Path, warn=print) -> Path | None:
     """The newest checkpoint that can be resumed (adapter and state, both readable); damaged ones are skipped
     with a warning and left in place. None when there is none; an error when every one is damaged."""
+    recover_folders(out / "checkpoints", "step_??????", warn)
+    recover_folders(out, "adapter", warn)
     found = sorted(p for p in (out / "checkpoints").glob("step_??????") if (p / "state.pt").exists())
     for path in reversed(found):
         problem = checkpoint_problem(path)
@@ -284,7 +336,7 @@ def folder_kind(out: Path, fields) -> str:
     try:
         saved = json.loads((out / "config.json").read_text())
         if isinstance(saved, dict) and {"model", "method",
-                                        "out_dir"} <= set(saved) <= {*fields, "base_sha256"} and \
+                                        "out_dir"} <= set(saved) <= {*fields, *RECORD_ONLY} and \
                 (out / "metrics.jsonl").is_file():
             return "run"
     except (OSError, ValueError):
@@ -334,53 +386,87 @@ def process_start(pid: int) -> str | None:
 
 
 class RunLock:
-    """One live run per folder: popsd_run.lock holds host, pid and start time. A lock naming this host and a
-    process that is gone (killed with -9, a crash) is stale and taken over; any other is an error naming its
-    holder."""
+    """One live run per folder. popsd_run.lock is held under an exclusive flock for the run's life, which the
+    kernel lets go however the process ends, and names its holder (host, pid, process start, since). Taking
+    it is one atomic step: two runs started at once, or two that find a dead run's lock, never both hold it
+    (tests/test_safety.py races them). A lock file nobody holds the flock of is free; what it names still
+    counts where a flock cannot be seen: a holder on another host (a network disk) is an error naming it,
+    and so is a live process on this host (a run of a popsd from before the flock)."""
 
     def __init__(self, out: Path, warn=print):
-        self.path, self.warn, self.held = out / LOCK, warn, False
+        self.path, self.warn, self.fd = out / LOCK, warn, None
 
     def acquire(self):
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
+        import fcntl
+        if self.path.is_symlink():  # a lock is never a link: popsd writes nothing through one
+            self.warn(f"replacing {self.path}, a symbolic link, with a lock file")
+            self.path.unlink()
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                             0o644)
-            except FileExistsError:
-                self.take_over_if_stale()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise PopsdError(f"{self.path.parent} is in use by another run: {self.holder()}: one live "
+                                 "run per folder (wait for it, or stop it)") from None
+            try:  # released and removed between our open and our flock: that file is no one's lock
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+            try:
+                self.check_previous()
+                me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
             return self
-        raise PopsdError(f"could not take the lock {self.path}: another run took it at the same time")
+        raise PopsdError(f"could not take the lock {self.path}: other runs kept taking it meanwhile")
 
-    def take_over_if_stale(self):
+    def read(self) -> dict:
         try:
             other = json.loads(self.path.read_text())
-            host, pid, start = other["host"], int(other["pid"]), other.get("start")
-        except (OSError, ValueError, KeyError, TypeError):
-            other, host, pid, start = {}, None, None, None
-        if not self.path.is_symlink() and other:
-            if host != socket.gethostname():
-                raise PopsdError(f"{self.path.parent} is in use by a run on {host} (pid {pid}, since "
-                                 f"{other.get('since')}): one live run per folder. If that run is gone (a "
-                                 f"crash), remove {self.path} and start again")
-            now = process_start(pid)
-            if now is not None and (start is None or now in (start, "alive")):
-                raise PopsdError(f"{self.path.parent} is in use by another run: process {pid} on this "
-                                 f"machine, since {other.get('since')}: one live run per folder (wait for "
-                                 "it, or stop it)")
-        why = f"its process {pid} is gone" if other else "unreadable"
-        self.warn(f"taking over the stale lock {self.path} ({why})")
-        self.path.unlink(missing_ok=True)
+            return other if isinstance(other, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def holder(self) -> str:
+        other = self.read()
+        if other.get("host") == socket.gethostname() and other.get("pid"):
+            return f"process {other['pid']} on this machine, since {other.get('since')}"
+        return f"on {other['host']}, pid {other.get('pid')}" if other.get("host") else "it is starting now"
+
+    def check_previous(self):
+        """With the flock held: what the file says of the run before. A live holder we cannot see through the
+        flock is an error; a dead one on this host (a crash, kill -9) is taken over, with a word."""
+        other = self.read()
+        if not other:
+            return  # a new lock, or a run that released it
+        host, pid, start = other.get("host"), other.get("pid"), other.get("start")
+        if host != socket.gethostname():
+            raise PopsdError(f"{self.path.parent} is in use by a run on {host} (pid {pid}, since "
+                             f"{other.get('since')}): one live run per folder. If that run is gone (a "
+                             f"crash), remove {self.path} and start again")
+        now = process_start(int(pid)) if isinstance(pid, int) else None
+        if now is not None and (start is None or now in (start, "alive")):
+            raise PopsdError(f"{self.path.parent} is in use by another run: process {pid} on this "
+                             f"machine, since {other.get('since')}: one live run per folder (wait for "
+                             "it, or stop it)")
+        self.warn(f"taking over the stale lock {self.path} (its process {pid} is gone)")
 
     def release(self):
-        if self.held:
+        """The file goes first (under the flock, so a run that opened it meanwhile sees it gone), then the
+        flock."""
+        if self.fd is not None:
             self.path.unlink(missing_ok=True)
-            self.held = False
+            os.close(self.fd)
+            self.fd = None
 
 
 def present(folder: Path, names) -> list[str]:
@@ -389,7 +475,8 @@ def present(folder: Path, names) -> list[str]:
 
 
 # what popsd
-OWNED = {"eval": r"step_\d{6}", "checkpoints": r"step_\d{6}(\.tmp)?", "rollout_adapters": r"popsd-.+"}
+OWNED = {"eval": r"step_\d{6}(\.tmp)?", "checkpoints": r"step_\d{6}(\.tmp|\.old)?",
+         "rollout_adapters": r"popsd-.+"}
 # writes inside these folders: overwrite=true removes only that, and the folder once empty
 
 
@@ -443,6 +530,9 @@ def prepare_run_folder(out: Path, config: dict, resume: bool, overwrite: bool, w
     resume=true (then the new config must agree with the saved one on every field outside MAY_CHANGE) or
     overwrite=true (the run's files are removed, nothing else)."""
     check_out_dir(out, list(inputs))
+    if out.is_symlink() and not out.exists():
+        raise PopsdError(f"out_dir {out} is a symbolic link to {os.readlink(out)}, which does not exist: "
+                         "create that folder, or choose another out_dir")
     kind = folder_kind(out, config)
     if kind == "foreign":
         raise PopsdError(f"{out} is not a popsd run folder "
@@ -504,11 +594,12 @@ def open_folder(out: Path, kind: str, config: dict, resume: bool, overwrite: boo
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream, seed: int = 0, rank: int = 0,
-                    world: int = 1, ahead=None) -> int:
-    """Restores a checkpoint written under any number of ranks. Each rank's RNG state comes back when the
-    world size is the same; under another world size each rank's sampling RNG is reseeded from (seed, step,
-    rank). `ahead` (engines.ahead.Ahead) gets the next step's rollouts if the checkpoint kept them under as
-    many ranks (otherwise that step is sampled anew)."""
+                    world: int = 1, ahead=None) -> tuple[int, tuple[int, Path] | None]:
+    """Restores a checkpoint written under any number of ranks: (its step, the adapter that samples the next
+    step (its step, its folder) if the checkpoint kept it instead of the rollouts, else None). Each rank's RNG
+    state comes back when the world size is the same; under another world size each rank's RNG is reseeded
+    from (seed, step, rank). `ahead` (engines.ahead.Ahead) gets the next step's rollouts if the checkpoint
+    kept them under as many ranks (otherwise that step is sampled anew)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -517,8 +608,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream,
     weights = {n: saved[n.replace(f".{name}.", ".")] for n, p in model.named_parameters() if p.requires_grad}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     state = torch.load(path / "state.pt", weights_only=True)  # data only: a checkpoint cannot run code
-    set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+    if state["optimizer"] is not None:  # None: saved before the first step, the optimizer stays fresh
+        set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     if ema.named(model):
         if "ema" not in state:
@@ -537,4 +629,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: DataStream,
         torch.manual_seed(seed + 1000 * state["step"] + rank)
     if ahead is not None and len(state.get("ahead", [])) == world:
         ahead.restore(state["step"] + 1, state["ahead"][rank])
-    return state["step"]
+        return state["step"], None
+    if "sampling_step" in state and (path / SAMPLING_ADAPTER).is_dir():
+        return state["step"], (state["sampling_step"], path / SAMPLING_ADAPTER)
+    return state["step"], None

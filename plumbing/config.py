@@ -132,6 +132,8 @@ class Config:
     save_every: int = 50  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints that keep their resume state (every adapter is kept)
     resume: bool = False  # continue the run in out_dir from its newest good checkpoint (config checked first)
+    resume_data_changed: bool = False  # resume=true on training rows that changed since the run started
+        # (refused without it: the data order is a cursor into them); sessions.jsonl records the change
     overwrite: bool = False  # replace the run in out_dir (without it, a folder holding a run is refused)
     samples_per_step: int = 2  # completions written to samples.txt each step
     threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models
@@ -226,6 +228,9 @@ def make_config(recipe: str = "", overrides: list[str] = ()) -> Config:
         key, eq, value = item.partition("=")
         if not eq:
             raise PopsdError(f"expected key=value, got {item!r}")
+        if key.strip() == "recipe":  # a key=value would only relabel the run: the recipe's values are read
+            raise PopsdError(f"{item!r}: a recipe is chosen with --recipe {value.strip() or 'NAME'}, before "
+                             "any key=value (recipe is the run's label of it, not a setting)")
         if RENAMED.get(key.strip(), key.strip()) in seen:
             raise PopsdError(f"config key {key.strip()!r} is given twice: which one did you mean?")
         seen.add(RENAMED.get(key.strip(), key.strip()))
@@ -301,6 +306,12 @@ def validate(cfg: Config):
     if cfg.support == "sampled" and (cfg.divergence != "reverse_kl" or cfg.term_clamp is not None):
         fail("support", "is the sampled-token estimator of reverse KL: it needs divergence=reverse_kl and no "
              f"term_clamp (got divergence={cfg.divergence}, term_clamp={cfg.term_clamp})")
+    if cfg.support == "topk" and cfg.topk == 1 and not cfg.topk_tail:
+        fail("topk", "must be at least 2 with support=topk and topk_tail=false: both sides renormalised on "
+             "one token are 1, so the loss is exactly 0 and nothing trains (or set topk_tail=true)")
+    if cfg.eval_every and not cfg.eval_bench.strip(", "):
+        fail("eval_bench", f"names no benchmark while eval_every={cfg.eval_every} asks for evaluations: name "
+             "one (a local file or one of eval.BENCHMARKS), or set eval_every=0 to train without")
     if cfg.divergence == "jsd" and not 0 < cfg.jsd_mix < 1:
         fail("jsd_mix", "must be in (0, 1) for divergence=jsd: at 0 or 1 the JSD is 0 and nothing trains "
              "(use divergence=forward_kl for KL(target||student) or divergence=reverse_kl for "

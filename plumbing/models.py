@@ -80,14 +80,22 @@ def load_model(cfg, device: torch.device, path: str):
 
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")  # what a model folder keeps its weights in
+# what from_pretrained reads of a model folder (its weights, config, tokenizer, chat template): a base's
+# fingerprint covers these and nothing else in the folder (plots, logs, notes)
+READ_BY_FROM_PRETRAINED = WEIGHTS + ("config.json", "generation_config.json", "tokenizer.json",
+                                     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                                     "chat_template.json")
+FINGERPRINT = "files-v2:"  # marks a fingerprint of every file above; one without it covers the weights only
 
 
-def base_fingerprint(path: str, say=None) -> str | None:
-    """A checksum of a base model's weights: sha256 over its weight files (name and contents), so a run, a
-    checkpoint or an evaluation names the very base it used and a base replaced in the same folder is noticed.
-    A hub model's files in the Hugging Face cache are links to blobs named by their sha256: read, not
-    recomputed. None when the weights are nowhere on this machine (a hub id not downloaded yet). say(msg):
-    progress."""
+def base_fingerprint(path: str, say=None, weights_only: bool = False) -> str | None:
+    """A base model's checksum: sha256 over the files from_pretrained reads (name and contents: weights,
+    config, tokenizer files, chat template; weights_only: the weights alone, as popsd recorded bases before
+    2026-12-08), so a run, a checkpoint, an adapter or an evaluation names the very base it used and a base
+    changed in its folder is noticed. A hub model's files in the Hugging Face cache are links to blobs named
+    by their sha256: read, not recomputed. None when the weights are nowhere on this machine (a hub id not
+    downloaded yet). say(msg): progress."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         try:
@@ -95,12 +103,14 @@ def base_fingerprint(path: str, say=None) -> str | None:
             folder = Path(snapshot_download(path, local_files_only=True))
         except Exception:  # not a hub id, or not in the cache
             return None
-    files = sorted({f for pattern in WEIGHTS for f in folder.glob(pattern) if f.is_file()})
-    if not files:
+    weights = sorted({f for pattern in WEIGHTS for f in folder.glob(pattern) if f.is_file()})
+    if not weights:
         return None
+    read = WEIGHTS if weights_only else READ_BY_FROM_PRETRAINED
+    files = sorted({f for pattern in read for f in folder.glob(pattern) if f.is_file()})
     big = sum(f.stat().st_size for f in files if not re.fullmatch(r"[0-9a-f]{64}", f.resolve().name))
     if say and big > 2 << 30:
-        say(f"checksumming the base's weights ({big / 2 ** 30:.1f} GiB, once per run) ...")
+        say(f"checksumming the base's files ({big / 2 ** 30:.1f} GiB, once per run) ...")
     digest = hashlib.sha256()
     for f in files:
         blob = f.resolve().name
@@ -111,7 +121,18 @@ def base_fingerprint(path: str, say=None) -> str | None:
                     file_hash.update(chunk)
             blob = file_hash.hexdigest()
         digest.update(f"{f.name}:{blob}\n".encode())
-    return digest.hexdigest()
+    return digest.hexdigest() if weights_only else FINGERPRINT + digest.hexdigest()
+
+
+def same_base(recorded: str | None, path: str, now: str | None = None) -> bool:
+    """Whether the base in `path` is the one a record names (its fingerprint `recorded`; `now`, the base's
+    current fingerprint, if known). A record from before the full fingerprint is compared on the weights
+    alone; a record with none (older still) cannot be compared: True."""
+    if not recorded:
+        return True
+    if recorded.startswith(FINGERPRINT):
+        return recorded == (now or base_fingerprint(path))
+    return recorded == base_fingerprint(path, weights_only=True)
 
 
 def free_memory(device: torch.device) -> int:

@@ -12,10 +12,12 @@ None of this is the algorithm (popsd.py is): it keeps a run safe and visible. Th
 checkpoints.py's, the guards guards.py's, the engines engines/'s. Rank 0 alone prints, writes and saves.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -49,6 +51,15 @@ def warn(message: str):
     console.print(f"[yellow]{message}[/]", soft_wrap=True)
 
 
+def fatal(error: Exception) -> int:
+    """A run's fatal error, one line on the screen whichever rank meets it (ranks other than 0 are otherwise
+    quiet: under torchrun the user would see only the collective's traceback); the exit code."""
+    rank = os.environ.get("RANK", "0")
+    console.quiet = False
+    console.print(f"[bold red]error{f' (rank {rank})' if rank != '0' else ''}:[/] {error}", soft_wrap=True)
+    return 2
+
+
 def progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), console=console, transient=True)
@@ -71,6 +82,33 @@ class StopRequest:
     def restore(self):
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+class RunDone(PopsdError):
+    """A resume of a run that is done up to the steps asked for: nothing to run (not an error)."""
+
+
+def check_data(out: Path, data: dict, go_on: bool):
+    """A resumed run reads the training rows it started with: the data order is a cursor into them, so other
+    rows (added, removed, edited) make another run. Refused, naming what changed, unless go_on
+    (resume_data_changed=true), said aloud; sessions.jsonl records the change either way."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict) or saved.get("data_sha256") in (None, data["data_sha256"]):
+        return  # a run from before popsd recorded its data: nothing to compare
+    what = (f"{saved.get('data')}: {saved.get('data_rows')} rows → {data['data_rows']}, checksum "
+            f"{saved['data_sha256'][:12]}… → {data['data_sha256'][:12]}…")
+    if not go_on:
+        raise PopsdError(f"resume=true: the training data changed since the run started ({what}); the data "
+                         "order would be another run's. Resume with the data the run started with, or pass "
+                         "resume_data_changed=true to go on with these rows (sessions.jsonl records it)")
+    warn(f"resume: the training data changed ({what}): going on, as resume_data_changed=true asks")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
 
 
 class SamplingStopped(Exception):
@@ -179,9 +217,17 @@ class Session:
 
     def _set_up(self, ckpt: Path | None):
         cfg, out, rank, world = self.cfg, self.out, self.rank, self.world
+        done = int(ckpt.name[5:]) if ckpt is not None else 0
+        # nothing to run (its final adapter saved, or asked for fewer steps): the record stays as it is
+        if ckpt is not None and (done > cfg.steps or done == cfg.steps and (out / "adapter").is_dir()):
+            raise RunDone(f"{out} is done up to step {done} (steps={cfg.steps} asks for no more): nothing to "
+                          "run, nothing changed; steps=N above it trains on")
         rows, bad = read_rows(cfg.data, cfg.data_split, (cfg.question_field, cfg.reference_field),
                               cfg.skip_bad_rows)
         guards.check_batch(cfg, len(rows), "rows")  # before the model loads
+        data = {"data_rows": len(rows), "data_sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
+        if ckpt is not None:  # the data order is a cursor into these rows: other rows, another run
+            check_data(out, data, cfg.resume_data_changed)
         local = resolve_local(cfg.model)
         # absolute: adapters name their base wherever
         path = str(local.resolve()) if local is not None else cfg.model
@@ -195,10 +241,10 @@ class Session:
         self.tokenizer, self.model = load_model(cfg, self.device, path)
         # the base's checksum: config.json, checkpoints, evaluations
         self.base = base_fingerprint(path, console.print)
-        self.record = dataclasses.asdict(cfg) | {"base_sha256": self.base}
+        self.record = dataclasses.asdict(cfg) | {"base_sha256": self.base} | data
         if ckpt is not None:
             # a base replaced in its folder since: refused before anything here changes
-            check_base(ckpt, self.base)
+            check_base(ckpt, self.base, path)
         if cfg.teacher == "ema":
             ema.add(self.model)
         if world > 1:
@@ -218,16 +264,26 @@ class Session:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.stream, self.start = DataStream(len(self.examples), cfg.seed), 0
+        self.stream, self.start, self.saved = DataStream(len(self.examples), cfg.seed), 0, None
         self.ahead = Ahead()  # rollout_ahead=1: the next step's rollouts, sampled while a step trains
+        sampling = None  # the adapter that samples the first resumed step, kept in the checkpoint instead
         if ckpt is not None:
-            self.start = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.stream,
-                                         cfg.seed, rank, world, self.ahead if cfg.rollout_ahead else None)
+            self.start, sampling = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler,
+                                                   self.stream, cfg.seed, rank, world,
+                                                   self.ahead if cfg.rollout_ahead else None)
+            self.saved = self.start
             console.print(f"resumed from {ckpt} at step {self.start}")
+            if cfg.rollout_ahead and self.start and self.ahead.step is None and sampling is None:
+                warn(f"resume: {ckpt.name} kept neither step {self.start + 1}'s rollouts nor the adapter "
+                     f"that samples them (written before popsd kept it): step {self.start + 1} samples "
+                     "on-policy (policy_lag 0), where the straight run's lagged one step")
         if rank == 0:
             record_session(out, self.record, self.start)  # config.json, sessions.jsonl
             # rows and samples logged after the checkpoint go: they are redone
             trim_logs(out, self.start, warn)
+        # the step-0 evaluation is done once: a run resumed from step 0 keeps the row it logged
+        self.evaluated = self.start > 0 or distributed.all_sum([float(self.rank == 0 and any(
+            json.loads(x).get("step") == 0 for x in _lines(out / "metrics.jsonl")))])[0] > 0
         self.tracker = Trackers(cfg.report_to if rank == 0 else "none", out, dataclasses.asdict(cfg),
                                 self.start)
         self.eos, self.pad_id = eos_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id
@@ -235,8 +291,13 @@ class Session:
                                     world, warn)
         self.ahead.abort = getattr(self.sampler, "abort", None)
         self.stop, self.stalls = StopRequest(), 0
-        # the engine samples from this run's adapter (resumed: the checkpoint's)
-        self.sampler.sync(self.model, self.start)
+        self.catch_up = None
+        if sampling is not None:  # the first step samples with the adapter one step older, as straight
+            step, folder = sampling
+            self.sampler.publish(step, lambda into: shutil.copytree(folder, into))
+            self.catch_up = self.start  # then, before the next step's are sampled ahead: the checkpoint's
+        else:  # the engine samples from this run's adapter (resumed: the checkpoint's)
+            self.sampler.sync(self.model, self.start)
 
     def print_table(self, bad: int, too_long: int):
         """The start-up table: the fields set away from the defaults, the sizes derived from them, and what
@@ -261,7 +322,7 @@ class Session:
     def steps(self):
         """(step, this rank's share of the step's prompts) for every step still to run; before the first step
         of a fresh run, the evaluation of the initial policy (step 0)."""
-        if self.benches and self.start == 0:
+        if self.benches and not self.evaluated:
             self.write({"step": 0, **self.evaluate(0)})
         self.t_run = time.time()
         for step in range(self.start + 1, self.cfg.steps + 1):
@@ -301,9 +362,13 @@ class Session:
         trackers, the step line, the warnings, the samples; a guard's stop comes after the row is logged."""
         cfg, step = self.cfg, row["step"]
         row |= {"time_sample": self.t_sample, "time_step": time.time() - self.t0}
-        self.stalls, warned, stop_why = guards.health(row, self.stalls, self.vocab, cfg)
+        self.stalls, warned, stop_why = guards.health(row, self.stalls, self.vocab, cfg, self.saved)
         if self.benches and (step % cfg.eval_every == 0 or step == cfg.steps):
-            row |= self.evaluate(step)
+            try:
+                row |= self.evaluate(step)
+            except PopsdError as e:  # a full disk as its files were written: the step kept if there is room
+                self.write(row)  # its training is logged (its evaluation is not)
+                raise PopsdError(f"{e}; {self.keep(step, rollout)}") from None
         self.write(row)
         pace = (time.time() - self.t_run) / (step - self.start)  # seconds per step, this process so far
         console.print(step_line(row, cfg.steps, pace), soft_wrap=True)
@@ -322,22 +387,52 @@ class Session:
         if (self.cfg.save_every and step % self.cfg.save_every == 0) or step == self.cfg.steps or stopping:
             body, head_weight = model_parts(self.model)
             guards.check_outputs(self.model, body, head_weight, rollout, self.pad_id, step)
-            self.checkpoint(step)
+            self.checkpoint(step, stopping)
         if stopping:
             console.print(
                 f"[yellow]checkpoint saved at step {step} in {self.out}; resume with resume=true[/]")
             sys.exit(128 + (self.stop.signum or signal.SIGTERM))
 
-    def checkpoint(self, step: int):
-        """A checkpoint after `step`, with the next step's rollouts if they were sampled ahead (waited for:
-        a resume trains on exactly them)."""
-        if self.ahead.in_flight:
-            console.print(f"[dim]waiting for step {step + 1}'s rollouts (sampled ahead) to keep them with "
-                          "the checkpoint[/]")
-        ahead = self.ahead.wait(step + 1)
+    def keep(self, step: int, rollout: Rollout | None = None) -> str:
+        """After a failure at `step` (a full disk, say): a checkpoint of the step if there is room, else the
+        newest one stays; what was kept, in words."""
+        try:
+            if rollout is not None:
+                body, head_weight = model_parts(self.model)
+                guards.check_outputs(self.model, body, head_weight, rollout, self.pad_id, step)
+            self.checkpoint(step, stopping=True)
+            return f"checkpoint saved at step {step}: resume=true continues from it"
+        except (PopsdError, OSError) as e:
+            kept = f"step {self.saved}" if self.saved is not None else "none yet"
+            return f"no checkpoint of step {step} ({str(e).split(':')[0]}); the newest kept: {kept}"
+
+    def checkpoint(self, step: int, stopping: bool = False):
+        """A checkpoint after `step`. With rollout_ahead=1, with the next step's rollouts if they were sampled
+        ahead (waited for: a resume trains on exactly them); on a stop they are aborted, and if they failed or
+        never were (the last step), the checkpoint keeps the adapter that samples them instead (the one after
+        step − 1): a resume samples them as the straight run did. A failure of theirs is raised after the
+        checkpoint is saved."""
+        ahead = failed = None
+        if self.ahead.step == step + 1:
+            if stopping:
+                self.ahead.stop("the run is stopping")
+            elif self.ahead.in_flight:
+                console.print(f"[dim]waiting for step {step + 1}'s rollouts (sampled ahead) to keep them "
+                              "with the checkpoint[/]")
+            try:
+                ahead = self.ahead.wait(step + 1)
+            except Exception as e:  # failed, or stopped: the checkpoint keeps what samples them instead
+                failed = None if stopping else e
+        sampling = None
+        if self.cfg.rollout_ahead and ahead is None and step >= 1 and self.rank == 0:
+            folder = self.sampler.adapter_folder(step - 1)
+            sampling = (step - 1, folder) if folder is not None else None
         save_checkpoint(self.out, step, self.model, self.optimizer, self.scheduler, self.stream,
                         self.cfg.keep_checkpoints, self.rank, self.record,
-                        None if ahead is None else ahead.state())
+                        None if ahead is None else ahead.state(), sampling)
+        self.saved = step
+        if failed is not None:
+            raise failed
 
     def finish(self):
         """The trained adapter (PEFT format, with the tokenizer and the prompt settings) and the run's
@@ -346,6 +441,8 @@ class Session:
         check_finite(weights)
         if self.rank == 0:
             save_final_adapter(self.out, self.model, self.tokenizer, weights, self.record)
+            # the run folder's plots.png is the run's own (checkpoints.RUN_FILES), from this popsd or another
+            (self.out / "plots.png").unlink(missing_ok=True)
             plots.plot_runs([self.out], self.out / "plots.png")
 
     def close(self):
@@ -395,15 +492,25 @@ class _Sampling:
         run.t_sample = time.time() - run.t0
         if kind is SamplingStopped:  # the step is dropped: the run stands where it stood before it
             go_back(run.stream, run.before)
-            run.checkpoint(self.step - 1)
+            run.checkpoint(self.step - 1, stopping=True)
             console.print(f"[yellow]stopped while sampling step {self.step} ({self.sampled} of its "
                           f"{self.sequences} sequences sampled): checkpoint saved at step {self.step - 1} in "
                           f"{run.out}; resume with resume=true[/]")
             sys.exit(128 + (run.stop.signum or signal.SIGTERM))
         if kind is RuntimeError and "probability tensor contains" in str(error):
             raise PopsdError(f"step {self.step}: the student's next-token probabilities are not finite: the "
-                             "run diverged; lower lr or max_grad_norm and resume from the last checkpoint"
-                             ) from None
+                             "run diverged; lower lr or max_grad_norm and resume from "
+                             + (f"the last checkpoint (step {run.saved})" if run.saved is not None else
+                                "the start (no checkpoint was saved)")) from None
+        if kind is not None and issubclass(kind, (PopsdError, OSError, RuntimeError)) and \
+                run.saved != self.step - 1:
+            # the step's sampling failed (servers gone, ...): the steps trained so far are kept
+            go_back(run.stream, run.before)
+            kept = run.keep(self.step - 1)
+            raise PopsdError(f"step {self.step} could not be sampled: {error}; {kept}") from error
+        if kind is None and run.catch_up is not None:  # resumed: the engine now gets the checkpoint's
+            run.sampler.sync(run.model, run.catch_up)  # adapter, before the next step's are sampled ahead
+            run.catch_up = None
         if run.device.type == "cuda":
             torch.cuda.empty_cache()  # give the KV cache's blocks back before the scoring passes
         return False

@@ -51,8 +51,8 @@ def main(model_dir: str, out_dir: str, steps: int, *overrides):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: session.lr_factor(s, cfg))
     stream, start, out = DataStream(len(contexts), cfg.seed), 0, Path(out_dir)
     if cfg.resume:
-        start = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out), model, optimizer, scheduler,
-                                            stream, cfg.seed, rank, world)
+        start, _ = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out), model, optimizer,
+                                               scheduler, stream, cfg.seed, rank, world)
     for step in range(start + 1, steps + 1):
         full = fixed_rollout(contexts, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, step)
         row = popsd.update(model, body, head, full.select(slice(rank, None, world)), cfg,
