@@ -1,29 +1,34 @@
-"""compare.py: base vs OPSD vs Purified in a toy world (worlds/), both reference formats, several seeds; and
-each world's base: its gates, its pre-training, its data files.
+"""compare.py: base vs OPSD vs Purified in a toy world (worlds/), both reference formats, several seeds, and
+every student against the base at its best sampling temperature; and each world's base: its gates, its
+pre-training, its data files.
 
-    python compare.py                                   # toyworld: docs/toyworld.md's table, figure (6 min)
-    python compare.py --world carryworld                # the second world, docs/carryworld.md (13 min)
-    python compare.py --world toyworld,carryworld       # both worlds' default comparisons (19 min)
+    python compare.py                                   # toyworld: docs/toyworld.md's tables, figure (6 min)
+    python compare.py --world carryworld                # the second world, docs/carryworld.md (14-17 min)
+    python compare.py --world toyworld,carryworld       # both worlds' default comparisons (19-23 min)
     python compare.py gates --world carryworld          # a shipped base's gates, measured (~1 min)
     python compare.py pretrain --world carryworld --out runs/carry_base   # pre-train a base from scratch
                                                         # (--replace: over the shipped one; docs: how long)
     python compare.py data --world carryworld           # a world's train.jsonl and test.jsonl, remade
                                                         # (--replace: over files that differ)
 
-The paper's ablations, after the default comparison (18 more runs, 21 min; world one's with the supports: 17
-min):
+The paper's ablations, after the default comparison (18 more runs, 21 min on 2026-12-03's machine; world one's
+with the supports: 17 min):
     python compare.py --world carryworld --formats sketch --grid one-at-a-time --clip 5,20,none --beta 0.5,2 \
         --opsd-fkl
-Minutes measured on this project's 2-core Xeon (2026-12-03; docs/toyworld.md and docs/carryworld.md).
+Minutes measured on this project's 2-core machines (docs/toyworld.md and docs/carryworld.md name each).
 
 Each run is `python popsd.py --recipe <the world's recipe>` with only the method, the reference format and the
 seed set (and the same overrides for all), `--workers` side by side with one torch thread each; a finished run
-is reused when its config, the base's weights, the data files, the code and the library versions are all the
+is reused when its config, the base's files, the data files, the code and the library versions are all the
 same (run_key), and a run redone says what changed. The base row is each seed's step-0 evaluation (the same in
 every run of that seed: checked). Per evaluated step the world metrics come from the held-out evaluation, the
 Δ diagnostics from the training steps since the previous evaluation. Each trained student is also measured
-with "wait" forbidden, and the hypotheses of docs/carryworld.md are judged by their decision rule. Writes
-summary.json, summary.md (the table) and summary.png, and prints the table and the verdicts.
+with "wait" forbidden; measure.py then sweeps the sampling temperature (--temperatures: the base per seed
+and every final student, the base's best temperature picked on held-out rows no run scores) and writes the
+per-role tables (roles.md); the hypotheses of docs/carryworld.md and the rule of learning beyond sharpening
+(docs/toyworld.md) are judged. Every measurement is kept beside what it measured: a rerun measures nothing
+again. Writes summary.json, summary.md (the tables), summary.png and roles.md, and prints the tables and the
+verdicts.
 """
 import dataclasses
 import hashlib
@@ -70,9 +75,18 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def base_sha(world) -> str:
+def as_runs_see(path: str) -> Path:
+    """A path as a run reads it: the runs start in the repository (cwd=ROOT), not in the caller's folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def base_sha(model: str) -> str | None:
+    """The fingerprint of the base a run trains on (its config's model, as the run resolves it: every file
+    from_pretrained reads), None for a hub id not on this machine."""
     from plumbing.models import base_fingerprint
-    return base_fingerprint(str(world.BASE))
+    local = as_runs_see(model)
+    return base_fingerprint(str(local) if local.exists() else model)
 
 
 SOURCE_SKIP = ("tests", "bench", "docs", "data", "runs")  # not code a run executes (data is keyed by content)
@@ -102,12 +116,11 @@ def run_key(world, overrides: list[str]) -> dict:
     base's weights and of the data files it trains and is evaluated on, of the code, and the library
     versions."""
     from plumbing.config import make_config
-    from plumbing.data import resolve_local
     cfg = make_config(world.RECIPE, overrides)
-    files = [cfg.data, *cfg.eval_bench.split(",")]
+    files = [f.strip() for f in (cfg.data, *cfg.eval_bench.split(",")) if f.strip()]
     return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"},
-            "base": base_sha(world),
-            "data": {f: sha256(resolve_local(f)) for f in files if resolve_local(f) is not None},
+            "base": base_sha(cfg.model),
+            "data": {f: sha256(as_runs_see(f)) for f in files if as_runs_see(f).is_file()},
             "code": sources_sha(), "versions": versions()}
 
 
@@ -779,6 +792,10 @@ def planned_jobs(world, out: Path, formats, seeds, clips, betas, workers, gate_s
         given = ",".join(f"{t:g}" for t in temperatures)
         raise ValueError(f"--temperatures {given}: numbers > 0 that include the runs' own evaluation "
                          f"temperature ({own:g}), which the sweep takes from the runs")
+    known = list(world.references(common.held_out(world, 1)[0]))
+    if not formats or any(f not in known for f in formats):
+        raise ValueError(f"--formats {','.join(formats)}: {world.NAME}'s reference formats are "
+                         f"{', '.join(known)}")
     if workers < 1 or seeds < 1 or gate_samples < 1:
         raise ValueError(f"--workers, --seeds and --gate-samples must be at least 1 (got {workers}, {seeds}, "
                          f"{gate_samples})")
@@ -866,6 +883,7 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     (out / "summary.md").write_text(markdown_table(results)
                                     + sweep_markdown(swept, summary["beyond_sharpening"]))
     (out / "roles.md").write_text(measure.roles_markdown(roles))
+    (out / "summary.png").unlink(missing_ok=True)  # the comparison's own (its marker lists it)
     plots.plot_compare(summary, out / "summary.png")
     if any(setting_of(m) not in (None, (10.0, 1.0)) for methods in results.values() for m in methods):
         # every method and setting, with supports
@@ -873,10 +891,12 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
         for name in ABLATIONS:
             series = ablation_series(results, name)
             if series:
+                (out / f"ablation_{name}.png").unlink(missing_ok=True)  # the comparison's own
                 plots.plot_ablation(series, "c (soft clip)" if name == "clip" else "β",
                                     f"{world.NAME}: Purified's {name} ablation", out / f"ablation_{name}.png")
     if any(support_series(results).values()):
         (out / "ablation.md").write_text(ablation_markdown(results))
+        (out / "supports.png").unlink(missing_ok=True)
         plots.plot_ablation(support_series(results), "loss support",
                             f"{world.NAME}: OPSD and Purified on each loss support (sampled and full_rkl: "
                             "reverse KL)", out / "supports.png")
@@ -997,6 +1017,7 @@ def main(argv: list[str]):
                                  "Pre-train into a new folder with --out DIR (then train on it with "
                                  "model=DIR), or pass --replace to overwrite it")
             _, _, log = world.pretrain(out, seed=args.seed, **pretrain_settings(world, args.settings))
+            (out / "pretrain.png").unlink(missing_ok=True)  # the base's, replaced with it
             plots.plot_pretrain(log, [(name, t) for name, _, t in world.GATES if t <= 1],
                                 out / "pretrain.png")
             tok, model = common.load_base(world, out)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -34,9 +35,9 @@ from engines import request_seed
 from engines.client import VLLM_FIELDS, Server
 from engines.graph import GraphSampler, plan as graph_plan
 from engines.hf import HFSampler
-from plumbing.adapters import (base_model_of, load_for_eval, load_tokenizer, run_sampling, run_settings,
-                               swap_adapter)
-from plumbing.checkpoints import MARKER, check_out_dir
+from plumbing.adapters import (base_model_of, check_adapter_base, load_for_eval, load_tokenizer, run_config,
+                               run_sampling, run_settings, swap_adapter)
+from plumbing.checkpoints import MARKER, check_out_dir, disk_full, replace_folder
 from plumbing.data import PopsdError, read_rows, resolve_local
 from plumbing.distributed import gather
 from plumbing.grading import grade, pass_at_k
@@ -206,12 +207,23 @@ def check_eval_out(out: Path, reads: list[Path]):
 
 
 def write_results(out: Path, metrics: dict, records: dict, settings: dict):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / EVAL_MARKER).write_text(json.dumps({"popsd": "evaluation"}) + "\n")
-    (out / "summary.json").write_text(json.dumps({"settings": settings, "results": metrics}, indent=2) + "\n")
-    with (out / "samples.jsonl").open("w") as f:
-        for recs in records.values():
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+    """out/: summary.json, samples.jsonl and the evaluation's marker, written into out.tmp and renamed (as a
+    checkpoint is): an interruption or a full disk leaves the folder whole or as it was, never half-written;
+    a full disk is one clear error. Files of someone else's in out stay (eval.py --out checked the folder)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(out, tmp) if out.is_dir() else tmp.mkdir(parents=True)
+        (tmp / EVAL_MARKER).write_text(json.dumps({"popsd": "evaluation"}) + "\n")
+        (tmp / "summary.json").write_text(json.dumps({"settings": settings, "results": metrics}, indent=2)
+                                          + "\n")
+        with (tmp / "samples.jsonl").open("w") as f:
+            for recs in records.values():
+                f.writelines(json.dumps(r) + "\n" for r in recs)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full(e, out.parent, f"the evaluation's files ({out.name})") or e
+    replace_folder(tmp, out)
 
 
 def results_table(metrics: dict, title: str = "eval") -> Table:
@@ -378,7 +390,7 @@ def checkpoint_folders(adapter: str | None) -> list[Path]:
 
 
 NOT_SETTINGS = ("seconds", "generation_batch", "out", "left_to_the_server", "max_new_tokens_run",
-                "concurrency",
+                "concurrency", "sources", "other_base",
                 # recorded, not compared: how long, how it ran (what a server did not take, the
                 "server_timeout", "threads")
 # budget cut to the model's positions, how many requests at once, how long one may stay silent), where
@@ -445,6 +457,40 @@ def sweep(model, tokenizer, folders: list[Path], benches: dict, out: Path, setti
     return summary
 
 
+# each flag eval.py takes from the adapter's training run when left out: its config.json key (or the value
+# the run's own evaluations used), and the default with no run
+EVAL_DEFAULTS = {"bench": "aime24,aime25,hmmt25", "question_field": "problem", "answer_field": "answer",
+                 "n": 12, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_new_tokens": 32768, "limit": 0,
+                 "dtype": "bf16", "seed": 0, "grader": "math"}
+FROM_RUN = {"bench": "eval_bench", "n": "eval_n", "temperature": "eval_temperature", "top_p": "eval_top_p",
+            "max_new_tokens": "eval_max_new_tokens", "limit": "eval_limit", "dtype": "dtype", "seed": "seed",
+            "grader": "eval_grader"}
+
+
+def fill_from_run(args) -> dict:
+    """Every flag the user left out, from the adapter's training run (its config.json: what its own
+    evaluations ran with; top-k 0, as they sample) when there is one, else from EVAL_DEFAULTS. Returns
+    {flag: where its value came from}, which the screen and the record show."""
+    folders = checkpoint_folders(args.adapter)
+    run = run_config(folders[0] if folders else args.adapter)
+    sources = {}
+    for key, default in EVAL_DEFAULTS.items():
+        if getattr(args, key) is not None:
+            sources[key] = "flag"
+            continue
+        value = None
+        if run:
+            if key in ("question_field", "answer_field") and "eval_fields" in run:
+                value = run["eval_fields"].split(",")[0 if key == "question_field" else 1].strip()
+            elif key == "top_k":
+                value = 0  # in-training evaluations sample with top-k off
+            elif FROM_RUN.get(key) in run:
+                value = run[FROM_RUN[key]]
+        setattr(args, key, default if value is None else value)
+        sources[key] = "default" if value is None else "the run's config.json"
+    return sources
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -452,16 +498,18 @@ def parse_args(argv):
     p.add_argument("--adapter",
                    help="PEFT adapter folder (a run's adapter/ or checkpoints/step_N/), or a run's\n"
                                      "checkpoints/ folder: every checkpoint in step order, resumable")
-    p.add_argument("--bench", default="aime24,aime25,hmmt25",
-                   help=f"comma-separated: {', '.join(BENCHMARKS)} or local .jsonl/.json/.parquet files")
-    p.add_argument("--question-field", default="problem", help="question field of local benchmark files")
-    p.add_argument("--answer-field", default="answer", help="gold answer field of local benchmark files")
-    p.add_argument("--n", type=int, default=12, help="samples per question (avg@n, pass@1, pass@n)")
-    p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--max-new-tokens", type=int, default=32768)
-    p.add_argument("--limit", type=int, default=0, help="first K questions per benchmark (0: all)")
+    p.add_argument("--bench", help=f"comma-separated: {', '.join(BENCHMARKS)} or local .jsonl/.json/.parquet "
+                   "files\n(each of these flags, left out, comes from the adapter's training run when it has "
+                   "one,\nas its own evaluations ran; else from the defaults: " + ", ".join(
+                       f"{k.replace('_', '-')} {v}" for k, v in EVAL_DEFAULTS.items()) + ")")
+    p.add_argument("--question-field", help="question field of local benchmark files")
+    p.add_argument("--answer-field", help="gold answer field of local benchmark files")
+    p.add_argument("--n", type=int, help="samples per question (avg@n, pass@1, pass@n)")
+    p.add_argument("--temperature", type=float, help="0: greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, help="0: off")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--limit", type=int, help="first K questions per benchmark (0: all)")
     p.add_argument("--template",
                    help="the prompt, with {question} (default: the adapter's saved prompt settings,\n"
                                       "the run's, or the model folder's popsd_prompts.json; else popsd's "
@@ -482,14 +530,17 @@ def parse_args(argv):
                         "(off)\n(default: the training run's graph_keep_rows, else on)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (0: torch's default; default: the training run's)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp32"))
     p.add_argument("--load-in-4bit", action="store_true", help="nf4 weights (bitsandbytes)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--grader", choices=("math", *worlds.NAMES), default="math",
+    p.add_argument("--grader", choices=("math", *worlds.NAMES),
                    help="math: math-verify on the last \\boxed{}; a world's name (worlds/): its exact "
                         "checker")
+    p.add_argument("--other-base", action="store_true",
+                   help="evaluate the adapter on a base other than the one it was trained from (its\n"
+                        "popsd_base.json); refused without this flag, and the record says it was given")
     p.add_argument("--out", help="folder for summary.json and samples.jsonl (default: runs/eval/<what is "
                                  "evaluated>);\none holding an evaluation with the same settings is read "
                                  "back, with others refused")
@@ -502,6 +553,7 @@ def parse_args(argv):
                    help="seconds the server may leave a connection, /v1/models or /health unanswered (a "
                         "completion\nmay take longer: /health is probed meanwhile), with --server")
     args = p.parse_args(argv)
+    args.sources = fill_from_run(args)
     if args.server and not args.served_model:
         p.error("--server needs --served-model (the name the server lists at /v1/models)")
     for key in ("n", "max_new_tokens"):
@@ -525,7 +577,7 @@ def merge_main(argv: list[str]):
     p = argparse.ArgumentParser(prog="eval.py merge", description=merge_main.__doc__)
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp32"))
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -534,6 +586,24 @@ def merge_main(argv: list[str]):
     except PopsdError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
+
+
+def show_settings(args, engine: str, keep_rows: bool, threads: int, sampling: dict):
+    """The sampling settings the evaluation runs with, each with where it came from."""
+    table = Table(title="sampling settings", box=None, show_header=False)
+    rows = [(k, getattr(args, k), args.sources[k]) for k in ("bench", "limit", "n", "temperature", "top_p",
+                                                              "top_k", "max_new_tokens", "dtype", "seed",
+                                                              "grader")]
+    run = "the run's config.json"
+    rows += [("engine", engine, "flag" if args.engine else run if "rollout_engine" in sampling
+              else "default"),
+             ("graph_keep_rows", keep_rows, "flag" if args.graph_keep_rows else run
+              if "graph_keep_rows" in sampling else "default"),
+             ("threads", threads, "flag" if args.threads is not None else run if "threads" in sampling
+              else "default")]
+    for key, value, source in rows:
+        table.add_row(key.replace("_", "-"), str(value), f"({source})")
+    console.print(table)
 
 
 def main(argv: list[str]):
@@ -567,12 +637,16 @@ def main(argv: list[str]):
             raise PopsdError(f"--template {template!r} has no {{question}} field")
         out = Path(args.out or default_out(args, benches))
         check_eval_out(out, [Path(p) for p in (model_path, first, *specs) if p and Path(p).exists()])
+        model_sha = base_fingerprint(model_path, console.print)
+        base_check = check_adapter_base(first, model_path, model_sha, args.other_base,
+                                        lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
         settings = vars(args) | {"model": model_path, "thinking": thinking,
                                  "questions_sha": fingerprint(benches), "engine": engine,
                                  "graph_keep_rows": keep_rows, "threads": threads,
                                  "adapter_sha": adapter_sha(first),  # and the base's: a base replaced in its
                                  # folder is another
-                                 "model_sha256": base_fingerprint(model_path, console.print)}
+                                 "model_sha256": model_sha, "base_check": base_check}
+        show_settings(args, engine, keep_rows, threads, sampling)
         if not folders and (saved := saved_results(out, settings)) is not None:
             console.print(results_table(saved,
                                         f"{model_path}" + (f" + {args.adapter}" if args.adapter else "")))

@@ -39,7 +39,7 @@ import eval as E
 import loss
 import popsd
 from engines import make_sampler, request_seed
-from plumbing.adapters import base_model_of, run_settings, swap_adapter
+from plumbing.adapters import base_model_of, check_adapter_base, run_settings, swap_adapter
 from plumbing.checkpoints import MARKER, folder_kind
 from plumbing.config import FIELDS, Config, current_names, make_config, set_field, validate, validated
 from plumbing.data import PopsdError, model_load_error, read_rows, resolve_local
@@ -194,7 +194,9 @@ def score(model, rollout, cfg: Config, pad_id: int, topk: int, chunk_mb: int) ->
     rows = max(1, (chunk_mb << 20) // (12 * v * 4))  # about twelve [C, V] float32 tensors at a time
     per = {k: [] for k in ("delta_ref", "delta_it", "delta_total", "loss_purified", "loss_opsd")}
     top = {k: [] for k in DISTRIBUTIONS}
-    options = dict(kind=cfg.divergence, jsd_mix=cfg.jsd_mix, temperature=tau, term_clamp=cfg.term_clamp)
+    # each method's per-token loss as the run computes it: on its support (full, top-k, the sampled token)
+    options = dict(kind=cfg.divergence, jsd_mix=cfg.jsd_mix, temperature=tau, term_clamp=cfg.term_clamp,
+                   support=cfg.support, topk=cfg.topk, topk_tail=cfg.topk_tail)
     for i in range(0, len(tokens), rows):
         sl = slice(i, i + rows)
         y = tokens[sl].to(w.device)[:, None]  # [C, 1]
@@ -207,8 +209,10 @@ def score(model, rollout, cfg: Config, pad_id: int, topk: int, chunk_mb: int) ->
         purified = loss.purified_target(logits["teacher"], logits["refonly"], logits["base"], beta=cfg.beta,
                                      pmi_clip=cfg.pmi_clip, temperature=tau)  # [C, V] log P
         opsd = loss.opsd_target(logits["teacher"], temperature=tau)  # [C, V] log π_T
-        per["loss_purified"].append(loss.divergence(logits["student"], purified, **options))  # [C]
-        per["loss_opsd"].append(loss.divergence(logits["student"], opsd, **options))  # [C]
+        per["loss_purified"].append(loss.per_token_loss(logits["student"], purified, tokens=y[:, 0],
+                                                        **options))  # [C]
+        per["loss_opsd"].append(loss.per_token_loss(logits["student"], opsd, tokens=y[:, 0],
+                                                    **options))  # [C]
         for k, x in (*logp.items(), ("purified", purified), ("opsd", opsd)):
             p, ids = x.exp().topk(min(topk, v), dim=-1)  # [C, k]
             top[k].append((ids.cpu(), p.cpu()))
@@ -242,7 +246,8 @@ def by_kind(records: list[dict]) -> dict:
     return out
 
 
-def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, device_name: str) -> dict:
+def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, device_name: str,
+            other_base: bool = False) -> dict:
     """Sample k completions from the student, score them in the four contexts: the page's numbers."""
     cfg = target.cfg
     device = pick_device(device_name if device_name != "run" else cfg.device)
@@ -251,6 +256,10 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
     rows = questions(cfg, bench, k)
     local = resolve_local(target.base)
     path = str(local.resolve()) if local is not None else target.base
+    base_sha = base_fingerprint(path)
+    # an adapter is explained on the base it was trained from, unless --other-base
+    base_check = check_adapter_base(str(target.adapter) if target.adapter else None, path, base_sha,
+                                    other_base, lambda m: console.print(f"[yellow]{m}[/]", soft_wrap=True))
     if target.adapter is not None:  # the adapter's own rank and targets, on the base it names
         adapter_config = json.loads((target.adapter / "adapter_config.json").read_text())
         cfg = dataclasses.replace(cfg, lora_r=int(adapter_config["r"]),
@@ -290,12 +299,14 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
     vocab = {int(t): tokenizer.decode([int(t)])
              for r in records for dist in r["top"].values() for row in dist for t, _ in row}
     settings = {"explained": target.label, "adapter": str(target.adapter) if target.adapter else None,
-                "base": target.base, "base_sha256": base_fingerprint(path),
+                "base": target.base, "base_sha256": base_sha,
                 "trained_with": cfg.method if target.adapter is not None else None,
                 "reference_field": cfg.reference_field, "samples": len(records), "seed": seed, "topk": topk,
                 "temperature": cfg.temperature, "loss_temperature": cfg.loss_temperature or cfg.temperature,
                 "beta": cfg.beta, "pmi_clip": cfg.pmi_clip, "divergence": cfg.divergence,
-                "jsd_mix": cfg.jsd_mix, "term_clamp": cfg.term_clamp, "teacher": cfg.teacher}
+                "jsd_mix": cfg.jsd_mix, "term_clamp": cfg.term_clamp, "teacher": cfg.teacher,
+                "support": cfg.support, "support_topk": cfg.topk, "topk_tail": cfg.topk_tail,
+                "base_check": base_check}
     return {"settings": settings, "vocab": vocab, "by_kind": by_kind(records), "completions": records}
 
 
@@ -454,6 +465,9 @@ def main(argv: list[str]):
     p.add_argument("--out", help="folder for explain.html and explain.json (default:\n"
                                  "<run>/explain/<adapter>, or runs/explain/<name>)")
     p.add_argument("--quiet", action="store_true", help="no terminal view")
+    p.add_argument("--other-base", action="store_true",
+                   help="explain an adapter on a base other than the one it was trained from (its\n"
+                        "popsd_base.json); refused without this flag, and explain.json says it was given")
     p.add_argument("overrides", nargs="*", help="key=value over the run's (or recipe's) settings, e.g.\n"
                                                 "reference_field=sketch")
     args = p.parse_intermixed_args(argv)  # key=value before or after the options
@@ -473,7 +487,7 @@ def main(argv: list[str]):
         default = target.run / "explain" / target.adapter.name if target.run else Path("runs/explain") / name
         out = Path(args.out) if args.out else default
         check_out(out)
-        result = explain(target, args.bench, args.samples, args.seed, args.topk, args.device)
+        result = explain(target, args.bench, args.samples, args.seed, args.topk, args.device, args.other_base)
     except PopsdError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

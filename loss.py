@@ -161,6 +161,20 @@ def check_options(method, kind, support, term_clamp, tokens):
                          f"kind={kind!r}, term_clamp={term_clamp!r}, tokens {given})")
 
 
+def per_token_loss(student_logits, target_logp, *, kind="jsd", jsd_mix=0.5, temperature=1.0, term_clamp=None,
+                   support="full", topk=100, topk_tail=False, tokens=None):
+    """[N] the loss at each token on the chosen support: D(P ‖ π_θ) over the full vocabulary, over the
+    target's top-k (support_logp), or the sampled token's −A_t·log π_θ(ŷ_t) (sampled_loss)."""
+    if support == "full":
+        return divergence(student_logits, target_logp, kind=kind, jsd_mix=jsd_mix, temperature=temperature,
+                          term_clamp=term_clamp)  # [N]
+    student_logp = _logp(student_logits, temperature)  # [N, V]
+    if support == "topk":
+        s_k, t_k = support_logp(student_logp, target_logp, k=topk, tail=topk_tail)  # [N, k(+1)] each
+        return divergence(s_k, t_k, kind=kind, jsd_mix=jsd_mix, term_clamp=term_clamp)  # [N]
+    return sampled_loss(student_logp, target_logp, tokens)  # [N]
+
+
 def reference_loss(h_student, h_teacher, h_refonly, h_base, head_weight, *, method="purified",
                    kind="jsd", jsd_mix=0.5, beta=1.0, pmi_clip=10.0, temperature=1.0, term_clamp=None,
                    tokens=None, support="full", topk=100, topk_tail=False):
@@ -188,16 +202,9 @@ def reference_loss(h_student, h_teacher, h_refonly, h_base, head_weight, *, meth
                                      temperature=temperature)  # [N, V] log P
         else:
             target = opsd_target(teacher, temperature=temperature)  # [N, V] log π_T
-    if support == "full":
-        per_token = divergence(student, target, kind=kind, jsd_mix=jsd_mix,
-                               temperature=temperature, term_clamp=term_clamp)  # [N]
-    elif support == "topk":
-        s_k, t_k = support_logp(_logp(student, temperature), target, k=topk,
-                                tail=topk_tail)  # [N, k(+1)] each
-        per_token = divergence(s_k, t_k, kind=kind, jsd_mix=jsd_mix,
-                               term_clamp=term_clamp)  # [N]
-    else:
-        per_token = sampled_loss(_logp(student, temperature), target, tokens)  # [N]
+    per_token = per_token_loss(student, target, kind=kind, jsd_mix=jsd_mix, temperature=temperature,
+                               term_clamp=term_clamp, support=support, topk=topk, topk_tail=topk_tail,
+                               tokens=tokens)  # [N]
     stats = {"entropy": entropy(student, temperature=temperature)}  # [N]
     if tokens is not None:
         stats["logprob"] = token_logprob(student.detach(), tokens)  # [N]

@@ -41,9 +41,28 @@ def _pyplot():
     return plt
 
 
+MARK = "popsd plots.py"  # in every figure this file writes (a PNG text chunk): what it may write over
+
+
+def ours(path: Path) -> bool:
+    """Whether the file at `path` is a figure this file wrote (its mark), so writing over it loses nothing."""
+    try:
+        from PIL import Image
+        with Image.open(path) as image:
+            return image.info.get("Software") == MARK
+    except Exception:  # not a PNG, unreadable: someone else's
+        return False
+
+
 def save(plt, fig, out: Path, rect=(0, 0, 1, 1)) -> Path:
+    """The figure as a PNG carrying MARK; a file there that this file did not write is never written over
+    (FileExistsError)."""
+    if out.exists() and not ours(out):
+        plt.close(fig)
+        raise FileExistsError(f"{out} exists and plots.py did not write it: not written over; give --out "
+                              "another file")
     fig.tight_layout(rect=rect)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, metadata={"Software": MARK})
     plt.close(fig)
     return out
 
@@ -311,7 +330,7 @@ def main(argv: list[str]):
                    help="PNG to write (default: plots.png in the run folder; for several runs, plots.png "
                                  "in the folder that holds them all)")
     args = p.parse_args(argv)
-    runs = [Path(r) for r in args.runs]
+    runs = list({Path(r).resolve(): Path(r) for r in args.runs}.values())  # a run named twice is one run
     out = Path(args.out) if args.out else None
     if out is not None and (out.suffix.lower() != ".png" or not out.parent.is_dir() or out.is_dir()):
         p.error(f"--out {out}: a .png file in a folder that exists" + ("" if out.parent.is_dir() else
@@ -324,8 +343,11 @@ def main(argv: list[str]):
                 print(plot_compare(summary, out or runs[0] / "summary.png"))
                 return
         shared = Path(os.path.commonpath([str(r.resolve()) for r in runs]))
+        if out is None and len(runs) > 1 and (shared / "metrics.jsonl").exists():  # a run's own plots.png
+            raise FileExistsError(f"the runs share the folder of the run {shared}, whose plots.png is its "
+                                  "own: give --out for their figure")
         print(plot_runs(runs, out or (runs[0] if len(runs) == 1 else shared) / "plots.png"))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from plumbing.checkpoints import PROMPTS_FILE, PROMPT_KEYS
+from plumbing.checkpoints import BASE_FILE, PROMPTS_FILE, PROMPT_KEYS
 from plumbing.data import PopsdError, model_load_error, resolve_local
-from plumbing.models import quantization_config
+from plumbing.models import FINGERPRINT, quantization_config, same_base
 
 
 def run_settings(adapter: str | None, model_path: str | None = None) -> dict:
@@ -38,19 +38,37 @@ def run_settings(adapter: str | None, model_path: str | None = None) -> dict:
 
 SAMPLING_KEYS = ("rollout_engine", "graph_keep_rows", "gen_batch_size", "threads")
 
-def run_sampling(adapter: str | None) -> dict:
-    """How the training run above an adapter sampled (its config.json: engine, graph_keep_rows, batch,
-    threads): eval.py samples the same way by default, so checking a result takes what the run's own
-    evaluation took, and gives the run's own evaluation, sample for sample, with the same questions, seed and
-    settings."""
+
+def run_config(adapter: str | None) -> dict:
+    """The config.json of the training run an adapter folder belongs to (the folder itself, or up to three
+    above it: a run's adapter/ or checkpoints/step_N/), {} when there is none."""
     for d in [Path(adapter), *Path(adapter).resolve().parents][:4] if adapter else []:
         try:
             got = json.loads((d / "config.json").read_text())
         except (OSError, ValueError):
             continue
         if isinstance(got, dict) and "rollout_engine" in got:
-            return {k: got[k] for k in SAMPLING_KEYS if k in got}
+            return got
     return {}
+
+
+def run_sampling(adapter: str | None) -> dict:
+    """How the training run above an adapter sampled (its config.json: engine, graph_keep_rows, batch,
+    threads): eval.py samples the same way by default, so checking a result takes what the run's own
+    evaluation took, and gives the run's own evaluation, sample for sample, with the same questions, seed and
+    settings."""
+    got = run_config(adapter)
+    return {k: got[k] for k in SAMPLING_KEYS if k in got}
+
+
+def base_record(adapter: str | None) -> dict:
+    """The base an adapter was trained from, as popsd recorded it next to the adapter (popsd_base.json:
+    model, sha256); {} for an adapter from before the record, or none."""
+    try:
+        got = json.loads((Path(adapter) / BASE_FILE).read_text()) if adapter else {}
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
 
 
 def load_tokenizer(model_path: str, adapter: str | None, trust: bool):
@@ -131,3 +149,22 @@ def swap_adapter(model, path: Path):
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
         raise PopsdError(f"{path}: the adapter does not match the first checkpoint's ({missing[0]} missing)")
+
+
+def check_adapter_base(adapter: str | None, model_path: str, model_sha: str | None, other: bool, warn) -> str:
+    """An adapter runs on the base it was trained from (its popsd_base.json), not on another one or on its own
+    changed in place, unless `other` (--other-base) says to go on, said aloud. What was checked, for the
+    record: "the adapter's own base", "another base (--other-base)", or why there was nothing to check."""
+    record = base_record(adapter)
+    if not adapter or not record.get("sha256"):
+        return "no record of the adapter's base" if adapter else "no adapter"
+    if model_sha and same_base(record["sha256"], model_path, model_sha):
+        return "the adapter's own base"
+    if other:
+        warn(f"--other-base: {model_path} is not the base {adapter} was trained from (by its "
+             "popsd_base.json); going on, as asked")
+        return "another base (--other-base)"
+    raise PopsdError(f"{adapter} was trained from {record.get('model')} (checksum "
+                     f"{record['sha256'].removeprefix(FINGERPRINT)[:12]}…), and {model_path} is another base"
+                     f"{' (or that one, changed since)' if model_sha else ' (not on this machine)'}: use the "
+                     "base the adapter was trained from, or pass --other-base to go on anyway")

@@ -41,6 +41,16 @@ def resolve_local(path: str) -> Path | None:
     return None
 
 
+def unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: an object naming a key twice is an error (json keeps the last, silently)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
 def read_records(source: str, split: str):
     """Yields (row label, dict or JSON error) from a local .jsonl/.json/.parquet file or a hub dataset id."""
     local = resolve_local(source)
@@ -55,14 +65,14 @@ def read_records(source: str, split: str):
                 continue
             if line.strip():
                 try:
-                    yield f"{local} line {i}", json.loads(line)
-                except json.JSONDecodeError as e:
+                    yield f"{local} line {i}", json.loads(line, object_pairs_hook=unique_keys)
+                except ValueError as e:  # not JSON, or a key named twice
                     yield f"{local} line {i}", e
         return
     if local is not None and local.suffix == ".json":
         try:
-            rows = json.loads(local.read_text(encoding="utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            rows = json.loads(local.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
+        except (UnicodeDecodeError, ValueError) as e:
             raise PopsdError(f"data file {local} is not UTF-8 JSON: {e}") from None
         yield from ((f"{local} row {i}", r) for i, r in enumerate(rows if isinstance(rows, list) else [rows]))
         return
@@ -96,10 +106,14 @@ def read_rows(source: str, split: str, fields: tuple[str, ...], skip_bad: bool =
         elif not isinstance(rec, dict):
             problem = "is not an object"
         else:
-            missing = [f for f in fields if not isinstance(rec.get(f), (str, int, float))
-                       or not str(rec[f]).strip()]
+            missing = [f for f in fields if rec.get(f) is None or not str(rec[f]).strip()]
+            # text, or a number written as itself; true, NaN or a list would become Python's "True", "nan"
+            other = [f for f in fields if f not in missing and (
+                isinstance(rec[f], bool) or not isinstance(rec[f], (str, int, float))
+                or (isinstance(rec[f], float) and not math.isfinite(rec[f])))]
             problem = (f"field {missing[0]!r} is missing or empty (fields: {', '.join(rec)})" if missing
-                       else "")
+                       else f"field {other[0]!r} holds {json.dumps(rec[other[0]])[:60]}, not text or a number"
+                       if other else "")
         if problem:
             if not skip_bad:
                 raise PopsdError(f"{label}: {problem}. {advice}")

@@ -12,9 +12,10 @@ the prompt bound, the base's 512 positions less that length (toy.py's 256 would 
 The base's gates (400 held-out questions, docs/carryworld.md): accuracy 0.838, 0.375 with "wait" forbidden,
 84% of first-try errors caught, the teacher with the full reference 0.990.
 Expected time: about 2 min (129 s alone on the 2-core Xeon, 2026-12-03; the comparison's 12 runs, two side
-by side, with its measurements: 13.6 min on a 2-core AMD EPYC, 2026-12-08). Expected result (docs/carryworld.md,
-3 seeds, 2026-12-08): accuracy 0.84 → 0.83 (full) and 0.80 (sketch), markers kept; method=opsd with the sketch:
-0.52, the markers 12.9 → 7.7 per 1k. The base sampled at T = 0.5 scores 0.90, above every trained student.
+by side, with its measurements: 13.6 min on a 2-core AMD EPYC, 2026-12-08). Expected result
+(docs/carryworld.md, 3 seeds, 2026-12-08): accuracy 0.84 → 0.83 (full) and 0.80 (sketch), markers kept;
+method=opsd with the sketch: 0.52, the markers 12.9 → 7.7 per 1k. The base sampled at T = 0.5 scores 0.90,
+above every trained student.
 """
 import runpy as _runpy
 from pathlib import Path as _Path

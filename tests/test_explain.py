@@ -180,3 +180,24 @@ def test_a_checkpoint_step_and_bad_input_are_one_line_each(explained, tmp_path):
         assert done.returncode == 2 and said in text and "Traceback" not in text, (args, text[-1500:])
     # someone's folder: untouched
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["notes.txt"]
+
+
+def test_each_methods_per_token_loss_is_the_runs_own_on_its_support(explained, tmp_path):
+    """With support=sampled a run's per-token loss is −A·log π_θ(ŷ_t), A = log P(ŷ_t) − log π_θ(ŷ_t):
+    explain.py shows that, not the full-vocabulary divergence (before: 0.51 summed where training's was
+    0.20)."""
+    run, _, _ = explained
+    shown = run_main(explain.main, [run, "--samples", "2", "--out", tmp_path / "x", "--quiet",
+                                    "support=sampled", "divergence=reverse_kl"])
+    assert shown.returncode == 0, shown.stdout[-2000:]
+    result = json.loads((tmp_path / "x/explain.json").read_text())
+    assert result["settings"]["support"] == "sampled"
+    checked = 0
+    for r in result["completions"]:
+        for t, y in enumerate(r["ids"]):
+            p = dict((i, q) for i, q in r["top"]["student"][t]).get(y, 0)
+            if p > 0.05:  # the panel's rounded probability is precise enough
+                want = -r["delta_total"][t] * math.log(p)
+                assert r["loss_opsd"][t] == pytest.approx(want, rel=2e-3, abs=1e-4)
+                checked += 1
+    assert checked > 20 and any(x < 0 for r in result["completions"] for x in r["loss_opsd"])  # can be < 0

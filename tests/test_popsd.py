@@ -87,10 +87,13 @@ def test_renamed_keys_keep_working_with_a_note_naming_the_new_key(capsys):
     ("prompts=trl", "'prompts' must be one of"), ("student_template=Solve it", "must contain {question}"),
     ("support=sampled", "'support' is the sampled-token estimator of reverse KL.*divergence=jsd"),
     ("support=top", "'support' must be one of"), ("topk=0", "'topk' must be at least 1"),
+    # a loss identically 0: one renormalised token
+    (["support=topk", "topk=1"], "'topk' must be at least 2 with support=topk and topk_tail=false"),
+    (["eval_every=5", "eval_bench="], "'eval_bench' names no benchmark while eval_every=5"),  # was silent
 ])
 def test_values_that_would_waste_a_run_are_errors(override, message):
     with pytest.raises(PopsdError, match=message):
-        make_config("tiny", [override])
+        make_config("tiny", override if isinstance(override, list) else [override])
 
 
 def test_prompt_presets_fill_the_templates(capsys):
@@ -171,6 +174,21 @@ def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
     with pytest.raises(data.PopsdError,
                        match="line 1: field 'question' is missing or empty \\(fields: problem, solution\\)"):
         data.read_rows(path, "train", ("question", "solution"))
+
+
+def test_a_value_that_is_not_text_or_a_key_named_twice_is_an_error_naming_the_row(tmp_path):
+    """JSON true would become the text "True", NaN "nan"; a key named twice silently kept the last."""
+    (tmp_path / "d.jsonl").write_text('{"problem": "q1", "solution": true}\n')
+    with pytest.raises(data.PopsdError, match="d.jsonl line 1: field 'solution' holds true, not text"):
+        data.read_rows(str(tmp_path / "d.jsonl"), "train", ("problem", "solution"))
+    (tmp_path / "d.jsonl").write_text('{"problem": "q1", "solution": "r", "solution": "s"}\n')
+    with pytest.raises(data.PopsdError, match="d.jsonl line 1: the key 'solution' appears twice"):
+        data.read_rows(str(tmp_path / "d.jsonl"), "train", ("problem", "solution"))
+    (tmp_path / "d.json").write_text('[{"problem": "q1", "problem": "q2", "solution": "r"}]')
+    with pytest.raises(data.PopsdError, match="appears twice"):
+        data.read_rows(str(tmp_path / "d.json"), "train", ("problem", "solution"))
+    (tmp_path / "d.jsonl").write_text('{"problem": "q1", "solution": 42}\n')  # a number is its own text
+    assert data.read_rows(str(tmp_path / "d.jsonl"), "train", ("problem", "solution"))[0] == [("q1", "42")]
 
 
 def test_json_and_parquet_files_load(tmp_path):

@@ -5,8 +5,12 @@ import json
 import os
 import pickle
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -623,9 +627,25 @@ def test_a_base_replaced_in_its_folder_is_noticed_by_resume_and_by_the_eval_cach
     assert again.returncode == 2 and "the base changed since" in again.stdout, again.stdout[-2000:]
     # untouched
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
-    cached = run_main(E.main, ev)
-    assert (cached.returncode == 2 and "other settings" in cached.stdout
-            and "already evaluated" not in cached.stdout)
+    cached = run_main(E.main, ev)  # the adapter on its base changed in place: refused, naming the way on
+    assert (cached.returncode == 2 and "is another base (or that one, changed since)" in cached.stdout
+            and "--other-base" in cached.stdout and "already evaluated" not in cached.stdout)
+    import explain
+    shown = run_main(explain.main, [run, "--samples", "1", "--out", tmp_path / "explained", "--quiet"])
+    assert shown.returncode == 2 and "--other-base" in shown.stdout and not (tmp_path / "explained").exists()
+    shown = run_main(explain.main, [run, "--samples", "1", "--out", tmp_path / "explained", "--quiet",
+                                    "--other-base"])
+    assert shown.returncode == 0, shown.stdout[-2000:]
+    record = json.loads((tmp_path / "explained/explain.json").read_text())["settings"]
+    assert record["base_check"] == "another base (--other-base)"
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})  # the weights back ...
+    original = (base / "tokenizer_config.json").read_bytes()
+    config = json.loads(original)
+    (base / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 77}))  # ... but
+    assert cli(*common, "steps=2", "resume=true").returncode == 2  # its tokenizer changed: another base
+    (base / "tokenizer_config.json").write_bytes(original)
+    (base / "notes.txt").write_text("a note beside the base is no change to it")
+    assert cli(*common, "steps=2", "resume=true").returncode == 0
 
 
 def test_pretraining_never_writes_over_a_base_unless_told():
@@ -874,3 +894,188 @@ def test_eval_py_writes_only_into_its_own_folders_checked_before_any_work(tmp_pa
     mine = tmp_path / "mine"
     assert run_main(E.main, [*common, "--out", mine]).returncode == 0 and (mine / "popsd_eval.json").exists()
     assert "already evaluated" in run_main(E.main, [*common, "--out", mine]).stdout
+
+
+# ---- 8. round four: the lock, the data, resume from any stop, a full disk at an evaluation, the record
+
+def _hold_lock(folder, index, barrier, holders, overlaps, rounds, stale):
+    """One racer: each round, on the barrier, take the lock (or be refused), hold it a moment, release; with
+    stale, racer 0 then leaves a dead run's lock for the next round."""
+    from plumbing.checkpoints import LOCK, RunLock
+    for _ in range(rounds):
+        barrier.wait()
+        try:
+            lock = RunLock(folder, warn=lambda m: None).acquire()
+        except PopsdError:
+            lock = None
+        if lock is not None:
+            with holders.get_lock():
+                holders.value += 1
+                if holders.value > 1:
+                    overlaps.value += 1
+            time.sleep(0.005)
+            with holders.get_lock():
+                holders.value -= 1
+            lock.release()
+        barrier.wait()
+        if stale and index == 0:
+            (folder / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 7,
+                                                   "start": "1", "since": "long ago"}))
+        barrier.wait()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_two_runs_started_at_once_never_both_hold_the_lock(tmp_path, stale):
+    """Two processes released together by a barrier take the run folder's lock, 120 times, on a fresh folder
+    and on a dead run's lock: never both. (Before: the lock was created empty and written a moment later, and
+    a racer that read it in between took it for stale: 2 and 5 overlaps in 100.)"""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    barrier, holders, overlaps = ctx.Barrier(2), ctx.Value("i", 0), ctx.Value("i", 0)
+    procs = [ctx.Process(target=_hold_lock, args=(tmp_path, i, barrier, holders, overlaps, 120, stale))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs) and overlaps.value == 0
+
+
+def test_a_lock_taken_but_not_yet_written_is_not_taken_over(tmp_path):
+    """The moment between a run taking the lock and writing its name in it: another run must be refused, not
+    read the empty file as a dead run's. (Before: it took the lock over.)"""
+    import fcntl
+    lock = tmp_path / checkpoints.LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # taken, its contents not written yet
+    try:
+        with pytest.raises(PopsdError, match="in use by another run"):
+            checkpoints.RunLock(tmp_path, warn=lambda m: None).acquire()
+    finally:
+        os.close(fd)
+    checkpoints.RunLock(tmp_path, warn=lambda m: None).acquire().release()  # released: free
+
+
+def test_a_training_file_changed_between_sessions_is_refused_unless_told(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text((ROOT / "data/toy_math.jsonl").read_text())
+    run = tmp_path / "run"
+    run_tiny(run, "steps=2", f"data={data}")
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-3]))  # three rows fewer
+    before = snapshot(run)
+    with pytest.raises(PopsdError, match=r"training data changed since the run started \(.*train.jsonl: "
+                                         r"\d+ rows → \d+, checksum"):
+        run_tiny(run, "steps=3", f"data={data}", "resume=true")
+    assert snapshot(run) == before  # nothing changed
+    run_tiny(run, "steps=3", f"data={data}", "resume=true", "resume_data_changed=true")
+    sessions = [json.loads(x) for x in (run / "sessions.jsonl").read_text().splitlines()]
+    assert "data_sha256" in sessions[-1]["changed"] and "data_rows" in sessions[-1]["changed"]
+
+
+def test_a_stop_before_the_first_step_resumes_as_the_straight_run(tmp_path):
+    """SIGTERM while step 1 samples: the checkpoint "at step 0" resumes to the straight run, bit for bit, and
+    its step-0 evaluation is not run (nor logged) twice. (Before: AdamW's state was initialised by a zero-lr
+    step as the checkpoint was saved, so the resumed optimizer counted a step more: the runs parted from step
+    2 on.)"""
+    args = ["--recipe", "tiny", "steps=3", "save_every=0", "eval_every=3", "batch_size=64",
+            "gen_batch_size=1"]
+    straight = run_tiny(tmp_path / "straight", *args[2:])
+    proc = popsd_process(*args, f"out_dir={tmp_path / 'stopped'}")
+    deadline = time.time() + 120
+    while not (tmp_path / "stopped/eval/step_000000").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)  # step 1 is sampling
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert "stopped while sampling step 1" in output and "saved at step 0" in output, output[-2000:]
+    stopped = run_tiny(tmp_path / "stopped", *args[2:], "resume=true")
+    a, b = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (straight, stopped))
+    assert [r["step"] for r in b] == [0, 1, 2, 3]  # the step-0 evaluation once
+    keys = ("loss", "grad_norm", "eval/toy_math_test/avg@2")
+    assert [{k: r.get(k) for k in keys} for r in a] == [{k: r.get(k) for k in keys} for r in b]
+    x, y = (load_file(d / "adapter/adapter_model.safetensors") for d in (straight, stopped))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def popsd_process(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "popsd.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_full_disk_at_an_evaluation_is_one_line_and_keeps_the_step(small_disk, tiny_dir):
+    """The evaluation's files are written as a checkpoint is (to a .tmp folder, then renamed): a full disk
+    there leaves no half-written samples.jsonl, is said in one line, and the step is kept if there is room
+    for its checkpoint. (Before: a traceback, a half-written samples.jsonl beside a whole summary.json, and
+    every step since the last checkpoint lost.)"""
+    subprocess.run(["mount", "-o", "remount,size=3m", str(small_disk)], check=True)
+    out = small_disk / "run"
+    # an evaluation's files ~180 KB, a checkpoint ~75 KB (LoRA rank 1)
+    big = ["eval_every=1", "eval_n=120", "eval_limit=8", "eval_max_new_tokens=32", "lora_r=1", "lora_alpha=2"]
+    ballast = small_disk / "ballast"
+
+    def fill():  # after the step-0 evaluation: room for a checkpoint, not for another evaluation
+        deadline = time.time() + 120
+        while not (out / "eval/step_000000/samples.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        free = shutil.disk_usage(small_disk).free
+        ballast.write_bytes(b"\0" * max(free - (130 << 10), 0))
+    import threading
+    filler = threading.Thread(target=fill)
+    filler.start()
+    with pytest.raises(PopsdError, match=r"is full .* while writing the evaluation's files \(step_000001\).*"
+                                         r"checkpoint saved at step 1"):
+        run_tiny(out, "steps=2", "save_every=0", f"model={tiny_dir}", *big)
+    filler.join()
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step_000000"]  # no step_000001(.tmp)
+    assert checkpoints.checkpoint_problem(out / "checkpoints/step_000001") is None
+    ballast.unlink()
+    run_tiny(out, "steps=2", "save_every=0", f"model={tiny_dir}", *big, "resume=true")
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_resume_of_a_finished_run_asking_for_fewer_steps_changes_nothing(tmp_path):
+    run_tiny(tmp_path, "steps=3")
+    before = snapshot(tmp_path)
+    done = cli("--recipe", "tiny", "eval_every=0", "steps=2", "resume=true", f"out_dir={tmp_path}")
+    assert done.returncode == 0 and "done up to step 3 (steps=2 asks for no more)" in done.stdout
+    assert snapshot(tmp_path) == before  # config.json still says 3 steps
+
+
+def test_recipe_is_chosen_with_dash_dash_recipe_and_a_dangling_link_out_dir_is_one_line(tmp_path):
+    done = cli("--recipe", "toy", "recipe=carry", f"out_dir={tmp_path / 'x'}")
+    assert done.returncode == 2 and "a recipe is chosen with --recipe carry" in done.stdout
+    assert not (tmp_path / "x").exists()
+    link = tmp_path / "gone"
+    link.symlink_to(tmp_path / "nowhere")
+    done = cli("--recipe", "tiny", "steps=1", f"out_dir={link}")
+    assert done.returncode == 2 and "is a symbolic link to" in done.stdout and "Traceback" not in done.stdout
+
+
+def test_plots_never_writes_over_a_file_it_did_not_write(tmp_path):
+    import plots
+    for name in ("a", "b"):
+        run_tiny(tmp_path / "runs" / name, "steps=2")
+    mine = tmp_path / "runs/plots.png"
+    mine.write_bytes(b"my own figure")
+    done = run_main(plots.main, [tmp_path / "runs/a", tmp_path / "runs/b"])
+    assert done.returncode == 2 and "plots.py did not write it" in done.stdout + done.stderr
+    assert mine.read_bytes() == b"my own figure"
+    own = (tmp_path / "runs/a/plots.png").read_bytes()  # run a's own figure (popsd wrote it, marked)
+    assert run_main(plots.main, [tmp_path / "runs/a", tmp_path / "runs/a"]).returncode == 0  # run a once
+    assert plots.ours(tmp_path / "runs/a/plots.png") and len(own) > 1000
+    done = run_main(plots.main, [tmp_path / "runs/a", tmp_path / "runs/a/../a"])
+    assert done.returncode == 0
+
+
+def test_a_run_that_diverges_from_an_extreme_setting_names_it_and_no_checkpoint_that_is_not_there():
+    """beta=1e-45 makes every target non-finite: the stop names beta, not lr or max_grad_norm, and says that
+    no checkpoint was saved yet (before: "lower lr ... resume from the last checkpoint": there was none)."""
+    cfg = make_config("tiny", ["beta=1e-45"])
+    row = {"step": 3, "skipped": True, "loss": float("nan"), "grad_norm": float("nan"), "lr": 1e-3}
+    stalls, _, stop = guards.health(dict(row), 2, 512, cfg, saved=None)
+    assert stalls == 3 and "beta=1e-45" in stop and "lower lr" not in stop
+    assert "no checkpoint was saved yet" in stop
+    _, _, stop = guards.health(dict(row), 2, 512, make_config("tiny"), saved=2)
+    assert "lower lr or max_grad_norm" in stop and "last checkpoint (step 2)" in stop

@@ -305,6 +305,23 @@ def test_toy_recipe_trains_and_evaluates_with_the_world_checker(tmp_path):
     assert (summary["settings"]["engine"], summary["settings"]["graph_keep_rows"]) == ("graph", False)
     assert (tmp_path / "eval/samples.jsonl").read_text() == (out
                                                              / "eval/step_000002/samples.jsonl").read_text()
+    # with --adapter, every flag left out comes from the run's config.json, and the screen says so: the bare
+    # command gives the run's own evaluation too (before: temperature 0.6 in bf16: 100% where it was 90.5%)
+    import eval as E
+    bare = run_main(E.main, ["--adapter", out / "adapter", "--out", tmp_path / "bare"])
+    assert bare.returncode == 0, bare.stdout[-2000:]
+    own = (out / "eval/step_000002/samples.jsonl").read_text()
+    assert (tmp_path / "bare/samples.jsonl").read_text() == own
+    assert "temperature" in bare.stdout and "(the run's config.json)" in bare.stdout
+    # the adapter on another base (or its own, changed since): refused, unless --other-base
+    other = run_main(E.main, ["--adapter", out / "adapter", "--model", ROOT / "data/carryworld/base",
+                              "--out", tmp_path / "other", "--limit", "4"])
+    assert other.returncode == 2 and "--other-base" in other.stdout and not (tmp_path / "other").exists()
+    other = run_main(E.main, ["--adapter", out / "adapter", "--model", ROOT / "data/carryworld/base",
+                              "--out", tmp_path / "other", "--limit", "4", "--other-base"])
+    assert other.returncode == 0, other.stdout[-2000:]
+    settings = json.loads((tmp_path / "other/summary.json").read_text())["settings"]
+    assert settings["base_check"] == "another base (--other-base)"
 
 
 def test_compare_refuses_per_run_overrides_and_folders_it_did_not_write(tmp_path):
@@ -441,3 +458,30 @@ def test_every_compare_argument_and_override_is_checked_before_any_work(tmp_path
     done = run_main(compare.main, ["--out", out, *args] if "--world" not in args else args)
     assert done.returncode == 2 and message in done.stdout and "Traceback" not in done.stdout, done.stdout
     assert not out.exists()
+
+
+def test_compare_checks_its_formats_first_and_keys_runs_on_the_base_they_train_on(tmp_path):
+    """--formats nope is refused before the gates are measured (before: after 20-90 s, leaving stub folders);
+    a run's cache key covers the base it trains on (model=DIR, not the world's shipped one) and every file
+    from_pretrained reads of it (a changed tokenizer or chat template is another base; a note is not), with
+    the data as the runs see them, from the repository whatever the caller's folder."""
+    import contextlib
+    import shutil
+    done = run_main(compare.main, ["--formats", "nope", "--out", tmp_path / "c"])
+    assert done.returncode == 2 and "reference formats are full, sketch" in done.stdout
+    assert not (tmp_path / "c").exists()
+    base = tmp_path / "base"
+    shutil.copytree(T.BASE, base)
+    shipped = compare.run_key(T, [])
+    copy = compare.run_key(T, [f"model={base}"])
+    assert copy["base"] == shipped["base"] and copy["data"] == shipped["data"]
+    (base / "notes.txt").write_text("not read by from_pretrained")
+    assert compare.run_key(T, [f"model={base}"])["base"] == shipped["base"]
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 4096}))
+    assert compare.run_key(T, [f"model={base}"])["base"] != shipped["base"]
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data/toyworld").mkdir(parents=True)
+    (elsewhere / "data/toyworld/train.jsonl").write_text('{"question": "1+1", "full": "x", "sketch": "y"}\n')
+    with contextlib.chdir(elsewhere):  # a file of the same name here is not what the runs read
+        assert compare.run_key(T, [])["data"] == shipped["data"]
