@@ -5,9 +5,11 @@ pre-training, its data files.
     python compare.py                                   # toyworld: docs/toyworld.md's tables, figure (6 min)
     python compare.py --world carryworld                # the second world, docs/carryworld.md (14-17 min)
     python compare.py --world toyworld,carryworld       # both worlds' default comparisons (19-23 min)
+    python compare.py --world habitworld                # world three, docs/world3.md; legendworld: four
     python compare.py gates --world carryworld          # a shipped base's gates, measured (~1 min)
     python compare.py pretrain --world carryworld --out runs/carry_base   # pre-train a base from scratch
-                                                        # (--replace: over the shipped one; docs: how long)
+                                                        # (--replace: over the shipped one; docs: how long;
+                                                        # worlds three and four continue world one's base)
     python compare.py data --world carryworld           # a world's train.jsonl and test.jsonl, remade
                                                         # (--replace: over files that differ)
 
@@ -26,7 +28,8 @@ every run of that seed: checked). Per evaluated step the world metrics come from
 with "wait" forbidden; measure.py then sweeps the sampling temperature (--temperatures: the base per seed
 and every final student, the base's best temperature picked on held-out rows no run scores) and writes the
 per-role tables (roles.md); the hypotheses of docs/carryworld.md and the rule of learning beyond sharpening
-(docs/toyworld.md) are judged. Every measurement is kept beside what it measured: a rerun measures nothing
+(docs/toyworld.md) are judged. A world with GATED (worlds three and four) runs nothing past a failed gate, as
+docs/world3.md registered. Every measurement is kept beside what it measured: a rerun measures nothing
 again. Writes summary.json, summary.md (the tables), summary.png and roles.md, and prints the tables and the
 verdicts.
 """
@@ -759,7 +762,7 @@ def print_gates(world, measured: dict, console=None):
         table.add_column(col)
     result = common.gates(world, measured)
     for g in result:
-        table.add_row(g["gate"], f"{g['value']:.3f}", f"≥ {g['threshold']:.2f}",
+        table.add_row(g["gate"], f"{g['value']:.3f}", f"{g['bound']} {g['threshold']:.2f}",
                       "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
     console.print(table)
     contexts = Table(title="the base in each context", box=box.SIMPLE_HEAD,
@@ -832,6 +835,13 @@ def compare(world, out: Path, formats, seeds, clips, betas, workers, gate_sample
     measured = world.measure_base(model, tok, gate_samples)
     gate_rows = print_gates(world, measured, console)
     del model
+    if getattr(world, "GATED", False) and not all(g["passed"] for g in gate_rows):  # registered: none is run
+        stopped = {"settings": {"world": world.NAME, "stopped": "a gate failed"}, "gates": gate_rows,
+                   "base_measured": measured}
+        (out / "summary.json").write_text(json.dumps(stopped, indent=1) + "\n")
+        console.print(f"[bold red]the {world.NAME} base fails a gate: as registered, the comparison does not "
+                      f"run (the gates are in {out / 'summary.json'})[/]")
+        return None
     from plumbing.config import make_config
     cfg = make_config(world.RECIPE, [o for o in overrides])
     console.print(f"{len(jobs)} runs of recipes/{world.RECIPE}.py ({cfg.steps} steps, evaluation every "
@@ -952,7 +962,8 @@ def main(argv: list[str]):
                    "comma-separated (each into runs/<world>_compare unless --out)")
     if command == "compare":
         p.add_argument("--out", default=None, help="default runs/<world>_compare")
-        p.add_argument("--formats", default="full,sketch", help="reference formats, comma-separated")
+        p.add_argument("--formats", help="reference formats, comma-separated (default: the world's arms, its "
+                                         "FORMATS)")
         p.add_argument("--seeds", type=int, default=3)
         p.add_argument("--clip", default="10",
                        help="Purified's soft clip c; a list (5,10,20) adds ablation runs")
@@ -983,6 +994,9 @@ def main(argv: list[str]):
         p.add_argument("--replace", action="store_true",
                        help="write over a base already in --out (or the shipped one)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--from", dest="base", default=None,
+                       help="for a world that continues another base's pre-training (FROM): the base to "
+                       "start from")
         p.add_argument("settings", nargs="*", help="key=value over the world's PRETRAIN (a pilot's settings)")
     elif command == "data":
         p.add_argument("--out", default=None, help="default: the world's shipped data folder")
@@ -1016,23 +1030,30 @@ def main(argv: list[str]):
                 raise ValueError(f"{out} already holds a base{shipped}: pre-training would write over it. "
                                  "Pre-train into a new folder with --out DIR (then train on it with "
                                  "model=DIR), or pass --replace to overwrite it")
-            _, _, log = world.pretrain(out, seed=args.seed, **pretrain_settings(world, args.settings))
+            more = {"base": args.base} if hasattr(world, "FROM") and args.base else {}
+            if args.base and not more:
+                raise ValueError(f"--from: {world.NAME} is pre-trained from scratch, not from a base")
+            _, _, log = world.pretrain(out, seed=args.seed, **more, **pretrain_settings(world, args.settings))
             (out / "pretrain.png").unlink(missing_ok=True)  # the base's, replaced with it
-            plots.plot_pretrain(log, [(name, t) for name, _, t in world.GATES if t <= 1],
-                                out / "pretrain.png")
+            # worlds three and four gate other quantities than the panels show: the gate table has them
+            lines = [] if getattr(world, "GATED", False) else [(name, t) for name, _, t, *_ in world.GATES
+                                                                if t <= 1]
+            plots.plot_pretrain(log, lines, out / "pretrain.png")
             tok, model = common.load_base(world, out)
             print_gates(world, world.measure_base(model, tok), console)
         else:
             clips, betas = floats("--clip", args.clip, none=True), floats("--beta", args.beta)
-            formats = [f.strip() for f in args.formats.split(",")]
+            formats = [f.strip() for f in args.formats.split(",")] if args.formats else None
             supports = [x.strip() for x in args.support.split(",") if x.strip()]
             temperatures = floats("--temperatures", args.temperatures)
             for world in chosen:  # every world's arguments and runs checked before the first one starts
-                planned_jobs(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds,
+                planned_jobs(world, Path(args.out or f"runs/{world.NAME}_compare"), formats or world.FORMATS,
+                             args.seeds,
                              clips, betas, args.workers, args.gate_samples, args.overrides, args.grid,
                              args.opsd_fkl, supports, temperatures)
             for world in chosen:
-                compare(world, Path(args.out or f"runs/{world.NAME}_compare"), formats, args.seeds, clips,
+                compare(world, Path(args.out or f"runs/{world.NAME}_compare"), formats or world.FORMATS,
+                        args.seeds, clips,
                         betas, args.workers, args.gate_samples, args.overrides, args.overwrite, console,
                         args.grid, args.opsd_fkl, supports, temperatures)
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError, PopsdError) as e:

@@ -38,6 +38,7 @@ from rich.text import Text
 import eval as E
 import loss
 import popsd
+import worlds
 from engines import make_sampler, request_seed
 from plumbing.adapters import base_model_of, check_adapter_base, run_settings, swap_adapter
 from plumbing.checkpoints import MARKER, folder_kind
@@ -230,6 +231,36 @@ def score(model, rollout, cfg: Config, pad_id: int, topk: int, chunk_mb: int) ->
     return out
 
 
+def roles_of(world, question: str, texts: list[str]) -> list[str | None]:
+    """Per token, the role its world names there (worlds/<world>.py: roles; the first one where several fall
+    on one token), None elsewhere or without a world."""
+    if world is None or not hasattr(world, "roles"):
+        return [None] * len(texts)
+    starts, pos = [], 0
+    for t in texts:
+        starts.append(pos)
+        pos += len(t)
+    at = {}
+    for role in world.roles(question, "".join(texts)):
+        at.setdefault(role.at, role.role)
+    return [next((at[c] for c in range(a, a + len(t)) if c in at), None) for a, t in zip(starts, texts)]
+
+
+def by_role(records: list[dict]) -> dict:
+    """Means over the tokens of each of the world's roles: Δ_ref, Δ_it, Δ_total and how many tokens."""
+    out = {}
+    for r in records:
+        for t, role in enumerate(r["roles"]):
+            if role is not None:
+                row = out.setdefault(role, {"tokens": 0, "delta_ref": 0.0, "delta_it": 0.0,
+                                            "delta_total": 0.0})
+                row["tokens"] += 1
+                for key in ("delta_ref", "delta_it", "delta_total"):
+                    row[key] += r[key][t]
+    return {role: {k: (v / row["tokens"] if k != "tokens" else v) for k, v in row.items()}
+            for role, row in out.items()}
+
+
 def by_kind(records: list[dict]) -> dict:
     """Means over the tokens of each kind (marker, digit, other, all): Δ_ref, Δ_it, Δ_total, their absolute
     values, both losses, and how many tokens."""
@@ -284,6 +315,7 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
     sampled.contexts = contexts
     numbers = score(model, sampled, cfg, tokenizer.pad_token_id, topk, cfg.loss_chunk_mb)
     checker = E.checker_of(cfg.eval_grader)
+    world = worlds.get(cfg.eval_grader) if cfg.eval_grader in worlds.NAMES else None
     records = []
     for i, ((q, r, gold), nums) in enumerate(zip(rows, numbers)):
         texts = token_texts(tokenizer, nums["ids"])
@@ -293,7 +325,7 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
         records.append({"index": i, "question": q, "reference": r, "gold": gold,
                         "completion": sampled.texts[i], "correct": graded[0].get("correct"),
                         "markers": len(MARKERS.findall(sampled.texts[i])),
-                        "tokens": texts, "kinds": kinds_of(texts), **nums,
+                        "tokens": texts, "kinds": kinds_of(texts), "roles": roles_of(world, q, texts), **nums,
                         "sum_delta_ref": sum(nums["delta_ref"]), "sum_delta_it": sum(nums["delta_it"]),
                         "truncated": bool(sampled.truncated[i])})
     vocab = {int(t): tokenizer.decode([int(t)])
@@ -307,7 +339,9 @@ def explain(target: Target, bench: str | None, k: int, seed: int, topk: int, dev
                 "jsd_mix": cfg.jsd_mix, "term_clamp": cfg.term_clamp, "teacher": cfg.teacher,
                 "support": cfg.support, "support_topk": cfg.topk, "topk_tail": cfg.topk_tail,
                 "base_check": base_check}
-    return {"settings": settings, "vocab": vocab, "by_kind": by_kind(records), "completions": records}
+    return {"settings": settings, "vocab": vocab, "by_kind": by_kind(records), "by_role": by_role(records),
+            "roles": list(world.ROLES) if world is not None and hasattr(world, "ROLES") else [],
+            "completions": records}
 
 
 # ----------------------------------------------------------------------------- the views
@@ -351,6 +385,7 @@ body{font:14px/1.5 system-ui,sans-serif;margin:0;display:flex;height:100vh}
 td,th{padding:1px 5px;font-family:monospace}th{text-align:left;background:#eee}
 #tables{display:grid;grid-template-columns:1fr 1fr;gap:0 8px}
 .legend span{display:inline-block;width:22px;height:12px}button{font-size:11px}
+.tok.marked{border-bottom:3px solid #222}
 </style></head><body>
 <div id="main"><h2>__TITLE__</h2>
 <p>Each sampled token of the student's own completions, coloured by
@@ -361,7 +396,9 @@ log π<sub>ref</sub> (the question's part)</label>
 <label><input type="radio" name="view" value="delta_total"> Δ<sub>total</sub></label>.
 <span class="legend">−3 <span style="background:rgb(255,55,55)"></span><span style="background:#fff;
 border:1px solid #ccc"></span><span style="background:rgb(55,135,255)"></span> +3 nats</span>.
-Hover or click a token for the top tokens of every distribution there. <span id="settings"></span></p>
+Hover or click a token for the top tokens of every distribution there. <span id="rolepick">Underline the
+world's role <select id="role"><option value="">(none)</option></select>.</span>
+<span id="settings"></span></p>
 <div id="cards"></div></div>
 <div id="panel"><b>Click or hover a token.</b></div>
 <script id="data" type="application/json">__DATA__</script>
@@ -379,7 +416,8 @@ function paint() { document.querySelectorAll(".tok").forEach(s => {
   const r = D.completions[s.dataset.c]; s.style.background = colour(r[view][s.dataset.t]); }); }
 function panel(c, t) {
   const r = D.completions[c];
-  let h = `<b>#${c}, token ${t}: <span class="q">${escape(show(r.tokens[t]))}</span></b> (${r.kinds[t]})<br>`;
+  let h = `<b>#${c}, token ${t}: <span class="q">${escape(show(r.tokens[t]))}</span></b> (${r.kinds[t]}` +
+    (r.roles[t] ? `; ${escape(r.roles[t])}` : "") + ")<br>";
   h += `Δ_ref ${fmt(r.delta_ref[t])} · Δ_it ${fmt(r.delta_it[t])} · Δ_total ${fmt(r.delta_total[t])}<br>`;
   h += `per-token loss: Purified ${r.loss_purified[t].toExponential(2)}`;
   h += ` · OPSD ${r.loss_opsd[t].toExponential(2)}`;
@@ -421,6 +459,12 @@ D.completions.forEach((r, c) => {
     e.onmouseenter = () => panel(c, t); e.onclick = () => select(c, t); toks.appendChild(e); });
   card.appendChild(toks); cards.appendChild(card); });
 document.querySelectorAll('input[name="view"]').forEach(i => i.onchange = () => { view = i.value; paint(); });
+const pick = document.getElementById("role");
+if (!D.roles.length) document.getElementById("rolepick").style.display = "none";
+D.roles.forEach(name => { const o = document.createElement("option"); o.value = o.textContent = name;
+  pick.appendChild(o); });
+pick.onchange = () => document.querySelectorAll(".tok").forEach(s => s.classList.toggle("marked",
+  pick.value !== "" && D.completions[s.dataset.c].roles[s.dataset.t] === pick.value));
 paint();
 </script></body></html>
 """

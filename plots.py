@@ -294,7 +294,7 @@ def plot_pretrain(log: list[dict], gates: list[tuple[str, float]], out: Path) ->
                  label="P(wait | right step)")
     for name, threshold in gates:
         axes[1].axhline(threshold, color="grey", ls=":", lw=1)
-    axes[1].set_title("held-out questions (dotted: the gates)", fontsize=9)
+    axes[1].set_title("held-out questions" + (" (dotted: the gates)" if gates else ""), fontsize=9)
     axes[2].set_title("reflection after a wrong vs a right step", fontsize=9)
     for ax in axes:
         ax.set_xlabel("pre-training step", fontsize=8)

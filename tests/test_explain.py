@@ -15,6 +15,7 @@ import torch
 import explain
 from conftest import ROOT, run_main
 from rollout import build_contexts
+from worlds import habitworld as H, toyworld as T
 
 pytestmark = pytest.mark.xdist_group("explain")  # one trained run for the module, one worker
 
@@ -100,7 +101,25 @@ def test_the_json_holds_per_token_rows_and_the_summary_by_kind(explained):
             assert math.isclose(a + b2, c2, abs_tol=1e-5)  # Δ_total = Δ_ref + Δ_it
     kinds = result["by_kind"]
     assert kinds["all"]["tokens"] == sum(kinds[k]["tokens"] for k in ("marker", "digit", "other"))
+    # the world's roles (toyworld's), one per token or None, and their means
+    assert result["roles"] == list(T.ROLES)
+    marked = [(rec, t) for rec in result["completions"] for t, role in enumerate(rec["roles"]) if role]
+    assert len(marked) > 20 and all(len(rec["roles"]) == len(rec["ids"]) for rec in result["completions"])
+    for role, row in result["by_role"].items():
+        mine = [rec["delta_it"][t] for rec, t in marked if rec["roles"][t] == role]
+        assert row["tokens"] == len(mine) and math.isclose(row["delta_it"], sum(mine) / len(mine))
     assert "Δ_ref" in output and "Δ_it" in output and "explain.html" in output  # the terminal view
+
+
+def test_each_token_gets_the_role_of_its_first_character_that_has_one():
+    """Tokens of several characters: the first role the world names at the first of their characters that has
+    one (habitworld: the start digit is a carried value; where a "wait" could follow a step, that role comes
+    first; *3 at the step that asks *5 is an operand of a non-default operation)."""
+    texts = ["3+3=6 ", "6*", "3=8", " \\boxed{", "8", "}"]
+    assert explain.roles_of(H, "3+3*5", texts) == [
+        "carried value", "wait after a right step", "operand, non-default operation",
+        "wait after a wrong step", "boxed answer (the trace's own value)", None]
+    assert explain.roles_of(None, "3+3*5", texts) == [None] * 6
 
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -125,6 +144,7 @@ def browser():
 def test_the_page_in_a_real_browser_draws_every_token_coloured_and_shows_the_panel(explained, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
     run, _, result = explained
     page = run / "explain/adapter/explain.html"
     assert "http" not in page.read_text().split("<script id=\"data\"")[0]  # nothing fetched: one file
@@ -147,6 +167,11 @@ def test_the_page_in_a_real_browser_draws_every_token_coloured_and_shows_the_pan
         chosen = driver.find_element(By.CSS_SELECTOR, ".tok.sel").get_attribute("id")
         largest = max(range(len(rec["ids"])), key=lambda i: abs(rec["delta_ref"][i]))
         assert chosen == f"t0_{largest}"  # the jump lands on the largest |Δ_ref| of completion 0
+        role = result["completions"][0]["roles"][0]  # the start digit: world one's "carried value"
+        Select(driver.find_element(By.ID, "role")).select_by_value(role)
+        underlined = driver.find_elements(By.CSS_SELECTOR, ".tok.marked")
+        assert len(underlined) == sum(r == role for rec in result["completions"] for r in rec["roles"])
+        assert underlined[0].get_attribute("id") == "t0_0"
         driver.save_screenshot(str(tmp_path / "page.png"))
         assert (tmp_path / "page.png").stat().st_size > 20_000
     finally:

@@ -19,7 +19,8 @@ FLOORS = {  # what each floor knows; a new module is placed here by what it is
     2: ("engines", "engines.sampling", "engines.hf", "engines.graph", "engines.vllm_engine",
         "engines.server_pool", "engines.client", "engines.ahead"),
     # benchmarks; worlds sample
-    3: ("eval", "plumbing.remote", "worlds.common", "worlds.toyworld", "worlds.carryworld"),
+    3: ("eval", "plumbing.remote", "worlds.common", "worlds.toyworld", "worlds.carryworld",
+        "worlds.habitworld", "worlds.legendworld"),
     4: ("popsd", "plumbing.session"),  # the algorithm's loop and the run around it
     # the worlds' command line, what it measures of students, the per-token view: drive popsd
     5: ("compare", "measure", "explain"),

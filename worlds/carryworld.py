@@ -44,6 +44,7 @@ DATA = Path(__file__).resolve().parent.parent / "data" / "carryworld"
 BASE = DATA / "base"
 TEMPLATES = {"student_template": "Q:{question}", "teacher_template": "Q:{question}\nR:{reference}",
              "refonly_template": "R:{reference}"}
+FORMATS = ("full", "sketch")  # the reference formats of the data, each an arm of the comparison
 NUMBERS = [n for n in range(11, 100) if n % 10]  # starts: two digits, neither 0
 FACTORS = [3, 7, 9]  # easy multipliers: one digit, coprime to 10 (every step a bijection mod 100)
 HARD = [10 * t + u for t in range(1, 10) for u in (1, 3, 7, 9)]  # hard ones: two digits, coprime to 10

@@ -270,10 +270,11 @@ class Forbid:
 
 
 def sample_texts(world, model, tok, prompts: list[str], seed: int = 0, batch_size: int = 256,
-                 max_new_tokens: int | None = None, forbid: str | None = None, engine: str = "static"
-                 ) -> tuple[list[str], int]:
-    """One completion per prompt at temperature 1: (texts, completion tokens in all). engine: engines.hf's
-    generate (HF's); static gives dynamic's very samples here, faster (tests/test_toyworld.py)."""
+                 max_new_tokens: int | None = None, forbid: str | None = None, engine: str = "static",
+                 temperature: float = 1.0) -> tuple[list[str], int]:
+    """One completion per prompt (at temperature 1 unless told): (texts, completion tokens in all). engine:
+    engines.hf's generate (HF's); static gives dynamic's very samples here, faster
+    (tests/test_toyworld.py)."""
     from transformers import LogitsProcessorList
     from engines.hf import generate
     from rollout import chat_ids
@@ -282,19 +283,31 @@ def sample_texts(world, model, tok, prompts: list[str], seed: int = 0, batch_siz
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         got = generate(model, tok, ids, n=1, max_new_tokens=max_new_tokens or world.MAX_NEW_TOKENS,
-                       temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id], batch_size=batch_size,
+                       temperature=temperature, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id],
+                       batch_size=batch_size,
                        device=next(model.parameters()).device, logits_processor=processors, engine=engine)
     return got.texts, int(got.mask.sum())
 
 
 def measure(world, model, tok, questions: list[str], role: str = "student", reference: str = "full",
-            seed: int = 0, batch_size: int = 256, forbid: str | None = None) -> dict:
-    """Sample one completion per question at temperature 1 in one context and check it: summarize()
-    metrics."""
+            seed: int = 0, batch_size: int = 256, forbid: str | None = None,
+            temperature: float = 1.0) -> dict:
+    """Sample one completion per question in one context (temperature 1 unless told) and check it:
+    summarize() metrics; for a world that names its roles, also "role_errors": {role: the rate at which
+    wrong outcomes are written there}."""
     template = world.TEMPLATES[f"{role}_template"]
     prompts = [fill_prompt(template, q, world.references(q)[reference]) for q in questions]
-    texts, tokens = sample_texts(world, model, tok, prompts, seed, batch_size, forbid=forbid)
-    return summarize([world.check(q, t) for q, t in zip(questions, texts)], tokens)
+    texts, tokens = sample_texts(world, model, tok, prompts, seed, batch_size, forbid=forbid,
+                                 temperature=temperature)
+    out = summarize([world.check(q, t) for q, t in zip(questions, texts)], tokens)
+    if hasattr(world, "roles"):
+        counts = {r: [0, 0] for r in world.ROLES}
+        for q, t in zip(questions, texts):
+            for r in world.roles(q, t):
+                counts[r.role][0] += not r.met(t[r.at])
+                counts[r.role][1] += 1
+        out["role_errors"] = {r: w / n if n else None for r, (w, n) in counts.items()}
+    return out
 
 
 def held_out(world, n: int) -> list[str]:
@@ -315,8 +328,15 @@ def measure_contexts(world, model, tok, n: int = 400, seed: int = 0) -> dict:
 
 
 def gates(world, measured: dict) -> list[dict]:
-    return [{"gate": name, "value": get(measured), "threshold": t, "passed": get(measured) >= t}
-            for name, get, t in world.GATES]
+    """Each gate (name, how its value comes from the measurements, threshold[, "≤"]; a lower bound unless
+    "≤"), measured and judged."""
+    rows = []
+    for name, get, t, *bound in world.GATES:
+        upper = bound == ["≤"]
+        value = get(measured)
+        rows.append({"gate": name, "value": value, "threshold": t, "bound": "≤" if upper else "≥",
+                     "passed": value <= t if upper else value >= t})
+    return rows
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -389,3 +409,29 @@ def train_lm(model, tok, documents, out: Path, steps: int, *, batch_size: int, l
             if done:
                 break
     return log
+
+
+def continue_lm(world, out: Path, seed: int, quiet: bool, base: Path, settings: dict, document) -> tuple:
+    """Continued pre-training of the base in `base` on document(rng) → (prompt, completion) pairs, one cosine
+    schedule (settings: steps, batch_size, lr, warmup; eval_every, eval_samples), deterministic for a seed and
+    thread count: the model, its tokenizer, the world's prompt settings and the curve (pretrain_log.jsonl) go
+    to `out`. Returns (model, tokenizer, log)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    s = {"eval_every": 250, "eval_samples": 100} | settings
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    questions = held_out(world, s["eval_samples"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_prompts(world, out)
+
+    def evaluate(m):
+        half = questions[:len(questions) // 2]
+        return {"student": measure(world, m, tok, questions),
+                "teacher_full": measure(world, m, tok, half, "teacher", "full"),
+                "teacher_sketch": measure(world, m, tok, half, "teacher", "sketch")}
+    log = train_lm(model, tok, lambda k: [document(rng) for _ in range(k)], out, s["steps"],
+                   batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], evaluate=evaluate,
+                   eval_every=s["eval_every"], label="continued pre-training", quiet=quiet)
+    return model, tok, log

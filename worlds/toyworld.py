@@ -44,6 +44,7 @@ P_TEACHER_REFLECTIVE = 0.2  # reflective documents in both teacher contexts (the
 P_VERIFY = 0.1  # verification practice documents: one step, right or wrong, to accept or to fix
 TEMPLATES = {"student_template": "Q:{question}", "teacher_template": "Q:{question}\nR:{reference}",
              "refonly_template": "R:{reference}"}
+FORMATS = ("full", "sketch")  # the reference formats of the data, each an arm of the comparison
 
 
 def apply(a: int, op: str, b: int) -> int:
