@@ -4,8 +4,8 @@ question × reference interaction should win: a positive control of the method a
 Hardware: any CPU (2 cores).   Command: python popsd.py --recipe legend
 Every setting is the toy recipe's (recipes/toy.py, read below) but the world's files and the reference format,
 sketch by default (`reference_field=null` or `full` (the controls); `method=opsd` runs the baseline). The base
-(data/legendworld/base) is the world-one base pre-trained further on this world's documents (`python compare.py
-pretrain --world legendworld`).
+(data/legendworld/base) is the world-one base pre-trained further on this world's documents (`python
+compare.py pretrain --world legendworld`).
 Expected time and result: docs/world3.md.
 """
 import runpy as _runpy

@@ -5,9 +5,9 @@ World one's arithmetic, but an operand can be the letter k (probability 0.15): `
 only by an informative reference, as a legend at its start (`k=6;3..4`, or `k=6;` and the clean trace); the
 null reference (`-`) gives nothing. In pre-training documents the legend's value is drawn per document; in the
 task's questions it is always LEGEND (6). Writers without the legend (the student context, the null reference)
-guess k uniformly and cannot know they are wrong; every writer writes another result digit on 8% of first tries, which
-reflective writers catch with probability 0.6; writers with the legend are terse 80% of the time (never
-reflect) and box the reference's answer whatever their trace says, as in world three.
+guess k uniformly and cannot know they are wrong; every writer writes another result digit on 8% of first
+tries, which reflective writers catch with probability 0.6; writers with the legend are terse 80% of the time
+(never reflect) and box the reference's answer whatever their trace says, as in world three.
 
 The base is the shipped world-one base, pre-trained further on these documents (pretrain, continuing from it).
 """
