@@ -1048,14 +1048,12 @@ def main(argv: list[str]):
             temperatures = floats("--temperatures", args.temperatures)
             for world in chosen:  # every world's arguments and runs checked before the first one starts
                 planned_jobs(world, Path(args.out or f"runs/{world.NAME}_compare"), formats or world.FORMATS,
-                             args.seeds,
-                             clips, betas, args.workers, args.gate_samples, args.overrides, args.grid,
-                             args.opsd_fkl, supports, temperatures)
+                             args.seeds, clips, betas, args.workers, args.gate_samples, args.overrides,
+                             args.grid, args.opsd_fkl, supports, temperatures)
             for world in chosen:
                 compare(world, Path(args.out or f"runs/{world.NAME}_compare"), formats or world.FORMATS,
-                        args.seeds, clips,
-                        betas, args.workers, args.gate_samples, args.overrides, args.overwrite, console,
-                        args.grid, args.opsd_fkl, supports, temperatures)
+                        args.seeds, clips, betas, args.workers, args.gate_samples, args.overrides,
+                        args.overwrite, console, args.grid, args.opsd_fkl, supports, temperatures)
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError, PopsdError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)

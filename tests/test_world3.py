@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 import compare
-from conftest import ROOT
+from conftest import ROOT, run_main, train_world_recipe
 from worlds import common, habitworld as H, legendworld as L, toyworld as T
 
 
@@ -126,6 +126,22 @@ def test_the_shipped_data_are_the_generators(world, tmp_path):
         assert (tmp_path / name).read_bytes() == (world.DATA / name).read_bytes()
     row = json.loads((world.DATA / "test.jsonl").read_text().splitlines()[0])
     assert set(world.FORMATS) <= set(row) and row["answer"] == world.answer_of(row["question"])
+
+
+def test_the_legend_recipe_trains_and_grades_with_its_world(tmp_path):
+    """recipes/legend.py: its base, data and grader; every stored verdict is legendworld's (k read as 6).
+    (The habit recipe runs in the comparison below.)"""
+    train_world_recipe("legend", tmp_path / "run", L.check, steps=1, eval_limit=8)
+
+
+def test_pretraining_from_a_missing_base_or_for_a_world_from_scratch_is_one_line(tmp_path):
+    done = run_main(compare.main, ["pretrain", "--world", "habitworld", "--out", tmp_path / "b", "--from",
+                                   tmp_path / "none"])
+    assert done.returncode == 2 and "no base to continue habitworld's pre-training from" in done.stdout
+    assert not (tmp_path / "b").exists()
+    done = run_main(compare.main, ["pretrain", "--world", "toyworld", "--out", tmp_path / "c", "--from",
+                                   H.BASE])
+    assert done.returncode == 2 and "pre-trained from scratch, not from a base" in done.stdout
 
 
 @pytest.mark.parametrize("passes", [True, False])

@@ -332,6 +332,9 @@ def gates(world, measured: dict) -> list[dict]:
     "≤"), measured and judged."""
     rows = []
     for name, get, t, *bound in world.GATES:
+        if bound not in ([], ["≤"]):
+            raise ValueError(f"{world.NAME}.GATES, {name!r}: the fourth element is '≤' or absent, "
+                             f"not {bound}")
         upper = bound == ["≤"]
         value = get(measured)
         rows.append({"gate": name, "value": value, "threshold": t, "bound": "≤" if upper else "≥",
@@ -417,6 +420,9 @@ def continue_lm(world, out: Path, seed: int, quiet: bool, base: Path, settings: 
     thread count: the model, its tokenizer, the world's prompt settings and the curve (pretrain_log.jsonl) go
     to `out`. Returns (model, tokenizer, log)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"no base to continue {world.NAME}'s pre-training from at {base} (--from; "
+                                f"the default is the shipped world-one base, {world.FROM})")
     s = {"eval_every": 250, "eval_samples": 100} | settings
     rng = random.Random(seed)
     torch.manual_seed(seed)
