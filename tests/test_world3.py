@@ -110,6 +110,12 @@ def test_the_gates_pass_and_fail_on_hand_made_numbers(world, change, failed):
     assert [i for i, g in enumerate(rows) if not g["passed"]] == failed
 
 
+def test_a_gate_bound_other_than_le_is_refused(monkeypatch):
+    monkeypatch.setattr(H, "GATES", [("slip", lambda m: 0.0, 0.1, "<=")])
+    with pytest.raises(ValueError, match="'slip': the fourth element is '≤' or absent"):
+        common.gates(H, measured())
+
+
 @pytest.mark.parametrize("world, base, failed", [(H, H.BASE, []), (L, L.BASE, []), (L, T.BASE, [0])])
 def test_the_gates_judge_real_bases(world, base, failed):
     """The shipped bases pass their world's gates (here on 200 held-out questions); world one's base, which
